@@ -1,0 +1,155 @@
+"""Pure helpers on DICOM headers: safe names, header reads, enhanced-object detection.
+
+Nothing here writes files, opens sockets or reads the clock. Reading a header
+(:func:`read_header`) only opens the given file for reading. Imports pydicom and
+the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from pathlib import Path
+from typing import Final
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+#: Windows device names that cannot be used as a file or folder name, with or without extension.
+WINDOWS_RESERVED: Final = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"COM{i}" for i in range(10)}
+    | {f"LPT{i}" for i in range(10)}
+    | {f"COM{c}" for c in "¹²³"}
+    | {f"LPT{c}" for c in "¹²³"}
+)
+_UNSAFE: Final = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
+_SPACES: Final = re.compile(r"[\s_]+")
+MAX_COMPONENT: Final = 64
+
+#: Tags read from every received or forwarded object (header only).
+HEADER_TAGS: Final = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "PatientID",
+    "PatientName",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyDescription",
+    "StudyID",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "InstanceNumber",
+    "SpecificCharacterSet",
+    "NumberOfFrames",
+)
+
+#: Enhanced multi-frame SOP classes that have a classic single-frame counterpart.
+ENHANCED_TO_CLASSIC: Final = {
+    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR
+    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy Converted Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT
+    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.130": "1.2.840.10008.5.1.4.1.1.128",  # Enhanced PET -> PET
+    "1.2.840.10008.5.1.4.1.1.128.1": "1.2.840.10008.5.1.4.1.1.128",  # Legacy Converted Enh. PET
+}
+ENHANCED_MR_COLOR: Final = "1.2.840.10008.5.1.4.1.1.4.3"
+
+
+def safe_component(text: str, fallback: str = "UNKNOWN", max_len: int = MAX_COMPONENT) -> str:
+    """Return ``text`` as a single folder or file name safe on Windows and Linux.
+
+    The result contains no path separators, no control characters, none of
+    ``<>:"/\\|?*``, is not ``.``/``..`` or a Windows device name, does not end in
+    a dot or space, and has at most ``max_len`` characters. It is never empty.
+
+    Parameters
+    ----------
+    text : str
+        Any text, e.g. a decoded Patient Name.
+    fallback : str
+        Returned when nothing readable remains.
+    max_len : int
+        Maximum length of the result.
+    """
+    text = unicodedata.normalize("NFC", text)
+    text = _UNSAFE.sub("_", text)
+    text = "".join(ch if unicodedata.category(ch)[0] != "C" else "_" for ch in text)
+    text = _SPACES.sub(lambda m: "_" if "_" in m.group() or len(m.group()) > 1 else " ", text)
+    text = text.strip(" ._")
+    text = text[:max_len].rstrip(" .")
+    if not text:
+        text = fallback
+    if text.split(".")[0].upper().rstrip(" ") in WINDOWS_RESERVED:
+        text = "_" + text[: max_len - 1]
+    return text
+
+
+def short_hash(value: str, length: int = 8) -> str:
+    """Return a stable hexadecimal digest of ``value`` (used to keep folder names unique)."""
+    return hashlib.sha1(value.encode("ascii", "replace")).hexdigest()[:length]
+
+
+def text_of(ds: Dataset, keyword: str, default: str = "") -> str:
+    """Return an attribute as text without raising on odd or missing values."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return default
+    if value is None:
+        return default
+    try:
+        return str(value).strip()
+    except Exception:
+        return default
+
+
+def read_header(path: Path) -> Dataset:
+    """Read the header of a DICOM file, without pixel data.
+
+    Raises
+    ------
+    InvalidDicomError
+        When the file is not DICOM (no preamble/meta and not a bare data set).
+    OSError
+        When it cannot be read.
+    """
+    return dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Return True when ``path`` starts with a DICOM preamble and ``DICM`` marker."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Return True for a syntactically valid UID (PS3.5 9.1): digits and dots, <= 64 chars."""
+    return bool(re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid)) and len(uid) <= 64
+
+
+def is_convertible_enhanced(sop_class_uid: str) -> bool:
+    """Return True for an Enhanced multi-frame SOP class with a classic counterpart."""
+    return sop_class_uid in ENHANCED_TO_CLASSIC
+
+
+__all__ = [
+    "ENHANCED_TO_CLASSIC",
+    "HEADER_TAGS",
+    "InvalidDicomError",
+    "is_convertible_enhanced",
+    "is_dicom_file",
+    "is_valid_uid",
+    "read_header",
+    "safe_component",
+    "short_hash",
+    "text_of",
+]

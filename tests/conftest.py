@@ -1,0 +1,143 @@
+"""Shared fixtures: free ports, peer discovery (skip locally, fail in CI), node runners."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """Return the path of an external peer program; skip locally, fail in CI when missing."""
+    found = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if found:
+        return found
+    message = f"{name} not installed (apt-get install dcmtk orthanc dicom3tools)"
+    if IN_CI:
+        pytest.fail(f"CI=true and required peer missing: {message}")
+    pytest.skip(message)
+
+
+def peer_env() -> dict[str, str]:
+    """Environment for DCMTK/Orthanc: TCP_NODELAY=1 or each C-STORE stalls ~40 ms."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll until something listens on 127.0.0.1:port (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"process exited with {proc.returncode} before listening:\n{out}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it is true or the timeout passes; return its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return bool(value)
+        time.sleep(interval_s)
+
+
+def python_cmd() -> list[str]:
+    """The command that runs the node as a separate process."""
+    return [sys.executable, "-m", "dicomnode"]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def node_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class NodeProcess:
+    """A dicomnode started as a child process with a given config file."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("wb")
+        self.proc = subprocess.Popen(
+            python_cmd() + args, cwd=cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path, node_env: dict[str, str]) -> Iterator:  # type: ignore[type-arg]
+    """Start ``python -m dicomnode ARGS`` in tmp_path; wait for ``port`` if given; stop at teardown."""
+    started: list[NodeProcess] = []
+
+    def _start(args: list[str], port: int | None = None, cwd: Path | None = None) -> NodeProcess:
+        node = NodeProcess(args, cwd or tmp_path, node_env, tmp_path / f"node-{len(started)}.log")
+        started.append(node)
+        if port is not None:
+            try:
+                wait_for_port(port, proc=node.proc)
+            except AssertionError:
+                node.stop()
+                raise AssertionError(node.output()) from None
+        return node
+
+    yield _start
+    for node in started:
+        node.stop()
+
+
+def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    """Write an INI file from nested dicts and return its path."""
+    lines: list[str] = []
+    for name, items in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {v}" for k, v in items.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
