@@ -607,7 +607,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
     fw = section("FolderWatcher")
     watch = _path(fw, "watch_folder", None, base_dir)
     order_raw = fw.raw("send_order")
-    order = DEFAULT_SEND_ORDER
+    order: tuple[str, ...] = DEFAULT_SEND_ORDER
     if order_raw:
         tokens = tuple(t.strip().upper() for t in order_raw.split(",") if t.strip())
         if (

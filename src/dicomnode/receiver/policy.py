@@ -1,0 +1,93 @@
+"""Pure admission decisions of the receiver: may this peer associate?
+
+No I/O, no sockets, no clock. Imports config only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from dicomnode.config import ReceiverConfig, hosts_for
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Outcome of an admission check.
+
+    Attributes
+    ----------
+    accept : bool
+        True when the association may proceed.
+    reason : str
+        Why it was refused (empty when accepted).
+    diagnostic : int
+        A-ASSOCIATE-RJ diagnostic (0x03 calling AE, 0x07 called AE, 0x01 no reason).
+    """
+
+    accept: bool
+    reason: str = ""
+    diagnostic: int = 0x01
+
+
+def is_trusted(cfg: ReceiverConfig, calling_aet: str) -> bool:
+    """Return True when ``calling_aet`` is in the trusted list (exact match) or ``*`` is."""
+    return cfg.trusts_any_ae or calling_aet.strip() in cfg.trusted_ae_titles
+
+
+def decide_association(
+    cfg: ReceiverConfig,
+    calling_aet: str,
+    called_aet: str,
+    peer_addresses: frozenset[str],
+) -> Decision:
+    """Decide whether an association request is admitted.
+
+    Parameters
+    ----------
+    cfg : ReceiverConfig
+        Receiver settings (trusted list, called-AE rule, AE host bindings).
+    calling_aet, called_aet : str
+        AE titles from the A-ASSOCIATE-RQ.
+    peer_addresses : frozenset of str
+        The peer's IP address plus any names it resolves to (resolved by the caller).
+
+    Returns
+    -------
+    Decision
+        Accept, or refuse with a reason and an A-ASSOCIATE-RJ diagnostic.
+    """
+    calling = calling_aet.strip()
+    if not is_trusted(cfg, calling):
+        hint = ""
+        folded = [t for t in cfg.trusted_ae_titles if t.upper() == calling.upper()]
+        if folded:
+            hint = f" (AE titles are case-sensitive; {folded[0]!r} is trusted)"
+        return Decision(False, f"calling AE title not in trusted_ae_titles{hint}", 0x03)
+    if cfg.require_called_aet and called_aet.strip() != cfg.ae_title:
+        return Decision(False, f"called AE title is not {cfg.ae_title!r}", 0x07)
+    allowed = hosts_for(cfg, calling)
+    if allowed is not None and not _host_matches(allowed, peer_addresses):
+        return Decision(
+            False, f"peer address not in [AE_Hosts] {calling} = {', '.join(allowed)}", 0x03
+        )
+    return Decision(True)
+
+
+def _host_matches(allowed: tuple[str, ...], peer: frozenset[str]) -> bool:
+    lowered = {p.lower().rstrip(".") for p in peer}
+    for entry in allowed:
+        item = entry.lower().rstrip(".")
+        if item in lowered:
+            return True
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            continue
+        for p in lowered:
+            try:
+                if ipaddress.ip_address(p) in network:
+                    return True
+            except ValueError:
+                continue
+    return False

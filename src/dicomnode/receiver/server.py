@@ -1,0 +1,163 @@
+"""Build and run the receiving AE: presentation contexts, timeouts, graceful stop.
+
+Accepts every storage SOP class (including private and unknown ones) in the
+transfer syntax the sender proposes first, plus Verification. The listening
+socket is non-blocking to the caller: :meth:`Receiver.start` returns once it
+listens, :meth:`Receiver.stop` stops accepting, lets running associations
+finish for a grace period, then aborts the rest (unacknowledged objects are
+resent by their senders; nothing half-written becomes visible).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.config import ReceiverConfig
+from dicomnode.errors import StorageError
+from dicomnode.receiver.handlers import AssociationGate, PostStore, StoreHandler
+from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
+
+logger = logging.getLogger(__name__)
+
+#: Transfer syntaxes listed for known storage classes; unknown ones are accepted as proposed.
+_ALL_TS: list[str] = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+]
+
+
+class Receiver:
+    """The C-STORE/C-ECHO SCP of the node.
+
+    Parameters
+    ----------
+    cfg : ReceiverConfig
+        Receiver settings.
+    post_store : callable, optional
+        Called after each object is durable (Enhanced MR conversion seam).
+    ssl_context : ssl.SSLContext, optional
+        Wraps accepted sockets for DICOM TLS.
+    """
+
+    def __init__(
+        self,
+        cfg: ReceiverConfig,
+        post_store: PostStore | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ssl_context = ssl_context
+        self.gate = AssociationGate(cfg)
+        self.handler = StoreHandler(cfg, post_store)
+        self._ae: Any = None
+        self._server: Any = None
+
+    def prepare_storage(self) -> None:
+        """Create the destination, its temp and errors folders; clear stale partial files.
+
+        Raises
+        ------
+        StorageError
+            When the destination is not writable.
+        """
+        check_writable(self.cfg.destination_dir)
+        check_writable(self.cfg.errors_dir)
+        tmp = self.cfg.destination_dir / INCOMING_TMP
+        clean_stale_temp(tmp)
+        use_temp_dir(tmp)
+
+    def _build_ae(self) -> Any:
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        ae = AE(ae_title=self.cfg.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), _ALL_TS)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = self.cfg.max_associations
+        ae.maximum_pdu_size = self.cfg.max_pdu_bytes
+        ae.acse_timeout = self.cfg.acse_timeout_s
+        ae.dimse_timeout = self.cfg.dimse_timeout_s
+        ae.network_timeout = self.cfg.network_timeout_s
+        if not self.cfg.trusts_any_ae:
+            ae.require_calling_aet = list(self.cfg.trusted_ae_titles)
+        ae.require_called_aet = self.cfg.require_called_aet
+        return ae
+
+    def start(self) -> None:
+        """Start listening on ``server_ip:receive_port`` in background threads.
+
+        Raises
+        ------
+        StorageError
+            When the destination folder is not writable.
+        OSError
+            When the address cannot be bound (port in use, address not local).
+        """
+        self.prepare_storage()
+        self._ae = self._build_ae()
+        handlers: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_CONN_OPEN, self.gate.handle_conn_open),
+            (evt.EVT_REQUESTED, self.gate.handle_requested),
+            (evt.EVT_REJECTED, self.gate.handle_rejected),
+            (evt.EVT_C_STORE, self.handler.handle_store),
+            (evt.EVT_C_ECHO, self.handler.handle_echo),
+        ]
+        self._server = self._ae.start_server(
+            (self.cfg.server_ip, self.cfg.receive_port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+        )
+        logger.info(
+            "LISTENING ae_title=%s address=%s:%d tls=%s",
+            self.cfg.ae_title,
+            self.cfg.server_ip,
+            self.cfg.receive_port,
+            "on" if self.ssl_context else "off",
+        )
+
+    def active_associations(self) -> int:
+        """Return the number of associations currently served."""
+        return len(self._server.active_associations) if self._server is not None else 0
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let running associations finish for ``grace_s``, abort the rest."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.shutdown()
+        active = [a for a in self._ae.active_associations if a.is_acceptor]
+        deadline = time.monotonic() + grace_s
+        while active and time.monotonic() < deadline:
+            active = [a for a in active if a.is_alive()]
+            time.sleep(0.05)
+        for assoc in active:
+            logger.warning(
+                "ABORTED association with %s at shutdown (unacknowledged objects will be resent)",
+                assoc.requestor.ae_title,
+            )
+            assoc.abort()
+        logger.info("STOPPED receiver")
+
+
+__all__ = ["Receiver", "StorageError"]

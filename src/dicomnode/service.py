@@ -1,0 +1,227 @@
+"""Node lifecycle: start receiver, conversion and forwarder together; signals; graceful stop.
+
+Order: folders → conversion worker (resumes interrupted jobs) → receiver →
+forwarder. Stop in reverse: stop accepting, finish or abort in-flight work
+within a grace period, join. The first SIGINT/SIGTERM/SIGBREAK asks for a
+clean stop; a second one forces the process to exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from dicomnode import tls
+from dicomnode.config import NodeConfig
+from dicomnode.storage import check_writable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What to run: the CLI's ``--no-receiver`` / ``--no-watcher``."""
+
+    receiver: bool = True
+    forwarder: bool = True
+
+
+def is_loopback(address: str) -> bool:
+    """Return True when ``address`` is a loopback IP or ``localhost``."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def forwarder_state(config: NodeConfig, options: RunOptions) -> tuple[bool, str]:
+    """Return (will run, one-line description) for the forwarder."""
+    fw = config.forwarder
+    if not options.forwarder:
+        return False, "disabled (--no-watcher)"
+    if not fw.has_target:
+        return False, "disabled (no target_aet/target_ip in [FolderWatcher])"
+    return True, f"enabled -> {fw.target_aet}@{fw.target_ip}:{fw.target_port}"
+
+
+def summary_lines(config: NodeConfig, options: RunOptions) -> list[str]:
+    """Return the start-up summary (the original README's lines plus what is enabled)."""
+    rc = config.receiver
+    trusted = ", ".join(rc.trusted_ae_titles)
+    if rc.trusts_any_ae:
+        if is_loopback(rc.server_ip):
+            trusted += f" (any AE title: accepted only because the node listens on loopback {rc.server_ip})"
+        else:
+            trusted += " (ANY AE title may store: set trusted_ae_titles for a network-facing node)"
+    _, fw_text = forwarder_state(config, options)
+    lines = [
+        f"Configuration loaded from: {config.source}",
+        f"AE Title: {rc.ae_title}",
+        f"Server IP: {rc.server_ip}",
+        f"Receive Port: {rc.receive_port}",
+        f"Destination Directory: {rc.destination_dir}",
+        f"Watch Folder: {config.forwarder.watch_folder}",
+        f"Trusted AE Titles: {trusted}",
+    ]
+    if rc.ae_mappings:
+        lines.append("AE Mappings: " + ", ".join(f"{a} -> {p}" for a, p in rc.ae_mappings))
+    lines += [
+        f"Receiver: {'enabled' if options.receiver else 'disabled (--no-receiver)'}"
+        + (", TLS" if config.tls.enabled and options.receiver else ""),
+        f"Forwarder: {fw_text}",
+        f"Enhanced MR conversion: {config.tools.enhanced_mr_conversion}",
+    ]
+    if config.logging.log_file is not None:
+        lines.append(f"Log file: {config.logging.log_file}")
+    return lines
+
+
+def set_window_title(title: str) -> None:
+    """Set the console window title where supported; never raise."""
+    if not title:
+        return
+    try:
+        if sys.platform == "win32":
+            import ctypes
+
+            ctypes.windll.kernel32.SetConsoleTitleW(title)  # type: ignore[attr-defined]
+        elif sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb":
+            safe = "".join(ch for ch in title if ch.isprintable())
+            sys.stdout.write(f"\033]0;{safe}\007")
+            sys.stdout.flush()
+    except Exception:
+        logger.debug("could not set the window title", exc_info=True)
+
+
+class Node:
+    """Receiver, conversion worker and forwarder of one configuration."""
+
+    def __init__(self, config: NodeConfig, options: RunOptions) -> None:
+        self.config = config
+        self.options = options
+        self.receiver: Any = None
+        self.forwarder: Any = None
+        self.converter: Any = None
+
+    def start(self) -> None:
+        """Start every enabled component.
+
+        Raises
+        ------
+        DicomNodeError
+            A folder is not writable, or TLS material cannot be loaded.
+        OSError
+            The listening address cannot be bound.
+        """
+        cfg = self.config
+        if self.options.receiver:
+            from dicomnode.receiver import Receiver
+
+            post_store = None
+            if cfg.tools.enhanced_mr_conversion != "off":
+                post_store = self._start_converter()
+            self.receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls))
+            self.receiver.start()
+        fw_on, _ = forwarder_state(cfg, self.options)
+        if self.options.forwarder:
+            check_writable(cfg.forwarder.watch_folder)
+        if fw_on:
+            from dicomnode.forwarder import Forwarder
+
+            self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls))
+            self.forwarder.start()
+
+    def _start_converter(self) -> Callable[[Path, Path, str], None] | None:
+        try:
+            from dicomnode.convert.worker import ConversionWorker
+        except ImportError:
+            logger.warning(
+                "Enhanced MR conversion is not available in this build; storing unconverted"
+            )
+            return None
+        rc = self.config.receiver
+        self.converter = ConversionWorker(self.config.tools, rc.folder_layout)
+        self.converter.start()
+        roots = {rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)}
+        self.converter.resume(sorted(roots))
+        return self.converter.submit  # type: ignore[no-any-return]
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting work, finish or abort in-flight work within ``grace_s``, join."""
+        if self.receiver is not None:
+            self.receiver.stop(grace_s)
+        if self.forwarder is not None:
+            self.forwarder.stop(grace_s)
+        if self.converter is not None:
+            self.converter.stop(grace_s)
+
+
+class SignalCatcher:
+    """Turn SIGINT/SIGTERM/SIGBREAK into a stop request; a second signal forces exit.
+
+    Use as a context manager; the previous handlers are restored on exit.
+    """
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            logger.error("second signal %d: forcing exit", signum)
+            os._exit(1)
+        self.received = signum
+        logger.info("SHUTDOWN requested by signal %d (send it again to force)", signum)
+        self.stop.set()
+
+    def __enter__(self) -> SignalCatcher:
+        names = ["SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"]
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not in the main thread, or unsupported
+                continue
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):
+                continue
+
+
+def run(config: NodeConfig, options: RunOptions, stop: threading.Event | None = None) -> None:
+    """Run the node until ``stop`` is set or a signal arrives, then stop it cleanly.
+
+    Raises
+    ------
+    DicomNodeError, OSError
+        When start-up fails (the CLI turns these into one-line errors).
+    """
+    stop = stop or threading.Event()
+    node = Node(config, options)
+    with SignalCatcher(stop):
+        try:
+            node.start()
+            logger.info("READY")
+            while not stop.wait(0.5):
+                pass
+        finally:
+            node.stop()
+    logger.info("STOPPED")
