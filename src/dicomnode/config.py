@@ -506,9 +506,9 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
     net.check_unknown(set(network))
 
     dirs = section("Directories")
-    destination = _path(dirs, "destination_dir", None, base_dir)
+    destination = _path(dirs, "destination_dir", base_dir / DEFAULT_DATA_DIR / "received", base_dir)
     if destination is None:
-        raise dirs.error("destination_dir", dirs.items.get("destination_dir", ""), "a folder path")
+        raise dirs.error("destination_dir", "", "a folder path")
     layout = dirs.text("folder_layout", DEFAULT_LAYOUT)
     _check_layout(dirs, layout)
     min_free = dirs.integer("min_free_space_mb", 100, 0, 10**9)

@@ -98,6 +98,9 @@ class AssociationGate:
                 decision.reason,
             )
             event.assoc.acse.send_reject(0x01, 0x01, decision.diagnostic)
+            # As pynetdicom does for its own rejections: let the DUL send the
+            # A-ASSOCIATE-RJ before the connection is closed.
+            event.assoc.kill()
         except Exception:
             logger.exception("REJECTED association: admission check failed, refusing")
             try:

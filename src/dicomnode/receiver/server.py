@@ -147,9 +147,15 @@ class Receiver:
         self._server = None
         server.shutdown()
         active = [a for a in self._ae.active_associations if a.is_acceptor]
+        # Connections that never sent an A-ASSOCIATE-RQ (port probes) hold no data: close now.
+        for assoc in active:
+            if not assoc.is_established:
+                assoc.kill()
         deadline = time.monotonic() + grace_s
-        while active and time.monotonic() < deadline:
-            active = [a for a in active if a.is_alive()]
+        while time.monotonic() < deadline:
+            active = [a for a in active if a.is_alive() and a.is_established]
+            if not active:
+                break
             time.sleep(0.05)
         for assoc in active:
             logger.warning(
