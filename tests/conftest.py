@@ -26,7 +26,9 @@ def free_port() -> int:
 
 def require_tool(name: str) -> str:
     """Return the path of an external peer program; skip locally, fail in CI when missing."""
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    found = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
     if found:
         return found
     message = f"{name} not installed (apt-get install dcmtk orthanc dicom3tools)"
@@ -42,7 +44,9 @@ def peer_env() -> dict[str, str]:
     return env
 
 
-def wait_for_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll until something listens on 127.0.0.1:port (no fixed sleeps)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

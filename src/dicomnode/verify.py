@@ -52,7 +52,9 @@ def echo(
         assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     except (OSError, socket.gaierror) as exc:
         return EchoResult(False, f"ECHO-FAILED {where}: {exc}", 0.0)
-    elapsed = lambda: (time.monotonic() - started) * 1000  # noqa: E731
+    def elapsed() -> float:
+        return (time.monotonic() - started) * 1000
+
     if assoc.is_rejected:
         return EchoResult(
             False, f"ECHO-FAILED {where}: association rejected (check AE titles)", elapsed()

@@ -18,7 +18,10 @@ def test_node_embedded_default_answers_echoscu(tmp_path: Path, start_node) -> No
     node = start_node([], port=11112)  # no config file: embedded default, as `make run`
     result = subprocess.run(
         [echoscu, "-aet", "ANYONE", "-aec", "DICOMNODE", "127.0.0.1", "11112"],
-        env=peer_env(), capture_output=True, text=True, timeout=60,
+        env=peer_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     out = node.output()
@@ -34,28 +37,36 @@ def test_node_embedded_default_answers_echoscu(tmp_path: Path, start_node) -> No
 
 def test_node_port_in_use_is_one_line_startup_error(tmp_path: Path, start_node) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
-    cfg = write_config(tmp_path / "c.ini", {
-        "Network": {"receive_port": port},
-        "Directories": {"destination_dir": tmp_path / "d", "min_free_space_mb": 0},
-        "Security": {"trusted_ae_titles": "A"},
-    })
+    cfg = write_config(
+        tmp_path / "c.ini",
+        {
+            "Network": {"receive_port": port},
+            "Directories": {"destination_dir": tmp_path / "d", "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "A"},
+        },
+    )
     first = start_node(["--config", str(cfg), "--no-watcher"], port=port)
     second = start_node(["--config", str(cfg), "--no-watcher"])
     assert second.proc.wait(30) == 3
-    assert "cannot listen on 127.0.0.1:%d" % port in second.output()
+    assert f"cannot listen on 127.0.0.1:{port}" in second.output()
     assert "Traceback" not in second.output()
     assert first.proc.poll() is None
 
 
-def test_node_verbose_config_logs_debug_and_pynetdicom_stays_quiet(tmp_path: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+def test_node_verbose_config_logs_debug_and_pynetdicom_stays_quiet(
+    tmp_path: Path, start_node
+) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     log_file = tmp_path / "logs" / "node.log"
-    cfg = write_config(tmp_path / "c.ini", {
-        "Network": {"receive_port": port},
-        "Directories": {"destination_dir": tmp_path / "d", "min_free_space_mb": 0},
-        "Security": {"trusted_ae_titles": "A"},
-        "Logging": {"verbose": "true", "log_file": log_file},
-    })
+    cfg = write_config(
+        tmp_path / "c.ini",
+        {
+            "Network": {"receive_port": port},
+            "Directories": {"destination_dir": tmp_path / "d", "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "A"},
+            "Logging": {"verbose": "true", "log_file": log_file},
+        },
+    )
     node = start_node(["--config", str(cfg), "--no-watcher"], port=port)
     from dicomnode.verify import echo
 

@@ -33,7 +33,9 @@ def dataset_bytes(path: Path) -> bytes:
 
 
 def stored_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.dcm") if ".incoming-tmp" not in p.parts and "errors" not in p.parts)
+    return sorted(
+        p for p in root.rglob("*.dcm") if ".incoming-tmp" not in p.parts and "errors" not in p.parts
+    )
 
 
 @pytest.fixture
@@ -54,7 +56,9 @@ def node(tmp_path: Path, port: int, start_node):  # type: ignore[no-untyped-def]
     return {"port": port, "dest": dest, "proc": proc, "config": cfg}
 
 
-def storescu(port: int, files: list[Path], aet: str = "SCANNER", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, files: list[Path], aet: str = "SCANNER", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     exe = require_tool("storescu")
     return subprocess.run(
         [exe, "-aet", aet, "-aec", "DNODE", *extra, "127.0.0.1", str(port), *map(str, files)],
@@ -89,7 +93,9 @@ def test_receiver_stores_ct_mr_rt_byte_identical(node, tmp_path: Path) -> None: 
     assert "STORED calling_ae=SCANNER" in node["proc"].output()
 
 
-def test_receiver_stores_exact_bytes_sent_by_pynetdicom(node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_stores_exact_bytes_sent_by_pynetdicom(
+    node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     from pynetdicom import _config
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
@@ -108,7 +114,9 @@ def test_receiver_stores_exact_bytes_sent_by_pynetdicom(node, tmp_path: Path, mo
     finally:
         assoc.release()
     assert statuses == [0] * len(files)
-    stored = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in stored_files(node["dest"])}
+    stored = {
+        dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in stored_files(node["dest"])
+    }
     for f in files:
         uid = dcmread(f, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(stored[uid]) == dataset_bytes(f), f.name
@@ -131,18 +139,34 @@ def test_receiver_rejects_untrusted_ae_at_association(node, tmp_path: Path) -> N
     assert "Association Rejected" in result.stderr + result.stdout
     echo = subprocess.run(
         [require_tool("echoscu"), "-aet", "STRANGER", "127.0.0.1", str(node["port"])],
-        env=peer_env(), capture_output=True, text=True, timeout=60,
+        env=peer_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert echo.returncode != 0
     assert stored_files(node["dest"]) == []
-    assert wait_until(lambda: "REJECTED association calling_ae=STRANGER" in node["proc"].output(), 5)
+    assert wait_until(
+        lambda: "REJECTED association calling_ae=STRANGER" in node["proc"].output(), 5
+    )
     assert "peer=127.0.0.1:" in node["proc"].output()
 
 
 def test_receiver_echo_from_trusted_peer(node) -> None:  # type: ignore[no-untyped-def]
     echo = subprocess.run(
-        [require_tool("echoscu"), "-aet", "SCANNER", "-aec", "DNODE", "127.0.0.1", str(node["port"])],
-        env=peer_env(), capture_output=True, text=True, timeout=60,
+        [
+            require_tool("echoscu"),
+            "-aet",
+            "SCANNER",
+            "-aec",
+            "DNODE",
+            "127.0.0.1",
+            str(node["port"]),
+        ],
+        env=peer_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert echo.returncode == 0, echo.stderr
 
@@ -168,7 +192,17 @@ def _send(port: int, datasets: list[Dataset], aet: str = "PYCLIENT") -> list[int
 
 @pytest.mark.filterwarnings("ignore:Found unknown escape sequence")
 def test_receiver_hostile_names_stay_inside_destination(node) -> None:  # type: ignore[no-untyped-def]
-    hostile = ["../../x", "..", "CON", "NUL.txt", "a/b\\c", "y" * 300, "ctl\x01\x1b[31m", "患者^名前", "trail. ."]
+    hostile = [
+        "../../x",
+        "..",
+        "CON",
+        "NUL.txt",
+        "a/b\\c",
+        "y" * 300,
+        "ctl\x01\x1b[31m",
+        "患者^名前",
+        "trail. .",
+    ]
     datasets = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -203,7 +237,9 @@ def test_receiver_resent_instance_replaces_file(node) -> None:  # type: ignore[n
     assert dcmread(stored).InstanceNumber == 2
 
 
-def test_receiver_missing_sop_instance_uid_fails_and_is_kept(node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_missing_sop_instance_uid_fails_and_is_kept(
+    node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     from pynetdicom import _config
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
@@ -229,7 +265,9 @@ def test_receiver_missing_sop_instance_uid_fails_and_is_kept(node, tmp_path: Pat
     assert _send(node["port"], [make_image("CT")]) == [0]
 
 
-def test_receiver_write_failure_gives_a700_and_errors_entry(tmp_path: Path, port: int, start_node) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_write_failure_gives_a700_and_errors_entry(
+    tmp_path: Path, port: int, start_node
+) -> None:  # type: ignore[no-untyped-def]
     dest = tmp_path / "dest"
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the mapped folder should be")
@@ -259,9 +297,20 @@ def test_receiver_two_concurrent_senders(node, tmp_path: Path) -> None:  # type:
     for k in range(2):
         study = generate_uid(ROOT)
         series = generate_uid(ROOT)
-        sets.append([save(make_image("CT", study_uid=study, series_uid=series, instance=i), tmp_path / f"s{k}" / f"{i}.dcm") for i in range(40)])
+        sets.append(
+            [
+                save(
+                    make_image("CT", study_uid=study, series_uid=series, instance=i),
+                    tmp_path / f"s{k}" / f"{i}.dcm",
+                )
+                for i in range(40)
+            ]
+        )
     results: list[int] = []
-    threads = [threading.Thread(target=lambda fs=fs: results.append(storescu(node["port"], fs).returncode)) for fs in sets]
+    threads = [
+        threading.Thread(target=lambda fs=fs: results.append(storescu(node["port"], fs).returncode))
+        for fs in sets
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -275,11 +324,26 @@ def test_receiver_killed_sender_leaves_no_final_file(node, tmp_path: Path) -> No
     path = save(big, tmp_path / "src" / "big.dcm")
     exe = require_tool("storescu")
     proc = subprocess.Popen(
-        [exe, "-aet", "SCANNER", "-aec", "DNODE", "--max-send-pdu", "4096", "127.0.0.1", str(node["port"]), str(path)],
-        env=peer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            exe,
+            "-aet",
+            "SCANNER",
+            "-aec",
+            "DNODE",
+            "--max-send-pdu",
+            "4096",
+            "127.0.0.1",
+            str(node["port"]),
+            str(path),
+        ],
+        env=peer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     tmpdir = node["dest"] / ".incoming-tmp"
-    started = wait_until(lambda: any(f.stat().st_size > 100_000 for f in tmpdir.glob("*")), 20, 0.005)
+    started = wait_until(
+        lambda: any(f.stat().st_size > 100_000 for f in tmpdir.glob("*")), 20, 0.005
+    )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert started, "transfer never started"

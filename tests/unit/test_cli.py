@@ -16,7 +16,9 @@ DATA = REPO / "tests" / "data"
 
 
 def test_cli_parser_keeps_original_flags() -> None:
-    args = cli.build_parser().parse_args(["--config", "x.ini", "--watch-folder", "w", "--no-receiver", "-v"])
+    args = cli.build_parser().parse_args(
+        ["--config", "x.ini", "--watch-folder", "w", "--no-receiver", "-v"]
+    )
     assert args.config == Path("x.ini")
     assert args.watch_folder == Path("w")
     assert args.no_receiver and args.verbose and not args.no_watcher
@@ -30,20 +32,26 @@ def test_cli_subcommands_accept_config_after_name() -> None:
     assert (args.host, args.port, args.call, args.aet) == ("h", 104, "PACS", "ME")
 
 
-@pytest.mark.parametrize("argv", [["echo", "h", "abc"], ["echo", "h", "104", "--call", "X" * 17], ["--bogus"]])
+@pytest.mark.parametrize(
+    "argv", [["echo", "h", "abc"], ["echo", "h", "104", "--call", "X" * 17], ["--bogus"]]
+)
 def test_cli_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 2
     assert "usage" in capsys.readouterr().err
 
 
 def test_cli_check_config_prints_effective_values(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["check-config", "--config", str(DATA / "original_config.ini")]) == ExitStatus.OK
+    assert (
+        cli.main(["check-config", "--config", str(DATA / "original_config.ini")]) == ExitStatus.OK
+    )
     out = capsys.readouterr().out
     assert "ae_title = FOLLOW" in out
     assert "target_aet = DICOM-RT-KAFFEE" in out
 
 
-def test_cli_bad_config_is_one_line_error_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_config_is_one_line_error_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.ini"
     bad.write_text("[Network]\nreceive_port = abc\n[Security]\ntrusted_ae_titles = A\n")
     assert cli.main(["check-config", "--config", str(bad)]) == ExitStatus.CONFIG_ERROR
@@ -62,7 +70,9 @@ def test_cli_nothing_to_run_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert cli.main(["--no-receiver", "--no-watcher"]) == ExitStatus.CONFIG_ERROR
 
 
-def test_cli_echo_unreachable_exits_1(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_echo_unreachable_exits_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     from tests.conftest import free_port
 
@@ -73,15 +83,25 @@ def test_cli_echo_unreachable_exits_1(capsys: pytest.CaptureFixture[str], tmp_pa
 
 @pytest.mark.parametrize("entry", [["-m", "dicomnode"], [str(REPO / "DICOMnode.py")]])
 def test_cli_entry_points_show_help(entry: list[str]) -> None:
-    proc = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, *entry, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     assert "--watch-folder" in proc.stdout and "--no-receiver" in proc.stdout
 
 
 def test_cli_bad_config_via_python_m_has_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "config.ini"
-    bad.write_text("[General]\nae_title = FAR_TOO_LONG_TITLE_X\n[Security]\ntrusted_ae_titles = A\n")
-    proc = subprocess.run([sys.executable, "-m", "dicomnode"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    bad.write_text(
+        "[General]\nae_title = FAR_TOO_LONG_TITLE_X\n[Security]\ntrusted_ae_titles = A\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dicomnode"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "[General] ae_title" in proc.stderr

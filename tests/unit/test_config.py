@@ -21,7 +21,14 @@ def test_config_original_readme_file_loads_unchanged() -> None:
     assert rc.receive_port == 1335
     assert rc.server_ip == "192.168.178.55"
     assert str(rc.destination_dir) == "D:\\IncomingFollow"
-    assert rc.trusted_ae_titles == ("MRMULTI", "TR_SEND", "VARIAN", "MYQASRS", "RTPLANNING", "TRUSTED_AE_2")
+    assert rc.trusted_ae_titles == (
+        "MRMULTI",
+        "TR_SEND",
+        "VARIAN",
+        "MYQASRS",
+        "RTPLANNING",
+        "TRUSTED_AE_2",
+    )
     mappings = dict(rc.ae_mappings)
     assert str(mappings["MYQASRS"]) == "\\\\network\\iba_SRS"
     assert PureWindowsPath(str(mappings["zCTSCANNER"])).name == "incoming_ctscanner"
@@ -29,7 +36,11 @@ def test_config_original_readme_file_loads_unchanged() -> None:
     # The original's semantics: emf2sf only when the path points at something usable.
     assert cfg.tools.enhanced_mr_conversion == "off"
     assert str(fw.watch_folder) == "D:\\Incoming2Send"
-    assert (fw.target_aet, fw.target_ip, fw.target_port) == ("DICOM-RT-KAFFEE", "192.168.178.55", 1334)
+    assert (fw.target_aet, fw.target_ip, fw.target_port) == (
+        "DICOM-RT-KAFFEE",
+        "192.168.178.55",
+        1334,
+    )
     assert fw.max_workers == 4
     assert fw.heartbeat_interval == 120
     assert fw.process_timer_interval == 10
@@ -49,7 +60,9 @@ def test_config_example_file_loads_and_has_every_original_key() -> None:
             assert f"\n{key} =" in example, key
 
 
-def test_config_embedded_default_is_loopback_and_trusts_any(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_embedded_default_is_loopback_and_trusts_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = config.load(None)
     assert cfg.receiver.ae_title == "DICOMNODE"
@@ -75,17 +88,32 @@ BASE = "[Security]\ntrusted_ae_titles = A\n"
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[Network]\nreceive_port = abc\n", r"\[Network\] receive_port = 'abc' is invalid; accepted: a whole number from 1 to 65535"),
+        (
+            "[Network]\nreceive_port = abc\n",
+            r"\[Network\] receive_port = 'abc' is invalid; accepted: a whole number from 1 to 65535",
+        ),
         ("[Network]\nreceive_port = 0\n", r"receive_port = '0'"),
         ("[Network]\nreceive_port = 70000\n", r"receive_port = '70000'"),
-        ("[FolderWatcher]\ninactivity_timeout = -1\n", r"\[FolderWatcher\] inactivity_timeout = '-1' is invalid; accepted: a number of seconds"),
+        (
+            "[FolderWatcher]\ninactivity_timeout = -1\n",
+            r"\[FolderWatcher\] inactivity_timeout = '-1' is invalid; accepted: a number of seconds",
+        ),
         ("[FolderWatcher]\nheartbeat_interval = soon\n", r"heartbeat_interval = 'soon'"),
         ("[FolderWatcher]\nmax_workers = 0\n", r"max_workers = '0'"),
-        ("[General]\nae_title = THIS_IS_SEVENTEEN\n", r"\[General\] ae_title = 'THIS_IS_SEVENTEEN' is invalid; accepted: 1-16 characters"),
+        (
+            "[General]\nae_title = THIS_IS_SEVENTEEN\n",
+            r"\[General\] ae_title = 'THIS_IS_SEVENTEEN' is invalid; accepted: 1-16 characters",
+        ),
         ("[General]\nae_title = BAD\\AE\n", r"ae_title = 'BAD\\\\AE'"),
-        ("[Security]\ntrusted_ae_titles = OK,WAY_TOO_LONG_AE_TITLE\n", r"trusted_ae_titles = 'WAY_TOO_LONG_AE_TITLE'"),
+        (
+            "[Security]\ntrusted_ae_titles = OK,WAY_TOO_LONG_AE_TITLE\n",
+            r"trusted_ae_titles = 'WAY_TOO_LONG_AE_TITLE'",
+        ),
         ("[Security]\ntrusted_ae_titles =\n", r"trusted_ae_titles is empty"),
-        ("[General]\nae_titel = X\n", r"\[General\] unknown key 'ae_titel'; accepted keys: ae_title, window_title"),
+        (
+            "[General]\nae_titel = X\n",
+            r"\[General\] unknown key 'ae_titel'; accepted keys: ae_title, window_title",
+        ),
         ("[Netwrok]\nreceive_port = 1\n", r"unknown section \[Netwrok\]"),
         ("[Logging]\nverbose = maybe\n", r"verbose = 'maybe' is invalid; accepted: true or false"),
         ("[Tools]\nenhanced_mr_conversion = fast\n", r"accepted: native \| emf2sf \| off"),
@@ -93,13 +121,18 @@ BASE = "[Security]\ntrusted_ae_titles = A\n"
         ("[FolderWatcher]\nsend_order = RTDOSE, CT\n", r"send_order = 'RTDOSE, CT'"),
         ("[Directories]\nfolder_layout = {patient}/../{series}\n", r"folder_layout"),
         ("[Directories]\nfolder_layout = {nope}\n", r"folder_layout = '\{nope\}'"),
-        ("[AE_Mappings]\nTHIS_IS_SEVENTEEN = x\n", r"\[AE_Mappings\] 'THIS_IS_SEVENTEEN' is not a valid AE title"),
+        (
+            "[AE_Mappings]\nTHIS_IS_SEVENTEEN = x\n",
+            r"\[AE_Mappings\] 'THIS_IS_SEVENTEEN' is not a valid AE title",
+        ),
         ("[Network]\nserver_ip = not an ip!\n", r"server_ip = 'not an ip!'"),
         ("[TLS]\nenabled = true\n", r"needs certificate and private_key"),
         ("not an ini file\n", r"not a valid INI file"),
     ],
 )
-def test_config_invalid_value_gives_one_clear_error(tmp_path: Path, text: str, expected: str) -> None:
+def test_config_invalid_value_gives_one_clear_error(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     path = tmp_path / "bad.ini"
     body = text if "trusted_ae_titles" in text or "[" not in text else BASE + text
     path.write_text(body)
@@ -157,6 +190,15 @@ def test_config_emf2sf_semantics_when_key_absent(tmp_path: Path) -> None:
 def test_config_describe_lists_every_section() -> None:
     lines = config.describe(config.load(DATA / "original_config.ini"))
     text = "\n".join(lines)
-    for section in ("[General]", "[Network]", "[Directories]", "[Security]", "[AE_Mappings]", "[Tools]", "[FolderWatcher]", "[Logging]"):
+    for section in (
+        "[General]",
+        "[Network]",
+        "[Directories]",
+        "[Security]",
+        "[AE_Mappings]",
+        "[Tools]",
+        "[FolderWatcher]",
+        "[Logging]",
+    ):
         assert section in text
     assert "trusted_ae_titles = MRMULTI, TR_SEND" in text

@@ -50,7 +50,18 @@ def test_organise_same_instance_same_name() -> None:
 @pytest.mark.filterwarnings("ignore:The value length")
 @pytest.mark.parametrize(
     "pid",
-    ["../../x", "..", "CON", "nul", "COM1.txt", "a/b\\c", "x" * 300, "tab\tnew\nline\x00nul", "trailing. . ", "患者"],
+    [
+        "../../x",
+        "..",
+        "CON",
+        "nul",
+        "COM1.txt",
+        "a/b\\c",
+        "x" * 300,
+        "tab\tnew\nline\x00nul",
+        "trailing. . ",
+        "患者",
+    ],
 )
 def test_organise_hostile_patient_ids_stay_one_safe_component(pid: str) -> None:
     rel = relative_dir(header(pid=pid, name=""), "{patient}/{study}/{series}")
