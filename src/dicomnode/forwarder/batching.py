@@ -1,0 +1,447 @@
+"""Pure decisions of the forwarder: grouping, readiness, clinical order, contexts, backoff.
+
+Everything here is a function of its arguments: the current time is always passed
+in as ``now`` (seconds, from whatever clock the caller uses consistently), nothing
+writes files, opens sockets, starts threads or reads the clock. The I/O layers
+(:mod:`.watcher`, :mod:`.sender`, :mod:`.outcome`, :mod:`.state`) feed it facts
+and act on its answers. Imports pydicom (UID names only) and the standard library;
+never pynetdicom or watchdog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import PurePosixPath
+from typing import Final
+
+from pydicom.uid import UID
+
+#: Name of the parked-files folder directly below the watch folder.
+FAILED_DIR_NAME: Final = "failed"
+#: Group key of the loose files at the top level of the watch folder.
+TOPLEVEL_GROUP: Final = ""
+#: Folder-name label of the top-level group (used in failed/ and in logs).
+TOPLEVEL_LABEL: Final = "_toplevel"
+#: File name suffixes that mark files still being written.
+TEMP_SUFFIXES: Final = (".part", ".tmp")
+#: Largest number of presentation contexts one association may propose (PS3.8 9.3.2.2).
+MAX_CONTEXTS: Final = 128
+
+EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+#: Transfer syntaxes proposed for every SOP class so the object can be converted.
+FALLBACK_SYNTAXES: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+UNCOMPRESSED_SYNTAXES: Final = frozenset(
+    {EXPLICIT_VR_LE, IMPLICIT_VR_LE, "1.2.840.10008.1.2.2"}  # + explicit VR big endian
+)
+
+_RT_BY_MODALITY: Final = {
+    "RTSTRUCT": "RTSTRUCT",
+    "RTPLAN": "RTPLAN",
+    "RTDOSE": "RTDOSE",
+    "RTRECORD": "RTRECORD",
+}
+_RT_BY_SOP_CLASS: Final = {
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",  # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",  # RT Plan
+    "1.2.840.10008.5.1.4.1.1.481.8": "RTPLAN",  # RT Ion Plan
+    "1.2.840.10008.5.1.4.1.1.481.2": "RTDOSE",  # RT Dose
+    "1.2.840.10008.5.1.4.1.1.481.4": "RTRECORD",  # RT Beams Treatment Record
+    "1.2.840.10008.5.1.4.1.1.481.6": "RTRECORD",  # RT Brachy Treatment Record
+    "1.2.840.10008.5.1.4.1.1.481.7": "RTRECORD",  # RT Treatment Summary Record
+    "1.2.840.10008.5.1.4.1.1.481.9": "RTRECORD",  # RT Ion Beams Treatment Record
+}
+
+
+# --------------------------------------------------------------------------- files and groups
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """What a scan saw of one file: its path below the watch folder, size and mtime.
+
+    Attributes
+    ----------
+    rel_path : PurePosixPath
+        Path relative to the watch folder, ``/``-separated.
+    size : int
+        Size in bytes.
+    mtime_ns : int
+        Modification time in nanoseconds.
+    """
+
+    rel_path: PurePosixPath
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    """All files of one group as seen by one scan, sorted by path.
+
+    Attributes
+    ----------
+    key : str
+        The top-level folder name, or :data:`TOPLEVEL_GROUP` for loose files.
+    files : tuple of FileEntry
+        The group's files (ignored files excluded), sorted by ``rel_path``.
+    """
+
+    key: str
+    files: tuple[FileEntry, ...]
+
+    @property
+    def label(self) -> str:
+        """Return the name used for the group in logs and in ``failed/`` folder names."""
+        return group_label(self.key)
+
+    @property
+    def total_bytes(self) -> int:
+        """Return the summed size of the group's files."""
+        return sum(f.size for f in self.files)
+
+
+def group_label(key: str) -> str:
+    """Return the display/folder name of the group ``key``."""
+    return key if key != TOPLEVEL_GROUP else TOPLEVEL_LABEL
+
+
+def should_ignore(rel_path: PurePosixPath) -> bool:
+    """Return True for files the forwarder must never send or park.
+
+    Ignored are everything below ``failed/``, hidden files or anything inside a
+    hidden folder (a component starting with ``.``), and temporary files
+    (``*.part``, ``*.tmp``, any case).
+
+    Parameters
+    ----------
+    rel_path : PurePosixPath
+        Path relative to the watch folder.
+    """
+    parts = rel_path.parts
+    if not parts:
+        return True
+    if parts[0] == FAILED_DIR_NAME:
+        return True
+    if any(p.startswith(".") for p in parts):
+        return True
+    return parts[-1].lower().endswith(TEMP_SUFFIXES)
+
+
+def group_key_of(rel_path: PurePosixPath) -> str:
+    """Return the group a file belongs to: its top-level folder, or the top-level group."""
+    parts = rel_path.parts
+    return parts[0] if len(parts) > 1 else TOPLEVEL_GROUP
+
+
+def group_entries(entries: Iterable[FileEntry]) -> dict[str, GroupSnapshot]:
+    """Split scanned files into group snapshots, dropping ignored files.
+
+    Parameters
+    ----------
+    entries : iterable of FileEntry
+        Files found below the watch folder.
+
+    Returns
+    -------
+    dict of str to GroupSnapshot
+        One snapshot per group that has at least one file.
+    """
+    by_group: dict[str, list[FileEntry]] = {}
+    for entry in entries:
+        if should_ignore(entry.rel_path):
+            continue
+        by_group.setdefault(group_key_of(entry.rel_path), []).append(entry)
+    return {
+        key: GroupSnapshot(key, tuple(sorted(files, key=lambda f: f.rel_path.parts)))
+        for key, files in by_group.items()
+    }
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+@dataclass(slots=True)
+class _Seen:
+    snapshot: GroupSnapshot
+    changed_at: float
+
+
+@dataclass(slots=True)
+class ReadinessTracker:
+    """Decide when a group has been quiet long enough to be sent.
+
+    A group is *ready* when the same snapshot (every file's path, size and mtime)
+    has been observed for at least ``quiet_period_s`` and no change event arrived
+    in that time. The tracker only remembers observations; it never looks at the
+    disk or the clock.
+
+    Parameters
+    ----------
+    quiet_period_s : float
+        The configured ``inactivity_timeout``.
+    """
+
+    quiet_period_s: float
+    _seen: dict[str, _Seen] = field(default_factory=dict)
+
+    def observe(self, snapshot: GroupSnapshot, now: float) -> bool:
+        """Record a scan of one group; return True when it differs from the last one."""
+        seen = self._seen.get(snapshot.key)
+        if seen is None or seen.snapshot != snapshot:
+            self._seen[snapshot.key] = _Seen(snapshot, now)
+            return True
+        return False
+
+    def touch(self, key: str, now: float) -> None:
+        """Record a change event for group ``key`` (restarts its quiet period)."""
+        seen = self._seen.get(key)
+        if seen is not None:
+            seen.changed_at = max(seen.changed_at, now)
+
+    def forget(self, key: str) -> None:
+        """Drop a group that no longer exists."""
+        self._seen.pop(key, None)
+
+    def group_keys(self) -> list[str]:
+        """Return the groups currently known."""
+        return list(self._seen)
+
+    def snapshot(self, key: str) -> GroupSnapshot | None:
+        """Return the last observed snapshot of ``key``."""
+        seen = self._seen.get(key)
+        return seen.snapshot if seen else None
+
+    def is_quiet(self, key: str, now: float) -> bool:
+        """Return True when ``key`` has not changed for ``quiet_period_s``."""
+        seen = self._seen.get(key)
+        return seen is not None and now - seen.changed_at >= self.quiet_period_s
+
+    def quiet_groups(self, now: float) -> list[str]:
+        """Return the quiet groups, the longest-quiet first."""
+        quiet = [(s.changed_at, k) for k, s in self._seen.items() if self.is_quiet(k, now)]
+        return [k for _, k in sorted(quiet)]
+
+
+# --------------------------------------------------------------------------- order
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """Header facts of one DICOM file that decide its order and presentation context.
+
+    Attributes
+    ----------
+    rel_path : PurePosixPath
+        Path relative to the watch folder.
+    sop_class_uid, sop_instance_uid, transfer_syntax_uid : str
+        From the file meta / data set.
+    modality : str
+        (0008,0060), may be empty.
+    series_number, instance_number : int or None
+        Integer values, None when missing or not a number.
+    """
+
+    rel_path: PurePosixPath
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+
+
+def object_category(modality: str, sop_class_uid: str) -> str:
+    """Return the send-order token of an object: IMAGES, OTHER, RTSTRUCT, RTPLAN, RTDOSE, RTRECORD.
+
+    The SOP class decides first for the RT classes, then the Modality for RT
+    objects of other SOP classes, then any ``... Image Storage`` class counts as
+    an image; everything else is OTHER. Never uses the file name.
+    """
+    if sop_class_uid in _RT_BY_SOP_CLASS:
+        return _RT_BY_SOP_CLASS[sop_class_uid]
+    token = _RT_BY_MODALITY.get(modality.strip().upper())
+    if token:
+        return token
+    name = UID(sop_class_uid).name if sop_class_uid else ""
+    if "Treatment Record" in name:
+        return "RTRECORD"
+    if "Image Storage" in name:
+        return "IMAGES"
+    return "OTHER"
+
+
+def order_objects(objects: Iterable[ObjectInfo], send_order: Sequence[str]) -> list[ObjectInfo]:
+    """Return ``objects`` in clinical send order.
+
+    Sorted by the position of :func:`object_category` in ``send_order``, then
+    Modality, Series Number, Instance Number (missing numbers last), and finally
+    SOP Instance UID and path, only so the order is deterministic.
+
+    Parameters
+    ----------
+    objects : iterable of ObjectInfo
+        The group's readable DICOM objects.
+    send_order : sequence of str
+        Category tokens, e.g. ``ForwarderConfig.send_order``.
+    """
+    rank = {token: i for i, token in enumerate(send_order)}
+    last = len(rank)
+
+    def key(o: ObjectInfo) -> tuple[int, str, int, int, int, int, str, tuple[str, ...]]:
+        cat = rank.get(object_category(o.modality, o.sop_class_uid), last)
+        sn, inn = o.series_number, o.instance_number
+        return (
+            cat,
+            o.modality,
+            sn is None,
+            sn or 0,
+            inn is None,
+            inn or 0,
+            o.sop_instance_uid,
+            o.rel_path.parts,
+        )
+
+    return sorted(objects, key=key)
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSpec:
+    """One presentation context to propose: an abstract syntax and its transfer syntaxes."""
+
+    sop_class_uid: str
+    transfer_syntaxes: tuple[str, ...]
+
+
+def contexts_for(sop_class_uid: str, file_syntaxes: Iterable[str]) -> list[ContextSpec]:
+    """Return the contexts proposed for one SOP class.
+
+    Each non-uncompressed transfer syntax the files use gets its own context so
+    the target can accept it exactly (files then stream without decoding); one
+    more context offers the uncompressed syntaxes (the files' own uncompressed
+    syntax first, then Explicit and Implicit VR Little Endian) as a fallback that
+    allows conversion.
+    """
+    own = sorted(set(file_syntaxes))
+    specs = [ContextSpec(sop_class_uid, (ts,)) for ts in own if ts not in UNCOMPRESSED_SYNTAXES]
+    plain = [ts for ts in own if ts in UNCOMPRESSED_SYNTAXES]
+    fallback = tuple(dict.fromkeys([*plain, *FALLBACK_SYNTAXES]))
+    specs.append(ContextSpec(sop_class_uid, fallback))
+    return specs
+
+
+def plan_associations(
+    objects: Sequence[ObjectInfo], max_contexts: int = MAX_CONTEXTS
+) -> list[tuple[list[ObjectInfo], list[ContextSpec]]]:
+    """Split ordered objects into consecutive runs that each fit one association.
+
+    Order is kept: a new association starts only when the next object's SOP
+    class would push the proposed contexts past ``max_contexts``.
+
+    Parameters
+    ----------
+    objects : sequence of ObjectInfo
+        Objects already in send order.
+    max_contexts : int
+        Limit per association (128 by the standard).
+
+    Returns
+    -------
+    list of (objects, contexts)
+        One entry per association, in send order.
+    """
+    syntaxes: dict[str, set[str]] = {}
+    for o in objects:
+        syntaxes.setdefault(o.sop_class_uid, set()).add(o.transfer_syntax_uid)
+    needed = {sop: contexts_for(sop, ts) for sop, ts in syntaxes.items()}
+
+    plans: list[tuple[list[ObjectInfo], list[ContextSpec]]] = []
+    run: list[ObjectInfo] = []
+    run_ctx: list[ContextSpec] = []
+    run_sops: set[str] = set()
+    for o in objects:
+        if o.sop_class_uid not in run_sops:
+            extra = needed[o.sop_class_uid]
+            if run and len(run_ctx) + len(extra) > max_contexts:
+                plans.append((run, run_ctx))
+                run, run_ctx, run_sops = [], [], set()
+            run_ctx = run_ctx + extra[: max(1, max_contexts - len(run_ctx))]
+            run_sops.add(o.sop_class_uid)
+        run.append(o)
+    if run:
+        plans.append((run, run_ctx))
+    return plans
+
+
+# --------------------------------------------------------------------------- outcome and retry
+
+
+class SendOutcome(Enum):
+    """What happened to one file in one send attempt."""
+
+    #: The target answered success or warning: delete the file.
+    SENT = "sent"
+    #: The target refused this object for good (or it is not sendable): park it.
+    REFUSED = "refused"
+    #: Not delivered because of network trouble or a temporary refusal: keep, retry.
+    RETRY = "retry"
+    #: Not attempted (stop requested, or the file changed): keep, decide later.
+    SKIPPED = "skipped"
+
+
+#: Status codes that mean "try again later" rather than "this object is refused".
+def is_transient_status(status: int) -> bool:
+    """Return True for statuses that do not condemn the object (out of resources, cancel)."""
+    return 0xA700 <= status <= 0xA7FF or status == 0xFE00
+
+
+def backoff_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """Return the wait before retry number ``attempts`` (1 = after the first failure).
+
+    The delay starts at ``initial_s`` and doubles per failed attempt up to ``max_s``.
+    """
+    if attempts <= 1:
+        return min(initial_s, max_s)
+    exponent = min(attempts - 1, 60)
+    return float(min(initial_s * (2.0**exponent), max_s))
+
+
+def should_give_up(first_failure: float, now: float, give_up_after_s: float) -> bool:
+    """Return True once a group has failed for ``give_up_after_s`` since its first failure."""
+    return now - first_failure >= give_up_after_s
+
+
+def pending_summary(snapshots: Mapping[str, GroupSnapshot]) -> tuple[int, int]:
+    """Return (groups, files) pending in the given snapshots."""
+    return len(snapshots), sum(len(s.files) for s in snapshots.values())
+
+
+__all__ = [
+    "FAILED_DIR_NAME",
+    "MAX_CONTEXTS",
+    "TOPLEVEL_GROUP",
+    "TOPLEVEL_LABEL",
+    "ContextSpec",
+    "FileEntry",
+    "GroupSnapshot",
+    "ObjectInfo",
+    "ReadinessTracker",
+    "SendOutcome",
+    "backoff_delay_s",
+    "contexts_for",
+    "group_entries",
+    "group_key_of",
+    "group_label",
+    "is_transient_status",
+    "object_category",
+    "order_objects",
+    "pending_summary",
+    "plan_associations",
+    "should_give_up",
+    "should_ignore",
+]

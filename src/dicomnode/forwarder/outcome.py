@@ -1,0 +1,296 @@
+"""Apply send outcomes on disk: delete what was acknowledged, park what was refused.
+
+A delivered file is deleted and the folders it leaves empty are removed (never
+the watch folder itself). A refused or undeliverable file is moved, by rename,
+to ``<watch_folder>/failed/<YYYYmmdd-HHMMSS>_<group>/<path inside the group>``
+after one line describing why has been appended (and fsynced) to
+``failed/send_errors.log``; a kill between the two steps at worst leaves a log
+line for a file that is retried. :func:`move_back_failed` undoes parking for
+``dicomnode retry-failed``. Log verbs: ``SENT`` (by the caller), ``PARKED``.
+Imports the standard library and :mod:`dicomnode.storage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Final
+
+from dicomnode.forwarder.batching import FAILED_DIR_NAME, TOPLEVEL_GROUP, group_label
+from dicomnode.status import describe_status
+from dicomnode.storage import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+#: Log of every parked file, inside failed/.
+ERROR_LOG_NAME: Final = "send_errors.log"
+#: Hidden file in each parked folder naming the group it came from.
+GROUP_MARKER: Final = ".dicomnode-group"
+_STAMP_LEN: Final = len("YYYYmmdd-HHMMSS")
+_LOG_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class ParkReason:
+    """Why a file is parked, as written to ``send_errors.log``.
+
+    Attributes
+    ----------
+    status : int or None
+        The DIMSE status the target returned, None when there was none.
+    reason : str
+        Human-readable cause (used when there is no status, or in addition to it).
+    sop_instance_uid : str
+        The object's SOP Instance UID if known.
+    """
+
+    status: int | None
+    reason: str
+    sop_instance_uid: str = ""
+
+    def describe(self) -> str:
+        """Return ``0xC000 Error: cannot understand`` style text, or ``- <reason>``."""
+        if self.status is None:
+            return f"status=- {self.reason}"
+        meaning = describe_status(self.status)
+        extra = f" ({self.reason})" if self.reason and self.reason != meaning else ""
+        return f"status=0x{self.status:04X} {meaning}{extra}"
+
+
+def remove_empty_parents(path: Path, stop_at: Path) -> None:
+    """Remove ``path``'s parent folders while they are empty, up to but not including ``stop_at``."""
+    folder = path.parent
+    stop = stop_at.resolve()
+    while True:
+        try:
+            resolved = folder.resolve()
+        except OSError:
+            return
+        if resolved == stop or stop not in resolved.parents:
+            return
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def delete_delivered(path: Path, watch_folder: Path) -> bool:
+    """Delete an acknowledged file and the folders it leaves empty.
+
+    Returns
+    -------
+    bool
+        True when the file is gone (also when it was already gone).
+    """
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.error("DELETE-FAILED %s: %s (it may be sent again)", path, exc)
+        return False
+    remove_empty_parents(path, watch_folder)
+    return True
+
+
+def park_stamp(wall_time: float) -> str:
+    """Return the ``YYYYmmdd-HHMMSS`` stamp of a parked folder."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(wall_time))
+
+
+def parked_folder(watch_folder: Path, group: str, stamp: str) -> Path:
+    """Return ``failed/<stamp>_<group label>`` for one parking run of ``group``."""
+    return watch_folder / FAILED_DIR_NAME / f"{stamp}_{group_label(group)}"
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for n in range(1, 10000):
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(errno.EEXIST, "no free name", str(path))
+
+
+def append_error_log(watch_folder: Path, line: str) -> None:
+    """Append one line to ``failed/send_errors.log`` and fsync it."""
+    log_path = watch_folder / FAILED_DIR_NAME / ERROR_LOG_NAME
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with _LOG_LOCK, log_path.open("a", encoding="utf-8", newline="\n") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def park_file(
+    src: Path,
+    *,
+    park_root: Path,
+    group: str,
+    inside: PurePosixPath,
+    display: str,
+    stamp: str,
+    why: ParkReason,
+    wall_time: float,
+    prune_root: Path,
+) -> Path | None:
+    """Move one file into ``failed/<stamp>_<group>/<inside>`` and log why.
+
+    The line is appended to ``failed/send_errors.log`` (and fsynced) before the
+    rename. An existing file in failed/ is never overwritten: a ``.1``, ``.2``...
+    suffix is added instead. Folders emptied by the move are removed up to
+    ``prune_root``.
+
+    Parameters
+    ----------
+    src : Path
+        The file to park.
+    park_root : Path
+        The watch folder; ``failed/`` is below it.
+    group : str
+        Group key (top-level folder name, empty for loose files).
+    inside : PurePosixPath
+        Path kept below the parked folder (the path inside the group).
+    display : str
+        The file as named in the log (its path relative to the watch folder).
+    stamp : str
+        The parking run's time stamp (one per group send attempt).
+    why : ParkReason
+        Status and reason, written to ``send_errors.log``.
+    wall_time : float
+        Epoch seconds of the decision, written to the log.
+    prune_root : Path
+        Highest folder that is never removed.
+
+    Returns
+    -------
+    Path or None
+        Where the file now is, or None when it could not be moved (it stays).
+    """
+    folder = parked_folder(park_root, group, stamp)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_time))
+    line = "\t".join(
+        [
+            when,
+            f"group={group_label(group)}",
+            f"file={display}",
+            f"sop_instance_uid={why.sop_instance_uid or '-'}",
+            why.describe(),
+        ]
+    )
+    try:
+        if not src.exists():
+            raise FileNotFoundError(str(src))
+        dest = _unique(folder.joinpath(*inside.parts))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        marker = folder / GROUP_MARKER
+        if not marker.exists():
+            marker.write_text(group, encoding="utf-8")
+        parked = dest.relative_to(park_root).as_posix()
+        append_error_log(park_root, f"{line}\tparked={parked}")
+        shutil.move(str(src), str(dest))
+        fsync_dir(dest.parent)
+    except FileNotFoundError:
+        logger.warning("PARK-SKIPPED %s: file vanished", display)
+        return None
+    except OSError as exc:
+        logger.error("PARK-FAILED %s: %s (file stays where it is)", display, exc)
+        return None
+    remove_empty_parents(src, prune_root)
+    logger.warning(
+        "PARKED group=%s file=%s sop_instance_uid=%s %s -> %s",
+        group_label(group),
+        display,
+        why.sop_instance_uid or "-",
+        why.describe(),
+        dest,
+    )
+    return dest
+
+
+@dataclass(frozen=True, slots=True)
+class MoveBackReport:
+    """Result of :func:`move_back_failed`.
+
+    Attributes
+    ----------
+    moved : int
+        Files moved back into the watch folder.
+    kept : int
+        Files left in failed/ because their target path already exists or the move failed.
+    """
+
+    moved: int
+    kept: int
+
+
+def _group_of_parked(folder: Path) -> str:
+    marker = folder / GROUP_MARKER
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return marker.read_text(encoding="utf-8")
+    name = folder.name
+    label = name[_STAMP_LEN + 1 :] if len(name) > _STAMP_LEN + 1 else name
+    return TOPLEVEL_GROUP if label == group_label(TOPLEVEL_GROUP) else label
+
+
+def move_back_failed(watch_folder: Path) -> MoveBackReport:
+    """Move every parked file back to where it came from in the watch folder.
+
+    ``failed/<stamp>_<group>/<path>`` returns to ``<watch_folder>/<group>/<path>``
+    (loose files to the top level). An existing file is never overwritten: such
+    files stay in failed/ and are logged. ``send_errors.log`` is kept. Emptied
+    parked folders are removed.
+    """
+    failed = watch_folder / FAILED_DIR_NAME
+    moved = kept = 0
+    if not failed.is_dir():
+        return MoveBackReport(0, 0)
+    for folder in sorted(p for p in failed.iterdir() if p.is_dir()):
+        group = _group_of_parked(folder)
+        base = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
+        for src in sorted(p for p in folder.rglob("*") if p.is_file()):
+            if src.name == GROUP_MARKER and src.parent == folder:
+                continue
+            dest = base / src.relative_to(folder)
+            if dest.exists() or dest.is_symlink():
+                logger.warning("RETRY-KEPT %s: %s already exists", src, dest)
+                kept += 1
+                continue
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _move_no_overwrite(src, dest)
+            except OSError as exc:
+                logger.error("RETRY-KEPT %s: %s", src, exc)
+                kept += 1
+                continue
+            moved += 1
+            logger.info("RETRY-QUEUED %s -> %s", src, dest)
+        remaining = [p for p in folder.rglob("*") if p.is_file() and p.name != GROUP_MARKER]
+        if not remaining:
+            shutil.rmtree(folder, ignore_errors=True)
+    return MoveBackReport(moved, kept)
+
+
+def _move_no_overwrite(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``, failing if ``dest`` exists (hard link + unlink on POSIX)."""
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        raise
+    except OSError:
+        # Hard links unsupported (some shares, cross-volume): best effort rename.
+        if dest.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
+        shutil.move(str(src), str(dest))
+        return
+    src.unlink()
+    fsync_dir(dest.parent)

@@ -1,0 +1,173 @@
+"""See changes in the watch folder: a full or per-group scan, plus watchdog events.
+
+:func:`scan_folder` walks the watch folder (or one group) and returns a
+:class:`~dicomnode.forwarder.batching.FileEntry` per visible file, skipping
+``failed/``, hidden entries and temporary files without descending into them.
+:class:`EventSource` runs a watchdog observer that only reports *which group*
+changed; the scanner stays the source of truth (events get lost on network
+shares), so with ``use_polling`` no observer is started at all. This is the only
+forwarder module that imports watchdog.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from dicomnode.forwarder.batching import (
+    TOPLEVEL_GROUP,
+    FileEntry,
+    group_key_of,
+    should_ignore,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _walk(root: Path, rel: PurePosixPath) -> Iterator[FileEntry]:
+    try:
+        with os.scandir(root.joinpath(*rel.parts)) as it:
+            entries = list(it)
+    except OSError:
+        return
+    for entry in entries:
+        child = rel / entry.name
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if not _skip_dir(child):
+                    yield from _walk(root, child)
+            elif not should_ignore(child) and entry.is_file(follow_symlinks=True):
+                st = entry.stat(follow_symlinks=True)
+                yield FileEntry(child, st.st_size, st.st_mtime_ns)
+        except OSError:
+            continue
+
+
+def _skip_dir(rel: PurePosixPath) -> bool:
+    """Return True for folders never descended into: failed/ and hidden folders."""
+    parts = rel.parts
+    return parts[0] == "failed" or any(p.startswith(".") for p in parts)
+
+
+def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]:
+    """Return the visible files below the watch folder, or below one group.
+
+    Parameters
+    ----------
+    watch_folder : Path
+        The folder being watched.
+    group : str or None
+        Only scan this group (the top-level folder name, or
+        :data:`~dicomnode.forwarder.batching.TOPLEVEL_GROUP` for loose files).
+
+    Returns
+    -------
+    list of FileEntry
+        Files with their size and mtime; ignored files and unreadable entries are left out.
+    """
+    if group is None:
+        return [e for e in _walk(watch_folder, PurePosixPath()) if not should_ignore(e.rel_path)]
+    if group == TOPLEVEL_GROUP:
+        found: list[FileEntry] = []
+        try:
+            with os.scandir(watch_folder) as it:
+                for entry in it:
+                    rel = PurePosixPath(entry.name)
+                    if should_ignore(rel):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=True):
+                            st = entry.stat(follow_symlinks=True)
+                            found.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        return found
+    top = PurePosixPath(group)
+    if _skip_dir(top) or not watch_folder.joinpath(group).is_dir():
+        return []
+    return [e for e in _walk(watch_folder, top) if not should_ignore(e.rel_path)]
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, root: Path, notify: Callable[[str], None]) -> None:
+        self._root = os.path.abspath(root)
+        self._notify = notify
+
+    def _report(self, raw: str | bytes) -> None:
+        path = os.fsdecode(raw)
+        try:
+            rel = os.path.relpath(os.path.abspath(path), self._root)
+        except ValueError:
+            return
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            return
+        parts = PurePosixPath(*Path(rel).parts)
+        if parts.parts and (parts.parts[0] == "failed" or parts.parts[0].startswith(".")):
+            return
+        self._notify(group_key_of(parts) if len(parts.parts) > 1 else _top_level_key(path))
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        self._report(event.src_path)
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            self._report(dest)
+
+
+def _top_level_key(path: str) -> str:
+    """A top-level entry is its own group if it is a folder, else the top-level group."""
+    return os.path.basename(path) if os.path.isdir(path) else TOPLEVEL_GROUP
+
+
+class EventSource:
+    """Report the group of every file-system event below the watch folder.
+
+    Parameters
+    ----------
+    watch_folder : Path
+        Folder to observe recursively.
+    notify : callable
+        Called with the group key of each event, from the observer thread.
+    """
+
+    def __init__(self, watch_folder: Path, notify: Callable[[str], None]) -> None:
+        self._watch_folder = watch_folder
+        self._notify = notify
+        self._observer: threading.Thread | None = None
+
+    def start(self) -> bool:
+        """Start observing; return False (and log) when events are unavailable."""
+        observer = Observer()
+        try:
+            observer.schedule(
+                _Handler(self._watch_folder, self._notify), str(self._watch_folder), recursive=True
+            )
+            observer.daemon = True
+            observer.start()
+        except (OSError, RuntimeError) as exc:
+            logger.warning(
+                "WATCH-EVENTS-UNAVAILABLE %s: %s (falling back to periodic rescans)",
+                self._watch_folder,
+                exc,
+            )
+            return False
+        self._observer = observer
+        return True
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the observer thread and wait for it."""
+        observer = self._observer
+        self._observer = None
+        if observer is None:
+            return
+        observer.stop()  # type: ignore[attr-defined]
+        observer.join(timeout_s)
