@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
@@ -184,6 +185,7 @@ _COMMON_MAPS: Final = (
     _Map("FrameAnatomySequence", "FrameLaterality", "ImageLaterality"),
     _Map("FrameContentSequence", "FrameAcquisitionNumber", "AcquisitionNumber", "is"),
     _Map("CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime", "TriggerTime", "ds"),
+    _Map("FrameContentSequence", "TemporalPositionIndex", "TemporalPositionIdentifier", "is"),
     _Map("IrradiationEventIdentificationSequence", "IrradiationEventUID"),
 )
 
@@ -211,6 +213,9 @@ _MR_MAPS: Final = (
     _Map("MRDiffusionSequence", "DiffusionDirectionality"),
     _Map("MRDiffusionSequence", "DiffusionGradientDirectionSequence"),
 )
+
+#: Functional-group sequences copied whole to the top level (their items are the data).
+_WHOLE_SEQUENCES: Final = ("RealWorldValueMappingSequence",)
 
 _CT_MAPS: Final = (
     _Map("CTImageFrameTypeSequence", "FrameType", "ImageType"),
@@ -259,7 +264,13 @@ _UNASSIGNED: Final = (
 )
 
 #: Type 2 attributes of the classic MR Image module, added empty when unknown.
-_MR_TYPE2: Final = ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength")
+_MR_TYPE2: Final = (
+    "ScanOptions",
+    "MRAcquisitionType",
+    "EchoTime",
+    "EchoTrainLength",
+    "SliceThickness",
+)
 
 Cancel = Callable[[], bool]
 
@@ -348,8 +359,27 @@ def convert_dataset(src: Dataset, cancel: Cancel | None = None) -> list[Dataset]
         )
     if "PixelData" not in src:
         raise ConversionError("no Pixel Data (Float Pixel Data has no classic target)")
+    with config.disable_value_validation():
+        return _convert(src, target, sop_uid, series_uid, count, shared, per_frame, cancel)
+
+
+def _convert(
+    src: Dataset,
+    target: str,
+    sop_uid: str,
+    series_uid: str,
+    count: int,
+    shared: Dataset | None,
+    per_frame: DicomSequence,
+    cancel: Cancel | None,
+) -> list[Dataset]:
     pixels = _PixelSplitter(src, count)
     base = _base_dataset(src)
+    offsets = _numbers(src.get("ConcatenationFrameOffsetNumber"))
+    offset = int(offsets[0]) if offsets else 0
+    temporal = _temporal_positions(shared, per_frame)
+    if temporal:
+        base.NumberOfTemporalPositions = temporal
     new_series = name_based_uid(series_uid)
     maps = _COMMON_MAPS + _MAPS_BY_CLASS.get(target, ())
     out: list[Dataset] = []
@@ -360,6 +390,9 @@ def convert_dataset(src: Dataset, cancel: Cancel | None = None) -> list[Dataset]
         ds = copy.deepcopy(base)
         _flatten_unassigned(ds, groups)
         _apply_maps(ds, groups, maps)
+        for keyword in _WHOLE_SEQUENCES:
+            if keyword in groups:
+                ds[keyword] = copy.deepcopy(groups[keyword])
         _check_geometry(ds, index + 1)
         _apply_references(ds, groups)
         _apply_acquisition_time(ds, src, groups)
@@ -367,13 +400,13 @@ def convert_dataset(src: Dataset, cancel: Cancel | None = None) -> list[Dataset]
         if target == _MR:
             _apply_mr(ds, src, groups)
         elif target == _CT:
-            _fill_empty(ds, ("KVP", "AcquisitionNumber"))
+            _fill_empty(ds, ("KVP", "AcquisitionNumber", "SliceThickness"))
         elif target == _PET:
             ds.ImageIndex = index + 1
         ds.SOPClassUID = target
         ds.SOPInstanceUID = frame_uid(sop_uid, index + 1)
         ds.SeriesInstanceUID = new_series
-        ds.InstanceNumber = classic_instance_number(src.get("InstanceNumber"), index + 1)
+        ds.InstanceNumber = classic_instance_number(src.get("InstanceNumber"), offset + index + 1)
         _fix_decimal_strings(ds)
         pixels.add_frame(ds, index)
         out.append(ds)
@@ -557,8 +590,22 @@ def _apply_acquisition_time(ds: Dataset, src: Dataset, groups: dict[str, DataEle
         ds.AcquisitionTime = value[8:]
 
 
+def _temporal_positions(shared: Dataset | None, per_frame: DicomSequence) -> int:
+    """Return the highest Temporal Position Index when every frame has one, else 0."""
+    highest = 0
+    for frame in per_frame:
+        content = _group_item(_frame_groups(shared, frame), "FrameContentSequence")
+        values = _numbers((content or Dataset()).get("TemporalPositionIndex"))
+        if not values:
+            return 0
+        highest = max(highest, int(values[0]))
+    return highest
+
+
 def _apply_slice_location(ds: Dataset) -> None:
-    """Set SliceLocation: the image position along the image normal (classic, optional)."""
+    """Set SliceLocation (position along the image normal) unless the source has one."""
+    if "SliceLocation" in ds:
+        return
     ipp = _numbers(ds.get("ImagePositionPatient"))
     iop = _numbers(ds.get("ImageOrientationPatient"))
     if len(ipp) != 3 or len(iop) != 6:
@@ -634,7 +681,7 @@ def _apply_mr(ds: Dataset, src: Dataset, groups: dict[str, DataElement]) -> None
         if present_not("RectilinearPhaseEncodeReordering", "LINEAR"):
             options.append("PER")
         if present_not("CardiacSynchronizationTechnique", "NONE"):
-            options.append("CG")
+            options.append("PPG" if v("CardiacSignalSource") == "PP" else "CG")
         if present_not("RespiratoryMotionCompensationTechnique", "NONE"):
             options.append("RG")
         if v("PartialFourier") != "NO":
@@ -679,6 +726,11 @@ def _apply_mr(ds: Dataset, src: Dataset, groups: dict[str, DataElement]) -> None
     elif "InversionTime" in ds:
         del ds.InversionTime
     _fill_empty(ds, _MR_TYPE2)
+    options_now = [str(x).upper() for x in _as_list(ds.get("ScanOptions"))]
+    if "CG" in options_now or "PPG" in options_now:
+        _fill_empty(ds, ("TriggerTime",))
+    elif "TriggerTime" in ds:
+        del ds.TriggerTime  # Type 2C: only with cardiac or peripheral-pulse gating
     is_ep = "EP" in scanning_now
     has_sk = "SK" in [str(x).upper() for x in _as_list(ds.get("SequenceVariant"))]
     if "RepetitionTime" not in ds and (not is_ep or has_sk):
