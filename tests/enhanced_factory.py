@@ -328,7 +328,7 @@ def make_enhanced_mr(
     if transfer_syntax == RLELossless:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.PixelData = pixels.tobytes()
-        ds.compress(RLELossless, pixels, encoding_plugin="pydicom")
+        ds.compress(RLELossless, pixels, encoding_plugin="pydicom", generate_instance_uid=False)
     elif transfer_syntax == ExplicitVRBigEndian:
         ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
         ds.PixelData = pixels.astype(">u2").tobytes()
