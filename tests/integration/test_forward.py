@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import struct
 import subprocess
 import sys
@@ -95,8 +96,16 @@ class StoreSCP:
 class PySCP:
     """A pynetdicom SCP that supports only the given SOP classes and answers ``status_for``."""
 
-    def __init__(self, sop_classes: list[str], status_for: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        sop_classes: list[str],
+        status_for: dict[str, int] | None = None,
+        statuses: list[int] | None = None,
+        delays_s: list[float] | None = None,
+    ) -> None:
         self.port = free_port()
+        self.statuses = list(statuses or [])  # consumed per C-STORE, then status_for/success
+        self.delays_s = list(delays_s or [])
         self.received: list[Dataset] = []
         self.status_for = status_for or {}
         self.ae = AE(ae_title=TARGET_AET)
@@ -106,12 +115,19 @@ class PySCP:
 
     def _on_store(self, event):  # type: ignore[no-untyped-def]
         ds = event.dataset
+        if self.delays_s:
+            time.sleep(self.delays_s.pop(0))
+        if self.statuses:
+            return self.statuses.pop(0)
         self.received.append(ds)
         return self.status_for.get(str(ds.SOPClassUID), 0x0000)
 
-    def start(self) -> PySCP:
+    def start(self, ssl_context: ssl.SSLContext | None = None) -> PySCP:
         self.server = self.ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=ssl_context,
         )
         return self
 
@@ -495,3 +511,86 @@ def test_forward_large_object_memory_is_bounded(tmp_path: Path, storescp: StoreS
     assert not path.exists()
     received = storescp.out / storescp.order()[0]
     assert abs(received.stat().st_size - size) < 1000  # the complete object arrived
+
+
+def test_forward_missing_response_ends_association_and_rest_is_retried(
+    tmp_path: Path, forwarders: list[Forwarder], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="dicomnode")
+    scp = PySCP([CTImageStorage], delays_s=[2.0]).start()  # first C-STORE answered too late
+    try:
+        cfg = fconfig(tmp_path, scp.port, dimse_timeout_s=0.7)
+        cts = [make_image("CT", instance=i + 1) for i in range(3)]
+        for i, ct in enumerate(cts):
+            save(ct, cfg.watch_folder / "PAT10" / f"{i}.dcm")
+        start_forwarder(forwarders, cfg)
+        assert wait_until(lambda: not (cfg.watch_folder / "PAT10").exists(), 30), caplog.text
+    finally:
+        scp.stop()
+    assert "no C-STORE response" in caplog.text and "RETRY-SCHEDULED" in caplog.text
+    assert {str(ct.SOPInstanceUID) for ct in cts} <= {str(d.SOPInstanceUID) for d in scp.received}
+    assert not cfg.failed_dir.exists()
+
+
+def test_forward_out_of_resources_is_retried_not_parked(
+    tmp_path: Path, forwarders: list[Forwarder], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="dicomnode")
+    scp = PySCP([CTImageStorage], statuses=[0xA700, 0xA700]).start()
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        ct = make_image("CT", instance=1)
+        save(ct, cfg.watch_folder / "PAT11" / "ct.dcm")
+        start_forwarder(forwarders, cfg)
+        assert wait_until(lambda: not (cfg.watch_folder / "PAT11").exists(), 30), caplog.text
+    finally:
+        scp.stop()
+    assert caplog.text.count("RETRY-SCHEDULED") >= 2 and "0xA700" in caplog.text
+    assert [str(d.SOPInstanceUID) for d in scp.received] == [str(ct.SOPInstanceUID)]
+    assert not cfg.failed_dir.exists()
+
+
+def test_forward_rejected_association_keeps_files(
+    tmp_path: Path, forwarders: list[Forwarder], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="dicomnode")
+    scp = PySCP([CTImageStorage])
+    scp.ae.require_calling_aet = ["SOMEONE"]
+    scp.start()
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        save(make_image("CT", instance=1), cfg.watch_folder / "PAT12" / "ct.dcm")
+        start_forwarder(forwarders, cfg)
+        assert wait_until(lambda: "association rejected" in caplog.text, 20)
+        assert wait_until(lambda: caplog.text.count("RETRY-SCHEDULED") >= 2, 20)
+        assert (cfg.watch_folder / "PAT12" / "ct.dcm").exists()
+        assert not cfg.failed_dir.exists()
+    finally:
+        scp.stop()
+
+
+def test_forward_over_tls(tmp_path: Path, forwarders: list[Forwarder]) -> None:
+    openssl = require_tool("openssl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    scp = PySCP([CTImageStorage]).start(ssl_context=server)
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        ct = make_image("CT", instance=1)
+        save(ct, cfg.watch_folder / "PAT13" / "ct.dcm")
+        cfg.watch_folder.mkdir(parents=True, exist_ok=True)
+        fw = Forwarder(cfg, ssl_context=client)
+        forwarders.append(fw)
+        fw.start()
+        assert wait_until(lambda: not (cfg.watch_folder / "PAT13").exists(), 30)
+    finally:
+        scp.stop()
+    assert [str(d.SOPInstanceUID) for d in scp.received] == [str(ct.SOPInstanceUID)]

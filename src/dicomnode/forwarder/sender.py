@@ -114,6 +114,31 @@ def _bound_send_queue(assoc: Association, pdu_bytes: int, limit_s: float) -> Non
     dul.send_pdu = send_pdu  # type: ignore[method-assign]
 
 
+def _keep_responses_for_caller(assoc: Association) -> None:
+    """Stop the association reactor from taking DIMSE messages off the queue.
+
+    ``send_c_store`` pauses the reactor with ``_reactor_checkpoint.clear()``
+    and waits for ``_is_paused``; but the reactor sets ``_is_paused = True``
+    *before* ``checkpoint.wait()`` and ``False`` after it, so if the sender
+    checks in that window (a GIL switch is enough) it proceeds while the
+    reactor runs one more loop, and ``dimse.get_msg(block=False)`` there
+    steals the C-STORE-RSP. The sender then waits out the DIMSE timeout:
+    the "intermittent stall" seen with small files and TCP_NODELAY. As a pure
+    storage SCU we never serve requests on this association, so the
+    reactor thread simply gets no DIMSE messages; release, abort and
+    network-timeout handling in the reactor do not use this queue.
+    """
+    dimse = assoc.dimse
+    original = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if threading.current_thread() is assoc:
+            return None, None
+        return original(block=block)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
 def _set_nodelay(assoc: Association) -> None:
     try:
         sock = assoc.dul.socket.socket  # type: ignore[union-attr]
@@ -261,6 +286,7 @@ class AssociationSender:
         should_stop: Callable[[], bool],
     ) -> RunEnd:
         _set_nodelay(assoc)
+        _keep_responses_for_caller(assoc)
         peer_pdu = int(assoc.acceptor.maximum_length or 0)
         if peer_pdu == 0 or peer_pdu > MAX_SEND_PDU_BYTES:
             assoc.acceptor.maximum_length = MAX_SEND_PDU_BYTES
