@@ -360,6 +360,7 @@ def test_forward_target_down_keeps_files_then_delivers(
     state_files = list((cfg.watch_folder / ".dicomnode-state").glob("*.json"))
     assert len(state_files) == 1
     assert json.loads(state_files[0].read_text())["attempts"] >= 2
+    assert wait_until(lambda: "HEARTBEAT pending_groups=1 files=2" in caplog.text, 10)
     scp.start()
     try:
         assert wait_until(lambda: len(scp.order()) == 2, 30)
@@ -594,3 +595,26 @@ def test_forward_over_tls(tmp_path: Path, forwarders: list[Forwarder]) -> None:
     finally:
         scp.stop()
     assert [str(d.SOPInstanceUID) for d in scp.received] == [str(ct.SOPInstanceUID)]
+
+
+def test_forward_target_accepting_no_context_parks_whole_group(
+    tmp_path: Path, forwarders: list[Forwarder]
+) -> None:
+    scp = PySCP([RTPlanStorage]).start()
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        save(make_image("CT", instance=1), cfg.watch_folder / "PAT14" / "a" / "ct1.dcm")
+        save(make_image("MR", instance=1), cfg.watch_folder / "PAT14" / "mr1.dcm")
+        start_forwarder(forwarders, cfg)
+        assert wait_until(lambda: not (cfg.watch_folder / "PAT14").exists(), 30)
+    finally:
+        scp.stop()
+    assert scp.received == []
+    parked = sorted(
+        p.relative_to(cfg.failed_dir).as_posix()
+        for p in files_in(cfg.failed_dir)
+        if not p.name.startswith(".")
+    )
+    assert len(parked) == 3  # two objects + send_errors.log
+    assert any(p.endswith("_PAT14/a/ct1.dcm") for p in parked)
+    assert error_log(cfg).count("SOP class not accepted") == 2

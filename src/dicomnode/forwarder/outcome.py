@@ -12,10 +12,10 @@ Imports the standard library and :mod:`dicomnode.storage`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -31,9 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: Log of every parked file, inside failed/.
 ERROR_LOG_NAME: Final = "send_errors.log"
-#: Hidden file in each parked folder naming the group it came from.
-GROUP_MARKER: Final = ".dicomnode-group"
-_STAMP_LEN: Final = len("YYYYmmdd-HHMMSS")
+_PARKED_NAME: Final = re.compile(r"^\d{8}-\d{6}_(.+)$")
 _LOG_LOCK = threading.Lock()
 
 
@@ -192,9 +190,6 @@ def park_file(
             raise FileNotFoundError(str(src))
         dest = _unique(folder.joinpath(*inside.parts))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        marker = folder / GROUP_MARKER
-        if not marker.exists():
-            marker.write_text(group, encoding="utf-8")
         parked = dest.relative_to(park_root).as_posix()
         append_error_log(park_root, f"{line}\tparked={parked}")
         shutil.move(str(src), str(dest))
@@ -234,11 +229,9 @@ class MoveBackReport:
 
 
 def _group_of_parked(folder: Path) -> str:
-    marker = folder / GROUP_MARKER
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        return marker.read_text(encoding="utf-8")
-    name = folder.name
-    label = name[_STAMP_LEN + 1 :] if len(name) > _STAMP_LEN + 1 else name
+    """Return the group key from a ``<YYYYmmdd-HHMMSS>_<group label>`` folder name."""
+    match = _PARKED_NAME.match(folder.name)
+    label = match.group(1) if match else folder.name
     return TOPLEVEL_GROUP if label == group_label(TOPLEVEL_GROUP) else label
 
 
@@ -258,8 +251,6 @@ def move_back_failed(watch_folder: Path) -> MoveBackReport:
         group = _group_of_parked(folder)
         base = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
         for src in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if src.name == GROUP_MARKER and src.parent == folder:
-                continue
             dest = base / src.relative_to(folder)
             if dest.exists() or dest.is_symlink():
                 logger.warning("RETRY-KEPT %s: %s already exists", src, dest)
@@ -274,7 +265,7 @@ def move_back_failed(watch_folder: Path) -> MoveBackReport:
                 continue
             moved += 1
             logger.info("RETRY-QUEUED %s -> %s", src, dest)
-        remaining = [p for p in folder.rglob("*") if p.is_file() and p.name != GROUP_MARKER]
+        remaining = [p for p in folder.rglob("*") if p.is_file()]
         if not remaining:
             shutil.rmtree(folder, ignore_errors=True)
     return MoveBackReport(moved, kept)
