@@ -260,6 +260,10 @@ def make_enhanced_mr(
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
 
     if vendor:
+        # Philips-like quirks: COLUMN phase direction, per-frame non-identity rescale,
+        # real-world value mapping, cardiac group without gating, zero frame times.
+        shared.MRFOVGeometrySequence[0].InPlanePhaseEncodingDirection = "COLUMN"
+        del shared.PixelValueTransformationSequence
         ds.add_new(0x20050010, "LO", "Philips MR Imaging DD 001")
         ds.add_new(0x20051020, "SL", 1)
         shared.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
@@ -300,6 +304,24 @@ def make_enhanced_mr(
             AcquisitionContrast="T1",
         )
         if vendor:
+            item.PixelValueTransformationSequence = _seq(
+                RescaleIntercept=0, RescaleSlope=2.10818070818070, RescaleType="US"
+            )
+            item.RealWorldValueMappingSequence = _seq(
+                LUTExplanation="normalized",
+                LUTLabel="Philips",
+                MeasurementUnitsCodeSequence=Sequence([_code("1", "UCUM", "no units")]),
+                RealWorldValueIntercept=0.0,
+                RealWorldValueSlope=2.108,
+                RealWorldValueFirstValueMapped=0,
+                RealWorldValueLastValueMapped=4095,
+            )
+            item.CardiacSynchronizationSequence = _seq(
+                NominalCardiacTriggerDelayTime=0.0, RRIntervalTimeNominal=1000.0
+            )
+            item.MRDiffusionSequence = _seq(DiffusionBValue=0.0, DiffusionDirectionality="NONE")
+            if i == 0:
+                item.FrameContentSequence[0].FrameAcquisitionDateTime = "00000000000000"
             item.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
             wrong = [p + VENDOR_IPP_OFFSET for p in positions[i]]
             item.add_new(
@@ -355,7 +377,7 @@ DCIODVFY_ALLOWED_WARNINGS = (
     "Unrecognized defined term",
     "Retired Person Name form",
     "CodingSchemeDesignator is deprecated",
-    "not expected in MR",
+    "Non-identity Modality LUT Module",
 )
 
 

@@ -112,6 +112,20 @@ def test_worker_resumes_marker_left_by_a_crash(
     assert not (root / STAGING_DIR).exists()  # half-written staging of the crashed run is gone
 
 
+def test_worker_resume_spares_live_sibling_processes(tmp_path: Path) -> None:
+    """Each receiver process runs a worker; resume must not steal or wipe a sibling's work."""
+    root = tmp_path / "incoming"
+    live = root / STAGING_DIR / f"{os.getppid()}-abcdef-0001"
+    live.mkdir(parents=True)
+    worker = ConversionWorker(NATIVE, DEFAULT_LAYOUT)
+    time.sleep(0.05)
+    stored = _store(root)
+    ConversionWorker(NATIVE, DEFAULT_LAYOUT).submit(stored, root, ENHANCED_MR)  # after start
+    assert worker.resume([root]) == 0
+    assert live.is_dir()
+    assert marker_path(stored, root).exists()
+
+
 def test_worker_deletes_original_only_when_configured(
     tmp_path: Path, workers: list[ConversionWorker]
 ) -> None:

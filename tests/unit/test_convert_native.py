@@ -93,11 +93,35 @@ def test_convert_native_ignores_disagreeing_private_functional_groups(tmp_path: 
     out = convert_dataset(src)
     assert [float(x) for x in out[0].ImagePositionPatient] == frame_positions(4)[0]
     assert [float(x) for x in out[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-    assert "RescaleType" not in out[0]  # the private "normalized" did not leak
+    assert out[0].RescaleType == "US"  # not the private "normalized"
+    assert float(out[0].RescaleSlope) == pytest.approx(2.1081807081807)  # not the private 2.108
     assert float(out[0].EchoTime) == pytest.approx(3.7)  # not the private 99
     # The UID comes from the top-level SOP Instance UID, not the private frame UID.
     assert out[0].SOPInstanceUID == frame_uid(src.SOPInstanceUID, 1)
     assert 0x2005140F not in out[0] and 0x2005140E not in out[0]
+
+
+def test_convert_native_maps_vendor_quirks_to_valid_classic_values(tmp_path: Path) -> None:
+    out = convert_dataset(_roundtrip(tmp_path, vendor=True))
+    first, second = out[0], out[1]
+    assert first.InPlanePhaseEncodingDirection == "COL"  # enhanced COLUMN is not classic
+    assert list(first.AcquisitionMatrix) == [0, 256, 192, 0]
+    assert "TriggerTime" not in first  # Type 2C: only with cardiac gating (CG/PPG)
+    assert float(first.RescaleSlope) == pytest.approx(2.1081807081807)
+    assert len(str(first.RescaleSlope)) <= 16
+    assert first.RealWorldValueMappingSequence[0].RealWorldValueSlope == 2.108
+    assert first.AcquisitionDate == "20260102"  # zero frame time: top-level fallback
+    assert first.AcquisitionTime == "101010.000000"
+    assert second.AcquisitionTime == "101110.500000"
+
+
+def test_convert_native_trigger_time_with_cardiac_gating(tmp_path: Path) -> None:
+    src = _roundtrip(tmp_path, vendor=True)
+    src.CardiacSynchronizationTechnique = "PROSPECTIVE"
+    src.CardiacSignalSource = "ECG"
+    ds = convert_dataset(src)[0]
+    assert "CG" in list(ds.ScanOptions)
+    assert float(ds.TriggerTime) == 0.0
 
 
 @pytest.mark.parametrize("variant", ["native-le", "native-be", "vendor"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -61,6 +62,14 @@ _CT: Final = "1.2.840.10008.5.1.4.1.1.2"
 _PET: Final = "1.2.840.10008.5.1.4.1.1.128"
 _UUID_ROOT: Final = "2.25."
 _IS_MAX: Final = 2**31 - 1
+#: A DT value: YYYYMMDD, optional HH[MM[SS[.F{1,6}]]], optional UTC offset (dropped).
+_DT: Final = re.compile(
+    r"((?:1[89]|2[0-9])[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])"
+    r"(?:(?:[01][0-9]|2[0-3])(?:[0-5][0-9](?:[0-5][0-9](?:\.[0-9]{1,6})?)?)?)?)"
+    r"(?:[+-][0-9]{4})?"
+)
+#: Enhanced In-plane Phase Encoding Direction -> the classic enumerated value.
+_PHASE_DIRECTION: Final = {"ROW": "ROW", "COLUMN": "COL", "COL": "COL"}
 
 #: Top-level attributes that exist only in Enhanced (multi-frame) objects, or that the
 #: converter replaces; none of them is copied into a classic image.
@@ -394,6 +403,8 @@ def _convert(
             if keyword in groups:
                 ds[keyword] = copy.deepcopy(groups[keyword])
         _check_geometry(ds, index + 1)
+        if "Laterality" in ds and "ImageLaterality" in ds:
+            del ds.ImageLaterality  # dciodvfy: series Laterality excludes Image Laterality
         _apply_references(ds, groups)
         _apply_acquisition_time(ds, src, groups)
         _apply_slice_location(ds)
@@ -573,17 +584,27 @@ def _apply_references(ds: Dataset, groups: dict[str, DataElement]) -> None:
         ds.SourceImageSequence = sources
 
 
+def _valid_datetime(value: object) -> str:
+    """Return ``value`` as a DT without its UTC offset if it is a plausible DT, else ''."""
+    text = str(value or "").strip()
+    match = _DT.fullmatch(text)
+    if match is None:
+        return ""
+    return match.group(1)
+
+
 def _apply_acquisition_time(ds: Dataset, src: Dataset, groups: dict[str, DataElement]) -> None:
-    """Set AcquisitionDate/Time (and DateTime) from FrameAcquisitionDateTime."""
+    """Set AcquisitionDate/Time (and DateTime) from FrameAcquisitionDateTime.
+
+    Falls back to the top-level Acquisition DateTime; implausible values (some
+    vendors write zeros for derived frames) are ignored.
+    """
     content = _group_item(groups, "FrameContentSequence")
-    value = str((content or Dataset()).get("FrameAcquisitionDateTime", "") or "").strip()
+    value = _valid_datetime((content or Dataset()).get("FrameAcquisitionDateTime"))
     if not value:
-        value = str(src.get("AcquisitionDateTime", "") or "").strip()
-    if len(value) < 8 or not value[:8].isdigit():
+        value = _valid_datetime(src.get("AcquisitionDateTime"))
+    if not value:
         return
-    for sign in ("+", "-"):
-        if sign in value[8:]:
-            value = value[: 8 + value[8:].index(sign)]
     ds.AcquisitionDateTime = value
     ds.AcquisitionDate = value[:8]
     if len(value) > 8:
@@ -703,12 +724,16 @@ def _apply_mr(ds: Dataset, src: Dataset, groups: dict[str, DataElement]) -> None
         ds.SequenceName = str(lookup["PulseSequenceName"])
     if "ImagedNucleus" not in ds and v("ResonantNucleus"):
         ds.ImagedNucleus = str(lookup["ResonantNucleus"])
+    direction = _PHASE_DIRECTION.get(v("InPlanePhaseEncodingDirection"), "")
+    if direction:
+        ds.InPlanePhaseEncodingDirection = direction
+    elif "InPlanePhaseEncodingDirection" in ds:
+        del ds.InPlanePhaseEncodingDirection  # OTHER has no classic value (Type 3)
     fov = _group_item(groups, "MRFOVGeometrySequence")
     if fov is not None and "AcquisitionMatrix" not in ds:
         freq = _numbers(fov.get("MRAcquisitionFrequencyEncodingSteps"))
         phase = _numbers(fov.get("MRAcquisitionPhaseEncodingStepsInPlane"))
-        direction = v("InPlanePhaseEncodingDirection")
-        if freq and phase and direction in ("ROW", "COLUMN"):
+        if freq and phase and direction:
             f, p = int(freq[0]), int(phase[0])
             ds.AcquisitionMatrix = [f, 0, 0, p] if direction == "ROW" else [0, f, p, 0]
     timing = _group_item(groups, "MRTimingAndRelatedParametersSequence")

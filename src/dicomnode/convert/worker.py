@@ -21,6 +21,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -113,7 +114,8 @@ def convert_file(
     cancel : callable, optional
         Polled during the conversion; True stops it with :class:`ConversionCancelled`.
     staging_token : str
-        Prefix of the staging folder (lets a worker recognise its own).
+        Prefix of the staging folder, ``<pid>-<random>`` (lets a worker recognise
+        its own and those of live sibling processes).
 
     Returns
     -------
@@ -127,7 +129,8 @@ def convert_file(
     OSError
         Writing or placing the series failed (disk full, permission).
     """
-    staging = ae_root / STAGING_DIR / f"{staging_token or 'x'}-{uuid.uuid4().hex[:12]}"
+    token = staging_token or _staging_token()
+    staging = ae_root / STAGING_DIR / f"{token}-{uuid.uuid4().hex[:12]}"
     series_tmp = staging / "series"
     try:
         series_tmp.mkdir(parents=True)
@@ -265,6 +268,34 @@ def place_series(staged: Path, final_dir: Path) -> None:
 # --------------------------------------------------------------------------- background worker
 
 
+def _staging_token() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _is_live_staging(name: str, own_token: str) -> bool:
+    """Return True when staging folder ``name`` belongs to this worker or a live process.
+
+    Each receiver process runs a worker; a folder of a sibling that is still
+    running must not be deleted. On Windows (one receiver process) only our own
+    folders count as live.
+    """
+    if name.startswith(own_token):
+        return True
+    pid_text = name.split("-", 1)[0]
+    if os.name == "nt" or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # an earlier worker of this process, finished or stopped
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by another user
+    return True
+
+
 def marker_path(stored_path: Path, ae_root: Path) -> Path:
     """Return the pending-job marker of ``stored_path`` (stable per stored file)."""
     key = _relative_key(stored_path, ae_root)
@@ -299,7 +330,8 @@ class ConversionWorker:
         self._lock = threading.Lock()
         self._queued: set[Path] = set()
         self._thread: threading.Thread | None = None
-        self._token = uuid.uuid4().hex[:12]
+        self._token = _staging_token()
+        self._started_at = time.time()
         self.idle = threading.Event()
         self.idle.set()
 
@@ -423,13 +455,18 @@ class ConversionWorker:
         staging = root / STAGING_DIR
         if staging.is_dir():
             for entry in staging.iterdir():
-                if not entry.name.startswith(self._token):
+                if not _is_live_staging(entry.name, self._token):
                     shutil.rmtree(entry, ignore_errors=True)
         pending = root / PENDING_DIR
         if not pending.is_dir():
             return 0
         count = 0
         for marker in sorted(pending.iterdir()):
+            try:
+                if marker.stat().st_mtime > self._started_at:
+                    continue  # written by a live sibling receiver process, not a crash
+            except OSError:
+                continue
             if marker.suffix != ".json":
                 if marker.name.endswith(".part"):
                     with contextlib.suppress(OSError):
