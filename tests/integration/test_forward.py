@@ -618,3 +618,19 @@ def test_forward_target_accepting_no_context_parks_whole_group(
     assert len(parked) == 3  # two objects + send_errors.log
     assert any(p.endswith("_PAT14/a/ct1.dcm") for p in parked)
     assert error_log(cfg).count("SOP class not accepted") == 2
+
+
+def test_forward_many_small_files_one_association_no_nagle_stall(
+    tmp_path: Path, storescp: StoreSCP
+) -> None:
+    """300 small objects in well under 6 s: Nagle (~45 ms per C-STORE) or a lost response would not."""
+    cfg = fconfig(tmp_path, storescp.port, dimse_timeout_s=3.0)
+    src = tmp_path / "in" / "MANY"
+    for i in range(300):
+        save(make_image("CT", rows=32, cols=32, instance=i + 1), src / f"{i:03d}.dcm")
+    started = time.monotonic()
+    assert send_paths([src], cfg, progress=False) == 0
+    elapsed = time.monotonic() - started
+    assert len(storescp.order()) == 300
+    assert elapsed < 6.0, f"{elapsed:.1f} s for 300 files"
+    assert list(src.iterdir()) == []  # delivered files deleted; the named folder itself stays
