@@ -432,14 +432,18 @@ def test_forward_stop_leaves_unsent_files(tmp_path: Path, storescp: StoreSCP) ->
     assert not [t for t in threading.enumerate() if t.name.startswith("dicomnode-forward")]
 
 
-def test_send_paths_and_retry_failed(tmp_path: Path, storescp: StoreSCP) -> None:
+def test_send_paths_and_retry_failed(
+    tmp_path: Path, storescp: StoreSCP, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = fconfig(tmp_path, storescp.port)
     src = tmp_path / "import" / "PAT9"
     expected = write_study(src, n_ct=2)
     (src / "junk.bin").write_bytes(b"\x00" * 200)
     loose = save(make_image("CT", instance=7), tmp_path / "import" / "single.dcm")
-    rc = send_paths([src, loose], cfg, progress=False)
+    rc = send_paths([src, loose], cfg, progress=True)
     assert rc == 1  # junk.bin could not be delivered
+    total = len(expected) + 2
+    assert f"{total}/{total} files" in capsys.readouterr().err
     assert len(storescp.order()) == len(expected) + 1
     assert storescp.received_sops()[: len(expected)] == list(expected)
     assert files_in(src) == []  # delivered deleted, junk parked
@@ -634,3 +638,27 @@ def test_forward_many_small_files_one_association_no_nagle_stall(
     assert len(storescp.order()) == 300
     assert elapsed < 6.0, f"{elapsed:.1f} s for 300 files"
     assert list(src.iterdir()) == []  # delivered files deleted; the named folder itself stays
+
+
+def test_forward_stop_during_send_keeps_unacknowledged_files(tmp_path: Path) -> None:
+    scp = PySCP([CTImageStorage], delays_s=[0.4] * 10).start()
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        cts = [make_image("CT", instance=i + 1) for i in range(10)]
+        for i, ct in enumerate(cts):
+            save(ct, cfg.watch_folder / "PAT15" / f"{i}.dcm")
+        fw = Forwarder(cfg)
+        fw.start()
+        assert wait_until(lambda: len(scp.received) >= 1, 20)
+        started = time.monotonic()
+        fw.stop(timeout_s=1.0)
+        assert time.monotonic() - started < 8.0
+        left = {p.name for p in (cfg.watch_folder / "PAT15").iterdir()}
+        assert 0 < len(left) < 10
+        acked = {str(d.SOPInstanceUID) for d in scp.received}
+        for i, ct in enumerate(cts):
+            if f"{i}.dcm" not in left:
+                assert str(ct.SOPInstanceUID) in acked
+        assert not cfg.failed_dir.exists()
+    finally:
+        scp.stop()
