@@ -95,6 +95,9 @@ class ReceiverConfig:
         Association, message and idle-network timeouts in seconds (30, 60, 120).
     max_object_mb : int
         Largest object accepted in MB; 0 means no limit (default 0).
+    receiver_processes : int
+        Processes sharing the listening socket; 0 means automatic (one per CPU,
+        at most 4, on POSIX; 1 on Windows). Default 0 (``auto``).
     min_free_space_mb : int
         Refuse stores (0xA700) when the destination has less free space (default 100).
     """
@@ -115,6 +118,7 @@ class ReceiverConfig:
     network_timeout_s: float = 120.0
     max_object_mb: int = 0
     min_free_space_mb: int = 100
+    receiver_processes: int = 0
 
     @property
     def trusts_any_ae(self) -> bool:
@@ -500,6 +504,9 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         "dimse_timeout_s": net.seconds("dimse_timeout_s", 60.0, lo=0.1),
         "network_timeout_s": net.seconds("network_timeout_s", 120.0, lo=0.1),
         "max_object_mb": net.integer("max_object_mb", 0, 0, 10**7),
+        "receiver_processes": 0
+        if (net.raw("receiver_processes") or "auto").lower() == "auto"
+        else net.integer("receiver_processes", 0, 1, 64),
     }
     if 0 < network["max_pdu_bytes"] < 4096:  # type: ignore[operator]
         raise net.error("max_pdu_bytes", str(network["max_pdu_bytes"]), "0 or at least 4096")
@@ -772,13 +779,16 @@ _RECEIVER_SECTIONS: Final = {
         "dimse_timeout_s",
         "network_timeout_s",
         "max_object_mb",
+        "receiver_processes",
     ),
     "Directories": ("destination_dir", "folder_layout", "min_free_space_mb"),
     "Security": ("trusted_ae_titles", "require_called_aet"),
 }
 
 
-def _show(value: object) -> str:
+def _show(value: object, key: str = "") -> str:
+    if key == "receiver_processes" and value == 0:
+        return "auto"
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -795,7 +805,7 @@ def describe(config: NodeConfig) -> list[str]:
     lines += [f"ae_title = {rc.ae_title}", f"window_title = {config.window_title}"]
     for title, keys in _RECEIVER_SECTIONS.items():
         lines.append(f"[{title}]")
-        lines.extend(f"{k} = {_show(getattr(rc, k))}" for k in keys)
+        lines.extend(f"{k} = {_show(getattr(rc, k), k)}" for k in keys)
     lines.append("[AE_Mappings]")
     lines.extend(f"{aet} = {folder}" for aet, folder in rc.ae_mappings)
     lines.append("[AE_Hosts]")

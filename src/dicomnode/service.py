@@ -14,9 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -127,11 +125,14 @@ class Node:
         cfg = self.config
         if self.options.receiver:
             from dicomnode.receiver import Receiver
+            from dicomnode.receiver.pool import ReceiverPool, effective_processes, start_converter
 
-            post_store = None
-            if cfg.tools.enhanced_mr_conversion != "off":
-                post_store = self._start_converter()
-            self.receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls))
+            processes = effective_processes(cfg.receiver)
+            if processes > 1:
+                self.receiver = ReceiverPool(cfg, processes)
+            else:
+                self.converter, post_store = start_converter(cfg, resume=True)
+                self.receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls))
             self.receiver.start()
         fw_on, _ = forwarder_state(cfg, self.options)
         if self.options.forwarder:
@@ -142,20 +143,11 @@ class Node:
             self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls))
             self.forwarder.start()
 
-    def _start_converter(self) -> Callable[[Path, Path, str], None] | None:
-        try:
-            from dicomnode.convert.worker import ConversionWorker
-        except ImportError:
-            logger.warning(
-                "Enhanced MR conversion is not available in this build; storing unconverted"
-            )
-            return None
-        rc = self.config.receiver
-        self.converter = ConversionWorker(self.config.tools, rc.folder_layout)
-        self.converter.start()
-        roots = {rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)}
-        self.converter.resume(sorted(roots))
-        return self.converter.submit  # type: ignore[no-any-return]
+    def supervise(self) -> None:
+        """Restart crashed receiver processes (called from the main loop)."""
+        supervise = getattr(self.receiver, "supervise", None)
+        if supervise is not None:
+            supervise()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting work, finish or abort in-flight work within ``grace_s``, join."""
@@ -221,7 +213,7 @@ def run(config: NodeConfig, options: RunOptions, stop: threading.Event | None = 
             node.start()
             logger.info("READY")
             while not stop.wait(0.5):
-                pass
+                node.supervise()
         finally:
             node.stop()
     logger.info("STOPPED")

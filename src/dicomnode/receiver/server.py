@@ -11,18 +11,22 @@ resent by their senders; nothing half-written becomes visible).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
 from dicomnode.receiver.handlers import AssociationGate, PostStore, StoreHandler
+from dicomnode.receiver.spool import spool_file
 from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,9 @@ class Receiver:
         Called after each object is durable (Enhanced MR conversion seam).
     ssl_context : ssl.SSLContext, optional
         Wraps accepted sockets for DICOM TLS.
+    listen_socket : socket.socket, optional
+        An already listening socket shared with other receiver processes
+        (see :mod:`dicomnode.receiver.pool`); when None the receiver binds itself.
     """
 
     def __init__(
@@ -63,9 +70,11 @@ class Receiver:
         cfg: ReceiverConfig,
         post_store: PostStore | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
         self.ssl_context = ssl_context
+        self.listen_socket = listen_socket
         self.gate = AssociationGate(cfg)
         self.handler = StoreHandler(cfg, post_store)
         self._ae: Any = None
@@ -89,6 +98,7 @@ class Receiver:
     def _build_ae(self) -> Any:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined,assignment]
         ae = AE(ae_title=self.cfg.ae_title)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), _ALL_TS)
@@ -103,8 +113,11 @@ class Receiver:
         ae.require_called_aet = self.cfg.require_called_aet
         return ae
 
-    def start(self) -> None:
+    def start(self, prepare: bool = True) -> None:
         """Start listening on ``server_ip:receive_port`` in background threads.
+
+        ``prepare=False`` skips folder preparation (done once by the parent of
+        a process pool) but still routes temporary files to the destination volume.
 
         Raises
         ------
@@ -113,29 +126,72 @@ class Receiver:
         OSError
             When the address cannot be bound (port in use, address not local).
         """
-        self.prepare_storage()
+        if prepare:
+            self.prepare_storage()
+        else:
+            use_temp_dir(self.cfg.destination_dir / INCOMING_TMP)
         self._ae = self._build_ae()
         handlers: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, self.gate.handle_conn_open),
+            (evt.EVT_CONN_CLOSE, self.gate.handle_conn_close),
+            (evt.EVT_ACCEPTED, self.gate.handle_accepted),
             (evt.EVT_REQUESTED, self.gate.handle_requested),
             (evt.EVT_REJECTED, self.gate.handle_rejected),
             (evt.EVT_C_STORE, self.handler.handle_store),
             (evt.EVT_C_ECHO, self.handler.handle_echo),
             (evt.EVT_CONN_CLOSE, self._sweep_aborted),
         ]
-        self._server = self._ae.start_server(
-            (self.cfg.server_ip, self.cfg.receive_port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.ssl_context,
-        )
-        logger.info(
+        if self.listen_socket is None:
+            self._server = self._ae.start_server(
+                (self.cfg.server_ip, self.cfg.receive_port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self.ssl_context,
+            )
+        else:
+            self._server = self._serve_shared(handlers)
+        logger.log(
+            logging.INFO if self.listen_socket is None else logging.DEBUG,
             "LISTENING ae_title=%s address=%s:%d tls=%s",
             self.cfg.ae_title,
             self.cfg.server_ip,
             self.cfg.receive_port,
             "on" if self.ssl_context else "off",
         )
+
+    def _serve_shared(self, handlers: list[tuple[Any, Callable[..., Any]]]) -> Any:
+        """Serve on the inherited listening socket instead of binding a new one."""
+        assert self.listen_socket is not None
+        shared: socket.socket = self.listen_socket
+        # Several processes wait on the same socket: the one that loses the race for a
+        # connection must not sit in accept(), so accept() times out quickly.
+        shared.settimeout(0.5)
+
+        class SharedSocketServer(ThreadedAssociationServer):
+            def server_bind(self) -> None:
+                if self.socket is not None:
+                    self.socket.close()
+                self.socket = shared
+                self.server_address = shared.getsockname()
+
+            def server_activate(self) -> None:
+                """The parent process already listens on the socket."""
+
+            def server_close(self) -> None:
+                # shutdown() would stop the listening socket for every process: only close ours.
+                if self.socket is not None:
+                    self.socket.close()
+
+        server = self._ae.make_server(
+            (self.cfg.server_ip, self.cfg.receive_port),
+            ssl_context=self.ssl_context,
+            evt_handlers=handlers,
+            server_class=SharedSocketServer,
+        )
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
+        thread.start()
+        self._ae._servers.append(server)
+        return server
 
     def _sweep_aborted(self, event: Any) -> None:
         """Delete temp files of transfers aborted mid-object (never acknowledged).

@@ -1,0 +1,265 @@
+"""Run the receiver in several processes that share one listening socket (pre-fork).
+
+pynetdicom spends several milliseconds of CPU per C-STORE under the GIL, so one
+process saturates one core. The parent binds the port once (a second node on
+the same port still fails with "address in use"), then spawns worker processes
+that accept on the inherited socket; the kernel hands each new connection to
+whichever worker is waiting. Workers log through a queue to the parent's
+handlers (one writer per log file), stop when the parent asks or dies
+(Linux: ``PR_SET_PDEATHSIG``), and are restarted if they crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from multiprocessing.context import SpawnProcess
+from typing import Any
+
+from dicomnode.config import NodeConfig, ReceiverConfig
+from dicomnode.errors import DicomNodeError
+
+logger = logging.getLogger(__name__)
+
+_MAX_AUTO_PROCESSES = 4
+
+
+def effective_processes(cfg: ReceiverConfig) -> int:
+    """Return how many receiver processes to run for ``receiver_processes``.
+
+    0 (``auto``) means one per CPU, at most 4, on POSIX, and 1 on Windows.
+    """
+    if cfg.receiver_processes > 0:
+        return cfg.receiver_processes
+    if sys.platform == "win32":
+        return 1
+    return max(1, min(os.cpu_count() or 1, _MAX_AUTO_PROCESSES))
+
+
+def bind_listening_socket(cfg: ReceiverConfig) -> socket.socket:
+    """Bind and listen on ``server_ip:receive_port`` (SO_REUSEADDR, not SO_REUSEPORT).
+
+    Raises
+    ------
+    OSError
+        When the address is in use or not local.
+    """
+    family = socket.AF_INET6 if ":" in cfg.server_ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.server_ip, cfg.receive_port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (kill -9 of the node)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
+    """Start the Enhanced MR conversion worker if enabled.
+
+    Returns
+    -------
+    tuple
+        ``(worker, post_store hook)``, or ``(None, None)`` when conversion is off
+        or unavailable.
+    """
+    if cfg.tools.enhanced_mr_conversion == "off":
+        return None, None
+    try:
+        from dicomnode.convert.worker import ConversionWorker
+    except ImportError:
+        logger.warning("Enhanced MR conversion is not available in this build; storing unconverted")
+        return None, None
+    rc = cfg.receiver
+    worker = ConversionWorker(cfg.tools, rc.folder_layout)
+    worker.start()
+    if resume:
+        roots = {rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)}
+        worker.resume(sorted(roots))
+    return worker, worker.submit
+
+
+def _worker_main(
+    cfg: NodeConfig,
+    index: int,
+    sock: socket.socket,
+    log_queue: Any,
+    stop: Any,
+    ready: Any,
+    parent_pid: int,
+) -> None:
+    """Entry point of one receiver process (runs until ``stop`` is set)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl+C
+    local_stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.setLevel(logging.WARNING)
+    logging.getLogger("dicomnode").setLevel(logging.DEBUG if cfg.logging.verbose else logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(
+        getattr(logging, cfg.logging.pynetdicom_level, logging.WARNING)
+    )
+
+    from dicomnode import tls
+    from dicomnode.receiver.server import Receiver
+
+    converter, post_store = start_converter(cfg, resume=index == 0)
+    receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls), listen_socket=sock)
+    receiver.start(prepare=False)
+    ready.put(index)
+    try:
+        while not stop.wait(0.5) and not local_stop.is_set():
+            if os.getppid() != parent_pid:  # parent gone without PDEATHSIG (non-Linux)
+                break
+    finally:
+        receiver.stop()
+        if converter is not None:
+            converter.stop()
+
+
+class ReceiverPool:
+    """Receiver worker processes sharing one listening socket.
+
+    Parameters
+    ----------
+    cfg : NodeConfig
+        The node configuration (pickled to each worker).
+    processes : int
+        Number of worker processes (at least 2; use :class:`Receiver` for one).
+    """
+
+    def __init__(self, cfg: NodeConfig, processes: int) -> None:
+        self.cfg = cfg
+        self.processes = processes
+        self._ctx = multiprocessing.get_context("spawn")
+        self._sock: socket.socket | None = None
+        self._workers: dict[int, SpawnProcess] = {}
+        self._log_queue: Any = None
+        self._listener: logging.handlers.QueueListener | None = None
+        self._stop: Any = None
+        self._ready: Any = None
+        self._stopping = False
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Bind, spawn the workers and wait until each one serves.
+
+        Raises
+        ------
+        OSError
+            When the address cannot be bound.
+        DicomNodeError
+            When a worker fails to start.
+        """
+        from dicomnode.receiver.server import Receiver
+
+        Receiver(self.cfg.receiver).prepare_storage()
+        self._sock = bind_listening_socket(self.cfg.receiver)
+        self._log_queue = self._ctx.Queue()
+        self._listener = logging.handlers.QueueListener(
+            self._log_queue, *logging.getLogger().handlers, respect_handler_level=True
+        )
+        self._listener.start()
+        self._stop = self._ctx.Event()
+        self._ready = self._ctx.Queue()
+        for index in range(self.processes):
+            self._spawn(index)
+        pending = set(range(self.processes))
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                pending.discard(self._ready.get(timeout=0.2))
+            dead = [i for i in pending if self._workers[i].exitcode is not None]
+            if dead:
+                self.stop()
+                raise DicomNodeError(f"receiver process {dead[0]} exited during start-up")
+        if pending:
+            self.stop()
+            raise DicomNodeError("receiver processes did not start in time")
+        rc = self.cfg.receiver
+        logger.info(
+            "LISTENING ae_title=%s address=%s:%d processes=%d tls=%s",
+            rc.ae_title,
+            rc.server_ip,
+            rc.receive_port,
+            self.processes,
+            "on" if self.cfg.tls.enabled else "off",
+        )
+
+    def _spawn(self, index: int) -> None:
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(
+                self.cfg,
+                index,
+                self._sock,
+                self._log_queue,
+                self._stop,
+                self._ready,
+                os.getpid(),
+            ),
+            name=f"dicomnode-receiver-{index}",
+            daemon=False,
+        )
+        proc.start()
+        self._workers[index] = proc
+
+    def supervise(self) -> None:
+        """Restart workers that died unexpectedly (call periodically)."""
+        if self._stopping:
+            return
+        for index, proc in list(self._workers.items()):
+            if proc.exitcode is not None:
+                logger.error(
+                    "RESTARTING receiver process %d (exit code %s); the others kept serving",
+                    index,
+                    proc.exitcode,
+                )
+                self._spawn(index)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Ask the workers to stop, wait ``grace_s`` (+2 s), then kill stragglers."""
+        self._stopping = True
+        if self._stop is not None:
+            self._stop.set()
+        deadline = time.monotonic() + grace_s + 2.0
+        for proc in self._workers.values():
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                logger.warning("KILLED receiver process %s after the grace period", proc.name)
+                proc.kill()
+                proc.join(2.0)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                self._listener.stop()
+            self._listener = None
+        logger.info("STOPPED receiver processes")
