@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -321,7 +322,10 @@ def make_enhanced_mr(
             )
             item.MRDiffusionSequence = _seq(DiffusionBValue=0.0, DiffusionDirectionality="NONE")
             if i == 0:
-                item.FrameContentSequence[0].FrameAcquisitionDateTime = "00000000000000"
+                content = item.FrameContentSequence[0]
+                del content.FrameAcquisitionDateTime
+                with config.disable_value_validation():  # deliberately invalid, like vendors
+                    content.add_new(0x00189074, "DT", "00000000000000")
             item.add_new(0x20050014, "LO", "Philips MR Imaging DD 005")
             wrong = [p + VENDOR_IPP_OFFSET for p in positions[i]]
             item.add_new(
@@ -406,3 +410,110 @@ def assert_valid_classic(dciodvfy: str, path: Path, iod: str = "MRImage") -> lis
     ]
     assert not unexpected, f"{path.name}: unexpected dciodvfy warnings: {unexpected}"
     return lines
+
+
+_MR_TOP_LEVEL = (
+    "PulseSequenceName",
+    "MRAcquisitionType",
+    "EchoPulseSequence",
+    "MultiPlanarExcitation",
+    "PhaseContrast",
+    "TimeOfFlightContrast",
+    "SteadyStatePulseSequence",
+    "EchoPlanarPulseSequence",
+    "SaturationRecovery",
+    "SpectrallySelectedSuppression",
+    "OversamplingPhase",
+    "GeometryOfKSpaceTraversal",
+    "RectilinearPhaseEncodeReordering",
+    "SegmentedKSpaceTraversal",
+    "CoverageOfKSpace",
+    "NumberOfKSpaceTrajectories",
+    "ResonantNucleus",
+    "KSpaceFiltering",
+    "MagneticFieldStrength",
+    "ApplicableSafetyStandardAgency",
+    "ComplexImageComponent",
+    "AcquisitionContrast",
+)
+
+
+def make_enhanced_ct(frames: int = 3, rows: int = 8, cols: int = 10) -> Dataset:
+    """Return an Enhanced CT Image with CT functional groups (built from the MR fixture)."""
+    ds = make_enhanced_mr(
+        frames=frames, rows=rows, cols=cols, sop_uid=ROOT + "6.1", sop_class=ENHANCED_CT
+    )
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.PixelRepresentation = 1
+    for keyword in _MR_TOP_LEVEL:
+        delattr(ds, keyword)
+    ds.AcquisitionDuration = 10.0
+    ds.PixelPresentation = "MONOCHROME"
+    shared = Dataset()
+    old = ds.SharedFunctionalGroupsSequence[0]
+    shared.PixelMeasuresSequence = old.PixelMeasuresSequence
+    shared.PlaneOrientationSequence = old.PlaneOrientationSequence
+    shared.FrameAnatomySequence = old.FrameAnatomySequence
+    shared.FrameVOILUTSequence = _seq(WindowCenter=40, WindowWidth=400)
+    shared.PixelValueTransformationSequence = _seq(
+        RescaleIntercept=-1024, RescaleSlope=1, RescaleType="HU"
+    )
+    shared.CTImageFrameTypeSequence = _seq(
+        FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+    )
+    shared.CTAcquisitionTypeSequence = _seq(
+        AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO"
+    )
+    shared.CTAcquisitionDetailsSequence = _seq(
+        DataCollectionDiameter=500.0,
+        RevolutionTime=0.5,
+        SingleCollimationWidth=0.625,
+        TotalCollimationWidth=40.0,
+        TableHeight=150.0,
+        GantryDetectorTilt=0.0,
+        RotationDirection="CW",
+    )
+    shared.CTTableDynamicsSequence = _seq(
+        TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0
+    )
+    shared.CTGeometrySequence = _seq(
+        DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0
+    )
+    shared.CTReconstructionSequence = _seq(
+        ReconstructionAlgorithm="FILTER_BACK_PROJ",
+        ConvolutionKernel="STANDARD",
+        ConvolutionKernelGroup="SOFT_TISSUE",
+        ReconstructionDiameter=500.0,
+        ReconstructionAngle=360.0,
+        ImageFilter="NONE",
+        ReconstructionPixelSpacing=[0.9765625, 1.25],
+    )
+    shared.CTExposureSequence = _seq(
+        ExposureTimeInms=500.0,
+        XRayTubeCurrentInmA=250.4,
+        ExposureInmAs=125.2,
+        ExposureModulationType="NONE",
+        CTDIvol=12.345678901234,
+        CTDIPhantomTypeCodeSequence=Sequence(
+            [_code("113691", "DCM", "IEC Body Dosimetry Phantom")]
+        ),
+    )
+    shared.CTXRayDetailsSequence = _seq(
+        KVP=120.0, FocalSpots=[1.2], FilterType="BODY", FilterMaterial=["ALUMINUM"]
+    )
+    shared.IrradiationEventIdentificationSequence = _seq(IrradiationEventUID=ROOT + "7")
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    positions = frame_positions(frames)
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        del item.MRImageFrameTypeSequence
+        item.CTPositionSequence = _seq(
+            TablePosition=-positions[i][2],
+            DataCollectionCenterPatient=[0.0, 0.0, positions[i][2]],
+            ReconstructionTargetCenterPatient=[0.0, 0.0, positions[i][2]],
+        )
+    return ds

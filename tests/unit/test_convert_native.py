@@ -21,7 +21,6 @@ from dicomnode.convert.native import (
 from dicomnode.errors import ConversionError
 from tests.conftest import require_tool
 from tests.enhanced_factory import (
-    ENHANCED_CT,
     ENHANCED_MR_COLOR,
     FRAME_OF_REFERENCE_UID,
     ROOT,
@@ -30,6 +29,7 @@ from tests.enhanced_factory import (
     assert_valid_classic,
     frame_pixels,
     frame_positions,
+    make_enhanced_ct,
     make_enhanced_mr,
     save,
 )
@@ -250,10 +250,19 @@ def test_convert_native_repoints_references_to_converted_frames(tmp_path: Path) 
     assert ds.DerivationDescription == "resampled"
 
 
-def test_convert_native_enhanced_ct_becomes_ct(tmp_path: Path) -> None:
-    src = _roundtrip(tmp_path, sop_class=ENHANCED_CT)
-    src.Modality = "CT"
+def test_convert_native_enhanced_ct_becomes_valid_ct(tmp_path: Path) -> None:
+    dciodvfy = require_tool("dciodvfy")
+    src = dcmread(save(make_enhanced_ct(), tmp_path / "ct.dcm"))
     out = convert_dataset(src)
-    assert out[0].SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
-    assert float(out[0].RescaleSlope) == 1.0  # Type 1 in CT: kept even when identity
-    assert "ScanningSequence" not in out[0]
+    assert len(out) == 3
+    expected = frame_pixels(3, 8, 10)
+    for i, (ds, path) in enumerate(zip(out, _save_all(out, tmp_path), strict=True)):
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+        assert float(ds.RescaleSlope) == 1.0  # Type 1 in CT: kept even when identity
+        assert float(ds.RescaleIntercept) == -1024.0
+        assert float(ds.KVP) == 120.0
+        assert ds.XRayTubeCurrent == 250
+        assert [float(x) for x in ds.ImagePositionPatient] == frame_positions(3)[i]
+        assert ds.PixelData == expected[i].tobytes()
+        assert "ScanningSequence" not in ds
+        assert_valid_classic(dciodvfy, path, "CTImage")

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -242,14 +243,14 @@ _CT_MAPS: Final = (
     _Map("CTPositionSequence", "ReconstructionTargetCenterPatient"),
     _Map("CTPositionSequence", "DataCollectionCenterPatient"),
     _Map("CTGeometrySequence", "DistanceSourceToDetector"),
-    _Map("CTGeometrySequence", "DistanceSourceToDataCollectionCenter"),
     _Map("CTReconstructionSequence", "ConvolutionKernel"),
     _Map("CTReconstructionSequence", "ReconstructionDiameter"),
-    _Map("CTReconstructionSequence", "ReconstructionAlgorithm"),
     _Map("CTExposureSequence", "ExposureTimeInms", "ExposureTime", "is"),
     _Map("CTExposureSequence", "XRayTubeCurrentInmA", "XRayTubeCurrent", "is"),
     _Map("CTExposureSequence", "ExposureInmAs", "Exposure", "is"),
     _Map("CTExposureSequence", "CTDIvol"),
+    _Map("CTExposureSequence", "CTDIPhantomTypeCodeSequence"),
+    _Map("CTExposureSequence", "ExposureModulationType"),
     _Map("CTXRayDetailsSequence", "KVP"),
     _Map("CTXRayDetailsSequence", "FocalSpots"),
     _Map("CTXRayDetailsSequence", "FilterType"),
@@ -368,7 +369,10 @@ def convert_dataset(src: Dataset, cancel: Cancel | None = None) -> list[Dataset]
         )
     if "PixelData" not in src:
         raise ConversionError("no Pixel Data (Float Pixel Data has no classic target)")
-    with config.disable_value_validation():
+    # Vendor data often has values pydicom would warn about; they are copied as
+    # they are (or re-formatted), so the warnings are noise here.
+    with config.disable_value_validation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return _convert(src, target, sop_uid, series_uid, count, shared, per_frame, cancel)
 
 

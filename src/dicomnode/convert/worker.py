@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -168,9 +169,17 @@ def convert_file(
     return ConversionResult(source_uid, frames, tuple(folders))
 
 
+def _header(path: Path) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom also logs them
+        return read_header(path)
+
+
 def _read_source(source: Path) -> Dataset:
     try:
-        return dcmread(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom also logs them
+            return dcmread(source)
     except FileNotFoundError:
         raise ConversionError(f"{source} no longer exists") from None
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
@@ -194,7 +203,8 @@ def _stage_native(
         if cancel is not None and cancel():
             raise ConversionCancelled("cancelled")
         path = series_tmp / file_name(ds)
-        with path.open("wb") as fh:
+        with path.open("wb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             try:
                 ds.save_as(fh, enforce_file_format=True)
             except (ValueError, TypeError, struct_error) as exc:
@@ -209,7 +219,7 @@ def _stage_emf2sf(
     source: Path, staging: Path, series_tmp: Path, tools: ToolsConfig, cancel: Cancel | None
 ) -> tuple[str, list[tuple[Path, Dataset]]]:
     try:
-        source_uid = text_of(read_header(source), "SOPInstanceUID")
+        source_uid = text_of(_header(source), "SOPInstanceUID")
     except FileNotFoundError:
         raise ConversionError(f"{source} no longer exists") from None
     except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
@@ -225,7 +235,7 @@ def _stage_emf2sf(
     staged: list[tuple[Path, Dataset]] = []
     for f in files:
         try:
-            header = read_header(f)
+            header = _header(f)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
             raise ConversionError(f"emf2sf wrote an unreadable file {f.name}: {exc}") from None
         if not text_of(header, "SOPInstanceUID"):
@@ -629,7 +639,7 @@ def convert_paths(inputs: Sequence[Path], out_dir: Path, tools: ToolsConfig, lay
     token = uuid.uuid4().hex[:12]
     for path in files:
         try:
-            sop_class = text_of(read_header(path), "SOPClassUID")
+            sop_class = text_of(_header(path), "SOPClassUID")
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError):
             logger.info("SKIPPED path=%s reason=not a DICOM file", path)
             continue
