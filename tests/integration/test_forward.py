@@ -23,9 +23,14 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RTPlanStorage,
+)
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import RTPlanStorage
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder import Forwarder, retry_failed, send_paths
@@ -111,7 +116,7 @@ class PySCP:
         self.ae = AE(ae_title=TARGET_AET)
         for sop in sop_classes:
             self.ae.add_supported_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
 
     def _on_store(self, event):  # type: ignore[no-untyped-def]
         ds = event.dataset
@@ -174,7 +179,9 @@ class Orthanc:
 
     def sop_instance_uids(self) -> set[str]:
         found = set()
-        for iid in self.get("/instances"):  # type: ignore[union-attr]
+        ids = self.get("/instances")
+        assert isinstance(ids, list)
+        for iid in ids:
             tags = self.get(f"/instances/{iid}/simplified-tags")
             found.add(str(tags["SOPInstanceUID"]))  # type: ignore[index]
         return found

@@ -30,9 +30,11 @@ class SlowSCP:
         self._lock = threading.Lock()
         ae = AE(ae_title="TARGET")
         ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-        self.server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )
+        assert server is not None
+        self.server = server
 
     def _store(self, event):  # type: ignore[no-untyped-def]
         time.sleep(self.delay_s)

@@ -6,7 +6,8 @@ to ``<watch_folder>/failed/<YYYYmmdd-HHMMSS>_<group>/<path inside the group>``
 after one line describing why has been appended (and fsynced) to
 ``failed/send_errors.log``; a kill between the two steps at worst leaves a log
 line for a file that is retried. :func:`move_back_failed` undoes parking for
-``dicomnode retry-failed``. Log verbs: ``SENT`` (by the caller), ``PARKED``.
+``dicomnode retry-failed``. Log verbs: ``QUARANTINED`` (file parked in failed/),
+``RETRY-QUEUED``.
 Imports the standard library and :mod:`dicomnode.storage`.
 """
 
@@ -202,7 +203,7 @@ def park_file(
         return None
     remove_empty_parents(src, prune_root)
     logger.warning(
-        "PARKED group=%s file=%s sop_instance_uid=%s %s -> %s",
+        "QUARANTINED group=%s file=%s sop_instance_uid=%s %s parked=%s",
         group_label(group),
         display,
         why.sop_instance_uid or "-",

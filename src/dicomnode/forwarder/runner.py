@@ -8,7 +8,7 @@ groups, and ``max_workers`` workers that each send one group
 (delete after success, park after refusal), so a kill at any moment loses
 nothing; network failures are recorded in :class:`~.state.StateStore` and
 retried with exponential backoff until ``give_up_after_s``. Log verbs:
-``BATCH-READY``, ``SENT``, ``SEND-FAILED``, ``PARKED``, ``RETRY-SCHEDULED``,
+``BATCH-READY``, ``SENT``, ``SEND-FAILED``, ``QUARANTINED``, ``RETRY-SCHEDULED``,
 ``HEARTBEAT``.
 """
 
