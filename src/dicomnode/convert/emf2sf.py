@@ -10,6 +10,7 @@ the standard library and :mod:`dicomnode.errors`.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ _IS_WINDOWS: Final = sys.platform == "win32"
 EXECUTABLE_NAMES: Final = ("emf2sf.bat", "emf2sf.cmd", "emf2sf") if _IS_WINDOWS else ("emf2sf",)
 _POLL_S: Final = 0.1
 _TAIL_LINES: Final = 5
+_CMD_META: Final = re.compile(r'[&|<>^%!"\r\n]')
 
 
 class Emf2sfCancelled(ConversionError):
@@ -98,6 +100,10 @@ def run_emf2sf(
         When the tool cannot start, times out, exits non-zero or writes nothing.
     """
     command = [str(executable), "--out-dir", str(out_dir), str(source)]
+    if _IS_WINDOWS and executable.suffix.lower() in (".bat", ".cmd"):
+        unsafe = [arg for arg in command[2:] if _CMD_META.search(arg)]
+        if unsafe:  # cmd.exe would interpret these characters (BatBadBut)
+            raise ConversionError(f"path not safe to pass to {executable.name}: {unsafe[0]}")
     logger.debug("running %s", command)
     with tempfile.TemporaryFile() as output:
         try:

@@ -226,9 +226,16 @@ def _stage_emf2sf(
         raise ConversionError(f"cannot read {source}: {exc}") from None
     out = staging / "emf2sf-out"
     out.mkdir()
+    # emf2sf sees a fixed, harmless name: stored paths carry patient names, which a
+    # Windows .bat would interpret (``&``, ``%``, ``^``).
+    link = staging / "input.dcm"
+    try:
+        os.link(source, link)
+    except OSError:
+        shutil.copyfile(source, link)
     try:
         files = run_emf2sf(
-            find_executable(tools.emf2sf_path), source, out, tools.emf2sf_timeout_s, cancel
+            find_executable(tools.emf2sf_path), link, out, tools.emf2sf_timeout_s, cancel
         )
     except Emf2sfCancelled:
         raise ConversionCancelled("cancelled") from None
