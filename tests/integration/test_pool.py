@@ -1,0 +1,102 @@
+"""Receiver process pool: several processes share the port, crashed workers restart, none outlive the node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_env, require_tool, wait_until, write_config
+from tests.factories import make_image, save
+
+pytestmark = pytest.mark.interop
+
+
+def children(pid: int) -> list[int]:
+    """Return the receiver worker processes of ``pid`` (not multiprocessing's resource tracker)."""
+    out = subprocess.run(
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
+    )
+    return [
+        int(line.split()[0])
+        for line in out.stdout.splitlines()
+        if "spawn_main" in line and "resource_tracker" not in line
+    ]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture
+def pool_node(tmp_path: Path, port: int, start_node):  # type: ignore[no-untyped-def]
+    cfg = write_config(
+        tmp_path / "c.ini",
+        {
+            "Network": {"receive_port": port, "receiver_processes": 2},
+            "Directories": {"destination_dir": tmp_path / "dest", "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "SCANNER"},
+            "Tools": {"enhanced_mr_conversion": "off"},
+        },
+    )
+    node = start_node(["--config", str(cfg), "--no-watcher"], port=port)
+    assert wait_until(lambda: "processes=2" in node.output(), 20)
+    return node
+
+
+def send(port: int, tmp_path: Path, n: int, tag: str) -> int:
+    files = [save(make_image("CT", instance=i), tmp_path / tag / f"{i}.dcm") for i in range(n)]
+    return subprocess.run(
+        [require_tool("storescu"), "-aet", "SCANNER", "127.0.0.1", str(port), *map(str, files)],
+        env=peer_env(),
+        capture_output=True,
+        timeout=120,
+    ).returncode
+
+
+def test_pool_crashed_worker_is_restarted_and_node_keeps_serving(
+    pool_node, port: int, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    workers = children(pool_node.proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    assert wait_until(lambda: "RESTARTING receiver process" in pool_node.output(), 10)
+    assert send(port, tmp_path, 20, "a") == 0
+    assert (
+        len([p for p in (tmp_path / "dest").rglob("*.dcm") if ".incoming-tmp" not in p.parts]) == 20
+    )
+
+
+def test_pool_workers_die_with_killed_node(pool_node, port: int) -> None:  # type: ignore[no-untyped-def]
+    workers = children(pool_node.proc.pid)
+    pool_node.proc.send_signal(signal.SIGKILL)
+    pool_node.proc.wait()
+    assert wait_until(
+        lambda: all(
+            not Path(f"/proc/{w}").exists() or "zombie" in Path(f"/proc/{w}/status").read_text()
+            for w in workers
+        ),
+        10,
+    )
+    assert wait_until(lambda: port_is_free(port), 10)
+
+
+def test_pool_second_node_on_same_port_fails(
+    pool_node, port: int, tmp_path: Path, start_node
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = write_config(
+        tmp_path / "c2.ini",
+        {
+            "Network": {"receive_port": port, "receiver_processes": 2},
+            "Directories": {"destination_dir": tmp_path / "dest2", "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "SCANNER"},
+        },
+    )
+    second = start_node(["--config", str(cfg), "--no-watcher"])
+    assert second.proc.wait(30) == 3
+    assert "cannot listen" in second.output()
