@@ -669,3 +669,34 @@ def test_forward_stop_during_send_keeps_unacknowledged_files(tmp_path: Path) -> 
         assert not cfg.failed_dir.exists()
     finally:
         scp.stop()
+
+
+def test_forward_converts_compressed_object_only_when_target_needs_it(
+    tmp_path: Path, storescp: StoreSCP, forwarders: list[Forwarder]
+) -> None:
+    """storescp accepts only uncompressed syntaxes: RLE is decoded and sent, JPEG (no decoder) is parked."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    cfg = fconfig(tmp_path, storescp.port)
+    rle = make_image("CT", instance=1)
+    pixels = rle.PixelData
+    rle.compress(RLELossless)
+    save(rle, cfg.watch_folder / "PAT16" / "rle.dcm")
+    jpeg = make_image("CT", instance=2)
+    jpeg.BitsAllocated = jpeg.BitsStored = 8
+    jpeg.HighBit = 7
+    jpeg.PixelData = encapsulate([b"\xff\xd8not really a jpeg\xff\xd9"])
+    jpeg["PixelData"].VR = "OB"
+    jpeg.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    save(jpeg, cfg.watch_folder / "PAT16" / "jpeg.dcm")
+    start_forwarder(forwarders, cfg)
+    assert wait_until(lambda: not (cfg.watch_folder / "PAT16").exists(), 30)
+    assert len(storescp.order()) == 1
+    received = dcmread(storescp.out / storescp.order()[0])
+    assert received.SOPInstanceUID == rle.SOPInstanceUID  # identity kept when decoding
+    assert not received.file_meta.TransferSyntaxUID.is_compressed
+    assert received.PixelData == pixels
+    log = error_log(cfg)
+    assert "jpeg.dcm" in log and "conversion" in log and "rle.dcm" not in log
+    assert len(log.splitlines()) == 1

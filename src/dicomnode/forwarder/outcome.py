@@ -55,12 +55,19 @@ class ParkReason:
     sop_instance_uid: str = ""
 
     def describe(self) -> str:
-        """Return ``0xC000 Error: cannot understand`` style text, or ``- <reason>``."""
+        """Return ``status=0xC000 Error: cannot understand`` style text, or ``status=- <reason>``.
+
+        The text is always one line (whitespace runs become one space).
+        """
         if self.status is None:
-            return f"status=- {self.reason}"
+            return _one_line(f"status=- {self.reason}")
         meaning = describe_status(self.status)
         extra = f" ({self.reason})" if self.reason and self.reason != meaning else ""
-        return f"status=0x{self.status:04X} {meaning}{extra}"
+        return _one_line(f"status=0x{self.status:04X} {meaning}{extra}")
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def remove_empty_parents(path: Path, stop_at: Path) -> None:
@@ -181,7 +188,7 @@ def park_file(
         [
             when,
             f"group={group_label(group)}",
-            f"file={display}",
+            f"file={_one_line(display)}",
             f"sop_instance_uid={why.sop_instance_uid or '-'}",
             why.describe(),
         ]

@@ -374,7 +374,7 @@ def _converted(path: Path, obj: ObjectInfo, offered: set[str]) -> Dataset:
         raise ValueError("no uncompressed transfer syntax accepted")
     ds = dcmread(path)
     if obj.transfer_syntax_uid not in UNCOMPRESSED_SYNTAXES:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # the object keeps its identity
     logger.info(
         "CONVERTING %s from %s for the target (accepted: %s)",
         obj.rel_path,
