@@ -6,14 +6,52 @@ certificate verification on. Imports the standard library and config only.
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 from dicomnode.config import TlsConfig
 from dicomnode.errors import ConfigError
 
 
+class ServerContext(ssl.SSLContext):
+    """Server-side context whose TLS handshake runs in the association's thread.
+
+    pynetdicom wraps each accepted socket in its accept loop; with the default
+    ``do_handshake_on_connect`` one peer that connects and never completes the
+    handshake blocks every other connection. Here the handshake is deferred to
+    the connection's own thread (the receiver performs it with the network
+    timeout when the connection opens).
+    """
+
+    def wrap_socket(  # type: ignore[override]
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        """Wrap ``sock``; server-side sockets postpone their handshake."""
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect and not server_side,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=server_hostname,
+            session=session,
+        )
+
+
 def _base(tls: TlsConfig, purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
+    # Not ssl.create_default_context(): it also trusts the operating system's CA
+    # store, so any publicly issued client certificate would pass. Only ca_bundle
+    # is trusted here.
+    if purpose == ssl.Purpose.CLIENT_AUTH:
+        ctx: ssl.SSLContext = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.options |= ssl.OP_NO_COMPRESSION
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     )

@@ -10,8 +10,10 @@ decides the final path (:mod:`dicomnode.organise`) and renames it into place
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import is_valid_uid, read_header, safe_component, text_of
 from dicomnode.organise import relative_path
+from dicomnode.receiver.integrity import find_defect
 from dicomnode.receiver.policy import decide_association
 from dicomnode.status import StoreStatus
 from dicomnode.storage import free_space_mb, fsync_file, place_file, quarantine
@@ -68,14 +71,85 @@ class AssociationGate:
         self.cfg = cfg
 
     def handle_conn_open(self, event: Event) -> None:
-        """Set TCP_NODELAY on the accepted socket (no 40 ms Nagle stalls)."""
+        """Set TCP_NODELAY and the network timeout on the accepted socket.
+
+        Without a socket timeout a peer that stops sending in the middle of a
+        PDU blocks its reader forever (pynetdicom's idle timer only runs
+        between PDUs), holding an association slot and a partial temp file.
+        """
         try:
             wrapper = event.assoc.dul.socket
             sock = wrapper.socket if wrapper is not None else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(self.cfg.network_timeout_s)
         except (OSError, AttributeError):
-            logger.debug("could not set TCP_NODELAY", exc_info=True)
+            logger.debug("could not set TCP_NODELAY or the socket timeout", exc_info=True)
+            return
+        if isinstance(sock, ssl.SSLSocket):
+            self._handshake(sock, event)
+
+    def _handshake(self, sock: ssl.SSLSocket, event: Event) -> None:
+        """Complete the deferred TLS handshake here, bounded by the network timeout.
+
+        A peer without an acceptable certificate fails here and is logged; the
+        association then ends without a single PDU being read.
+        """
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            address = event.address if hasattr(event, "address") else ("?", 0)
+            logger.warning(
+                "REJECTED TLS connection peer=%s:%s reason=%s",
+                address[0],
+                address[1],
+                getattr(exc, "reason", None) or exc,
+            )
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_accepted(self, event: Event) -> None:
+        """Log an association on which no proposed presentation context was accepted."""
+        if event.assoc.accepted_contexts:
+            return
+        calling, called, where = _peer(event)
+        proposed = sorted(
+            {str(cx.abstract_syntax) for cx in event.assoc.requestor.requested_contexts}
+        )
+        logger.warning(
+            "REJECTED presentation contexts calling_ae=%s called_ae=%s peer=%s "
+            "reason=none supported (proposed %s)",
+            calling,
+            called,
+            where,
+            ", ".join(proposed) or "nothing",
+        )
+
+    def handle_conn_close(self, event: Event) -> None:
+        """Delete the temp file of an object whose transfer never completed.
+
+        Such an object was never acknowledged, so its sender still has it; the
+        partial file would otherwise stay in the temp folder until restart.
+        """
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        handle: Any = getattr(message, "_data_set_file", None)
+        if handle is None:
+            return
+        name = str(getattr(handle, "name", ""))
+        try:
+            handle.close()
+            if name:
+                Path(name).unlink(missing_ok=True)
+        except OSError:
+            logger.debug("could not remove partial transfer %s", name, exc_info=True)
+            return
+        calling, _, where = _peer(event)
+        logger.warning(
+            "DISCARDED incomplete transfer calling_ae=%s peer=%s (connection closed mid-object; "
+            "not acknowledged)",
+            calling,
+            where,
+        )
 
     def handle_requested(self, event: Event) -> None:
         """Reject an untrusted or misaddressed association with A-ASSOCIATE-RJ."""
@@ -105,6 +179,7 @@ class AssociationGate:
             logger.exception("REJECTED association: admission check failed, refusing")
             try:
                 event.assoc.acse.send_reject(0x02, 0x01, 0x01)
+                event.assoc.kill()
             except Exception:
                 event.assoc.abort()
 
@@ -161,9 +236,22 @@ class StoreHandler:
         try:
             tmp = Path(event.dataset_path)
             handle: Any = getattr(req, "_dataset_file", None)
+            write_error: OSError | None = getattr(handle, "write_error", None)
+            if write_error is None and handle is not None and not handle.closed:
+                try:
+                    fsync_file(handle)
+                except OSError as exc:
+                    write_error = exc
             if handle is not None and not handle.closed:
-                fsync_file(handle)
                 handle.close()
+            if write_error is not None:
+                return self._refuse_unwritable(
+                    tmp,
+                    calling,
+                    where,
+                    str(getattr(req, "AffectedSOPInstanceUID", "")),
+                    write_error,
+                )
             return self._store(
                 tmp, calling, where, started, str(getattr(req, "AffectedSOPInstanceUID", ""))
             )
@@ -195,6 +283,14 @@ class StoreHandler:
                 self.cfg.max_object_mb,
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
+        try:
+            defect = find_defect(tmp)
+        except OSError as exc:
+            defect = f"cannot read the received object: {exc.strerror or exc}"
+        if defect is not None:
+            return self._fail(
+                tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, f"malformed object: {defect}"
+            )
         try:
             header = read_header(tmp)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
@@ -237,6 +333,25 @@ class StoreHandler:
             except Exception:
                 logger.exception("post-store step failed for %s (object is stored)", final)
         return int(StoreStatus.SUCCESS)
+
+    def _refuse_unwritable(
+        self, tmp: Path, calling: str, where: str, affected_uid: str, exc: OSError
+    ) -> int:
+        """Answer 0xA700 for an object whose temp file could not be written (disk full)."""
+        logger.error(
+            "STORE-FAILED calling_ae=%s peer=%s sop_instance_uid=%s status=0xA700 "
+            "reason=cannot write the received object to %s: %s",
+            calling,
+            where,
+            affected_uid or "-",
+            tmp.parent,
+            exc.strerror or exc,
+        )
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            logger.debug("could not remove %s", tmp, exc_info=True)
+        return int(StoreStatus.OUT_OF_RESOURCES)
 
     def _fail(
         self,
