@@ -517,3 +517,96 @@ def make_enhanced_ct(frames: int = 3, rows: int = 8, cols: int = 10) -> Dataset:
             ReconstructionTargetCenterPatient=[0.0, 0.0, positions[i][2]],
         )
     return ds
+
+
+ENHANCED_PET: UID = UID("1.2.840.10008.5.1.4.1.1.130")
+
+
+def make_enhanced_pet(frames: int = 3, rows: int = 8, cols: int = 10) -> Dataset:
+    """Return an Enhanced PET Image with PET functional groups (built from the MR fixture)."""
+    ds = make_enhanced_mr(
+        frames=frames, rows=rows, cols=cols, sop_uid=ROOT + "9.1", sop_class=ENHANCED_PET
+    )
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_PET
+    ds.Modality = "PT"
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    for keyword in _MR_TOP_LEVEL:
+        delattr(ds, keyword)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "STATIC", "NONE"]
+    ds.AcquisitionDuration = 600.0
+    ds.PixelPresentation = "MONOCHROME"
+    ds.ContentQualification = "PRODUCT"
+    ds.RadiopharmaceuticalInformationSequence = Sequence(
+        [
+            _item(
+                RadionuclideCodeSequence=Sequence([_code("77004003", "SCT", "^18^Fluorine")]),
+                RadiopharmaceuticalCodeSequence=Sequence(
+                    [_code("35321007", "SCT", "Fluorodeoxyglucose F^18^")]
+                ),
+                RadiopharmaceuticalStartDateTime="20260102093000",
+                RadionuclideTotalDose=370000000.0,
+                RadionuclideHalfLife=6586.2,
+                RadionuclidePositronFraction=0.97,
+            )
+        ]
+    )
+    for flag in (
+        "DecayCorrected",
+        "AttenuationCorrected",
+        "ScatterCorrected",
+        "DeadTimeCorrected",
+        "RandomsCorrected",
+        "SensitivityCalibrated",
+        "DetectorNormalizationCorrection",
+    ):
+        setattr(ds, flag, "YES")
+    for flag in (
+        "GantryMotionCorrected",
+        "PatientMotionCorrected",
+        "CountLossNormalizationCorrected",
+        "NonUniformRadialSamplingCorrected",
+    ):
+        setattr(ds, flag, "NO")
+    ds.DecayCorrectionDateTime = "20260102101000"
+    ds.CountsSource = "EMISSION"
+    old = ds.SharedFunctionalGroupsSequence[0]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = old.PixelMeasuresSequence
+    shared.PlaneOrientationSequence = old.PlaneOrientationSequence
+    shared.FrameAnatomySequence = old.FrameAnatomySequence
+    shared.PixelValueTransformationSequence = _seq(
+        RescaleIntercept=0, RescaleSlope=3.2, RescaleType="BQML"
+    )
+    shared.RealWorldValueMappingSequence = _seq(
+        LUTExplanation="Bq/ml",
+        LUTLabel="BQML",
+        MeasurementUnitsCodeSequence=Sequence([_code("Bq/ml", "UCUM", "Becquerels/milliliter")]),
+        RealWorldValueIntercept=0.0,
+        RealWorldValueSlope=3.2,
+        RealWorldValueFirstValueMapped=0,
+        RealWorldValueLastValueMapped=65535,
+    )
+    shared.PETFrameTypeSequence = _seq(
+        FrameType=["ORIGINAL", "PRIMARY", "STATIC", "NONE"],
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+    )
+    shared.PETReconstructionSequence = _seq(
+        ReconstructionType="3D", ReconstructionAlgorithm="OSEM", NumberOfIterations=3
+    )
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    positions = frame_positions(frames)
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        del item.MRImageFrameTypeSequence
+        item.FrameContentSequence[0].FrameReferenceDateTime = f"2026010210101{i}.500000"
+        item.PETPositionSequence = _seq(TablePosition=-positions[i][2])
+        item.PETFrameCorrectionFactorsSequence = _seq(
+            PrimaryPromptsCountsAccumulated=12345,
+            SliceSensitivityFactor=1.0,
+            DecayFactor=1.0234,
+            ScatterFractionFactor=0.3,
+            DeadTimeFactor=1.01,
+        )
+    return ds

@@ -31,6 +31,7 @@ from tests.enhanced_factory import (
     frame_positions,
     make_enhanced_ct,
     make_enhanced_mr,
+    make_enhanced_pet,
     save,
 )
 
@@ -266,3 +267,22 @@ def test_convert_native_enhanced_ct_becomes_valid_ct(tmp_path: Path) -> None:
         assert ds.PixelData == expected[i].tobytes()
         assert "ScanningSequence" not in ds
         assert_valid_classic(dciodvfy, path, "CTImage")
+
+
+def test_convert_native_enhanced_pet_becomes_valid_pet(tmp_path: Path) -> None:
+    dciodvfy = require_tool("dciodvfy")
+    out = convert_dataset(dcmread(save(make_enhanced_pet(), tmp_path / "pet.dcm")))
+    assert len(out) == 3
+    for i, (ds, path) in enumerate(zip(out, _save_all(out, tmp_path), strict=True)):
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.128"
+        assert ds.Units == "BQML"
+        assert list(ds.SeriesType) == ["STATIC", "IMAGE"]
+        assert ds.DecayCorrection == "START"
+        assert "DECY" in list(ds.CorrectedImage)
+        assert ds.ImageIndex == i + 1
+        assert float(ds.FrameReferenceTime) == pytest.approx(i * 1000 + 500)
+        assert float(ds.DecayFactor) == pytest.approx(1.0234)
+        assert "PatientPosition" not in ds  # excluded by the NM/PET Patient Orientation module
+        assert ds.PatientGantryRelationshipCodeSequence[0].CodeValue == "102540008"
+        assert [float(x) for x in ds.ImagePositionPatient] == frame_positions(3)[i]
+        assert_valid_classic(dciodvfy, path, "PETImage")

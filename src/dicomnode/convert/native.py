@@ -417,7 +417,7 @@ def _convert(
         elif target == _CT:
             _fill_empty(ds, ("KVP", "AcquisitionNumber", "SliceThickness"))
         elif target == _PET:
-            ds.ImageIndex = index + 1
+            _apply_pet(ds, src, groups, index, count, temporal)
         ds.SOPClassUID = target
         ds.SOPInstanceUID = frame_uid(sop_uid, index + 1)
         ds.SeriesInstanceUID = new_series
@@ -771,6 +771,184 @@ def _apply_mr(ds: Dataset, src: Dataset, groups: dict[str, DataElement]) -> None
         for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
             if keyword in ds:
                 delattr(ds, keyword)
+
+
+#: Enhanced PET correction flags -> classic Corrected Image (0028,0051) values.
+_PET_CORRECTIONS: Final = (
+    ("DecayCorrected", "DECY"),
+    ("AttenuationCorrected", "ATTN"),
+    ("ScatterCorrected", "SCAT"),
+    ("DeadTimeCorrected", "DTIM"),
+    ("GantryMotionCorrected", "MOTN"),
+    ("PatientMotionCorrected", "PMOT"),
+    ("CountLossNormalizationCorrected", "CLN"),
+    ("RandomsCorrected", "RAN"),
+    ("NonUniformRadialSamplingCorrected", "RADL"),
+    ("SensitivityCalibrated", "DCAL"),
+    ("DetectorNormalizationCorrection", "NORM"),
+)
+#: Classic PET Units (0054,1001) defined terms.
+_PET_UNITS: Final = frozenset(
+    {
+        "CNTS", "NONE", "CM2", "CM2ML", "PCNT", "CPS", "BQML", "MGMINML", "UMOLMINML",
+        "MLMING", "MLG", "1CM", "UMOLML", "PROPCNTS", "PROPCPS", "MLMINML", "MLML", "GML",
+        "STDDEV",
+    }
+)  # fmt: skip
+#: UCUM units of a Real World Value Mapping -> classic PET Units.
+_UCUM_TO_PET_UNITS: Final = {
+    "Bq/ml": "BQML",
+    "{counts}": "CNTS",
+    "{counts}/s": "CPS",
+    "g/ml": "GML",
+    "{SUVbw}g/ml": "GML",
+    "%": "PCNT",
+    "/cm": "1CM",
+    "1": "NONE",
+}
+
+
+def _pet_units(ds: Dataset) -> str:
+    rescale_type = str(ds.get("RescaleType", "") or "").strip().upper()
+    if rescale_type in _PET_UNITS:
+        return rescale_type
+    for mapping in ds.get("RealWorldValueMappingSequence") or []:
+        for code in mapping.get("MeasurementUnitsCodeSequence") or []:
+            unit = _UCUM_TO_PET_UNITS.get(str(code.get("CodeValue", "")).strip())
+            if unit:
+                return unit
+    return "NONE"
+
+
+def _seconds_between(start: object, end: object) -> float | None:
+    """Return ``end - start`` in seconds for two DT values, or None."""
+    import datetime as dt
+
+    stamps = []
+    for value in (start, end):
+        text = _valid_datetime(value)
+        if len(text) < 14:
+            return None
+        fraction = text[15:] if len(text) > 15 else "0"
+        stamps.append(
+            dt.datetime.strptime(text[:14], "%Y%m%d%H%M%S")
+            + dt.timedelta(microseconds=int(fraction.ljust(6, "0")[:6]))
+        )
+    return (stamps[1] - stamps[0]).total_seconds()
+
+
+#: Patient Position -> (orientation, orientation modifier, gantry relationship), SNOMED CT.
+_PATIENT_POSITION_CODES: Final = {
+    "HFS": (("102538003", "recumbent"), ("40199007", "supine"), ("102540008", "headfirst")),
+    "FFS": (("102538003", "recumbent"), ("40199007", "supine"), ("102541007", "feet-first")),
+    "HFP": (("102538003", "recumbent"), ("1240000", "prone"), ("102540008", "headfirst")),
+    "FFP": (("102538003", "recumbent"), ("1240000", "prone"), ("102541007", "feet-first")),
+    "HFDL": (
+        ("102538003", "recumbent"),
+        ("102535000", "left lateral decubitus"),
+        ("102540008", "headfirst"),
+    ),
+    "HFDR": (
+        ("102538003", "recumbent"),
+        ("102536004", "right lateral decubitus"),
+        ("102540008", "headfirst"),
+    ),
+    "FFDL": (
+        ("102538003", "recumbent"),
+        ("102535000", "left lateral decubitus"),
+        ("102541007", "feet-first"),
+    ),
+    "FFDR": (
+        ("102538003", "recumbent"),
+        ("102536004", "right lateral decubitus"),
+        ("102541007", "feet-first"),
+    ),
+}
+
+
+def _sct(code: tuple[str, str]) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code[0]
+    item.CodingSchemeDesignator = "SCT"
+    item.CodeMeaning = code[1]
+    return item
+
+
+def _apply_pet_orientation(ds: Dataset) -> None:
+    """Express Patient Position as the NM/PET Patient Orientation codes classic PET uses.
+
+    The NM/PET Patient Orientation module is Type 2 and excludes Patient Position.
+    """
+    position = str(ds.get("PatientPosition", "") or "").strip().upper()
+    if "PatientOrientationCodeSequence" not in ds:
+        codes = _PATIENT_POSITION_CODES.get(position)
+        if codes is None:
+            ds.PatientOrientationCodeSequence = []
+            ds.PatientGantryRelationshipCodeSequence = []
+        else:
+            orientation = _sct(codes[0])
+            orientation.PatientOrientationModifierCodeSequence = [_sct(codes[1])]
+            ds.PatientOrientationCodeSequence = [orientation]
+            ds.PatientGantryRelationshipCodeSequence = [_sct(codes[2])]
+    if "PatientGantryRelationshipCodeSequence" not in ds:
+        ds.PatientGantryRelationshipCodeSequence = []
+    if "PatientPosition" in ds:
+        del ds.PatientPosition
+
+
+def _apply_pet(
+    ds: Dataset,
+    src: Dataset,
+    groups: dict[str, DataElement],
+    index: int,
+    count: int,
+    temporal: int,
+) -> None:
+    """Derive the classic PET Series and PET Image attributes (best effort)."""
+    image_type = [str(x).strip().upper() for x in _as_list(ds.get("ImageType"))]
+    kind = image_type[2] if len(image_type) > 2 else ""
+    if "SeriesType" not in ds:
+        if kind in ("STATIC", "DYNAMIC", "GATED"):
+            first = kind
+        elif kind in ("WHOLE_BODY", "WHOLE BODY"):
+            first = "WHOLE BODY"
+        else:
+            first = "DYNAMIC" if temporal > 1 else "STATIC"
+        ds.SeriesType = [first, "IMAGE"]
+    if "Units" not in ds:
+        ds.Units = _pet_units(ds)
+    if "CountsSource" not in ds:
+        ds.CountsSource = "EMISSION"
+    if "NumberOfSlices" not in ds:
+        ds.NumberOfSlices = max(1, count // max(temporal, 1))
+    if str(_as_list(ds.SeriesType)[0]).upper() == "DYNAMIC" and "NumberOfTimeSlices" not in ds:
+        ds.NumberOfTimeSlices = max(temporal, 1)
+    if "CorrectedImage" not in ds:
+        corrected = [term for flag, term in _PET_CORRECTIONS if _text(src.get(flag)) == "YES"]
+        ds.CorrectedImage = corrected if corrected else None
+    if "DecayCorrection" not in ds:
+        if _text(src.get("DecayCorrected")) == "YES":
+            starts = [
+                item.get("RadiopharmaceuticalStartDateTime")
+                for item in src.get("RadiopharmaceuticalInformationSequence") or []
+            ]
+            at_admin = starts and _seconds_between(starts[0], src.get("DecayCorrectionDateTime"))
+            ds.DecayCorrection = "ADMIN" if at_admin == 0 else "START"
+        else:
+            ds.DecayCorrection = "NONE"
+    if ds.DecayCorrection == "NONE" and "DecayFactor" in ds:
+        del ds.DecayFactor
+    content = _group_item(groups, "FrameContentSequence") or Dataset()
+    if "FrameReferenceTime" not in ds:
+        offset = _seconds_between(
+            src.get("AcquisitionDateTime"), content.get("FrameReferenceDateTime")
+        )
+        ds.FrameReferenceTime = _ds(round(offset * 1000.0, 3)) if offset is not None else "0"
+    _fill_empty(ds, ("CollimatorType",))
+    _apply_pet_orientation(ds)
+    ds.ImageIndex = index + 1
+    if "RescaleType" in ds:
+        del ds.RescaleType  # Units carries it in classic PET
 
 
 def _as_list(value: object) -> list[object]:
