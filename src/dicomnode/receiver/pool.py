@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -104,15 +105,13 @@ def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
 
 
 def _worker_main(
-    cfg: NodeConfig,
-    index: int,
-    sock: socket.socket,
-    log_queue: Any,
-    stop: Any,
-    ready: Any,
-    parent_pid: int,
+    cfg: NodeConfig, index: int, sock: socket.socket, log_queue: Any, conn: Any
 ) -> None:
-    """Entry point of one receiver process (runs until ``stop`` is set)."""
+    """Entry point of one receiver process.
+
+    Runs until the parent sends ``"stop"`` on ``conn``, closes it (parent died),
+    or SIGTERM arrives. Signals readiness by sending ``"ready"``.
+    """
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl+C
     local_stop = threading.Event()
@@ -133,19 +132,44 @@ def _worker_main(
     converter, post_store = start_converter(cfg, resume=index == 0)
     receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls), listen_socket=sock)
     receiver.start(prepare=False)
-    ready.put(index)
+    conn.send("ready")
     try:
-        while not stop.wait(0.5) and not local_stop.is_set():
-            if os.getppid() != parent_pid:  # parent gone without PDEATHSIG (non-Linux)
+        while not local_stop.is_set():
+            if conn.poll(0.5) and conn.recv() == "stop":
                 break
+    except (EOFError, OSError):
+        pass  # the parent is gone: stop serving
     finally:
         receiver.stop()
         if converter is not None:
             converter.stop()
 
 
+def _pump_logs(log_queue: Any) -> None:
+    """Hand records from one worker's queue to this process's handlers until None arrives."""
+    while True:
+        try:
+            record = log_queue.get()
+        except (EOFError, OSError):
+            return
+        if record is None:
+            return
+        logging.getLogger(record.name).handle(record)
+
+
+@dataclass(slots=True)
+class _Worker:
+    process: SpawnProcess
+    conn: Any
+    log_queue: Any
+    pump: threading.Thread
+
+
 class ReceiverPool:
     """Receiver worker processes sharing one listening socket.
+
+    Each worker has its own control pipe and log queue, so a worker killed at
+    any moment cannot block the others or the parent.
 
     Parameters
     ----------
@@ -160,11 +184,7 @@ class ReceiverPool:
         self.processes = processes
         self._ctx = multiprocessing.get_context("spawn")
         self._sock: socket.socket | None = None
-        self._workers: dict[int, SpawnProcess] = {}
-        self._log_queue: Any = None
-        self._listener: logging.handlers.QueueListener | None = None
-        self._stop: Any = None
-        self._ready: Any = None
+        self._workers: dict[int, _Worker] = {}
         self._stopping = False
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -181,27 +201,13 @@ class ReceiverPool:
 
         Receiver(self.cfg.receiver).prepare_storage()
         self._sock = bind_listening_socket(self.cfg.receiver)
-        self._log_queue = self._ctx.Queue()
-        self._listener = logging.handlers.QueueListener(
-            self._log_queue, *logging.getLogger().handlers, respect_handler_level=True
-        )
-        self._listener.start()
-        self._stop = self._ctx.Event()
-        self._ready = self._ctx.Queue()
         for index in range(self.processes):
             self._spawn(index)
-        pending = set(range(self.processes))
         deadline = time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                pending.discard(self._ready.get(timeout=0.2))
-            dead = [i for i in pending if self._workers[i].exitcode is not None]
-            if dead:
+        for index, worker in self._workers.items():
+            if not self._wait_ready(worker, deadline):
                 self.stop()
-                raise DicomNodeError(f"receiver process {dead[0]} exited during start-up")
-        if pending:
-            self.stop()
-            raise DicomNodeError("receiver processes did not start in time")
+                raise DicomNodeError(f"receiver process {index} did not start")
         rc = self.cfg.receiver
         logger.info(
             "LISTENING ae_title=%s address=%s:%d processes=%d tls=%s",
@@ -212,54 +218,73 @@ class ReceiverPool:
             "on" if self.cfg.tls.enabled else "off",
         )
 
+    @staticmethod
+    def _wait_ready(worker: _Worker, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            try:
+                if worker.conn.poll(0.2):
+                    return bool(worker.conn.recv() == "ready")
+            except (EOFError, OSError):
+                return False
+            if worker.process.exitcode is not None:
+                return False
+        return False
+
     def _spawn(self, index: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe()
+        log_queue = self._ctx.Queue()
+        pump = threading.Thread(
+            target=_pump_logs, args=(log_queue,), name=f"log-pump-{index}", daemon=True
+        )
+        pump.start()
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(
-                self.cfg,
-                index,
-                self._sock,
-                self._log_queue,
-                self._stop,
-                self._ready,
-                os.getpid(),
-            ),
+            args=(self.cfg, index, self._sock, log_queue, child_conn),
             name=f"dicomnode-receiver-{index}",
             daemon=False,
         )
         proc.start()
-        self._workers[index] = proc
+        child_conn.close()
+        self._workers[index] = _Worker(proc, parent_conn, log_queue, pump)
 
     def supervise(self) -> None:
         """Restart workers that died unexpectedly (call periodically)."""
         if self._stopping:
             return
-        for index, proc in list(self._workers.items()):
-            if proc.exitcode is not None:
+        for index, worker in list(self._workers.items()):
+            if worker.process.exitcode is not None:
                 logger.error(
                     "RESTARTING receiver process %d (exit code %s); the others kept serving",
                     index,
-                    proc.exitcode,
+                    worker.process.exitcode,
                 )
+                self._retire(worker)
                 self._spawn(index)
+
+    @staticmethod
+    def _retire(worker: _Worker) -> None:
+        with contextlib.suppress(Exception):
+            worker.conn.close()
+        with contextlib.suppress(Exception):
+            worker.log_queue.put(None)
+        worker.pump.join(1.0)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Ask the workers to stop, wait ``grace_s`` (+2 s), then kill stragglers."""
         self._stopping = True
-        if self._stop is not None:
-            self._stop.set()
+        for worker in self._workers.values():
+            with contextlib.suppress(Exception):
+                worker.conn.send("stop")
         deadline = time.monotonic() + grace_s + 2.0
-        for proc in self._workers.values():
+        for worker in self._workers.values():
+            proc = worker.process
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.exitcode is None:
                 logger.warning("KILLED receiver process %s after the grace period", proc.name)
                 proc.kill()
                 proc.join(2.0)
+            self._retire(worker)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                self._listener.stop()
-            self._listener = None
         logger.info("STOPPED receiver processes")
