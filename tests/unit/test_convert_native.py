@@ -40,6 +40,7 @@ VARIANTS = {
     "native-be": {"transfer_syntax": ExplicitVRBigEndian},
     "rle": {"transfer_syntax": RLELossless},
     "vendor": {"vendor": True},
+    "vendor-be": {"vendor": True, "transfer_syntax": ExplicitVRBigEndian},
     "inversion-recovery": {"inversion_recovery": True},
 }
 
@@ -125,7 +126,18 @@ def test_convert_native_trigger_time_with_cardiac_gating(tmp_path: Path) -> None
     assert float(ds.TriggerTime) == 0.0
 
 
-@pytest.mark.parametrize("variant", ["native-le", "native-be", "vendor"])
+def test_convert_native_big_endian_values_survive_reencoding(tmp_path: Path) -> None:
+    out = convert_dataset(_roundtrip(tmp_path, vendor=True, transfer_syntax=ExplicitVRBigEndian))
+    written = dcmread(_save_all(out, tmp_path)[0])
+    assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert written.RealWorldValueMappingSequence[0].RealWorldValueSlope == 2.108
+    assert written.RealWorldValueMappingSequence[0].RealWorldValueLastValueMapped == 4095
+    assert written.DiffusionBValue == 0.0
+    assert list(written.AcquisitionMatrix) == [0, 256, 192, 0]
+    assert float(written.ImagingFrequency) == pytest.approx(127.7654321987)
+
+
+@pytest.mark.parametrize("variant", ["native-le", "native-be", "vendor", "vendor-be"])
 def test_convert_native_pixels_bit_exact(tmp_path: Path, variant: str) -> None:
     out = convert_dataset(_roundtrip(tmp_path, **VARIANTS[variant]))
     expected = frame_pixels(4, 8, 10)

@@ -388,6 +388,11 @@ def _convert(
 ) -> list[Dataset]:
     pixels = _PixelSplitter(src, count)
     base = _base_dataset(src)
+    # Decode every functional-group element once, in the source's encoding, so values
+    # copied out of them are re-encoded correctly (big endian -> little endian).
+    for item in [shared, *per_frame]:
+        if item is not None:
+            _walk_convert(item)
     offsets = _numbers(src.get("ConcatenationFrameOffsetNumber"))
     offset = int(offsets[0]) if offsets else 0
     temporal = _temporal_positions(shared, per_frame)
