@@ -58,7 +58,7 @@ def test_convert_file_places_series_beside_original(tmp_path: Path) -> None:
     assert folder != stored.parent
     assert first.SeriesInstanceUID == name_based_uid(ROOT + "2")
     assert stored.is_file()  # the original is untouched here
-    assert not (root / STAGING_DIR).exists()
+    assert not any((root / STAGING_DIR).iterdir())
 
 
 def test_convert_file_resend_replaces_same_files(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_convert_file_cancel_leaves_nothing_visible(tmp_path: Path) -> None:
     with pytest.raises(ConversionCancelled):
         convert_file(stored, root, NATIVE, DEFAULT_LAYOUT, cancel=lambda: True)
     assert _dcm_files(root) == [stored]
-    assert not (root / STAGING_DIR).exists()
+    assert not any((root / STAGING_DIR).iterdir())
 
 
 def test_convert_file_unreadable_source_raises(tmp_path: Path) -> None:
@@ -135,6 +135,7 @@ def test_convert_paths_converts_folders_recursively(
     assert caplog.text.count("CONVERTED sop_instance_uid=") == 2
     assert caplog.text.count("SKIPPED") == 2
     assert (inputs / "a" / "enh.dcm").is_file()  # inputs are never modified
+    assert not (out / STAGING_DIR).exists()  # no hidden leftovers in an offline output
 
 
 def test_convert_paths_reports_failures(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -155,9 +155,9 @@ def convert_file(
             place_series(group_dir, final_dir)
             folders.append(final_dir)
     finally:
+        # The (hidden) staging and marker folders themselves stay: removing them
+        # would race with sibling receiver processes creating entries in them.
         shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (ae_root / STAGING_DIR).rmdir()
     frames = len(headers)
     logger.info(
         "CONVERTED sop_instance_uid=%s frames=%d backend=%s folder=%s",
@@ -455,8 +455,6 @@ class ConversionWorker:
             with contextlib.suppress(FileNotFoundError):
                 marker.unlink()
             fsync_dir(marker.parent)
-            with contextlib.suppress(OSError):
-                marker.parent.rmdir()
 
     def _enqueue(self, job: _Job) -> bool:
         with self._lock:
@@ -663,4 +661,6 @@ def convert_paths(inputs: Sequence[Path], out_dir: Path, tools: ToolsConfig, lay
         except (ConversionError, OSError) as exc:
             failures += 1
             logger.error("CONVERT-FAILED path=%s reason=%s", path, exc)
+    with contextlib.suppress(OSError):
+        (out_dir / STAGING_DIR).rmdir()  # offline: nobody else uses it
     return 0 if failures == 0 else 1
