@@ -131,7 +131,14 @@ class AssociationGate:
         Such an object was never acknowledged, so its sender still has it; the
         partial file would otherwise stay in the temp folder until restart.
         """
-        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        assoc = event.assoc
+        if assoc.is_acceptor and getattr(assoc.requestor, "primitive", None) is None:
+            # Closed before any A-ASSOCIATE-RQ (a port probe, a health check): wake the
+            # association thread, which would otherwise wait acse_timeout_s for a request
+            # that never comes while holding one of max_associations.
+            assoc.dul.to_user_queue.put(None)
+            return
+        message = getattr(getattr(assoc, "dimse", None), "message", None)
         handle: Any = getattr(message, "_data_set_file", None)
         if handle is None:
             return
