@@ -510,8 +510,9 @@ class ConversionWorker:
             try:
                 job = self._queue.get(timeout=0.2)
             except queue.Empty:
-                if self._queue.empty():
-                    self.idle.set()
+                with self._lock:
+                    if self._queue.empty() and not self._queued:
+                        self.idle.set()
                 continue
             if job is None or self._stop.is_set():
                 break
