@@ -37,7 +37,12 @@ from dicomnode.forwarder import Forwarder, retry_failed, send_paths
 from tests.conftest import free_port, peer_env, require_tool, wait_for_port, wait_until
 from tests.factories import make_image, rt_set, save
 
-pytestmark = pytest.mark.interop
+pytestmark = [
+    pytest.mark.interop,
+    # watchdog 7's inotify observer warns (from its own thread) when `mkdir -p` makes it add
+    # the same nested folder watch twice; harmless, but an error under filterwarnings=error.
+    pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning"),
+]
 
 TARGET_AET = "TARGET"
 
