@@ -54,6 +54,10 @@ NO_CLASSIC_TARGET: Final = frozenset(
         "1.2.840.10008.5.1.4.1.1.12.2.1",  # Enhanced XRF
         "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
         "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+        "1.2.840.10008.5.1.4.1.1.13.1.1",  # X-Ray 3D Angiographic
+        "1.2.840.10008.5.1.4.1.1.13.1.2",  # X-Ray 3D Craniofacial
+        "1.2.840.10008.5.1.4.1.1.77.1.5.4",  # Ophthalmic Tomography
+        "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
     }
     - set(ENHANCED_TO_CLASSIC)
 )
