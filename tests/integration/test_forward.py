@@ -705,3 +705,18 @@ def test_forward_converts_compressed_object_only_when_target_needs_it(
     log = error_log(cfg)
     assert "jpeg.dcm" in log and "conversion" in log and "rle.dcm" not in log
     assert len(log.splitlines()) == 1
+
+
+def test_forward_waits_while_receiver_conversion_is_pending(
+    tmp_path: Path, storescp: StoreSCP, forwarders: list[Forwarder]
+) -> None:
+    cfg = fconfig(tmp_path, storescp.port)
+    ae_root = cfg.watch_folder / "inbox" / "SCANNER"
+    save(make_image("MR", instance=1), ae_root / "PAT" / "study" / "series" / "mr.dcm")
+    marker = ae_root / ".convert-pending" / "abc.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    start_forwarder(forwarders, cfg)
+    assert not wait_until(lambda: storescp.order(), 2.0)  # 4x the quiet period
+    marker.unlink()
+    assert wait_until(lambda: len(storescp.order()) == 1, 20)

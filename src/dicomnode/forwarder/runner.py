@@ -56,7 +56,7 @@ from dicomnode.forwarder.outcome import (
 )
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
-from dicomnode.forwarder.watcher import EventSource, scan_folder
+from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -528,6 +528,9 @@ class Forwarder:
                 self._tracker.forget(key)
                 continue
             if self._tracker.observe(fresh, now):
+                continue
+            if has_pending_conversion(self.watch_folder, key):
+                self._tracker.touch(key, now)  # the receiver is still splitting an object
                 continue
             job = job_from_snapshot(self.watch_folder, fresh)
             if self._pool is None or self._stop.is_set():

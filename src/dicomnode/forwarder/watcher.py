@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Final
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -94,6 +95,31 @@ def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]
     if _skip_dir(top) or not watch_folder.joinpath(group).is_dir():
         return []
     return [e for e in _walk(watch_folder, top) if not should_ignore(e.rel_path)]
+
+
+#: Hidden folder where the receiver's conversion worker keeps one marker per pending
+#: Enhanced-MR split (``dicomnode.convert.worker.PENDING_DIR``); while a group holds
+#: one, the group is not complete yet.
+CONVERT_PENDING_DIR: Final = ".convert-pending"
+
+
+def has_pending_conversion(watch_folder: Path, group: str) -> bool:
+    """Return True when the group contains a pending-conversion marker of the receiver."""
+    root = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
+    if group == TOPLEVEL_GROUP:
+        return _has_marker(root / CONVERT_PENDING_DIR)
+    for dirpath, dirnames, _ in os.walk(root):
+        if CONVERT_PENDING_DIR in dirnames and _has_marker(Path(dirpath) / CONVERT_PENDING_DIR):
+            return True
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return False
+
+
+def _has_marker(folder: Path) -> bool:
+    try:
+        return any(folder.glob("*.json"))
+    except OSError:
+        return False
 
 
 class _Handler(FileSystemEventHandler):
