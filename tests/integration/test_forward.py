@@ -367,6 +367,7 @@ def test_forward_target_down_keeps_files_then_delivers(
     save(make_image("CT", instance=2), cfg.watch_folder / "PAT4" / "ct2.dcm")
     start_forwarder(forwarders, cfg)
     assert wait_until(lambda: caplog.text.count("RETRY-SCHEDULED") >= 2, 20)
+    assert "cannot connect" in caplog.text
     assert len(files_in(cfg.watch_folder / "PAT4")) == 2
     assert not cfg.failed_dir.exists()
     state_files = list((cfg.watch_folder / ".dicomnode-state").glob("*.json"))
@@ -720,3 +721,31 @@ def test_forward_waits_while_receiver_conversion_is_pending(
     assert not wait_until(lambda: storescp.order(), 2.0)  # 4x the quiet period
     marker.unlink()
     assert wait_until(lambda: len(storescp.order()) == 1, 20)
+
+
+def test_forward_retry_state_survives_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restarted forwarder continues the first-failure time: it gives up at once, no new backoff."""
+    caplog.set_level("INFO", logger="dicomnode")
+    cfg = fconfig(tmp_path, free_port(), give_up_after_s=1.5)
+    save(make_image("CT", instance=1), cfg.watch_folder / "PAT17" / "ct.dcm")
+    first = Forwarder(cfg)
+    first.start()
+    try:
+        assert wait_until(lambda: caplog.text.count("RETRY-SCHEDULED") >= 2, 20)
+    finally:
+        first.stop(5.0)
+    assert not cfg.failed_dir.exists()
+    (state_file,) = (cfg.watch_folder / ".dicomnode-state").glob("*.json")
+    first_failure = json.loads(state_file.read_text())["first_failure"]
+    assert wait_until(lambda: time.time() >= first_failure + 1.5, 5)
+    scheduled = caplog.text.count("RETRY-SCHEDULED")
+    second = Forwarder(cfg)
+    second.start()
+    try:
+        assert wait_until(lambda: "gave up" in error_log(cfg), 20)
+    finally:
+        second.stop(5.0)
+    assert caplog.text.count("RETRY-SCHEDULED") == scheduled
+    assert not list((cfg.watch_folder / ".dicomnode-state").glob("*.json"))

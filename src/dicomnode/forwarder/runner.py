@@ -521,8 +521,8 @@ class Forwarder:
                 if len(self._inflight) >= self.config.max_workers:
                     return
             state = self._retry.get(key)
-            if state is not None and state.next_attempt > wall:
-                continue
+            if state is not None and 0 < state.next_attempt - wall <= self.config.retry_max_delay_s:
+                continue  # still backing off (a wait beyond the maximum means the clock jumped)
             fresh = group_entries(scan_folder(self.watch_folder, key)).get(key)
             if fresh is None:
                 self._tracker.forget(key)

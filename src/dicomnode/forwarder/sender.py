@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicomnode.config import ForwarderConfig
@@ -228,6 +228,7 @@ class AssociationSender:
         cfg = self.config
         ae = self._make_ae(contexts)
         tls_args = (self.ssl_context, cfg.target_ip) if self.ssl_context is not None else None
+        connected = threading.Event()
         try:
             assoc = ae.associate(
                 cfg.target_ip,
@@ -235,6 +236,7 @@ class AssociationSender:
                 ae_title=cfg.target_aet,
                 max_pdu=cfg.max_pdu_bytes,
                 tls_args=tls_args,
+                evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.set())],
             )
         except (OSError, ValueError, RuntimeError) as exc:
             reason = (
@@ -251,12 +253,14 @@ class AssociationSender:
                         obj, SendOutcome.REFUSED, None, "SOP class not accepted by the target"
                     )
                 return RunEnd()
-            if assoc.is_rejected:
+            if not connected.is_set():
+                reason = f"cannot connect to {where} (connection refused or timed out)"
+            elif assoc.is_rejected:
                 reason = f"association rejected by {where}"
             elif assoc.is_aborted:
                 reason = f"association aborted by {where}"
             else:
-                reason = f"cannot connect to {where} (refused or timed out)"
+                reason = f"no association with {where} (no answer within acse_timeout_s)"
             self._report_rest(objects, 0, on_result, reason)
             return RunEnd(network_error=reason)
 
