@@ -70,7 +70,8 @@ def test_receiver_converts_enhanced_mr_sent_by_storescu(
     assert sent.returncode == 0, sent.stderr
     root = dest / "incoming"
     assert wait_until(lambda: len(_classic(root)) == 4, 30), node.output()
-    assert "CONVERTED" in node.output()
+    # Log lines of receiver processes reach the node's log through a queue: poll.
+    assert wait_until(lambda: "CONVERTED" in node.output(), 10), node.output()
     originals = [p for p in root.rglob("*.dcm") if p.name.startswith("MR_" + ROOT)]
     assert len(originals) == 1  # the enhanced original is kept in its own series folder
     files = _classic(root)
