@@ -129,7 +129,8 @@ def _worker_main(
     from dicomnode import tls
     from dicomnode.receiver.server import Receiver
 
-    converter, post_store = start_converter(cfg, resume=index == 0)
+    # Every (re)started worker resumes: jobs of live workers are skipped by the converter.
+    converter, post_store = start_converter(cfg, resume=True)
     receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls), listen_socket=sock)
     receiver.start(prepare=False)
     conn.send("ready")
