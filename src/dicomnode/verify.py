@@ -52,6 +52,7 @@ def echo(
         assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     except (OSError, socket.gaierror) as exc:
         return EchoResult(False, f"ECHO-FAILED {where}: {exc}", 0.0)
+
     def elapsed() -> float:
         return (time.monotonic() - started) * 1000
 
