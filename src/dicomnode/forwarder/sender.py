@@ -8,9 +8,11 @@ decoding when the target accepted the file's transfer syntax
 (``STORE_SEND_CHUNKED_DATASET``); only otherwise is the object decoded and, if
 possible, converted. Memory stays bounded for objects of any size: pynetdicom's
 DIMSE layer reads the file one PDU at a time but queues every PDU on an
-unbounded queue faster than the socket drains it (a 1 GB object peaked at about
-420 MB RSS), so :func:`_bound_send_queue` makes the reading thread wait while
-a few MB are queued, and an unlimited peer PDU size is capped at 1 MiB.
+unbounded queue faster than the socket drains it (forwarding a 1 GB object to
+storescp peaked at 521 MB RSS), so :func:`_bound_send_queue` makes the reading
+thread wait while 4 MiB are queued (peak 55 MB for the same object), and an
+unlimited peer PDU size is capped at 1 MiB. :func:`_keep_responses_for_caller`
+closes a pynetdicom race that lost C-STORE responses (the "intermittent stall").
 
 Every file gets exactly one callback with its :class:`SendOutcome`; a missing
 response, an abort or a temporary refusal ends the association and the rest is
