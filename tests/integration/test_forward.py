@@ -61,6 +61,7 @@ class StoreSCP:
         self.order_file = tmp / "storescp-order.txt"
         self.log = tmp / "storescp.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     def start(self) -> StoreSCP:
         cmd = [
@@ -72,6 +73,7 @@ class StoreSCP:
             "--exec-on-reception",
             f"echo #f >> {self.order_file}",
             "--exec-sync",
+            *self.extra_args,
             str(self.port),
         ]
         self._fh = self.log.open("ab")
@@ -749,3 +751,29 @@ def test_forward_retry_state_survives_restart(
         second.stop(5.0)
     assert caplog.text.count("RETRY-SCHEDULED") == scheduled
     assert not list((cfg.watch_folder / ".dicomnode-state").glob("*.json"))
+
+
+def test_forward_storescp_profile_without_rt_parks_rt_only(
+    tmp_path: Path, forwarders: list[Forwarder]
+) -> None:
+    profile = tmp_path / "ctonly.cfg"
+    profile.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = LittleEndianImplicit\n[[PresentationContexts]]\n[CTOnly]\n"
+        "PresentationContext1 = VerificationSOPClass\\Uncompressed\n"
+        "PresentationContext2 = CTImageStorage\\Uncompressed\n"
+        "[[Profiles]]\n[CTOnly]\nPresentationContexts = CTOnly\n"
+    )
+    scp = StoreSCP(tmp_path)
+    scp.extra_args = ["--config-file", str(profile), "CTOnly"]
+    scp.start()
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        expected = write_study(cfg.watch_folder / "PAT18", n_ct=2)
+        start_forwarder(forwarders, cfg)
+        assert wait_until(lambda: not (cfg.watch_folder / "PAT18").exists(), 30)
+        assert scp.received_sops() == [uid for uid, kind in expected.items() if kind == "CT"]
+    finally:
+        scp.stop()
+    log = error_log(cfg)
+    assert len(log.splitlines()) == 3 and log.count("SOP class not accepted") == 3
