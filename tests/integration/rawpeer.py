@@ -174,6 +174,22 @@ def response_status(body: bytes) -> int:
     return int(command.Status)
 
 
+def acknowledged_by_storescu(log: str, files: list[Path]) -> set[Path]:
+    """Return the files storescu -v reports as answered with Success or Warning."""
+    acked: set[Path] = set()
+    current: Path | None = None
+    by_name = {str(f): f for f in files}
+    for line in log.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = by_name.get(line.removeprefix("I: Sending file: ").strip())
+        elif line.startswith("I: Received Store Response (") and current is not None:
+            status = line.removeprefix("I: Received Store Response (")
+            if status.startswith(("Success", "Warning")):
+                acked.add(current)
+            current = None
+    return acked
+
+
 def visible_files(root: Path) -> list[Path]:
     """Return every file below ``root`` except the receiver's hidden temp folder."""
     return sorted(

@@ -25,7 +25,12 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import peer_env, require_tool, wait_until, write_config
 from tests.factories import ROOT, make_image, save
-from tests.integration.rawpeer import assert_nothing_half_written, dataset_bytes, visible_files
+from tests.integration.rawpeer import (
+    acknowledged_by_storescu,
+    assert_nothing_half_written,
+    dataset_bytes,
+    visible_files,
+)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -67,22 +72,6 @@ def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _acknowledged(log: str, files: list[Path]) -> set[Path]:
-    """Return the files storescu -v reports as answered with Success or Warning."""
-    acked: set[Path] = set()
-    current: Path | None = None
-    by_name = {str(f): f for f in files}
-    for line in log.splitlines():
-        if line.startswith("I: Sending file: "):
-            current = by_name.get(line.removeprefix("I: Sending file: ").strip())
-        elif line.startswith("I: Received Store Response (") and current is not None:
-            status = line.removeprefix("I: Received Store Response (")
-            if status.startswith(("Success", "Warning")):
-                acked.add(current)
-            current = None
-    return acked
 
 
 def _stored_by_uid(dest: Path) -> dict[str, list[Path]]:
@@ -156,7 +145,7 @@ def test_faults_kill9_during_storescu_loses_nothing_acknowledged(
                 _kill_hard(node.proc.pid)
                 kills += 1
             sender.wait(60)
-        new = _acknowledged(log_path.read_text(), pending)
+        new = acknowledged_by_storescu(log_path.read_text(), pending)
         acked |= new
 
         # Before any restart: every acknowledged object is complete and unaltered.
