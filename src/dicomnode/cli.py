@@ -223,6 +223,18 @@ def _run(args: argparse.Namespace, cfg: NodeConfig) -> int:
     for line in service.summary_lines(cfg, options):
         print(line, flush=True)
     rc = cfg.receiver
+    watch = cfg.forwarder.watch_folder
+    if (
+        options.receiver
+        and options.forwarder
+        and rc.errors_dir.resolve().is_relative_to(watch.resolve())
+    ):
+        logger.warning(
+            "%s lies inside the watch folder %s: objects the receiver could not store would be "
+            "forwarded; keep destination_dir outside the watch folder and map AEs into it",
+            rc.errors_dir,
+            watch,
+        )
     if options.receiver and rc.trusts_any_ae and not service.is_loopback(rc.server_ip):
         logger.warning(
             "trusted_ae_titles = * on %s: ANY calling AE title may store objects", rc.server_ip

@@ -74,25 +74,38 @@ def place_file(src: Path, final: Path) -> None:
     OSError
         When the folder cannot be created or the file cannot be moved.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, final)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        tmp = part_path(final)
+    for attempt in range(3):
+        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with src.open("rb") as fin, tmp.open("wb") as fout:
-                shutil.copyfileobj(fin, fout, 1024 * 1024)
-                fsync_file(fout)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        with contextlib.suppress(OSError):
-            src.unlink()
+            os.replace(src, final)
+            break
+        except FileNotFoundError:
+            # A forwarder watching this tree may remove an emptied folder between
+            # mkdir and rename: create it again (src itself still exists).
+            if attempt == 2 or not src.exists():
+                raise
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across_volumes(src, final)
+            break
     fsync_dir(final.parent)
+
+
+def _copy_across_volumes(src: Path, final: Path) -> None:
+    """Copy ``src`` to a fsynced ``.part`` beside ``final``, rename it, delete ``src``."""
+    tmp = part_path(final)
+    try:
+        with src.open("rb") as fin, tmp.open("wb") as fout:
+            shutil.copyfileobj(fin, fout, 1024 * 1024)
+            fsync_file(fout)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):
+        src.unlink()
 
 
 def write_bytes_atomic(data: bytes, final: Path) -> None:
