@@ -569,3 +569,25 @@ def test_hardening_second_signal_forces_exit(
         assert time.monotonic() - forced < 3
     assert code != 0
     assert "forcing exit" in node.output()
+
+
+def test_hardening_pdu_longer_than_max_pdu_is_cut_off_not_buffered(
+    tmp_path: Path, port: int, start_node: StartNode
+) -> None:
+    """A PDU header claiming gigabytes must not make the node buffer what follows."""
+    node, dest = start(
+        tmp_path, port, start_node, network={"max_pdu_bytes": 65536, "receiver_processes": 1}
+    )
+    chunk = b"\0" * (1 << 20)
+    sent = 0
+    with RawPeer(port) as peer:
+        assert peer.associate() == PDU_ASSOCIATE_AC
+        peer.send(b"\x04\x00\xff\xff\xff\xf0")  # P-DATA-TF of ~4 GiB
+        with pytest.raises(OSError):  # reset or broken pipe once the node gives up
+            while sent < 512 * len(chunk):
+                peer.sock.sendall(chunk)
+                sent += len(chunk)
+    assert sent < 64 * len(chunk), f"node swallowed {sent >> 20} MiB of one PDU"
+    assert "max_pdu_bytes" in node.output()
+    assert echoscu(port)
+    assert stored(dest) == []

@@ -11,13 +11,14 @@ decides the final path (:mod:`dicomnode.organise`) and renames it into place
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pydicom.errors import InvalidDicomError
 
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
 logger = logging.getLogger(__name__)
+
+#: Association requests with many presentation contexts stay well below this.
+_MIN_PDU_LIMIT_BYTES: Final = 65536
+#: Tolerance above the announced maximum PDU length before a PDU is refused.
+_PDU_SLACK_BYTES: Final = 65536
 
 #: Called after an object is durable: (final path, AE folder, SOP Class UID).
 PostStore = Callable[[Path, Path, str], None]
@@ -83,11 +89,41 @@ class AssociationGate:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.settimeout(self.cfg.network_timeout_s)
+            if wrapper is not None:
+                self._bound_pdu_reads(wrapper, event)
         except (OSError, AttributeError):
             logger.debug("could not set TCP_NODELAY or the socket timeout", exc_info=True)
             return
         if isinstance(sock, ssl.SSLSocket):
             self._handshake(sock, event)
+
+    def _bound_pdu_reads(self, wrapper: Any, event: Event) -> None:
+        """Refuse to read a PDU longer than max_pdu_bytes allows.
+
+        pynetdicom reads a whole PDU into memory, trusting the 4-byte length in
+        its header; one peer claiming 4 GiB could exhaust the node's memory.
+        Peers must keep P-DATA PDUs within the maximum length we announce.
+        """
+        if not self.cfg.max_pdu_bytes:
+            return
+        limit = max(self.cfg.max_pdu_bytes, _MIN_PDU_LIMIT_BYTES) + _PDU_SLACK_BYTES
+        original = wrapper.recv
+
+        def bounded_recv(nr_bytes: int) -> Any:
+            if nr_bytes > limit:
+                address = getattr(event, "address", ("?", 0))
+                logger.warning(
+                    "REJECTED PDU of %d bytes from peer %s:%s: larger than max_pdu_bytes=%d "
+                    "allows; closing the connection",
+                    nr_bytes,
+                    address[0],
+                    address[1],
+                    self.cfg.max_pdu_bytes,
+                )
+                raise OSError(errno.EMSGSIZE, "PDU longer than max_pdu_bytes")
+            return original(nr_bytes)
+
+        wrapper.recv = bounded_recv
 
     def _handshake(self, sock: ssl.SSLSocket, event: Event) -> None:
         """Complete the deferred TLS handshake here, bounded by the network timeout.
