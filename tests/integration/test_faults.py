@@ -1,4 +1,4 @@
-"""Fault injection: kill -9 the receiving node again and again while DCMTK storescu sends.
+"""Fault injection: kill -9 the node again and again mid-transfer; freeze the forwarder's target.
 
 The contract under test (DESIGN.md, "Contracts"): an object the sender saw
 acknowledged is complete on disk, byte for byte, even if the process dies the
@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import peer_env, require_tool, wait_until, write_config
+from dicomnode.receiver.integrity import find_defect
+from tests.conftest import (
+    free_port,
+    peer_env,
+    require_tool,
+    wait_for_port,
+    wait_until,
+    write_config,
+)
 from tests.factories import ROOT, make_image, save
 from tests.integration.rawpeer import (
     acknowledged_by_storescu,
@@ -172,3 +180,160 @@ def test_faults_kill9_during_storescu_loses_nothing_acknowledged(
     assert all(len(paths) == 1 for paths in stored.values())
     assert_nothing_half_written(dest)
     assert not (dest / "errors").exists() or not any((dest / "errors").iterdir())
+
+
+# --------------------------------------------------------------------------- forwarder
+
+
+class Target:
+    """DCMTK storescp as the forwarder's target, writing into ``out``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.out = tmp / "target-out"
+        self.out.mkdir(parents=True)
+        self._log = (tmp / "storescp.log").open("wb")
+        self.proc = subprocess.Popen(
+            [require_tool("storescp"), "-aet", "TARGET", "-od", str(self.out), str(self.port)],
+            env=peer_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port, proc=self.proc)
+
+    def received(self) -> dict[str, Path]:
+        """Return SOP Instance UID -> file of every object the target has written."""
+        out: dict[str, Path] = {}
+        for path in self.out.iterdir():
+            uid = path.name.split(".", 1)[1] if "." in path.name else path.name
+            out[uid.removesuffix(".dcm")] = path
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _forwarder_config(tmp_path: Path, watch: Path, target: Target, **extra: object) -> Path:
+    folder_watcher: dict[str, object] = {
+        "watch_folder": watch,
+        "target_aet": "TARGET",
+        "target_ip": "127.0.0.1",
+        "target_port": target.port,
+        "inactivity_timeout": 0.3,
+        "process_timer_interval": 0.2,
+        "retry_initial_delay_s": 0.3,
+        "retry_max_delay_s": 0.6,
+        "dimse_timeout_s": 3,
+        "network_timeout_s": 3,
+        "acse_timeout_s": 3,
+    }
+    folder_watcher.update(extra)
+    return write_config(
+        tmp_path / "forwarder.ini",
+        {
+            "Network": {"receive_port": free_port()},
+            "Directories": {"destination_dir": tmp_path / "received", "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "SENDER"},
+            "FolderWatcher": folder_watcher,
+        },
+    )
+
+
+def _make_watch_folder(
+    tmp_path: Path, groups: int, per_group: int
+) -> tuple[Path, dict[str, bytes]]:
+    watch = tmp_path / "watch"
+    expected: dict[str, bytes] = {}
+    uid_of: dict[str, str] = {}
+    for g in range(groups):
+        study = generate_uid(ROOT)
+        for i in range(per_group):
+            ds = make_image(patient_id=f"P{g}", study_uid=study, instance=i, rows=32, cols=32)
+            path = save(ds, tmp_path / "staging" / f"G{g}" / f"{i:03d}.dcm")
+            expected[str(ds.SOPInstanceUID)] = dataset_bytes(path)
+            uid_of[f"G{g}/{path.name}"] = str(ds.SOPInstanceUID)
+    # Appear in the watch folder by rename, as a well-behaved producer does.
+    (tmp_path / "staging").rename(watch)
+    return watch, expected, uid_of
+
+
+def _watch_files(watch: Path) -> dict[str, Path]:
+    """Return SOP Instance UID -> path of the objects still waiting in the watch folder."""
+    return {path.parent.name + "/" + path.name: path for path in watch.glob("G*/*.dcm")}
+
+
+def _assert_delivery_invariant(
+    watch: Path, target: Target, expected: dict[str, bytes], uid_of: dict[str, str]
+) -> None:
+    """Every object gone from the watch folder is at the target, whole and unaltered."""
+    left = {uid_of[name] for name in _watch_files(watch)}
+    received = target.received()
+    for uid, data in expected.items():
+        if uid not in left:
+            assert uid in received, f"{uid} deleted from the watch folder but never delivered"
+        if uid in received:
+            assert find_defect(received[uid]) is None, f"corrupt delivery {received[uid]}"
+            assert dataset_bytes(received[uid]) == data, f"altered delivery {received[uid]}"
+    assert set(received) <= set(expected)
+
+
+@pytest.mark.timeout(150)
+def test_faults_kill9_forwarder_repeatedly_delivers_everything_intact(
+    tmp_path: Path, start_node: Callable[..., Any]
+) -> None:
+    rng = random.Random(int(os.environ.get("FAULT_SEED", str(time.time_ns() % 1_000_000))))
+    target = Target(tmp_path)
+    try:
+        watch, expected, uid_of = _make_watch_folder(tmp_path, groups=3, per_group=40)
+        cfg = _forwarder_config(tmp_path, watch, target)
+        for _kill in range(4):
+            node = start_node(["--config", str(cfg), "--no-receiver"])
+            before = len(target.received())
+            goal = before + rng.randint(3, 25)
+            wait_until(lambda g=goal: len(target.received()) >= g, 30, interval_s=0.005)
+            _kill_hard(node.proc.pid)
+            node.stop()
+            _assert_delivery_invariant(watch, target, expected, uid_of)
+        node = start_node(["--config", str(cfg), "--no-receiver"])
+        assert wait_until(lambda: not _watch_files(watch), 60), node.output()
+        _assert_delivery_invariant(watch, target, expected, uid_of)
+        assert set(target.received()) == set(expected)
+        failed = watch / "failed"
+        assert not failed.exists() or not any(failed.rglob("*.dcm")), list(failed.rglob("*"))
+        node.stop()
+    finally:
+        target.stop()
+
+
+@pytest.mark.timeout(120)
+def test_faults_target_frozen_mid_association_then_everything_delivered(
+    tmp_path: Path, start_node: Callable[..., Any]
+) -> None:
+    target = Target(tmp_path)
+    try:
+        watch, expected, uid_of = _make_watch_folder(tmp_path, groups=1, per_group=60)
+        cfg = _forwarder_config(tmp_path, watch, target)
+        node = start_node(["--config", str(cfg), "--no-receiver"])
+        assert wait_until(lambda: len(target.received()) >= 5, 30, interval_s=0.002)
+        target.proc.send_signal(signal.SIGSTOP)  # the target stops answering mid-association
+        frozen_at = len(target.received())
+        assert wait_until(lambda: "SEND-FAILED" in node.output() or "retry" in node.output(), 20)
+        _assert_delivery_invariant(watch, target, expected, uid_of)
+        assert len(target.received()) == frozen_at
+        assert len(_watch_files(watch)) >= len(expected) - frozen_at - 1
+        target.proc.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: not _watch_files(watch), 60), node.output()
+        _assert_delivery_invariant(watch, target, expected, uid_of)
+        assert set(target.received()) == set(expected)
+        assert not (watch / "failed").exists() or not any((watch / "failed").rglob("*.dcm"))
+        node.stop()
+    finally:
+        target.stop()
