@@ -160,7 +160,7 @@ def test_tls_storescu_with_client_certificate_stores_byte_exact(
     assert sorted(dataset_bytes(p) for p in stored) == sorted(dataset_bytes(f) for f in files)
     echo = _dcmtk("echoscu", port, _client_tls(pki))
     assert echo.returncode == 0, echo.stderr
-    assert "tls=on" in node.output()
+    assert wait_until(lambda: "tls=on" in node.output()), node.output()
 
 
 def test_tls_peer_without_client_certificate_is_refused(
