@@ -2,10 +2,13 @@
 
 The C-STORE handler answers success only after the object is complete on disk:
 pynetdicom streams the data set to a temporary file on the destination volume
-(``STORE_RECV_CHUNKED_DATASET``); the handler fsyncs it, reads only the header,
-decides the final path (:mod:`dicomnode.organise`) and renames it into place
-(:mod:`dicomnode.storage`). Handlers never raise. Log verbs: ``ASSOC-ACCEPTED``,
-``REJECTED``, ``STORED``, ``STORE-FAILED``.
+(``STORE_RECV_CHUNKED_DATASET``); the handler fsyncs it, checks that its element
+structure is complete (:mod:`dicomnode.receiver.integrity`), reads only the
+header, decides the final path (:mod:`dicomnode.organise`) and renames it into
+place (:mod:`dicomnode.storage`). The association gate also bounds what one
+peer can hold: socket timeouts, PDU length, TLS handshakes off the accept loop.
+Handlers never raise. Log verbs: ``ASSOC-ACCEPTED``, ``REJECTED``, ``STORED``,
+``STORE-FAILED``, ``DISCARDED``.
 """
 
 from __future__ import annotations
@@ -266,9 +269,11 @@ class StoreHandler:
         -------
         int
             0x0000 Success: the object is fsynced and renamed into its final place.
-            0xA700 Refused, out of resources: disk guard, object too large, or an
-            OS error while writing (disk full, permission, bad path).
-            0xC000 Error, cannot understand: the object cannot be parsed or has no
+            0xA700 Refused, out of resources: disk guard, object too large, the
+            received data could not be written to the temp file (disk full), or an
+            OS error while filing it (permission, bad path).
+            0xC000 Error, cannot understand: the object is structurally incomplete
+            (an element runs past the end: truncated), cannot be parsed, or has no
             valid SOP Instance UID.
             0x0110 Processing failure: an unexpected error in the node.
         """
