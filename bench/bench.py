@@ -129,6 +129,7 @@ class Options:
     nodelay: bool
     keep: bool
     python: str
+    probe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +427,30 @@ class NodeReceiver(Receiver):
         return _count_files(self.store / "incoming")
 
 
+class RawProbeReceiver(Receiver):
+    """``bench/raw_scp.py``: the no-pynetdicom ceiling probe (``--with-probe``)."""
+
+    name = "raw-scp"
+
+    def __init__(self, workdir: Path, env: dict[str, str], python: str) -> None:
+        super().__init__(workdir, env)
+        self.python = python
+
+    def command(self) -> list[str]:
+        """Return the probe's command line."""
+        return [self.python, str(BENCH_DIR / "raw_scp.py"), str(self.port), str(self.store)]
+
+    def is_ready(self) -> bool:
+        """Ready once the port listens and the probe printed LISTENING."""
+        if self._fh is not None:
+            self._fh.flush()
+        return is_listening(self.port) and b"LISTENING" in self.log.read_bytes()
+
+    def stored_files(self) -> int:
+        """Count stored objects (the probe renames into ``store/`` itself)."""
+        return _count_files(self.store)
+
+
 # --------------------------------------------------------------------------- cases
 
 
@@ -596,6 +621,10 @@ class Bench:
         """Return a dicomnode receiver in ``workdir``."""
         return NodeReceiver(workdir, self.env, self.opts.python)
 
+    def probe_receiver(self, workdir: Path) -> Receiver:
+        """Return the raw-socket ceiling probe in ``workdir``."""
+        return RawProbeReceiver(workdir, self.env, self.opts.python)
+
     def storescu_to(
         self, inputs: Sequence[Path], called: str
     ) -> Callable[[Path, Receiver], list[list[str]]]:
@@ -609,6 +638,13 @@ class Bench:
         chunks = split_files(data.files, parts)
         return lambda _w, recv: [
             storescu_cmd(self.tools, recv.port, NODE_AET, chunk) for chunk in chunks
+        ]
+
+    def probe_send(self, data: Dataset) -> Callable[[Path, Receiver], list[list[str]]]:
+        """Return a sender factory: ``bench/raw_scu.py`` (ceiling probe) with the data folder."""
+        script = str(BENCH_DIR / "raw_scu.py")
+        return lambda _w, recv: [
+            [self.opts.python, script, "127.0.0.1", str(recv.port), DCMTK_AET, str(data.folder)]
         ]
 
     def node_send(self, data: Dataset) -> Callable[[Path, Receiver], list[list[str]]]:
@@ -658,6 +694,15 @@ class Bench:
                     self.node_receiver,
                     self.storescu_to([data.folder], NODE_AET),
                 )
+            if "receive" in sections and self.opts.probe:
+                self.measure(
+                    "RECEIVE",
+                    data,
+                    "storescu->raw-scp (probe)",
+                    rep,
+                    self.probe_receiver,
+                    self.storescu_to([data.folder], NODE_AET),
+                )
             if "forward" in sections:
                 self.measure(
                     "FORWARD",
@@ -666,6 +711,15 @@ class Bench:
                     rep,
                     self.dcmtk_receiver,
                     self.node_send(data),
+                )
+            if "forward" in sections and self.opts.probe:
+                self.measure(
+                    "FORWARD",
+                    data,
+                    "raw-scu (probe)->storescp",
+                    rep,
+                    self.dcmtk_receiver,
+                    self.probe_send(data),
                 )
         if "memory" in sections and "big" in datasets:
             self.run_memory(rep, datasets["big"])
@@ -1002,6 +1056,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--nagle-default", action="store_true", help="do not export TCP_NODELAY=1 to DCMTK"
     )
     parser.add_argument("--keep", action="store_true", help="keep received files and logs")
+    parser.add_argument(
+        "--with-probe",
+        action="store_true",
+        help="add bench/raw_scp.py and raw_scu.py rows (no-pynetdicom ceiling probes, "
+        "not the product)",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter running dicomnode")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
@@ -1030,6 +1090,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         nodelay=not args.nagle_default,
         keep=args.keep,
         python=args.python,
+        probe=args.with_probe,
     )
 
 
