@@ -172,10 +172,20 @@ def test_hardening_max_associations_refuses_excess_and_recovers(
         tmp_path, port, start_node, network={"max_associations": 2, "receiver_processes": 1}
     )
     path, _ = ok_object(tmp_path, "one")
-    holders = [RawPeer(port), RawPeer(port)]
+    holders: list[RawPeer] = []
+
+    def hold_one() -> bool:
+        # Retried only while start-up port probes are still being torn down.
+        peer = RawPeer(port)
+        if peer.associate() == PDU_ASSOCIATE_AC:
+            holders.append(peer)
+            return True
+        peer.close()
+        return False
+
     try:
-        for peer in holders:
-            assert peer.associate() == PDU_ASSOCIATE_AC
+        for _ in range(2):
+            assert wait_until(hold_one, 10, interval_s=0.1), node.output()
         with RawPeer(port) as third:
             assert third.associate() == PDU_ASSOCIATE_RJ
         refused = storescu(port, [path])
