@@ -123,6 +123,8 @@ class Node:
             The listening address cannot be bound.
         """
         cfg = self.config
+        if self.options.forwarder:
+            check_writable(cfg.forwarder.watch_folder)
         if self.options.receiver:
             from dicomnode.receiver import Receiver
             from dicomnode.receiver.pool import ReceiverPool, effective_processes, start_converter
@@ -135,8 +137,6 @@ class Node:
                 self.receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls))
             self.receiver.start()
         fw_on, _ = forwarder_state(cfg, self.options)
-        if self.options.forwarder:
-            check_writable(cfg.forwarder.watch_folder)
         if fw_on:
             from dicomnode.forwarder import Forwarder
 
