@@ -219,11 +219,6 @@ def test_hardening_port_probes_do_not_hold_association_slots(
     assert len(stored(dest)) == 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="receiver process pool: max_associations is counted per worker process, so a "
-    "node with N workers admits up to N x max_associations (reported on issue 6)",
-)
 def test_hardening_max_associations_is_node_wide_with_process_pool(
     tmp_path: Path, port: int, start_node: StartNode
 ) -> None:

@@ -73,11 +73,52 @@ def _resolve_names(ip: str, names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(found)
 
 
-class AssociationGate:
-    """Admission control bound to EVT_REQUESTED, EVT_REJECTED and EVT_CONN_OPEN."""
+class SharedLoad:
+    """Connection counts of all receiver processes of a pool, in shared memory.
 
-    def __init__(self, cfg: ReceiverConfig) -> None:
+    Each process publishes how many connections it serves in its own slot;
+    admission adds up every slot so ``max_associations`` holds for the whole
+    node, not per process. Slots are refreshed by their owners, so a process
+    that dies cannot leak capacity (the pool zeroes its slot on restart).
+
+    Parameters
+    ----------
+    counts : multiprocessing.Array of int
+        One slot per process, shared by the pool.
+    index : int
+        This process's slot.
+    """
+
+    def __init__(self, counts: Any, index: int) -> None:
+        self.counts = counts
+        self.index = index
+
+    def publish(self, active: int) -> None:
+        """Record how many connections this process serves now."""
+        with self.counts.get_lock():
+            self.counts[self.index] = active
+
+    def admit(self, active: int, limit: int) -> bool:
+        """Publish ``active`` (including the new one) and return True if the node total fits."""
+        with self.counts.get_lock():
+            self.counts[self.index] = active
+            return bool(sum(self.counts) <= limit)
+
+
+class AssociationGate:
+    """Admission control bound to EVT_REQUESTED, EVT_REJECTED and EVT_CONN_OPEN.
+
+    Parameters
+    ----------
+    cfg : ReceiverConfig
+        Receiver settings.
+    shared_load : SharedLoad, optional
+        Node-wide connection counts when several receiver processes share the port.
+    """
+
+    def __init__(self, cfg: ReceiverConfig, shared_load: SharedLoad | None = None) -> None:
         self.cfg = cfg
+        self.shared_load = shared_load
 
     def handle_conn_open(self, event: Event) -> None:
         """Set TCP_NODELAY and the network timeout on the accepted socket.
@@ -205,6 +246,18 @@ class AssociationGate:
             allowed = cfgmod.hosts_for(self.cfg, calling) or ()
             peers = _resolve_names(ip, allowed) if allowed else frozenset({ip})
             decision = decide_association(self.cfg, calling, called, peers)
+            if decision.accept and not self._within_node_limit(event):
+                logger.warning(
+                    "REJECTED association calling_ae=%s called_ae=%s peer=%s "
+                    "reason=max_associations=%d reached across receiver processes",
+                    calling,
+                    called,
+                    where,
+                    self.cfg.max_associations,
+                )
+                event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient: local limit
+                event.assoc.kill()
+                return
             if decision.accept:
                 logger.info(
                     "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s", calling, called, where
@@ -228,6 +281,13 @@ class AssociationGate:
                 event.assoc.kill()
             except Exception:
                 event.assoc.abort()
+
+    def _within_node_limit(self, event: Event) -> bool:
+        """Return True unless the pool as a whole already serves max_associations."""
+        if self.shared_load is None:
+            return True  # one process: pynetdicom enforces the limit itself
+        local = sum(1 for a in event.assoc.ae.active_associations if a.is_acceptor)
+        return self.shared_load.admit(local, self.cfg.max_associations)
 
     def handle_rejected(self, event: Event) -> None:
         """Log rejections made by pynetdicom itself (e.g. too many associations)."""

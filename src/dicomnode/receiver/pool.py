@@ -105,7 +105,7 @@ def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
 
 
 def _worker_main(
-    cfg: NodeConfig, index: int, sock: socket.socket, log_queue: Any, conn: Any
+    cfg: NodeConfig, index: int, sock: socket.socket, log_queue: Any, conn: Any, load: Any
 ) -> None:
     """Entry point of one receiver process.
 
@@ -127,15 +127,23 @@ def _worker_main(
     )
 
     from dicomnode import tls
+    from dicomnode.receiver.handlers import SharedLoad
     from dicomnode.receiver.server import Receiver
 
     # Every (re)started worker resumes: jobs of live workers are skipped by the converter.
     converter, post_store = start_converter(cfg, resume=True)
-    receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls), listen_socket=sock)
+    receiver = Receiver(
+        cfg.receiver,
+        post_store,
+        tls.server_context(cfg.tls),
+        listen_socket=sock,
+        shared_load=SharedLoad(load, index),
+    )
     receiver.start(prepare=False)
     conn.send("ready")
     try:
         while not local_stop.is_set():
+            receiver.publish_load()  # keeps max_associations node-wide and self-healing
             if conn.poll(0.5) and conn.recv() == "stop":
                 break
     except (EOFError, OSError):
@@ -187,6 +195,8 @@ class ReceiverPool:
         self._sock: socket.socket | None = None
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
+        # Connections served per worker, summed at admission (node-wide max_associations).
+        self._load: Any = self._ctx.Array("i", processes)
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Bind, spawn the workers and wait until each one serves.
@@ -238,9 +248,10 @@ class ReceiverPool:
             target=_pump_logs, args=(log_queue,), name=f"log-pump-{index}", daemon=True
         )
         pump.start()
+        self._load[index] = 0  # a restarted worker starts with no connections
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.cfg, index, self._sock, log_queue, child_conn),
+            args=(self.cfg, index, self._sock, log_queue, child_conn, self._load),
             name=f"dicomnode-receiver-{index}",
             daemon=False,
         )

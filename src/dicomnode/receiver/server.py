@@ -25,7 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
-from dicomnode.receiver.handlers import AssociationGate, PostStore, StoreHandler
+from dicomnode.receiver.handlers import AssociationGate, PostStore, SharedLoad, StoreHandler
 from dicomnode.receiver.spool import spool_file
 from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
 
@@ -63,6 +63,8 @@ class Receiver:
     listen_socket : socket.socket, optional
         An already listening socket shared with other receiver processes
         (see :mod:`dicomnode.receiver.pool`); when None the receiver binds itself.
+    shared_load : SharedLoad, optional
+        The pool's shared connection counts, so max_associations is node-wide.
     """
 
     def __init__(
@@ -71,11 +73,13 @@ class Receiver:
         post_store: PostStore | None = None,
         ssl_context: ssl.SSLContext | None = None,
         listen_socket: socket.socket | None = None,
+        shared_load: SharedLoad | None = None,
     ) -> None:
         self.cfg = cfg
         self.ssl_context = ssl_context
         self.listen_socket = listen_socket
-        self.gate = AssociationGate(cfg)
+        self.shared_load = shared_load
+        self.gate = AssociationGate(cfg, shared_load)
         self.handler = StoreHandler(cfg, post_store)
         self._ae: Any = None
         self._server: Any = None
@@ -221,6 +225,11 @@ class Receiver:
     def active_associations(self) -> int:
         """Return the number of associations currently served."""
         return len(self._server.active_associations) if self._server is not None else 0
+
+    def publish_load(self) -> None:
+        """Refresh this process's slot in the pool's shared connection counts."""
+        if self.shared_load is not None and self._ae is not None:
+            self.shared_load.publish(sum(1 for a in self._ae.active_associations if a.is_acceptor))
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running associations finish for ``grace_s``, abort the rest."""
