@@ -432,13 +432,18 @@ class RawProbeReceiver(Receiver):
 
     name = "raw-scp"
 
-    def __init__(self, workdir: Path, env: dict[str, str], python: str) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], python: str, dicomnode_store: bool
+    ) -> None:
         super().__init__(workdir, env)
         self.python = python
+        self.dicomnode_store = dicomnode_store
 
     def command(self) -> list[str]:
         """Return the probe's command line."""
-        return [self.python, str(BENCH_DIR / "raw_scp.py"), str(self.port), str(self.store)]
+        extra = ["--dicomnode-store"] if self.dicomnode_store else []
+        script = str(BENCH_DIR / "raw_scp.py")
+        return [self.python, script, str(self.port), str(self.store), *extra]
 
     def is_ready(self) -> bool:
         """Ready once the port listens and the probe printed LISTENING."""
@@ -623,7 +628,11 @@ class Bench:
 
     def probe_receiver(self, workdir: Path) -> Receiver:
         """Return the raw-socket ceiling probe in ``workdir``."""
-        return RawProbeReceiver(workdir, self.env, self.opts.python)
+        return RawProbeReceiver(workdir, self.env, self.opts.python, dicomnode_store=False)
+
+    def probe_node_store_receiver(self, workdir: Path) -> Receiver:
+        """Return the raw-socket probe that stores with dicomnode's StoreHandler."""
+        return RawProbeReceiver(workdir, self.env, self.opts.python, dicomnode_store=True)
 
     def storescu_to(
         self, inputs: Sequence[Path], called: str
@@ -701,6 +710,14 @@ class Bench:
                     "storescu->raw-scp (probe)",
                     rep,
                     self.probe_receiver,
+                    self.storescu_to([data.folder], NODE_AET),
+                )
+                self.measure(
+                    "RECEIVE",
+                    data,
+                    "storescu->raw-scp+node-store (probe)",
+                    rep,
+                    self.probe_node_store_receiver,
                     self.storescu_to([data.folder], NODE_AET),
                 )
             if "forward" in sections:

@@ -10,7 +10,12 @@ accepted with the first proposed transfer syntax; files are stored flat as
 ``<SOP Instance UID>.dcm`` with a File Meta header. No folder layout, no
 integrity walk, no access control: a lower bound of the work dicomnode does.
 
-Run ``python bench/raw_scp.py PORT OUTDIR [--aet AET]``; stop with SIGTERM.
+With ``--dicomnode-store`` each complete object is handed to dicomnode's own
+storage step instead (``StoreHandler._store``: integrity walk, header read,
+folder layout, fsync + rename, STORED log line), which shows what a lean
+network layer in front of the existing storage code would reach.
+
+Run ``python bench/raw_scp.py PORT OUTDIR [--dicomnode-store]``; stop with SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Protocol
 
 IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 APP_CONTEXT: Final = b"1.2.840.10008.3.1.1.1"
@@ -161,15 +166,50 @@ def file_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
     return bytes(128) + b"DICM" + ex(0x0000, b"UL", struct.pack("<I", len(group))) + group
 
 
+class Storer(Protocol):
+    """Puts one complete, fsynced temp file in place and returns the C-STORE status."""
+
+    def __call__(self, tmp: Path, sop_instance: str) -> int: ...
+
+
+def flat_storer(out: Path) -> Storer:
+    """Return the probe's own storage step: rename to ``out/<uid>.dcm``, fsync the folder."""
+
+    def store(tmp: Path, sop_instance: str) -> int:
+        os.replace(tmp, out / f"{sop_instance}.dcm")
+        dir_fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return 0x0000
+
+    return store
+
+
+def dicomnode_storer(out: Path) -> Storer:
+    """Return dicomnode's storage step (``StoreHandler._store``) for ``out``."""
+    import time
+
+    from dicomnode.config import ReceiverConfig
+    from dicomnode.receiver.handlers import StoreHandler
+
+    handler = StoreHandler(ReceiverConfig(destination_dir=out, min_free_space_mb=100))
+
+    def store(tmp: Path, sop_instance: str) -> int:
+        return int(handler._store(tmp, "BENCHSCU", "127.0.0.1", time.monotonic(), sop_instance))
+
+    return store
+
+
 class Association(threading.Thread):
     """Serve one connection until release or abort."""
 
-    def __init__(self, sock: socket.socket, out: Path) -> None:
+    def __init__(self, sock: socket.socket, tmp: Path, storer: Storer) -> None:
         super().__init__(daemon=True)
         self.sock = sock
-        self.out = out
-        self.tmp = out / ".tmp"
-        self.dir_fd = os.open(out, os.O_RDONLY)
+        self.tmp = tmp
+        self.storer = storer
 
     def run(self) -> None:
         """Negotiate, then handle P-DATA until A-RELEASE or A-ABORT."""
@@ -178,7 +218,6 @@ class Association(threading.Thread):
         except (ConnectionError, OSError):
             pass
         finally:
-            os.close(self.dir_fd)
             self.sock.close()
 
     def _serve(self) -> None:
@@ -226,23 +265,23 @@ class Association(threading.Thread):
                     os.fsync(fh.fileno())
                     fh.close()
                     fh = None
-                    name = _uid(self._cmd[0x00001000]) + ".dcm"
-                    os.replace(tmp_path, self.out / name)
-                    os.fsync(self.dir_fd)
-                    self.sock.sendall(p_data(cid, store_rsp(self._cmd, 0x0000)))
+                    status = self.storer(Path(tmp_path), _uid(self._cmd[0x00001000]))
+                    self.sock.sendall(p_data(cid, store_rsp(self._cmd, status)))
 
 
-def serve(port: int, out: Path) -> None:
+def serve(port: int, out: Path, use_dicomnode: bool) -> None:
     """Accept associations on 127.0.0.1:port until SIGTERM."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".tmp").mkdir(exist_ok=True)
+    tmp = out / ".tmp"
+    tmp.mkdir(exist_ok=True)
+    storer = dicomnode_storer(out) if use_dicomnode else flat_storer(out)
     server = socket.create_server(("127.0.0.1", port), reuse_port=False, backlog=64)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     print("LISTENING", flush=True)
     while True:
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Association(conn, out).start()
+        Association(conn, tmp, storer).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="minimal C-STORE SCP (ceiling probe)")
     parser.add_argument("port", type=int)
     parser.add_argument("out", type=Path)
+    parser.add_argument(
+        "--dicomnode-store", action="store_true", help="store with dicomnode's StoreHandler"
+    )
     args = parser.parse_args(argv)
-    serve(args.port, args.out)
+    serve(args.port, args.out, args.dicomnode_store)
     return 0
 
 
