@@ -315,8 +315,16 @@ def test_hardening_disk_guard_refuses_before_filing_and_recovers(
             assert peer.associate() == PDU_ASSOCIATE_AC
             ds = make_image()
             assert peer.store(encode_dataset(ds), ds.SOPInstanceUID) == 0xA700
+            # Larger than the space left: refused before a byte is written, so the
+            # disk never fills up (no "No space left on device").
+            big = make_image(rows=2048, cols=2048)
+            assert peer.store(encode_dataset(big), big.SOPInstanceUID) == 0xA700
         assert stored(dest) == []
-        assert_logged(node, "min_free_space_mb=6")
+        assert_logged(node, "below min_free_space_mb=6", str(big.SOPInstanceUID))
+        big_lines = [ln for ln in node.output().splitlines() if str(big.SOPInstanceUID) in ln]
+        assert any("below min_free_space_mb=6" in ln for ln in big_lines), big_lines
+        assert not any("No space left" in ln for ln in big_lines), big_lines
+        assert not any((dest / ".incoming-tmp").iterdir())
         refused = storescu(port, [first])
         assert "Success" not in refused.stderr
         assert stored(dest) == []

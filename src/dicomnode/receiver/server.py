@@ -26,7 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
 from dicomnode.receiver.handlers import AssociationGate, PostStore, SharedLoad, StoreHandler
-from dicomnode.receiver.spool import spool_file
+from dicomnode.receiver.spool import set_min_free_space_mb, spool_file
 from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class Receiver:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined,assignment]
+        set_min_free_space_mb(self.cfg.min_free_space_mb)
         ae = AE(ae_title=self.cfg.ae_title)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), _ALL_TS)
