@@ -522,6 +522,12 @@ def split_files(files: Sequence[Path], parts: int) -> list[list[Path]]:
     return [c for c in chunks if c]
 
 
+def forwarder_available(python: str) -> bool:
+    """Return True when ``dicomnode send`` can run (its forwarder imports cleanly)."""
+    check = [python, "-c", "from dicomnode.forwarder import send_paths"]
+    return subprocess.run(check, capture_output=True, check=False).returncode == 0
+
+
 @dataclass(frozen=True, slots=True)
 class Dataset:
     """A generated dataset: folder, files and total size."""
@@ -548,6 +554,9 @@ class Bench:
         else:
             self.env.pop("TCP_NODELAY", None)
         self._serial = 0
+        self.can_send = forwarder_available(opts.python)
+        if not self.can_send:
+            log("FORWARD: not available (dicomnode.forwarder.send_paths cannot be imported)")
 
     def _workdir(self, label: str) -> Path:
         self._serial += 1
@@ -720,7 +729,7 @@ class Bench:
                     self.probe_node_store_receiver,
                     self.storescu_to([data.folder], NODE_AET),
                 )
-            if "forward" in sections:
+            if "forward" in sections and self.can_send:
                 self.measure(
                     "FORWARD",
                     data,
@@ -763,14 +772,15 @@ class Bench:
             self.node_receiver,
             self.storescu_to([data.folder], NODE_AET),
         )
-        self.measure(
-            "MEMORY",
-            data,
-            "dicomnode send->storescp",
-            rep,
-            self.dcmtk_receiver,
-            self.node_send(data),
-        )
+        if self.can_send:
+            self.measure(
+                "MEMORY",
+                data,
+                "dicomnode send->storescp",
+                rep,
+                self.dcmtk_receiver,
+                self.node_send(data),
+            )
 
     def run_concurrency(self, rep: int, data: Dataset) -> None:
         """1 storescu with all files, then 4 at once with a quarter each, -> dicomnode."""
@@ -1010,10 +1020,16 @@ def write_report(
     datasets: dict[str, Dataset],
     rows: Sequence[Measurement],
     started: dt.datetime,
+    can_send: bool = True,
 ) -> str:
     """Write results.md and results.jsonl into ``opts.out``; return the Markdown."""
     summaries = summarise(rows)
     lines = environment_lines(opts, tools, datasets, started)
+    if not can_send:
+        lines += [
+            "",
+            "**FORWARD: not available** (dicomnode.forwarder.send_paths cannot be imported).",
+        ]
     lines += render_tables(summaries) + verdicts(summaries) + failures(rows)
     text = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(text, encoding="utf-8")
@@ -1146,7 +1162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rep in range(1, opts.reps + 1):
             say(f"rep {rep}/{opts.reps}")
             bench.run_rep(rep, datasets)
-    text = write_report(opts, tools, datasets, bench.results, started)
+    text = write_report(opts, tools, datasets, bench.results, started, bench.can_send)
     print(text)
     return 0 if all(r.ok for r in bench.results) else 1
 
