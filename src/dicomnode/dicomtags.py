@@ -28,6 +28,8 @@ WINDOWS_RESERVED: Final = frozenset(
 _UNSAFE: Final = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
 _SPACES: Final = re.compile(r"[\s_]+")
 MAX_COMPONENT: Final = 64
+#: File systems limit one name to 255 bytes (UTF-8 on Linux) or UTF-16 units; stay well below.
+MAX_COMPONENT_BYTES: Final = 200
 
 #: Tags read from every received or forwarded object (header only).
 HEADER_TAGS: Final = (
@@ -82,8 +84,10 @@ def safe_component(text: str, fallback: str = "UNKNOWN", max_len: int = MAX_COMP
     text = _SPACES.sub(lambda m: "_" if "_" in m.group() or len(m.group()) > 1 else " ", text)
     text = text.strip(" ._")
     text = text[:max_len].rstrip(" .")
+    while len(text.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+        text = text[:-1].rstrip(" .")
     if not text:
-        text = fallback
+        text = fallback[:max_len]
     if text.split(".")[0].upper().rstrip(" ") in WINDOWS_RESERVED:
         text = "_" + text[: max_len - 1]
     return text

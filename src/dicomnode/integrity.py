@@ -1,4 +1,4 @@
-"""Structural completeness check of a received object: do its elements end where the file ends?
+"""Structural completeness check of a DICOM file: do its elements end where the file ends?
 
 A sender can deliver a data set whose last element claims more bytes than were
 sent (a truncated file re-sent by a broken peer, a disk error on its side).

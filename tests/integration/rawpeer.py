@@ -204,7 +204,7 @@ def assert_nothing_half_written(root: Path) -> None:
 
     ``errors/`` is skipped: it holds what could not be stored, by design.
     """
-    from dicomnode.receiver.integrity import find_defect
+    from dicomnode.integrity import find_defect
 
     for path in visible_files(root):
         if path.relative_to(root).parts[0] == "errors":

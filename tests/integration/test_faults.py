@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.receiver.integrity import find_defect
+from dicomnode.integrity import find_defect
 from tests.conftest import (
     free_port,
     peer_env,

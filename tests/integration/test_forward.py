@@ -777,3 +777,20 @@ def test_forward_storescp_profile_without_rt_parks_rt_only(
         scp.stop()
     log = error_log(cfg)
     assert len(log.splitlines()) == 3 and log.count("SOP class not accepted") == 3
+
+
+def test_forward_truncated_file_is_parked_not_sent(
+    tmp_path: Path, storescp: StoreSCP, forwarders: list[Forwarder]
+) -> None:
+    cfg = fconfig(tmp_path, storescp.port)
+    group = cfg.watch_folder / "PAT9"
+    whole = save(make_image("CT", instance=1), group / "whole.dcm")
+    cut = save(make_image("CT", instance=2), group / "cut.dcm")
+    cut.write_bytes(cut.read_bytes()[:-100])  # pixel data claims more bytes than the file has
+    start_forwarder(forwarders, cfg)
+
+    assert wait_until(lambda: "cut.dcm" in error_log(cfg), 30)
+    assert wait_until(lambda: not whole.exists(), 10)
+    assert len(storescp.order()) == 1
+    assert "truncated or malformed" in error_log(cfg)
+    assert any(p.name == "cut.dcm" for p in files_in(cfg.failed_dir))

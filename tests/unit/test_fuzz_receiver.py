@@ -24,8 +24,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
 from dicomnode.config import ReceiverConfig
+from dicomnode.integrity import MAX_DEPTH, find_defect
 from dicomnode.receiver.handlers import StoreHandler
-from dicomnode.receiver.integrity import MAX_DEPTH, find_defect
 from tests.factories import make_image, rt_set
 from tests.integration.rawpeer import encode_dataset
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import unicodedata
 from pathlib import PurePosixPath, PureWindowsPath
 
-import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
@@ -78,12 +77,6 @@ def test_names_safe_component_is_idempotent(text: str) -> None:
     assert safe_component(once) == once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safe_component bounds characters, not bytes: 64 four-byte characters make a "
-    "256-byte name that Linux refuses (ENAMETOOLONG) -> a valid object is refused 0xA700; "
-    "fix proposed on issue 6",
-)
 @given(
     text=st.text(alphabet=st.characters(min_codepoint=0x10000, max_codepoint=0x1FFFF), min_size=64)
 )

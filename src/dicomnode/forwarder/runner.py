@@ -57,6 +57,7 @@ from dicomnode.forwarder.outcome import (
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
+from dicomnode.integrity import find_defect
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,9 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or IMPLICIT_VR_LE
     if not sop_class or not sop_uid:
         return ParkReason(None, "DICOM file without SOP Class UID or SOP Instance UID", sop_uid)
+    defect = find_defect(jf.path)
+    if defect is not None:
+        return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
     return ObjectInfo(
         rel_path=key,
         sop_class_uid=sop_class,

@@ -3,7 +3,7 @@
 The C-STORE handler answers success only after the object is complete on disk:
 pynetdicom streams the data set to a temporary file on the destination volume
 (``STORE_RECV_CHUNKED_DATASET``); the handler fsyncs it, checks that its element
-structure is complete (:mod:`dicomnode.receiver.integrity`), reads only the
+structure is complete (:mod:`dicomnode.integrity`), reads only the
 header, decides the final path (:mod:`dicomnode.organise`) and renames it into
 place (:mod:`dicomnode.storage`). The association gate also bounds what one
 peer can hold: socket timeouts, PDU length, TLS handshakes off the accept loop.
@@ -28,8 +28,8 @@ from pydicom.errors import InvalidDicomError
 from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import is_valid_uid, read_header, safe_component, text_of
+from dicomnode.integrity import find_defect
 from dicomnode.organise import relative_path
-from dicomnode.receiver.integrity import find_defect
 from dicomnode.receiver.policy import decide_association
 from dicomnode.status import StoreStatus
 from dicomnode.storage import free_space_mb, fsync_file, place_file, quarantine
