@@ -126,13 +126,14 @@ class Node:
         if self.options.forwarder:
             check_writable(cfg.forwarder.watch_folder)
         if self.options.receiver:
-            from dicomnode.receiver import Receiver
             from dicomnode.receiver.pool import ReceiverPool, effective_processes, start_converter
 
             processes = effective_processes(cfg.receiver)
             if processes > 1:
                 self.receiver = ReceiverPool(cfg, processes)
             else:
+                from dicomnode.receiver.server import Receiver
+
                 self.converter, post_store = start_converter(cfg, resume=True)
                 self.receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls))
             self.receiver.start()

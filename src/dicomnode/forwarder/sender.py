@@ -59,6 +59,10 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 MAX_SEND_PDU_BYTES: Final = 1024 * 1024
 #: Bytes of encoded PDUs allowed to wait in pynetdicom's send queue.
 SEND_QUEUE_BYTES: Final = 4 * 1024 * 1024
+#: Seconds pynetdicom's DUL reactor sleeps when it finds nothing to do (its default is
+#: 0.001). A storage SCU is strictly request/response, so every C-STORE waits out up to
+#: two of these sleeps (handing the request to the socket, reading the response).
+DUL_POLL_S: Final = 0.0001
 
 
 class _SendAborted(Exception):
@@ -292,6 +296,7 @@ class AssociationSender:
         should_stop: Callable[[], bool],
     ) -> RunEnd:
         _set_nodelay(assoc)
+        assoc.dul._run_loop_delay = DUL_POLL_S
         _keep_responses_for_caller(assoc)
         peer_pdu = int(assoc.acceptor.maximum_length or 0)
         if peer_pdu == 0 or peer_pdu > MAX_SEND_PDU_BYTES:

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
-from dicomnode.receiver.server import Receiver
+from typing import Any
 
 __all__ = ["Receiver"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the server (and pynetdicom) only when ``Receiver`` is used.
+
+    The parent of a receiver process pool never serves, so it stays ~30 MB smaller.
+    """
+    if name == "Receiver":
+        from dicomnode.receiver.server import Receiver
+
+        return Receiver
+    raise AttributeError(name)

@@ -208,9 +208,12 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
-        from dicomnode.receiver.server import Receiver
+        from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
-        Receiver(self.cfg.receiver).prepare_storage()
+        rc = self.cfg.receiver
+        check_writable(rc.destination_dir)
+        check_writable(rc.errors_dir)
+        clean_stale_temp(rc.destination_dir / INCOMING_TMP)
         self._sock = bind_listening_socket(self.cfg.receiver)
         for index in range(self.processes):
             self._spawn(index)
