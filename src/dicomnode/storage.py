@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 PART_SUFFIX: Final = ".part"
 #: Hidden folder below destination_dir where incoming objects are streamed.
 INCOMING_TMP: Final = ".incoming-tmp"
+#: Hidden folder below an AE folder holding markers of pending Enhanced MR conversions;
+#: written by the receiver's conversion worker, honoured by the forwarder.
+CONVERT_PENDING_DIR: Final = ".convert-pending"
 _IS_WINDOWS: Final = sys.platform == "win32"
 
 

@@ -40,12 +40,12 @@ from dicomnode.convert.native import CLASSIC_SOP_CLASS, NO_CLASSIC_TARGET, conve
 from dicomnode.dicomtags import read_header, text_of
 from dicomnode.errors import ConversionError
 from dicomnode.organise import file_name, relative_dir
-from dicomnode.storage import fsync_dir, fsync_file, write_bytes_atomic
+from dicomnode.storage import CONVERT_PENDING_DIR, fsync_dir, fsync_file, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
 #: Hidden folder below an AE root holding one JSON marker per pending conversion.
-PENDING_DIR: Final = ".convert-pending"
+PENDING_DIR: Final = CONVERT_PENDING_DIR
 #: Hidden folder below an AE root where converted series are staged before the rename.
 STAGING_DIR: Final = ".convert-tmp"
 _NO_TARGET_LINE: Final = "stored unconverted: no classic target"

@@ -16,7 +16,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Final
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -27,6 +26,7 @@ from dicomnode.forwarder.batching import (
     group_key_of,
     should_ignore,
 )
+from dicomnode.storage import CONVERT_PENDING_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]
 #: Hidden folder where the receiver's conversion worker keeps one marker per pending
 #: Enhanced-MR split (``dicomnode.convert.worker.PENDING_DIR``); while a group holds
 #: one, the group is not complete yet.
-CONVERT_PENDING_DIR: Final = ".convert-pending"
 
 
 def has_pending_conversion(watch_folder: Path, group: str) -> bool:
