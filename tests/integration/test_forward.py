@@ -725,6 +725,23 @@ def test_forward_waits_while_receiver_conversion_is_pending(
     assert wait_until(lambda: len(storescp.order()) == 1, 20)
 
 
+def test_forward_waits_for_marker_of_ae_folder_mapped_onto_watch_folder(
+    tmp_path: Path, storescp: StoreSCP, forwarders: list[Forwarder]
+) -> None:
+    """An AE folder that *is* the watch folder keeps its markers at the root: only the named group waits."""
+    cfg = fconfig(tmp_path, storescp.port)
+    save(make_image("MR", instance=1), cfg.watch_folder / "PATA" / "study" / "series" / "mr.dcm")
+    save(make_image("CT", instance=1), cfg.watch_folder / "PATB" / "study" / "series" / "ct.dcm")
+    marker = cfg.watch_folder / ".convert-pending" / "abc.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"path": "PATA/study/series/mr.dcm", "sop_class_uid": "1.2"}))
+    start_forwarder(forwarders, cfg)
+    assert wait_until(lambda: len(storescp.order()) == 1, 20)  # PATB goes
+    assert not wait_until(lambda: len(storescp.order()) > 1, 2.0)  # PATA waits
+    marker.unlink()
+    assert wait_until(lambda: len(storescp.order()) == 2, 20)
+
+
 def test_forward_retry_state_survives_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ forwarder module that imports watchdog.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -107,10 +108,33 @@ def has_pending_conversion(watch_folder: Path, group: str) -> bool:
     root = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
     if group == TOPLEVEL_GROUP:
         return _has_marker(root / CONVERT_PENDING_DIR)
+    if _root_marker_names_group(watch_folder / CONVERT_PENDING_DIR, group):
+        return True
     for dirpath, dirnames, _ in os.walk(root):
         if CONVERT_PENDING_DIR in dirnames and _has_marker(Path(dirpath) / CONVERT_PENDING_DIR):
             return True
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return False
+
+
+def _root_marker_names_group(folder: Path, group: str) -> bool:
+    """Return True when a marker at the watch folder's root (an AE folder mapped onto the
+    watch folder itself) belongs to an object inside ``group``.
+
+    A marker that cannot be read is counted as pending: waiting is safe, sending early is not.
+    """
+    try:
+        markers = list(folder.glob("*.json"))
+    except OSError:
+        return False
+    for marker in markers:
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            first = PurePosixPath(str(record["path"]).replace("\\", "/")).parts[0]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return True
+        if first == group:
+            return True
     return False
 
 
