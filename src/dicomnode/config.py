@@ -164,6 +164,8 @@ class ForwarderConfig:
         Timeouts of the sending association (30, 60, 120 s).
     max_pdu_bytes : int
         Maximum PDU size we accept on the sending association (default 1 MiB).
+    transport : str
+        ``lean`` (dicomnode's own streaming C-STORE SCU) or ``pynetdicom``.
     """
 
     watch_folder: Path = Path(DEFAULT_DATA_DIR) / "outgoing"
@@ -185,6 +187,7 @@ class ForwarderConfig:
     network_timeout_s: float = 120.0
     max_pdu_bytes: int = 1048576
     min_free_space_mb: int = 0
+    transport: str = "pynetdicom"
 
     @property
     def has_target(self) -> bool:
@@ -648,6 +651,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         network_timeout_s=fw.seconds("network_timeout_s", 120.0, lo=0.1),
         max_pdu_bytes=fw.integer("max_pdu_bytes", 1048576, 0, 2**32 - 1),
         min_free_space_mb=fw.integer("min_free_space_mb", 0, 0, 10**9),
+        transport=fw.choice("transport", "pynetdicom", ("lean", "pynetdicom")),
     )
     fw.check_unknown({f.name for f in fields(ForwarderConfig)})
     if bool(forwarder.target_ip) != bool(forwarder.target_aet):
