@@ -99,7 +99,8 @@ class ReceiverConfig:
         Processes sharing the listening socket; 0 means automatic (one per CPU,
         at most 4, on POSIX; 1 on Windows). Default 0 (``auto``).
     min_free_space_mb : int
-        Refuse stores (0xA700) when the destination has less free space (default 100).
+        Refuse stores (0xA700) while the destination, or the AE folder an object goes
+        to (e.g. a mapped watch folder on another volume), has less free space (default 100).
     """
 
     ae_title: str = "DICOMNODE"
@@ -186,7 +187,6 @@ class ForwarderConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
     max_pdu_bytes: int = 1048576
-    min_free_space_mb: int = 0
     transport: str = "pynetdicom"
 
     @property
@@ -650,7 +650,6 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         dimse_timeout_s=fw.seconds("dimse_timeout_s", 60.0, lo=0.1),
         network_timeout_s=fw.seconds("network_timeout_s", 120.0, lo=0.1),
         max_pdu_bytes=fw.integer("max_pdu_bytes", 1048576, 0, 2**32 - 1),
-        min_free_space_mb=fw.integer("min_free_space_mb", 0, 0, 10**9),
         transport=fw.choice("transport", "pynetdicom", ("lean", "pynetdicom")),
     )
     fw.check_unknown({f.name for f in fields(ForwarderConfig)})

@@ -336,6 +336,33 @@ def test_hardening_disk_guard_refuses_before_filing_and_recovers(
         node.stop()
 
 
+def test_hardening_disk_guard_covers_an_ae_folder_on_another_volume(
+    tmp_path: Path, port: int, start_node: StartNode
+) -> None:
+    """An AE mapped to a nearly full volume (e.g. a watch folder) is refused; others still store."""
+    with mounted_tmpfs(tmp_path / "outvol", "8m") as vol:
+        (vol / "ballast.bin").write_bytes(b"\0" * 4_000_000)
+        node, _ = start(
+            tmp_path,
+            port,
+            start_node,
+            min_free_space_mb=6,
+            extra={"AE_Mappings": {"SENDER": vol / "watch"}},
+        )
+        first, _ = ok_object(tmp_path, "first")
+        refused = storescu(port, [first], aet="SENDER")
+        assert "Success" not in refused.stderr
+        assert not list((vol / "watch").rglob("*.dcm"))
+        assert_logged(node, "below min_free_space_mb=6", str(vol / "watch"))
+        accepted = storescu(port, [first], aet="GOOD")  # destination_dir itself has room
+        assert accepted.returncode == 0 and "Success" in accepted.stderr, accepted.stderr
+        (vol / "ballast.bin").unlink()
+        again = storescu(port, [first], aet="SENDER")
+        assert again.returncode == 0 and "Success" in again.stderr, again.stderr
+        assert len([p for p in (vol / "watch").rglob("*.dcm") if p.is_file()]) == 1
+        node.stop()
+
+
 def test_hardening_full_disk_gives_failure_statuses_and_no_partial_files(
     tmp_path: Path, port: int, start_node: StartNode
 ) -> None:

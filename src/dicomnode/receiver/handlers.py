@@ -315,6 +315,10 @@ class StoreHandler:
         self.cfg = cfg
         self.post_store = post_store
         self._max_bytes = cfg.max_object_mb * 1_000_000
+        # AE folders below destination_dir share its volume: its free-space check covers them.
+        self._local_roots = {cfg.destination_dir / "incoming"} | {
+            folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
+        }
 
     def handle_echo(self, event: Event) -> int:
         """Answer C-ECHO: 0x0000 Success (only admitted peers get this far)."""
@@ -415,6 +419,21 @@ class StoreHandler:
                 f"missing or invalid SOP Instance UID {sop_uid!r}",
             )
         ae_root = cfgmod.route_for(self.cfg, calling)
+        if (
+            self.cfg.min_free_space_mb
+            and ae_root not in self._local_roots
+            and free_space_mb(ae_root) < self.cfg.min_free_space_mb
+        ):
+            logger.error(
+                "STORE-FAILED calling_ae=%s peer=%s sop_instance_uid=%s status=0xA700 reason=free "
+                "space below min_free_space_mb=%d on %s",
+                calling,
+                where,
+                sop_uid,
+                self.cfg.min_free_space_mb,
+                ae_root,
+            )
+            return int(StoreStatus.OUT_OF_RESOURCES)
         final = ae_root / relative_path(header, self.cfg.folder_layout)
         try:
             place_file(tmp, final)
