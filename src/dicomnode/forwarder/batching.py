@@ -321,18 +321,17 @@ class ContextSpec:
 def contexts_for(sop_class_uid: str, file_syntaxes: Iterable[str]) -> list[ContextSpec]:
     """Return the contexts proposed for one SOP class.
 
-    Each non-uncompressed transfer syntax the files use gets its own context so
-    the target can accept it exactly (files then stream without decoding); one
-    more context offers the uncompressed syntaxes (the files' own uncompressed
-    syntax first, then Explicit and Implicit VR Little Endian) as a fallback that
-    allows conversion.
+    Each transfer syntax the files use gets a context of its own, so a target
+    that supports it accepts it exactly and the files stream without decoding
+    (in one shared context the target would pick its own favourite, e.g. DCMTK
+    prefers Explicit VR, forcing a re-encode of Implicit VR files). One more
+    context each offers Explicit and Implicit VR Little Endian, when the files
+    do not use them already, as fallbacks that allow conversion. Every context
+    carries exactly one transfer syntax, as DCMTK's storescu proposes them.
     """
     own = sorted(set(file_syntaxes))
-    specs = [ContextSpec(sop_class_uid, (ts,)) for ts in own if ts not in UNCOMPRESSED_SYNTAXES]
-    plain = [ts for ts in own if ts in UNCOMPRESSED_SYNTAXES]
-    fallback = tuple(dict.fromkeys([*plain, *FALLBACK_SYNTAXES]))
-    specs.append(ContextSpec(sop_class_uid, fallback))
-    return specs
+    extra = [ts for ts in FALLBACK_SYNTAXES if ts not in own]
+    return [ContextSpec(sop_class_uid, (ts,)) for ts in [*own, *extra]]
 
 
 def plan_associations(
