@@ -45,6 +45,8 @@ pytestmark = [
 ]
 
 TARGET_AET = "TARGET"
+#: Sending transport under test (``DICOMNODE_TEST_TRANSPORT=lean`` runs the suite on the lean SCU).
+TRANSPORT = os.environ.get("DICOMNODE_TEST_TRANSPORT", "pynetdicom")
 
 
 # --------------------------------------------------------------------------- peers
@@ -236,6 +238,7 @@ def fconfig(tmp_path: Path, port: int, **kw: object) -> ForwarderConfig:
         acse_timeout_s=5.0,
         dimse_timeout_s=10.0,
         network_timeout_s=10.0,
+        transport=TRANSPORT,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 
@@ -517,7 +520,8 @@ def test_forward_large_object_memory_is_bounded(tmp_path: Path, storescp: StoreS
         "from dicomnode.config import ForwarderConfig as C;"
         "from dicomnode.forwarder import send_paths;"
         f"rc = send_paths([Path({str(path)!r})], C(watch_folder=Path({str(cfg.watch_folder)!r}),"
-        f"target_aet={TARGET_AET!r}, target_ip='127.0.0.1', target_port={storescp.port}), False);"
+        f"target_aet={TARGET_AET!r}, target_ip='127.0.0.1', target_port={storescp.port},"
+        f"transport={TRANSPORT!r}), False);"
         "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0];"
         "print(int(hwm) // 1024); sys.exit(rc)"
     )

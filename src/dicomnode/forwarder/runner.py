@@ -47,6 +47,7 @@ from dicomnode.forwarder.batching import (
     plan_associations,
     should_give_up,
 )
+from dicomnode.forwarder.lean import LeanAssociationSender
 from dicomnode.forwarder.outcome import (
     ParkReason,
     delete_delivered,
@@ -545,7 +546,11 @@ class Forwarder:
     # -- worker ------------------------------------------------------------------
 
     def _work(self, job: GroupJob) -> None:
-        sender = AssociationSender(self.config, self.ssl_context)
+        sender = (
+            LeanAssociationSender(self.config, self.ssl_context)
+            if self.config.transport == "lean"
+            else AssociationSender(self.config, self.ssl_context)
+        )
         with self._lock:
             self._senders.add(sender)
         try:
@@ -741,7 +746,11 @@ def send_paths(
     jobs = [GroupJob(j.key, j.files, config.watch_folder, j.prune_root) for j in collected]
     total = sum(len(j.files) for j in jobs)
     bar = _Progress(total, progress)
-    sender = AssociationSender(config, ssl_context)
+    sender = (
+        LeanAssociationSender(config, ssl_context)
+        if config.transport == "lean"
+        else AssociationSender(config, ssl_context)
+    )
     sent = 0
     failed = False
     try:
