@@ -413,6 +413,30 @@ def test_lean_abort_from_another_thread_unblocks_a_frozen_send(
     assert outcomes(results) == [SendOutcome.RETRY]
 
 
+def test_lean_abort_while_waiting_for_response_sends_a_abort(
+    tmp_path: Path, raw_targets: list[RawTarget]
+) -> None:
+    seen: list[int] = []
+
+    def behaviour(conn: socket.socket) -> None:
+        accept_association(conn)
+        read_request(conn)  # never answered
+        seen.append(read_pdu(conn)[0])
+
+    target = RawTarget(behaviour)
+    raw_targets.append(target)
+    path = save(make_image("CT"), tmp_path / "ct.dcm")
+    cfg = lean_config(tmp_path, target.port, dimse_timeout_s=60.0)
+    sender = LeanAssociationSender(cfg)
+    threading.Timer(0.5, sender.abort).start()
+    started = time.monotonic()
+    end, results = run_lean(cfg, [path], sender)
+    assert time.monotonic() - started < 10
+    assert end.network_error is not None and "aborted locally" in end.network_error
+    assert outcomes(results) == [SendOutcome.RETRY]
+    assert wait_until(lambda: seen == [0x07], 5), seen
+
+
 def test_lean_stop_between_objects_gives_no_callback(tmp_path: Path, storescp: StoreSCP) -> None:
     paths = [save(make_image("CT", instance=i), tmp_path / f"{i}.dcm") for i in (1, 2, 3)]
     calls = iter([False, True, True])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -417,16 +418,25 @@ class _Connection:
         return pdu_type, body
 
     def abort(self) -> None:
-        """Send A-ABORT if the socket is idle, then shut the connection down (any thread)."""
+        """Send A-ABORT if the socket is idle, then shut the connection down (any thread).
+
+        Never blocks: the A-ABORT is written only when no PDU is being written
+        (and, with TLS, no read is in progress) and the socket can take it at
+        once; otherwise the peer just sees the connection close.
+        """
         if self._io_lock.acquire(blocking=False):
             try:
                 if not self.aborted:
                     self.aborted = True
                     if self.tls:
-                        self.sock.send(_ABORT_PDU)
+                        _r, writable, _x = select.select([], [self.sock], [], 0)
+                        if writable:
+                            self.sock.send(_ABORT_PDU)
                     else:
-                        socket.socket.send(self.sock, _ABORT_PDU, socket.MSG_DONTWAIT)
-            except OSError as exc:
+                        # the descriptor is non-blocking (the socket has a timeout), so
+                        # this write cannot wait for a peer that stopped reading
+                        os.write(self.sock.fileno(), _ABORT_PDU)
+            except (OSError, ValueError) as exc:
                 logger.debug("A-ABORT not sent: %s", exc)
             finally:
                 self._io_lock.release()
