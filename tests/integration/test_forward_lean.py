@@ -23,6 +23,7 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
 
 from dicomnode.config import ForwarderConfig
+from dicomnode.forwarder import lean
 from dicomnode.forwarder.batching import ObjectInfo, SendOutcome, plan_associations
 from dicomnode.forwarder.lean import LeanAssociationSender, parse_command
 from dicomnode.forwarder.sender import RunEnd
@@ -209,7 +210,11 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.stop()
 
 
-def test_lean_delivers_byte_identical_data_sets_to_storescp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preadv", [True, False], ids=["preadv", "pread"])
+def test_lean_delivers_byte_identical_data_sets_to_storescp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preadv: bool
+) -> None:
+    monkeypatch.setattr(lean, "_HAS_PREADV", preadv and lean._HAS_PREADV)
     scp = StoreSCP(tmp_path)
     scp.extra_args = ["--bit-preserving"]  # store the received data set bytes as they are
     scp.start()

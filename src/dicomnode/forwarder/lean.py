@@ -94,6 +94,9 @@ _PDATA_HEAD: Final = struct.Struct(">BBIIBB")
 _PDATA_HEAD_LEN: Final = 12
 #: Room in front of the first data fragment for the C-STORE-RQ PDU (sent in the same write).
 _COMMAND_ROOM: Final = 512
+#: Data set bytes (plus PDU headers) sent per write when the peer's PDUs are small.
+_BATCH_BYTES: Final = 1024 * 1024
+_HAS_PREADV: Final = hasattr(os, "preadv")
 #: Largest PDU we accept from the peer (responses are a few hundred bytes).
 _MAX_RECV_PDU: Final = 16 * 1024 * 1024
 #: First read of a file: preamble + File Meta Information fit in here in practice.
@@ -640,7 +643,8 @@ class LeanAssociationSender(AssociationSender):
         should_stop: Callable[[], bool],
     ) -> RunEnd:
         chunk = max(peer_max - 6, 1)
-        size = _COMMAND_ROOM + _PDATA_HEAD_LEN + chunk
+        stride = _PDATA_HEAD_LEN + chunk
+        size = _COMMAND_ROOM + stride * max(1, _BATCH_BYTES // stride)
         if len(self._buffer) < size:
             self._buffer = bytearray(size)
         message_id = 0
@@ -714,8 +718,8 @@ class LeanAssociationSender(AssociationSender):
             except (_Unsendable, OSError) as exc:
                 return f"cannot send this file: {exc}"
             command = store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
-            fh.seek(data_start)
-            self._send_message(conn, cid, command, size - data_start, fh.readinto, chunk)
+            fill = _file_reader(fh.fileno(), data_start)
+            self._send_message(conn, cid, command, size - data_start, fill, chunk)
         return None
 
     def _send_converted(
@@ -743,18 +747,15 @@ class LeanAssociationSender(AssociationSender):
                 f"{obj.transfer_syntax_uid} failed: {exc}"
             )
         del ds
-        view = memoryview(encoded)
-        position = 0
+        source = memoryview(encoded)
 
-        def fill(into: memoryview) -> int:
-            nonlocal position
-            count = min(len(into), len(view) - position)
-            into[:count] = view[position : position + count]
-            position += count
-            return count
+        def fill(views: list[memoryview], position: int) -> None:
+            for into in views:
+                into[:] = source[position : position + len(into)]
+                position += len(into)
 
         command = store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
-        self._send_message(conn, by_syntax[target[0]], command, len(view), fill, chunk)
+        self._send_message(conn, by_syntax[target[0]], command, len(source), fill, chunk)
         return None
 
     def _send_message(
@@ -763,18 +764,23 @@ class LeanAssociationSender(AssociationSender):
         cid: int,
         command: bytes,
         length: int,
-        fill: Callable[[memoryview], int | None],
+        fill: Callable[[list[memoryview], int], None],
         chunk: int,
     ) -> None:
         """Send the command PDU and ``length`` data set bytes produced by ``fill``.
 
-        The command PDU goes out in the same write as the first data fragment.
-        A source that ends early breaks the message: the association is aborted.
+        ``fill(views, position)`` fills ``views`` with the data set bytes from
+        ``position`` on. The data set goes out in P-DATA-TF PDUs of at most
+        ``chunk`` bytes of data, several PDUs per write (up to
+        :data:`_BATCH_BYTES`), each written in place into one reused buffer
+        between the PDU headers; the command PDU shares the first write. A
+        source that ends early breaks the message: the association is aborted.
         """
         buf = self._buffer
         view = memoryview(buf)
+        per_write = max(1, (len(buf) - _COMMAND_ROOM) // (_PDATA_HEAD_LEN + chunk))
         conn.set_timeout(self.config.network_timeout_s)
-        command_pdu = _pdata(cid, 0x03, command) if len(command) <= chunk else None
+        command_pdu: bytes | None = _pdata(cid, 0x03, command) if len(command) <= chunk else None
         if command_pdu is None:
             for offset in range(0, len(command), chunk):
                 piece = command[offset : offset + chunk]
@@ -783,39 +789,37 @@ class LeanAssociationSender(AssociationSender):
         elif len(command_pdu) > _COMMAND_ROOM:
             conn.send(command_pdu, "sending a command")
             command_pdu = None
-        data = _COMMAND_ROOM + _PDATA_HEAD_LEN
-        remaining = length
+        position = 0
         while True:
-            want = min(remaining, chunk)
-            got = 0
+            views: list[memoryview] = []
+            head = _COMMAND_ROOM
+            end = position
+            for _ in range(per_write):
+                want = min(length - end, chunk)
+                end += want
+                last = end >= length
+                _PDATA_HEAD.pack_into(
+                    buf, head, _P_DATA_TF, 0, want + 6, want + 2, cid, 0x02 if last else 0x00
+                )
+                head += _PDATA_HEAD_LEN
+                views.append(view[head : head + want])
+                head += want
+                if last:
+                    break
             try:
-                while got < want:
-                    n = fill(view[data + got : data + want])
-                    if not n:
-                        break
-                    got += n
+                fill(views, position)
+            except _SourceEnded as exc:
+                raise _NetworkTrouble(f"file shrank while being sent: {exc}") from exc
             except OSError as exc:
                 raise _NetworkTrouble(f"reading the file failed while sending it: {exc}") from exc
-            if got < want:
-                raise _NetworkTrouble("file shrank while being sent (message aborted)")
-            remaining -= want
-            _PDATA_HEAD.pack_into(
-                buf,
-                _COMMAND_ROOM,
-                _P_DATA_TF,
-                0,
-                want + 6,
-                want + 2,
-                cid,
-                0x00 if remaining else 0x02,
-            )
+            position = end
             start = _COMMAND_ROOM
             if command_pdu is not None:
                 start -= len(command_pdu)
                 buf[start:_COMMAND_ROOM] = command_pdu
                 command_pdu = None
-            conn.send(view[start : data + want], "sending a data set")
-            if not remaining:
+            conn.send(view[start:head], "sending a data set")
+            if position >= length:
                 return
 
     def _read_status(self, conn: _Connection, message_id: int) -> int:
@@ -885,6 +889,49 @@ class LeanAssociationSender(AssociationSender):
                 "C-STORE status 0x%04X comment from %s: %s", status, where, _uid_text(comment)
             )
         return status
+
+
+class _SourceEnded(Exception):
+    """The file ended before the announced data set length."""
+
+
+def _file_reader(fd: int, data_start: int) -> Callable[[list[memoryview], int], None]:
+    """Return a ``fill(views, position)`` reading the data set of the open file ``fd``.
+
+    One ``preadv`` per write fills every fragment at once where the platform has it.
+    """
+
+    def fill(views: list[memoryview], position: int) -> None:
+        offset = data_start + position
+        pending = views
+        if _HAS_PREADV:
+            got = os.preadv(fd, views, offset)
+            if got == sum(len(v) for v in views):
+                return
+            offset, pending = _after(views, offset, got)
+        for into in pending:
+            while len(into):
+                count = os.pread(fd, len(into), offset)
+                if not count:
+                    raise _SourceEnded(f"end of file at byte {offset}")
+                into[: len(count)] = count
+                into = into[len(count) :]
+                offset += len(count)
+
+    return fill
+
+
+def _after(views: list[memoryview], offset: int, got: int) -> tuple[int, list[memoryview]]:
+    """Return the file offset and the parts of ``views`` still to fill after ``got`` bytes."""
+    rest: list[memoryview] = []
+    skip = got
+    for into in views:
+        if skip >= len(into):
+            skip -= len(into)
+            continue
+        rest.append(into[skip:])
+        skip = 0
+    return offset + got, rest
 
 
 def _pdata(cid: int, control: int, data: bytes) -> bytes:
