@@ -25,6 +25,8 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	# the forwarder suite once more on the alternative transport ([FolderWatcher] transport = pynetdicom)
+	DICOMNODE_TEST_TRANSPORT=pynetdicom $(BIN)/python -m pytest -q tests/integration/test_forward.py tests/integration/test_forward_cli.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

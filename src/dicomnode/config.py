@@ -187,7 +187,7 @@ class ForwarderConfig:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
     max_pdu_bytes: int = 1048576
-    transport: str = "pynetdicom"
+    transport: str = "lean"
 
     @property
     def has_target(self) -> bool:
@@ -650,7 +650,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         dimse_timeout_s=fw.seconds("dimse_timeout_s", 60.0, lo=0.1),
         network_timeout_s=fw.seconds("network_timeout_s", 120.0, lo=0.1),
         max_pdu_bytes=fw.integer("max_pdu_bytes", 1048576, 0, 2**32 - 1),
-        transport=fw.choice("transport", "pynetdicom", ("lean", "pynetdicom")),
+        transport=fw.choice("transport", "lean", ("lean", "pynetdicom")),
     )
     fw.check_unknown({f.name for f in fields(ForwarderConfig)})
     if bool(forwarder.target_ip) != bool(forwarder.target_aet):

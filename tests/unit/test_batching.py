@@ -168,7 +168,11 @@ def test_batching_order_is_independent_of_input_order(perm: list[int]) -> None:
 
 def test_batching_contexts_offer_own_syntax_and_uncompressed_fallback() -> None:
     specs = contexts_for(CT, [JPEG_LS, EXPLICIT_VR_LE])
-    assert [s.transfer_syntaxes for s in specs] == [(EXPLICIT_VR_LE,), (JPEG_LS,), (IMPLICIT_VR_LE,)]
+    assert [s.transfer_syntaxes for s in specs] == [
+        (EXPLICIT_VR_LE,),
+        (JPEG_LS,),
+        (IMPLICIT_VR_LE,),
+    ]
     # the file's own syntax stands alone, so the target cannot pick another one for it
     specs = contexts_for(CT, [IMPLICIT_VR_LE])
     assert [s.transfer_syntaxes for s in specs] == [(IMPLICIT_VR_LE,), (EXPLICIT_VR_LE,)]
