@@ -474,9 +474,9 @@ class _Timeout(Exception):
 class LeanAssociationSender(AssociationSender):
     """Send objects to the configured target, one association per call of :meth:`run`.
 
-    A drop-in replacement of :class:`AssociationSender` (it subclasses it only so
-    the runner's annotations accept it; nothing of pynetdicom's association
-    machinery is used). Not for concurrent :meth:`run` calls; :meth:`abort` may
+    A drop-in replacement of :class:`AssociationSender`: it inherits the
+    configuration, the lock and the per-file reporting of the rest of a run;
+    nothing of pynetdicom's association machinery is used. Not for concurrent :meth:`run` calls; :meth:`abort` may
     be called from any thread.
 
     Parameters

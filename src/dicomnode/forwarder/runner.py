@@ -158,6 +158,13 @@ def _int_or_none(value: str) -> int | None:
         return None
 
 
+def make_sender(config: ForwarderConfig, ssl_context: ssl.SSLContext | None) -> AssociationSender:
+    """Return the sender of ``config.transport``: the lean SCU or pynetdicom's."""
+    if config.transport == "lean":
+        return LeanAssociationSender(config, ssl_context)
+    return AssociationSender(config, ssl_context)
+
+
 def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     """Read the header facts of one file, or say why it cannot be sent.
 
@@ -546,11 +553,7 @@ class Forwarder:
     # -- worker ------------------------------------------------------------------
 
     def _work(self, job: GroupJob) -> None:
-        sender = (
-            LeanAssociationSender(self.config, self.ssl_context)
-            if self.config.transport == "lean"
-            else AssociationSender(self.config, self.ssl_context)
-        )
+        sender = make_sender(self.config, self.ssl_context)
         with self._lock:
             self._senders.add(sender)
         try:
@@ -746,11 +749,7 @@ def send_paths(
     jobs = [GroupJob(j.key, j.files, config.watch_folder, j.prune_root) for j in collected]
     total = sum(len(j.files) for j in jobs)
     bar = _Progress(total, progress)
-    sender = (
-        LeanAssociationSender(config, ssl_context)
-        if config.transport == "lean"
-        else AssociationSender(config, ssl_context)
-    )
+    sender = make_sender(config, ssl_context)
     sent = 0
     failed = False
     try:

@@ -83,7 +83,6 @@ class Receiver:
         self.handler = StoreHandler(cfg, post_store)
         self._ae: Any = None
         self._server: Any = None
-        self._last_sweep = time.monotonic()
 
     def prepare_storage(self) -> None:
         """Create the destination, its temp and errors folders; clear stale partial files.
@@ -144,7 +143,6 @@ class Receiver:
             (evt.EVT_REJECTED, self.gate.handle_rejected),
             (evt.EVT_C_STORE, self.handler.handle_store),
             (evt.EVT_C_ECHO, self.handler.handle_echo),
-            (evt.EVT_CONN_CLOSE, self._sweep_aborted),
         ]
         if self.listen_socket is None:
             self._server = self._ae.start_server(
@@ -197,31 +195,6 @@ class Receiver:
         thread.start()
         self._ae._servers.append(server)
         return server
-
-    def _sweep_aborted(self, event: Any) -> None:
-        """Delete temp files of transfers aborted mid-object (never acknowledged).
-
-        pynetdicom leaves the partial temp file behind when a peer vanishes mid-object;
-        files untouched for twice the network timeout (at least 10 min) are removed,
-        at most once a minute.
-        """
-        now = time.monotonic()
-        if now - self._last_sweep < 60:
-            return
-        self._last_sweep = now
-        max_age_s = max(2 * self.cfg.network_timeout_s, 600.0)
-        tmp = self.cfg.destination_dir / INCOMING_TMP
-        cutoff = time.time() - max_age_s
-        try:
-            for entry in tmp.iterdir():
-                try:
-                    if entry.is_file() and entry.stat().st_mtime < cutoff:
-                        entry.unlink()
-                        logger.info("CLEANED aborted partial transfer %s", entry.name)
-                except OSError:
-                    continue
-        except OSError:
-            return
 
     def active_associations(self) -> int:
         """Return the number of associations currently served."""
