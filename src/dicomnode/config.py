@@ -95,6 +95,8 @@ class ReceiverConfig:
         Association, message and idle-network timeouts in seconds (30, 60, 120).
     max_object_mb : int
         Largest object accepted in MB; 0 means no limit (default 0).
+    receiver_transport : str
+        ``lean`` (default: dicomnode's own C-STORE/C-ECHO SCP) or ``pynetdicom``.
     receiver_processes : int
         Processes sharing the listening socket; 0 means automatic (one per CPU,
         at most 4, on POSIX; 1 on Windows). Default 0 (``auto``).
@@ -120,6 +122,7 @@ class ReceiverConfig:
     max_object_mb: int = 0
     min_free_space_mb: int = 100
     receiver_processes: int = 0
+    receiver_transport: str = "lean"
 
     @property
     def trusts_any_ae(self) -> bool:
@@ -510,6 +513,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         "receiver_processes": 0
         if (net.raw("receiver_processes") or "auto").lower() == "auto"
         else net.integer("receiver_processes", 0, 1, 64),
+        "receiver_transport": net.choice("receiver_transport", "lean", ("lean", "pynetdicom")),
     }
     if 0 < network["max_pdu_bytes"] < 4096:  # type: ignore[operator]
         raise net.error("max_pdu_bytes", str(network["max_pdu_bytes"]), "0 or at least 4096")
@@ -783,6 +787,7 @@ _RECEIVER_SECTIONS: Final = {
         "network_timeout_s",
         "max_object_mb",
         "receiver_processes",
+        "receiver_transport",
     ),
     "Directories": ("destination_dir", "folder_layout", "min_free_space_mb"),
     "Security": ("trusted_ae_titles", "require_called_aet"),

@@ -11,10 +11,10 @@ answered a failure for under a final name.
 from __future__ import annotations
 
 import struct
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +25,7 @@ from pydicom.filewriter import write_file_meta_info
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.integrity import MAX_DEPTH, find_defect
-from dicomnode.receiver.handlers import StoreHandler
+from dicomnode.receiver.store import StoreHandler
 from tests.factories import make_image, rt_set
 from tests.integration.rawpeer import encode_dataset
 
@@ -55,7 +55,7 @@ def part10(payload: bytes, syntax: str = EXPLICIT, sop_uid: str = "1.2.3.4") -> 
 
 
 class Harness:
-    """A StoreHandler on a temp destination, called with pynetdicom-shaped events."""
+    """A StoreHandler on a temp destination, given received files as both transports do."""
 
     def __init__(self, root: Path) -> None:
         self.dest = root / "dest"
@@ -68,17 +68,11 @@ class Harness:
         self.count += 1
         path = self.tmp / f"fuzz{self.count}.dcm"
         path.write_bytes(file_bytes)
-        requestor = SimpleNamespace(ae_title="FUZZER", address="127.0.0.1", port=1)
-        event = SimpleNamespace(
-            assoc=SimpleNamespace(requestor=requestor, acceptor=SimpleNamespace(ae_title="NODE")),
-            request=SimpleNamespace(AffectedSOPInstanceUID="1.2.3.4", _dataset_file=None),
-            dataset_path=path,
-        )
         with warnings.catch_warnings():
             # pydicom warns about odd values; in production these are log lines.
             warnings.simplefilter("ignore")
-            status = self.handler.handle_store(event)  # type: ignore[arg-type]
-        path.unlink(missing_ok=True)  # pynetdicom deletes the temp file afterwards
+            status = self.handler.finish(path, "FUZZER", "127.0.0.1:1", time.monotonic(), "1.2.3.4")
+        path.unlink(missing_ok=True)
         return status
 
     def filed(self) -> list[Path]:

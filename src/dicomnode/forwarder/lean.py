@@ -45,7 +45,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.dsutils import encode
 
 from dicomnode.config import ForwarderConfig
@@ -67,29 +66,43 @@ from dicomnode.forwarder.sender import (
     _converted,
 )
 from dicomnode.status import describe_status, is_success_or_warning
+from dicomnode.upperlayer import (
+    ABORT,
+    ABORT_PDU,
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    APPLICATION_CONTEXT,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    ASSOCIATE_RQ,
+    C_STORE_RQ,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
+    LONG_VRS,
+    MESSAGE_ID,
+    MESSAGE_ID_RESPONDED,
+    P_DATA_TF,
+    RELEASE_RP,
+    RELEASE_RP_PDU,
+    RELEASE_RQ,
+    RELEASE_RQ_PDU,
+    STATUS,
+    ae_title_field,
+    command_set,
+    command_us,
+    item,
+    p_data_pdu,
+    parse_command,
+    sub_items,
+    uid_text,
+    us,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Implementation class UID sent in the A-ASSOCIATE-RQ (pynetdicom's, a fixed UID).
-IMPLEMENTATION_UID: Final = str(PYNETDICOM_IMPLEMENTATION_UID)
-#: Implementation version name (at most 16 characters).
-IMPLEMENTATION_VERSION: Final = "DICOMNODE_LEAN"
-APPLICATION_CONTEXT: Final = b"1.2.840.10008.3.1.1.1"
 EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
-
-# PDU types (PS3.8 9.3)
-_ASSOCIATE_RQ: Final = 0x01
-_ASSOCIATE_AC: Final = 0x02
-_ASSOCIATE_RJ: Final = 0x03
-_P_DATA_TF: Final = 0x04
-_RELEASE_RQ: Final = 0x05
-_RELEASE_RP: Final = 0x06
-_ABORT: Final = 0x07
-
-_RELEASE_RQ_PDU: Final = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_RELEASE_RP_PDU: Final = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-#: A-ABORT, source 0 (service user), reason 0.
-_ABORT_PDU: Final = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 #: P-DATA-TF header (type, reserved, PDU length) + PDV header (item length, context, control).
 _PDATA_HEAD: Final = struct.Struct(">BBIIBB")
@@ -104,10 +117,6 @@ _MAX_RECV_PDU: Final = 16 * 1024 * 1024
 #: First read of a file: preamble + File Meta Information fit in here in practice.
 _HEAD_BYTES: Final = 4096
 _MAX_META_BYTES: Final = 1024 * 1024
-#: Explicit VR with a 4-byte length field (PS3.5 7.1.2).
-_LONG_VRS: Final = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 #: Preferred encodings when an object has to be converted: (syntax, implicit VR, little endian).
 _CONVERSION_TARGETS: Final = (
     (EXPLICIT_VR_LE, False, True),
@@ -139,17 +148,6 @@ class _Unsendable(Exception):
 # --------------------------------------------------------------------------- encoding
 
 
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(body)) + body
-
-
-def _ae_title(title: str) -> bytes:
-    raw = title.strip().encode("ascii")
-    if not raw or len(raw) > 16 or b"\\" in raw:
-        raise ValueError(f"invalid AE title {title!r}")
-    return raw.ljust(16)
-
-
 def associate_rq(called: str, calling: str, contexts: Sequence[ContextSpec], max_pdu: int) -> bytes:
     """Encode an A-ASSOCIATE-RQ proposing ``contexts`` with ids 1, 3, 5, ...
 
@@ -160,75 +158,39 @@ def associate_rq(called: str, calling: str, contexts: Sequence[ContextSpec], max
     """
     if len(contexts) > MAX_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts (at most {MAX_CONTEXTS})")
-    items = [_item(0x10, APPLICATION_CONTEXT)]
+    items = [item(0x10, APPLICATION_CONTEXT.encode("ascii"))]
     for index, spec in enumerate(contexts):
-        body = bytes((2 * index + 1, 0, 0, 0)) + _item(0x30, spec.sop_class_uid.encode("ascii"))
-        body += b"".join(_item(0x40, ts.encode("ascii")) for ts in spec.transfer_syntaxes)
-        items.append(_item(0x20, body))
+        body = bytes((2 * index + 1, 0, 0, 0)) + item(0x30, spec.sop_class_uid.encode("ascii"))
+        body += b"".join(item(0x40, ts.encode("ascii")) for ts in spec.transfer_syntaxes)
+        items.append(item(0x20, body))
     user = (
-        _item(0x51, struct.pack(">I", max_pdu))
-        + _item(0x52, IMPLEMENTATION_UID.encode("ascii"))
-        + _item(0x55, IMPLEMENTATION_VERSION.encode("ascii"))
+        item(0x51, struct.pack(">I", max_pdu))
+        + item(0x52, IMPLEMENTATION_UID.encode("ascii"))
+        + item(0x55, IMPLEMENTATION_VERSION.encode("ascii"))
     )
-    items.append(_item(0x50, user))
+    items.append(item(0x50, user))
     body = (
         struct.pack(">HH", 1, 0)
-        + _ae_title(called)
-        + _ae_title(calling)
+        + ae_title_field(called)
+        + ae_title_field(calling)
         + bytes(32)
         + b"".join(items)
     )
-    return struct.pack(">BBI", _ASSOCIATE_RQ, 0, len(body)) + body
-
-
-def _uid_text(raw: bytes | bytearray | memoryview) -> str:
-    return bytes(raw).rstrip(b"\x00 ").decode("ascii", errors="replace")
-
-
-def _command_element(tag: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\x00"
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+    return struct.pack(">BBI", ASSOCIATE_RQ, 0, len(body)) + body
 
 
 def store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
     """Encode a C-STORE-RQ command set (Implicit VR Little Endian, priority medium)."""
-    body = (
-        _command_element(0x00000002, sop_class_uid.encode("ascii"))
-        + _command_element(0x00000100, struct.pack("<H", 0x0001))
-        + _command_element(0x00000110, struct.pack("<H", message_id))
-        + _command_element(0x00000700, struct.pack("<H", 0x0000))
-        + _command_element(0x00000800, struct.pack("<H", 0x0000))
-        + _command_element(0x00001000, sop_instance_uid.encode("ascii"))
+    return command_set(
+        [
+            (AFFECTED_SOP_CLASS, sop_class_uid.encode("ascii")),
+            (COMMAND_FIELD, us(C_STORE_RQ)),
+            (MESSAGE_ID, us(message_id)),
+            (0x00000700, us(0x0000)),  # Priority: medium
+            (DATA_SET_TYPE, us(0x0000)),
+            (AFFECTED_SOP_INSTANCE, sop_instance_uid.encode("ascii")),
+        ]
     )
-    return _command_element(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def parse_command(raw: bytes | bytearray) -> dict[int, bytes]:
-    """Decode an Implicit VR Little Endian command set into ``{tag: raw value}``.
-
-    Raises
-    ------
-    ValueError
-        When an element runs past the end.
-    """
-    out: dict[int, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(raw):
-        group, elem, length = struct.unpack_from("<HHI", raw, pos)
-        end = pos + 8 + length
-        if end > len(raw):
-            raise ValueError("truncated command set")
-        out[(group << 16) | elem] = bytes(raw[pos + 8 : end])
-        pos = end
-    return out
-
-
-def _us(command: dict[int, bytes], tag: int) -> int | None:
-    value = command.get(tag)
-    if value is None or len(value) < 2:
-        return None
-    return int(struct.unpack_from("<H", value)[0])
 
 
 def parse_ac(
@@ -252,25 +214,15 @@ def parse_ac(
             spec = proposed.get(cid)
             if result != 0 or spec is None:
                 continue
-            for sub_type, sub in _sub_items(value[4:]):
-                syntax = _uid_text(sub)
+            for sub_type, sub in sub_items(value[4:]):
+                syntax = uid_text(sub)
                 if sub_type == 0x40 and syntax in spec.transfer_syntaxes:
                     accepted.setdefault(spec.sop_class_uid, {}).setdefault(syntax, cid)
         elif item_type == 0x50:
-            for sub_type, sub in _sub_items(value):
+            for sub_type, sub in sub_items(value):
                 if sub_type == 0x51 and len(sub) >= 4:
                     peer_max = int(struct.unpack_from(">I", sub)[0])
     return accepted, peer_max
-
-
-def _sub_items(raw: bytes) -> list[tuple[int, bytes]]:
-    out = []
-    pos = 0
-    while pos + 4 <= len(raw):
-        length = struct.unpack_from(">H", raw, pos + 2)[0]
-        out.append((raw[pos], raw[pos + 4 : pos + 4 + length]))
-        pos += 4 + length
-    return out
 
 
 def _describe_reject(body: bytes) -> str:
@@ -319,7 +271,7 @@ def read_meta(head: bytes | bytearray | memoryview, whole: bool) -> tuple[dict[i
         if group != 0x0002:
             return values, pos
         vr = bytes(head[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > len(head):
                 raise EOFError
             length = int(struct.unpack_from("<I", head, pos + 8)[0])
@@ -436,11 +388,11 @@ class _Connection:
                     if self.tls:
                         _r, writable, _x = select.select([], [self.sock], [], 0)
                         if writable:
-                            self.sock.send(_ABORT_PDU)
+                            self.sock.send(ABORT_PDU)
                     else:
                         # the descriptor is non-blocking (the socket has a timeout), so
                         # this write cannot wait for a peer that stopped reading
-                        os.write(self.sock.fileno(), _ABORT_PDU)
+                        os.write(self.sock.fileno(), ABORT_PDU)
             except (OSError, ValueError) as exc:
                 logger.debug("A-ABORT not sent: %s", exc)
             finally:
@@ -549,11 +501,11 @@ class LeanAssociationSender(AssociationSender):
             raise _NetworkTrouble(
                 f"no association with {where} (no answer within acse_timeout_s)"
             ) from exc
-        if pdu_type == _ASSOCIATE_AC:
+        if pdu_type == ASSOCIATE_AC:
             return parse_ac(body, proposed)
-        if pdu_type == _ASSOCIATE_RJ:
+        if pdu_type == ASSOCIATE_RJ:
             raise _NetworkTrouble(f"association rejected by {where} ({_describe_reject(body)})")
-        if pdu_type == _ABORT:
+        if pdu_type == ABORT:
             raise _NetworkTrouble(f"association aborted by {where}")
         conn.abort()
         raise _NetworkTrouble(
@@ -563,16 +515,16 @@ class LeanAssociationSender(AssociationSender):
     def _release(self, conn: _Connection) -> None:
         """A-RELEASE-RQ and wait for A-RELEASE-RP (at most acse_timeout_s); never raises."""
         try:
-            conn.send(_RELEASE_RQ_PDU, "releasing the association")
+            conn.send(RELEASE_RQ_PDU, "releasing the association")
             conn.set_timeout(self.config.acse_timeout_s)
             while True:
                 pdu_type, _body = conn.read_pdu("releasing the association")
-                if pdu_type == _RELEASE_RP:
+                if pdu_type == RELEASE_RP:
                     return
-                if pdu_type == _RELEASE_RQ:  # release collision (PS3.8 7.2.2): we are requestor
-                    conn.send(_RELEASE_RP_PDU, "releasing the association")
+                if pdu_type == RELEASE_RQ:  # release collision (PS3.8 7.2.2): we are requestor
+                    conn.send(RELEASE_RP_PDU, "releasing the association")
                     continue
-                if pdu_type == _ABORT:
+                if pdu_type == ABORT:
                     return
         except (_NetworkTrouble, _Timeout) as exc:
             logger.debug("release of the association to %s incomplete: %s", conn.where, exc)
@@ -782,12 +734,14 @@ class LeanAssociationSender(AssociationSender):
         view = memoryview(buf)
         per_write = max(1, (len(buf) - _COMMAND_ROOM) // (_PDATA_HEAD_LEN + chunk))
         conn.set_timeout(self.config.network_timeout_s)
-        command_pdu: bytes | None = _pdata(cid, 0x03, command) if len(command) <= chunk else None
+        command_pdu: bytes | None = (
+            p_data_pdu(cid, 0x03, command) if len(command) <= chunk else None
+        )
         if command_pdu is None:
             for offset in range(0, len(command), chunk):
                 piece = command[offset : offset + chunk]
                 last = offset + chunk >= len(command)
-                conn.send(_pdata(cid, 0x03 if last else 0x01, piece), "sending a command")
+                conn.send(p_data_pdu(cid, 0x03 if last else 0x01, piece), "sending a command")
         elif len(command_pdu) > _COMMAND_ROOM:
             conn.send(command_pdu, "sending a command")
             command_pdu = None
@@ -801,7 +755,7 @@ class LeanAssociationSender(AssociationSender):
                 end += want
                 last = end >= length
                 _PDATA_HEAD.pack_into(
-                    buf, head, _P_DATA_TF, 0, want + 6, want + 2, cid, 0x02 if last else 0x00
+                    buf, head, P_DATA_TF, 0, want + 6, want + 2, cid, 0x02 if last else 0x00
                 )
                 head += _PDATA_HEAD_LEN
                 views.append(view[head : head + want])
@@ -845,13 +799,13 @@ class LeanAssociationSender(AssociationSender):
                 ) from exc
             except _NetworkTrouble as exc:
                 raise _NetworkTrouble(f"no C-STORE response ({exc})") from exc
-            if pdu_type == _ABORT:
+            if pdu_type == ABORT:
                 raise _NetworkTrouble(f"no C-STORE response (association aborted by {conn.where})")
-            if pdu_type == _RELEASE_RQ:
+            if pdu_type == RELEASE_RQ:
                 raise _NetworkTrouble(
                     f"no C-STORE response ({conn.where} asked to release the association)"
                 )
-            if pdu_type != _P_DATA_TF:
+            if pdu_type != P_DATA_TF:
                 raise _NetworkTrouble(
                     f"no C-STORE response (unexpected PDU 0x{pdu_type:02X} from {conn.where})"
                 )
@@ -875,20 +829,20 @@ class LeanAssociationSender(AssociationSender):
             command = parse_command(raw)
         except ValueError as exc:
             raise _NetworkTrouble(f"no C-STORE response ({exc})") from exc
-        field = _us(command, 0x00000100)
-        answered = _us(command, 0x00000120)
+        field = command_us(command, COMMAND_FIELD)
+        answered = command_us(command, MESSAGE_ID_RESPONDED)
         if field != 0x8001 or answered != message_id:
             raise _NetworkTrouble(
                 f"no C-STORE response ({where} answered message {answered} "
                 f"with command 0x{field or 0:04X} while message {message_id} was waiting)"
             )
-        status = _us(command, 0x00000900)
+        status = command_us(command, STATUS)
         if status is None:
             raise _NetworkTrouble("no C-STORE response (response without a Status)")
         comment = command.get(0x00000902)
         if comment and not is_success_or_warning(status):
             logger.info(
-                "C-STORE status 0x%04X comment from %s: %s", status, where, _uid_text(comment)
+                "C-STORE status 0x%04X comment from %s: %s", status, where, uid_text(comment)
             )
         return status
 
@@ -934,10 +888,6 @@ def _after(views: list[memoryview], offset: int, got: int) -> tuple[int, list[me
         rest.append(into[skip:])
         skip = 0
     return offset + got, rest
-
-
-def _pdata(cid: int, control: int, data: bytes) -> bytes:
-    return _PDATA_HEAD.pack(_P_DATA_TF, 0, len(data) + 6, len(data) + 2, cid, control) + data
 
 
 def _locate_data_set(fh: io.FileIO) -> tuple[int, int]:

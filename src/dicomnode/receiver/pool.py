@@ -127,7 +127,7 @@ def _worker_main(
     )
 
     from dicomnode import tls
-    from dicomnode.receiver.handlers import SharedLoad
+    from dicomnode.receiver.admission import SharedLoad
     from dicomnode.receiver.server import Receiver
 
     # Every (re)started worker resumes: jobs of live workers are skipped by the converter.

@@ -1,6 +1,8 @@
-"""Build and run the receiving AE: presentation contexts, timeouts, graceful stop.
+"""Build and run the receiving AE on the configured transport; graceful stop.
 
-Accepts every storage SOP class (including private and unknown ones) in the
+``[Network] receiver_transport = lean`` (default) serves with
+:class:`~dicomnode.receiver.lean.LeanServer`; ``pynetdicom`` with a pynetdicom
+AE configured here. Both accept every storage SOP class (including private and unknown ones) in the
 transfer syntax the sender proposes first, plus Verification. The listening
 socket is non-blocking to the caller: :meth:`Receiver.start` returns once it
 listens, :meth:`Receiver.stop` stops accepting, lets running associations
@@ -13,40 +15,16 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
-
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
-from dicomnode.receiver.handlers import AssociationGate, PostStore, SharedLoad, StoreHandler
-from dicomnode.receiver.spool import set_min_free_space_mb, spool_file
+from dicomnode.receiver.admission import SharedLoad
+from dicomnode.receiver.lean import LeanServer
+from dicomnode.receiver.store import PostStore, StoreHandler
 from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
 
 logger = logging.getLogger(__name__)
-
-#: Transfer syntaxes listed for known storage classes; unknown ones are accepted as proposed.
-_ALL_TS: list[str] = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated
-    "1.2.840.10008.1.2.4.50",
-    "1.2.840.10008.1.2.4.51",
-    "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70",
-    "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90",
-    "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.5",
-]
 
 
 class Receiver:
@@ -55,7 +33,7 @@ class Receiver:
     Parameters
     ----------
     cfg : ReceiverConfig
-        Receiver settings.
+        Receiver settings (``receiver_transport`` picks the implementation).
     post_store : callable, optional
         Called after each object is durable (Enhanced MR conversion seam).
     ssl_context : ssl.SSLContext, optional
@@ -79,10 +57,9 @@ class Receiver:
         self.ssl_context = ssl_context
         self.listen_socket = listen_socket
         self.shared_load = shared_load
-        self.gate = AssociationGate(cfg, shared_load)
         self.handler = StoreHandler(cfg, post_store)
-        self._ae: Any = None
-        self._server: Any = None
+        self._lean: LeanServer | None = None
+        self._pyn: Any = None
 
     def prepare_storage(self) -> None:
         """Create the destination, its temp and errors folders; clear stale partial files.
@@ -97,25 +74,6 @@ class Receiver:
         tmp = self.cfg.destination_dir / INCOMING_TMP
         clean_stale_temp(tmp)
         use_temp_dir(tmp)
-
-    def _build_ae(self) -> Any:
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
-        dimse_messages.NamedTemporaryFile = spool_file  # type: ignore[attr-defined,assignment]
-        set_min_free_space_mb(self.cfg.min_free_space_mb)
-        ae = AE(ae_title=self.cfg.ae_title)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), _ALL_TS)
-        ae.add_supported_context(Verification)
-        ae.maximum_associations = self.cfg.max_associations
-        ae.maximum_pdu_size = self.cfg.max_pdu_bytes
-        ae.acse_timeout = self.cfg.acse_timeout_s
-        ae.dimse_timeout = self.cfg.dimse_timeout_s
-        ae.network_timeout = self.cfg.network_timeout_s
-        if not self.cfg.trusts_any_ae:
-            ae.require_calling_aet = list(self.cfg.trusted_ae_titles)
-        ae.require_called_aet = self.cfg.require_called_aet
-        return ae
 
     def start(self, prepare: bool = True) -> None:
         """Start listening on ``server_ip:receive_port`` in background threads.
@@ -134,101 +92,54 @@ class Receiver:
             self.prepare_storage()
         else:
             use_temp_dir(self.cfg.destination_dir / INCOMING_TMP)
-        self._ae = self._build_ae()
-        handlers: list[tuple[Any, Callable[..., Any]]] = [
-            (evt.EVT_CONN_OPEN, self.gate.handle_conn_open),
-            (evt.EVT_CONN_CLOSE, self.gate.handle_conn_close),
-            (evt.EVT_ACCEPTED, self.gate.handle_accepted),
-            (evt.EVT_REQUESTED, self.gate.handle_requested),
-            (evt.EVT_REJECTED, self.gate.handle_rejected),
-            (evt.EVT_C_STORE, self.handler.handle_store),
-            (evt.EVT_C_ECHO, self.handler.handle_echo),
-        ]
-        if self.listen_socket is None:
-            self._server = self._ae.start_server(
-                (self.cfg.server_ip, self.cfg.receive_port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=self.ssl_context,
+        if self.cfg.receiver_transport == "pynetdicom":
+            from dicomnode.receiver.pynetdicom_server import PynetdicomServer
+
+            self._pyn = PynetdicomServer(
+                self.cfg, self.handler, self.ssl_context, self.listen_socket, self.shared_load
             )
+            self._pyn.start()
         else:
-            self._server = self._serve_shared(handlers)
+            load = self.shared_load
+            room = None
+            if load is not None:
+                limit = self.cfg.max_associations
+                room = lambda active: load.admit(active, limit)  # noqa: E731
+            self._lean = LeanServer(
+                self.cfg, self.handler, self.ssl_context, self.listen_socket, room
+            )
+            self._lean.start()
         logger.log(
             logging.INFO if self.listen_socket is None else logging.DEBUG,
-            "LISTENING ae_title=%s address=%s:%d tls=%s",
+            "LISTENING ae_title=%s address=%s:%d tls=%s transport=%s",
             self.cfg.ae_title,
             self.cfg.server_ip,
             self.cfg.receive_port,
             "on" if self.ssl_context else "off",
+            self.cfg.receiver_transport,
         )
-
-    def _serve_shared(self, handlers: list[tuple[Any, Callable[..., Any]]]) -> Any:
-        """Serve on the inherited listening socket instead of binding a new one."""
-        assert self.listen_socket is not None
-        shared: socket.socket = self.listen_socket
-        # Several processes wait on the same socket: the one that loses the race for a
-        # connection must not sit in accept(), so accept() times out quickly.
-        shared.settimeout(0.5)
-
-        class SharedSocketServer(ThreadedAssociationServer):
-            def server_bind(self) -> None:
-                if self.socket is not None:
-                    self.socket.close()
-                self.socket = shared
-                self.server_address = shared.getsockname()
-
-            def server_activate(self) -> None:
-                """The parent process already listens on the socket."""
-
-            def server_close(self) -> None:
-                # shutdown() would stop the listening socket for every process: only close ours.
-                if self.socket is not None:
-                    self.socket.close()
-
-        server = self._ae.make_server(
-            (self.cfg.server_ip, self.cfg.receive_port),
-            ssl_context=self.ssl_context,
-            evt_handlers=handlers,
-            server_class=SharedSocketServer,
-        )
-        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
-        thread.start()
-        self._ae._servers.append(server)
-        return server
 
     def active_associations(self) -> int:
-        """Return the number of associations currently served."""
-        return len(self._server.active_associations) if self._server is not None else 0
+        """Return the number of connections currently served."""
+        if self._lean is not None:
+            return self._lean.active()
+        return self._pyn.active_associations() if self._pyn is not None else 0
 
     def publish_load(self) -> None:
         """Refresh this process's slot in the pool's shared connection counts."""
-        if self.shared_load is not None and self._ae is not None:
-            self.shared_load.publish(sum(1 for a in self._ae.active_associations if a.is_acceptor))
+        if self.shared_load is not None:
+            self.shared_load.publish(self.active_associations())
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running associations finish for ``grace_s``, abort the rest."""
-        server = self._server
-        if server is None:
+        lean, self._lean = self._lean, None
+        pyn, self._pyn = self._pyn, None
+        if lean is not None:
+            lean.stop(grace_s)
+        elif pyn is not None:
+            pyn.stop(grace_s)
+        else:
             return
-        self._server = None
-        server.shutdown()
-        active = [a for a in self._ae.active_associations if a.is_acceptor]
-        # Connections that never sent an A-ASSOCIATE-RQ (port probes) hold no data: close now.
-        for assoc in active:
-            if not assoc.is_established:
-                assoc.kill()
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            active = [a for a in active if a.is_alive() and a.is_established]
-            if not active:
-                break
-            time.sleep(0.05)
-        for assoc in active:
-            logger.warning(
-                "ABORTED association with %s at shutdown (unacknowledged objects will be resent)",
-                assoc.requestor.ae_title,
-            )
-            assoc.abort()
         logger.info("STOPPED receiver")
 
 

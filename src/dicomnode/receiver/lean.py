@@ -1,0 +1,742 @@
+"""Lean C-STORE/C-ECHO SCP: the DICOM upper layer on one blocking socket per association.
+
+The default receiver transport (``[Network] receiver_transport = lean``).
+pynetdicom's acceptor runs a reactor thread per association that polls its
+socket, decodes each PDU into primitives and passes them through queues; on
+the benchmark machine that machinery is about two thirds of the receiver's CPU.
+Here each accepted connection gets one thread that reads PDUs straight from
+the socket into a reusable buffer and writes data-set fragments straight to
+the object's temp file. What the node promises does not change:
+
+* admission through :func:`~dicomnode.receiver.admission.admit` (trusted AE,
+  called AE, [AE_Hosts], ``max_associations`` across all receiver processes),
+  with a real A-ASSOCIATE-RJ; presentation contexts by
+  :mod:`~dicomnode.receiver.negotiation`;
+* each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
+  Information header, bytes as received; fsynced and closed, then filed by
+  :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk,
+  header, atomic rename, folder fsync) *before* the C-STORE-RSP is sent;
+* the disk guard is checked when a request arrives (nothing is written below
+  ``min_free_space_mb``), a write error (disk full) is recorded and the rest of
+  the object discarded so the peer gets 0xA700, and ``max_object_mb`` stops
+  writing as soon as it is exceeded;
+* PDUs longer than ``max_pdu_bytes`` allows are refused from their header,
+  never buffered; timeouts: ``acse_timeout_s`` for the association request,
+  ``network_timeout_s`` for every read and write after it;
+* an object whose transfer did not complete (closed connection, A-ABORT,
+  timeout, protocol error) is deleted and never acknowledged (``DISCARDED``);
+* TLS handshakes run on the association's thread, bounded by the network timeout.
+
+Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
+``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from dicomnode.config import ReceiverConfig
+from dicomnode.receiver.admission import admit
+from dicomnode.receiver.negotiation import (
+    ACCEPTANCE,
+    AssociateRequest,
+    associate_ac,
+    associate_rj,
+    negotiate,
+    parse_associate_rq,
+)
+from dicomnode.receiver.store import StoreHandler
+from dicomnode.upperlayer import (
+    ABORT,
+    ABORT_PDU,
+    ABORT_UNEXPECTED_PDU,
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
+    APPLICATION_CONTEXT,
+    ASSOCIATE_RQ,
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    MESSAGE_ID,
+    NO_DATA_SET,
+    P_DATA_TF,
+    RELEASE_RP_PDU,
+    RELEASE_RQ,
+    command_us,
+    file_meta,
+    p_data_pdu,
+    parse_command,
+    response_command,
+    uid_text,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Socket read buffer of one association.
+_BUFFER_BYTES: Final = 256 * 1024
+#: PDU length limit for association requests and when max_pdu_bytes is small.
+_MIN_PDU_LIMIT_BYTES: Final = 65536
+#: Tolerance above the announced maximum PDU length before a PDU is refused.
+_PDU_SLACK_BYTES: Final = 65536
+#: Largest command set accepted (real ones are a few hundred bytes).
+_MAX_COMMAND_BYTES: Final = 65536
+#: Status 0x0211: unrecognized operation (PS3.7 C).
+_UNRECOGNIZED_OPERATION: Final = 0x0211
+_O_BINARY: Final = getattr(os, "O_BINARY", 0)
+
+
+class _Closed(Exception):
+    """The peer closed the connection."""
+
+
+class _Drop(Exception):
+    """The peer broke the protocol: log ``reason``, send A-ABORT, close."""
+
+    def __init__(self, reason: str, abort_pdu: bytes = ABORT_UNEXPECTED_PDU) -> None:
+        super().__init__(reason)
+        self.abort_pdu = abort_pdu
+
+
+class _Reader:
+    """Buffered reads from a socket: exact small reads and streamed large ones."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(_BUFFER_BYTES)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        #: True once any byte has arrived (a connection that sends nothing is a probe).
+        self.got_data = False
+
+    def _receive(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):
+            kept = self.end - self.start
+            self.buf[:kept] = self.buf[self.start : self.end]
+            self.start, self.end = 0, kept
+        count = self.sock.recv_into(self.view[self.end :])
+        if count == 0:
+            raise _Closed
+        self.got_data = True
+        self.end += count
+
+    def exact(self, count: int) -> bytes:
+        """Return the next ``count`` bytes (``count`` at most the buffer size)."""
+        while self.end - self.start < count:
+            if self.start + count > len(self.buf):
+                kept = self.end - self.start
+                self.buf[:kept] = self.buf[self.start : self.end]
+                self.start, self.end = 0, kept
+            self._receive()
+        out = bytes(self.view[self.start : self.start + count])
+        self.start += count
+        return out
+
+    def stream(self, count: int, sink: Callable[[memoryview], None]) -> None:
+        """Pass the next ``count`` bytes to ``sink`` in pieces, without holding them all."""
+        while count:
+            if self.start == self.end:
+                self._receive()
+            piece = min(count, self.end - self.start)
+            sink(self.view[self.start : self.start + piece])
+            self.start += piece
+            count -= piece
+
+
+class _Transfer:
+    """One incoming object: its temp file, or a sink that discards.
+
+    Parameters
+    ----------
+    path : Path or None
+        Temp file to create; None discards the data (``write_error`` says why,
+        or the request was not a C-STORE).
+    head : bytes
+        Written first (preamble and File Meta Information).
+    limit : int
+        Stop writing (and mark ``too_large``) beyond this many bytes; 0 = no limit.
+    """
+
+    def __init__(
+        self, path: Path | None, head: bytes, limit: int, write_error: OSError | None = None
+    ) -> None:
+        self.path = path
+        self.limit = limit
+        self.write_error = write_error
+        self.too_large = False
+        self.written = 0
+        self.fd = -1
+        if path is not None and write_error is None:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+            except OSError as exc:
+                self.write_error = exc
+                return
+            self.write(memoryview(head))
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data``; after a write error or past the limit, drop it and free the space."""
+        if self.fd < 0 or self.write_error is not None or self.too_large:
+            return
+        if self.limit and self.written + len(data) > self.limit:
+            self.too_large = True
+            self._truncate()
+            return
+        try:
+            while data:
+                done = os.write(self.fd, data)
+                data = data[done:]
+                self.written += done
+        except OSError as exc:
+            self.write_error = exc
+            self._truncate()
+
+    def _truncate(self) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+
+    def complete(self) -> None:
+        """Flush the file to disk and close it (an error becomes ``write_error``)."""
+        if self.fd < 0:
+            return
+        try:
+            if self.write_error is None and not self.too_large:
+                os.fsync(self.fd)
+        except OSError as exc:
+            self.write_error = exc
+        finally:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def discard(self) -> None:
+        """Close and delete the partial file (the object was never acknowledged)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+
+
+class _Association:
+    """One accepted connection, served on its own thread from request to close."""
+
+    def __init__(self, server: LeanServer, sock: socket.socket, address: tuple[str, int]) -> None:
+        self.server = server
+        self.cfg = server.cfg
+        self.sock = sock
+        self.ip, self.port = str(address[0]), int(address[1])
+        self.where = f"{self.ip}:{self.port}"
+        self.calling = ""
+        self.established = False
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self.contexts: dict[int, tuple[str, str]] = {}
+        self.transfer: _Transfer | None = None
+        self._request: dict[int, bytes] = {}
+        self._request_cid = 0
+        self._started = 0.0
+        limit = self.cfg.max_pdu_bytes
+        self.pdu_limit = max(limit, _MIN_PDU_LIMIT_BYTES) + _PDU_SLACK_BYTES if limit else 0
+        self.max_object = self.cfg.max_object_mb * 1_000_000
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def run(self) -> None:
+        """Serve the connection until it ends; never raises."""
+        try:
+            self._run()
+        except _Closed:
+            if self.transfer is not None:
+                self._discard("connection closed mid-object")
+        except _Drop as exc:
+            logger.warning(
+                "ABORTED association calling_ae=%s peer=%s reason=%s",
+                self.calling or "-",
+                self.where,
+                exc,
+            )
+            self._discard("association aborted")
+            self._send_quietly(exc.abort_pdu)
+        except TimeoutError:
+            if self.established or self.transfer is not None:
+                logger.warning(
+                    "ABORTED association calling_ae=%s peer=%s reason=no data for "
+                    "network_timeout_s=%g s",
+                    self.calling or "-",
+                    self.where,
+                    self.cfg.network_timeout_s,
+                )
+            else:
+                logger.warning(
+                    "ABORTED connection peer=%s reason=no A-ASSOCIATE-RQ within acse_timeout_s=%g s",
+                    self.where,
+                    self.cfg.acse_timeout_s,
+                )
+            self._discard("timed out mid-object")
+            self._send_quietly(ABORT_PDU)
+        except (OSError, ValueError) as exc:
+            if not self._closed:
+                logger.warning(
+                    "ABORTED association calling_ae=%s peer=%s reason=%s",
+                    self.calling or "-",
+                    self.where,
+                    exc,
+                )
+            self._discard("connection failed mid-object")
+        except Exception:
+            logger.exception("ABORTED association peer=%s: unexpected error", self.where)
+            self._discard("unexpected error")
+            self._send_quietly(ABORT_PDU)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket (idempotent; wakes the serving thread when called from another)."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def abort(self) -> None:
+        """Send A-ABORT and close: used at shutdown after the grace period."""
+        self._send_quietly(ABORT_PDU, wait_s=1.0)
+        self.close()
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _send_quietly(self, data: bytes, wait_s: float = -1) -> None:
+        if self._closed:
+            return
+        if not self._send_lock.acquire(timeout=wait_s):
+            return
+        try:
+            self.sock.sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._send_lock.release()
+
+    def _discard(self, why: str) -> None:
+        transfer, self.transfer = self.transfer, None
+        if transfer is None:
+            return
+        transfer.discard()
+        if self._request_field() == C_STORE_RQ:
+            logger.warning(
+                "DISCARDED incomplete transfer calling_ae=%s peer=%s (%s; not acknowledged)",
+                self.calling or "-",
+                self.where,
+                why,
+            )
+
+    # ----------------------------------------------------------------- association
+
+    def _run(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.ssl_context is not None and not self._handshake():
+            return
+        self.sock.settimeout(self.cfg.acse_timeout_s)
+        reader = _Reader(self.sock)
+        try:
+            pdu_type, length = self._pdu_header(
+                reader, max(self.pdu_limit, 2 * _MIN_PDU_LIMIT_BYTES)
+            )
+        except _Closed:
+            if not reader.got_data:
+                logger.debug("connection from %s closed before an association request", self.where)
+                return
+            raise
+        if pdu_type != ASSOCIATE_RQ:
+            raise _Drop(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        try:
+            request = parse_associate_rq(reader.exact(length))
+        except ValueError as exc:
+            raise _Drop(str(exc)) from None
+        self.calling = request.calling_ae
+        if not self._admit(request):
+            return
+        self.sock.settimeout(self.cfg.network_timeout_s)
+        results = negotiate(request.contexts)
+        self._send(associate_ac(request, results, self.cfg.max_pdu_bytes))
+        self.established = True
+        self.contexts = {
+            r.context_id: (r.abstract_syntax, r.transfer_syntax)
+            for r in results
+            if r.result == ACCEPTANCE
+        }
+        if not self.contexts:
+            logger.warning(
+                "REJECTED presentation contexts calling_ae=%s called_ae=%s peer=%s "
+                "reason=none supported (proposed %s)",
+                self.calling,
+                request.called_ae,
+                self.where,
+                ", ".join(sorted({cx.abstract_syntax for cx in request.contexts})) or "nothing",
+            )
+        self._serve(reader)
+
+    def _handshake(self) -> bool:
+        """Complete the TLS handshake, bounded by the network timeout; False if it failed."""
+        assert self.server.ssl_context is not None
+        self.sock.settimeout(self.cfg.network_timeout_s)
+        try:
+            wrapped = self.server.ssl_context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self.sock = wrapped
+            wrapped.do_handshake()
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "REJECTED TLS connection peer=%s reason=%s",
+                self.where,
+                getattr(exc, "reason", None) or exc,
+            )
+            return False
+        return True
+
+    def _admit(self, request: AssociateRequest) -> bool:
+        if request.application_context != APPLICATION_CONTEXT:
+            logger.warning(
+                "REJECTED association calling_ae=%s called_ae=%s peer=%s "
+                "reason=application context %r is not DICOM's",
+                request.calling_ae,
+                request.called_ae,
+                self.where,
+                request.application_context,
+            )
+            self._send(associate_rj(0x01, 0x01, 0x02))
+            return False
+        rejection = admit(
+            self.cfg,
+            request.calling_ae,
+            request.called_ae,
+            self.ip,
+            self.port,
+            self.server.has_room,
+        )
+        if rejection is None:
+            return True
+        self._send(associate_rj(*rejection))
+        return False
+
+    def _pdu_header(self, reader: _Reader, limit: int) -> tuple[int, int]:
+        head = reader.exact(6)
+        pdu_type = head[0]
+        length = int(struct.unpack_from(">I", head, 2)[0])
+        if limit and length > limit:
+            logger.warning(
+                "REJECTED PDU of %d bytes from peer %s: larger than max_pdu_bytes=%d "
+                "allows; closing the connection",
+                length,
+                self.where,
+                self.cfg.max_pdu_bytes,
+            )
+            raise _Drop("PDU longer than max_pdu_bytes")
+        return pdu_type, length
+
+    # ----------------------------------------------------------------- DIMSE
+
+    def _serve(self, reader: _Reader) -> None:
+        command = bytearray()
+        while True:
+            pdu_type, length = self._pdu_header(reader, self.pdu_limit)
+            if pdu_type == P_DATA_TF:
+                self._p_data(reader, length, command)
+            elif pdu_type == RELEASE_RQ:
+                if length > _MIN_PDU_LIMIT_BYTES:
+                    raise _Drop(f"A-RELEASE-RQ of {length} bytes")
+                reader.exact(length)
+                self._discard("released mid-object")
+                self._send(RELEASE_RP_PDU)
+                return
+            elif pdu_type == ABORT:
+                self._discard("peer sent A-ABORT mid-object")
+                return
+            else:
+                raise _Drop(f"unexpected PDU type 0x{pdu_type:02X} during the association")
+
+    def _p_data(self, reader: _Reader, length: int, command: bytearray) -> None:
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                raise _Drop("malformed P-DATA-TF (PDV header cut off)")
+            item_length, cid, control = struct.unpack(">IBB", reader.exact(6))
+            remaining -= 4 + item_length
+            if item_length < 2 or remaining < 0:
+                raise _Drop("malformed P-DATA-TF (PDV longer than its PDU)")
+            size = item_length - 2
+            if cid not in self.contexts:
+                raise _Drop(f"P-DATA on presentation context {cid}, which was not accepted")
+            if control & 0x01:
+                if self.transfer is not None:
+                    raise _Drop("command fragment while a data set was expected")
+                if len(command) + size > _MAX_COMMAND_BYTES:
+                    raise _Drop("command set longer than 64 KiB")
+                reader.stream(size, command.extend)
+                if control & 0x02:
+                    self._command(bytes(command), cid)
+                    command.clear()
+            else:
+                transfer = self.transfer
+                if transfer is None or command:
+                    raise _Drop("data set fragment without a complete command")
+                if cid != self._request_cid:
+                    raise _Drop("data set on another presentation context than its command")
+                reader.stream(size, transfer.write)
+                if control & 0x02:
+                    self._data_set_done(transfer)
+
+    def _request_field(self) -> int | None:
+        return command_us(self._request, COMMAND_FIELD)
+
+    def _command(self, raw: bytes, cid: int) -> None:
+        try:
+            request = parse_command(raw)
+        except ValueError as exc:
+            raise _Drop(f"malformed command set: {exc}") from None
+        self._request, self._request_cid = request, cid
+        self._started = time.monotonic()
+        field = command_us(request, COMMAND_FIELD)
+        has_data = command_us(request, DATA_SET_TYPE) != NO_DATA_SET
+        if field == C_STORE_RQ and has_data:
+            self.transfer = self.server.open_transfer(self.contexts[cid][1], request, self.calling)
+        elif field == C_ECHO_RQ and not has_data:
+            self._respond(self.server.handler.log_echo(self.calling, self.where))
+        elif field == C_CANCEL_RQ:
+            pass  # nothing runs long enough to be cancelled
+        elif has_data:
+            self.transfer = _Transfer(None, b"", 0)  # read and drop its data set, then refuse
+        else:
+            self._refuse_operation(field)
+
+    def _data_set_done(self, transfer: _Transfer) -> None:
+        self.transfer = None
+        if self._request_field() != C_STORE_RQ:
+            self._refuse_operation(self._request_field())
+            return
+        transfer.complete()
+        affected = uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b""))
+        if transfer.path is None:
+            status = self.server.handler.finish(
+                self.server.tmp_dir / "unwritten.dcm",
+                self.calling,
+                self.where,
+                self._started,
+                affected,
+                transfer.write_error or OSError(errno.EIO, "no temp file"),
+            )
+        else:
+            status = self.server.handler.finish(
+                transfer.path,
+                self.calling,
+                self.where,
+                self._started,
+                affected,
+                transfer.write_error,
+                transfer.too_large,
+            )
+        self._respond(status)
+
+    def _refuse_operation(self, field: int | None) -> None:
+        logger.warning(
+            "REJECTED DIMSE request calling_ae=%s peer=%s command_field=0x%04X reason=only "
+            "C-STORE and C-ECHO are served",
+            self.calling,
+            self.where,
+            field or 0,
+        )
+        self._respond(_UNRECOGNIZED_OPERATION, field or 0)
+
+    def _respond(self, status: int, field: int | None = None) -> None:
+        request = self._request
+        rsp = response_command(
+            field if field is not None else (command_us(request, COMMAND_FIELD) or 0),
+            command_us(request, MESSAGE_ID) or 0,
+            uid_text(request.get(AFFECTED_SOP_CLASS, b"")),
+            uid_text(request.get(AFFECTED_SOP_INSTANCE, b"")),
+            status,
+        )
+        self._send(p_data_pdu(self._request_cid, 0x03, rsp))
+
+
+class LeanServer:
+    """Accepts connections and serves each association on its own thread.
+
+    Parameters
+    ----------
+    cfg : ReceiverConfig
+        Receiver settings.
+    handler : StoreHandler
+        Files completed objects.
+    ssl_context : ssl.SSLContext, optional
+        Wraps accepted sockets for DICOM TLS.
+    listen_socket : socket.socket, optional
+        A listening socket shared with other receiver processes; None binds one.
+    node_has_room : callable, optional
+        Given this process's connection count (including a new one), returns
+        False when the node as a whole is at ``max_associations``; by default
+        the count is compared with ``max_associations``.
+    """
+
+    def __init__(
+        self,
+        cfg: ReceiverConfig,
+        handler: StoreHandler,
+        ssl_context: ssl.SSLContext | None = None,
+        listen_socket: socket.socket | None = None,
+        node_has_room: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.handler = handler
+        self.ssl_context = ssl_context
+        self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
+        self._shared = listen_socket is not None
+        self._listen = listen_socket
+        self._room = node_has_room or (lambda n: n <= cfg.max_associations)
+        self._lock = threading.Lock()
+        self._active: set[_Association] = set()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind (unless sharing a socket) and accept in a background thread.
+
+        Raises
+        ------
+        OSError
+            When the address cannot be bound.
+        """
+        if self._listen is None:
+            family = socket.AF_INET6 if ":" in self.cfg.server_ip else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                if sys.platform != "win32":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.cfg.server_ip, self.cfg.receive_port))
+                sock.listen(128)
+            except OSError:
+                sock.close()
+                raise
+            self._listen = sock
+        # Several processes may wait on a shared socket: accept() must time out to see stop().
+        self._listen.settimeout(0.5)
+        self._thread = threading.Thread(target=self._accept_loop, name="LeanAcceptor", daemon=True)
+        self._thread.start()
+
+    def active(self) -> int:
+        """Return the number of connections served now."""
+        with self._lock:
+            return len(self._active)
+
+    def has_room(self) -> bool:
+        """Return True while the node serves at most ``max_associations`` (this one included)."""
+        return self._room(self.active())
+
+    def open_transfer(
+        self, transfer_syntax: str, request: dict[int, bytes], calling: str
+    ) -> _Transfer:
+        """Create the temp file of a C-STORE request, or a discarding sink below the disk guard."""
+        sop_class = uid_text(request.get(AFFECTED_SOP_CLASS, b""))
+        sop_instance = uid_text(request.get(AFFECTED_SOP_INSTANCE, b""))
+        limit = self.cfg.max_object_mb * 1_000_000
+        head = file_meta(sop_class, sop_instance, transfer_syntax, calling)
+        if self.cfg.min_free_space_mb:
+            try:
+                free_mb = shutil.disk_usage(self.tmp_dir).free / 1e6
+            except OSError:
+                free_mb = float("inf")
+            if free_mb < self.cfg.min_free_space_mb:
+                reason = OSError(
+                    errno.ENOSPC,
+                    f"free space {free_mb:.0f} MB below min_free_space_mb={self.cfg.min_free_space_mb}",
+                )
+                return _Transfer(None, b"", 0, reason)
+        path = self.tmp_dir / f"{uuid.uuid4().hex}.dcm"
+        return _Transfer(path, head, limit + len(head) if limit else 0)
+
+    def _accept_loop(self) -> None:
+        listen = self._listen
+        assert listen is not None
+        while not self._stopping.is_set():
+            try:
+                sock, address = listen.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.error("cannot accept connections: %s (retrying)", exc)
+                    time.sleep(0.5)
+                    continue
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    return
+                continue
+            sock.settimeout(self.cfg.acse_timeout_s)
+            assoc = _Association(self, sock, address)
+            with self._lock:
+                self._active.add(assoc)
+            threading.Thread(
+                target=self._serve, args=(assoc,), name=f"Association-{assoc.where}", daemon=True
+            ).start()
+
+    def _serve(self, assoc: _Association) -> None:
+        try:
+            assoc.run()
+        finally:
+            with self._lock:
+                self._active.discard(assoc)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, let associations finish for ``grace_s``, abort the rest."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        if self._listen is not None:
+            with contextlib.suppress(OSError):
+                self._listen.close()
+        with self._lock:
+            active = list(self._active)
+        for assoc in active:
+            if not assoc.established:
+                assoc.close()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                active = [a for a in self._active if a.established]
+            if not active:
+                break
+            time.sleep(0.05)
+        for assoc in active:
+            logger.warning(
+                "ABORTED association with %s at shutdown (unacknowledged objects will be resent)",
+                assoc.calling,
+            )
+            assoc.abort()
+
+
+__all__ = ["LeanServer"]

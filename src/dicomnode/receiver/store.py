@@ -1,0 +1,254 @@
+"""Filing of received objects, shared by both receiver transports.
+
+:meth:`StoreHandler.finish` turns a completely received, fsynced temp file
+into the C-STORE status: disk guard and ``max_object_mb``, the element
+structure check (:mod:`dicomnode.integrity`), the header (only), the final
+path (:mod:`dicomnode.organise`) and the atomic rename with folder fsync
+(:mod:`dicomnode.storage`). Success is answered only after that rename.
+Objects that cannot be filed are kept in ``errors/`` with a note. Log verbs:
+``STORED``, ``STORE-FAILED``, ``ECHO``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.errors import InvalidDicomError
+
+from dicomnode import config as cfgmod
+from dicomnode.config import ReceiverConfig
+from dicomnode.dicomtags import is_valid_uid, read_header, safe_component, text_of
+from dicomnode.integrity import find_defect
+from dicomnode.organise import relative_path
+from dicomnode.status import StoreStatus
+from dicomnode.storage import free_space_mb, place_file, quarantine
+
+logger = logging.getLogger(__name__)
+
+#: Called after an object is durable: (final path, AE folder, SOP Class UID).
+PostStore = Callable[[Path, Path, str], None]
+
+
+class StoreHandler:
+    """Handle C-STORE and C-ECHO requests of admitted peers.
+
+    Parameters
+    ----------
+    cfg : ReceiverConfig
+        Receiver settings.
+    post_store : callable, optional
+        Called after an object is durable (the Enhanced MR conversion seam).
+    """
+
+    def __init__(self, cfg: ReceiverConfig, post_store: PostStore | None = None) -> None:
+        self.cfg = cfg
+        self.post_store = post_store
+        self._max_bytes = cfg.max_object_mb * 1_000_000
+        # AE folders below destination_dir share its volume: its free-space check covers them.
+        self._local_roots = {cfg.destination_dir / "incoming"} | {
+            folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
+        }
+
+    def log_echo(self, calling: str, where: str) -> int:
+        """Log a C-ECHO of an admitted peer and return its status, 0x0000 Success."""
+        logger.info("ECHO calling_ae=%s peer=%s", calling, where)
+        return int(StoreStatus.SUCCESS)
+
+    def finish(
+        self,
+        tmp: Path,
+        calling: str,
+        where: str,
+        started: float,
+        affected_uid: str,
+        write_error: OSError | None = None,
+        too_large: bool = False,
+    ) -> int:
+        """File one completely received object and return its C-STORE status.
+
+        Parameters
+        ----------
+        tmp : Path
+            The received object (File Meta Information + data set as received),
+            already fsynced and closed, in the temp folder of the destination volume.
+        calling, where : str
+            Calling AE title and "ip:port" of the peer, for routing and logs.
+        started : float
+            ``time.monotonic()`` when the request arrived.
+        affected_uid : str
+            Affected SOP Instance UID of the request (for logs before parsing).
+        write_error : OSError, optional
+            The error that stopped writing ``tmp`` (disk full, disk guard).
+        too_large : bool
+            True when the transport stopped writing at ``max_object_mb``.
+
+        Returns
+        -------
+        int
+            0x0000 Success: the object is fsynced and renamed into its final place.
+            0xA700 Refused, out of resources: disk guard, object too large, the
+            received data could not be written to the temp file (disk full), or an
+            OS error while filing it (permission, bad path).
+            0xC000 Error, cannot understand: the object is structurally incomplete
+            (an element runs past the end: truncated), cannot be parsed, or has no
+            valid SOP Instance UID.
+            0x0110 Processing failure: an unexpected error in the node.
+            Never raises; ``tmp`` is filed, kept in errors/ or deleted.
+        """
+        try:
+            if write_error is not None:
+                return self._refuse_unwritable(tmp, calling, where, affected_uid, write_error)
+            if too_large:
+                tmp.unlink(missing_ok=True)
+                return self._refuse_too_large(calling, where, affected_uid, None)
+            return self._store(tmp, calling, where, started, affected_uid)
+        except Exception as exc:
+            logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
+            self._keep(tmp, affected_uid, f"unexpected error: {exc!r}")
+            return int(StoreStatus.PROCESSING_FAILURE)
+
+    def _refuse_too_large(
+        self, calling: str, where: str, affected_uid: str, size: int | None
+    ) -> int:
+        what = f"object of {size} bytes" if size is not None else "object"
+        self._keep(None, affected_uid, f"{what} exceeds max_object_mb={self.cfg.max_object_mb}")
+        logger.error(
+            "STORE-FAILED calling_ae=%s peer=%s status=0xA700 reason=object larger than max_object_mb=%d",
+            calling,
+            where,
+            self.cfg.max_object_mb,
+        )
+        return int(StoreStatus.OUT_OF_RESOURCES)
+
+    def _store(self, tmp: Path, calling: str, where: str, started: float, affected_uid: str) -> int:
+        if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
+            logger.error(
+                "STORE-FAILED calling_ae=%s peer=%s status=0xA700 reason=free space below "
+                "min_free_space_mb=%d on %s",
+                calling,
+                where,
+                self.cfg.min_free_space_mb,
+                self.cfg.destination_dir,
+            )
+            return int(StoreStatus.OUT_OF_RESOURCES)
+        size = tmp.stat().st_size
+        if self._max_bytes and size > self._max_bytes:
+            tmp.unlink(missing_ok=True)
+            return self._refuse_too_large(calling, where, affected_uid, size)
+        try:
+            defect = find_defect(tmp)
+        except OSError as exc:
+            defect = f"cannot read the received object: {exc.strerror or exc}"
+        if defect is not None:
+            return self._fail(
+                tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, f"malformed object: {defect}"
+            )
+        try:
+            header = read_header(tmp)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
+            return self._fail(
+                tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, f"unreadable object: {exc}"
+            )
+        sop_uid = text_of(header, "SOPInstanceUID")
+        if not sop_uid or not is_valid_uid(sop_uid):
+            return self._fail(
+                tmp,
+                calling,
+                where,
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"missing or invalid SOP Instance UID {sop_uid!r}",
+            )
+        ae_root = cfgmod.route_for(self.cfg, calling)
+        if (
+            self.cfg.min_free_space_mb
+            and ae_root not in self._local_roots
+            and free_space_mb(ae_root) < self.cfg.min_free_space_mb
+        ):
+            logger.error(
+                "STORE-FAILED calling_ae=%s peer=%s sop_instance_uid=%s status=0xA700 reason=free "
+                "space below min_free_space_mb=%d on %s",
+                calling,
+                where,
+                sop_uid,
+                self.cfg.min_free_space_mb,
+                ae_root,
+            )
+            return int(StoreStatus.OUT_OF_RESOURCES)
+        final = ae_root / relative_path(header, self.cfg.folder_layout)
+        try:
+            place_file(tmp, final)
+        except OSError as exc:
+            return self._fail(
+                tmp,
+                calling,
+                where,
+                StoreStatus.OUT_OF_RESOURCES,
+                f"cannot write {final}: {exc.strerror or exc}",
+                sop_uid,
+            )
+        logger.info(
+            "STORED calling_ae=%s sop_instance_uid=%s bytes=%d ms=%.0f path=%s",
+            calling,
+            sop_uid,
+            size,
+            (time.monotonic() - started) * 1000,
+            final,
+        )
+        if self.post_store is not None:
+            try:
+                self.post_store(final, ae_root, text_of(header, "SOPClassUID"))
+            except Exception:
+                logger.exception("post-store step failed for %s (object is stored)", final)
+        return int(StoreStatus.SUCCESS)
+
+    def _refuse_unwritable(
+        self, tmp: Path, calling: str, where: str, affected_uid: str, exc: OSError
+    ) -> int:
+        """Answer 0xA700 for an object whose temp file could not be written (disk full)."""
+        logger.error(
+            "STORE-FAILED calling_ae=%s peer=%s sop_instance_uid=%s status=0xA700 "
+            "reason=cannot write the received object to %s: %s",
+            calling,
+            where,
+            affected_uid or "-",
+            tmp.parent,
+            exc.strerror or exc,
+        )
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            logger.debug("could not remove %s", tmp, exc_info=True)
+        return int(StoreStatus.OUT_OF_RESOURCES)
+
+    def _fail(
+        self,
+        tmp: Path,
+        calling: str,
+        where: str,
+        status: StoreStatus,
+        reason: str,
+        sop_uid: str = "",
+    ) -> int:
+        logger.error(
+            "STORE-FAILED calling_ae=%s peer=%s sop_instance_uid=%s status=0x%04X reason=%s",
+            calling,
+            where,
+            sop_uid or "-",
+            int(status),
+            reason,
+        )
+        self._keep(
+            tmp,
+            sop_uid,
+            f"{reason} (calling AE {calling}, peer {where}, answered 0x{int(status):04X})",
+        )
+        return int(status)
+
+    def _keep(self, tmp: Path | None, uid: str, reason: str) -> None:
+        hint = safe_component(uid or "unknown", "unknown", 64)
+        quarantine(
+            tmp if tmp is not None and tmp.exists() else None, self.cfg.errors_dir, hint, reason
+        )
