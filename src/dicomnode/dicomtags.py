@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Final
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag, Tag
 
 #: Windows device names that cannot be used as a file or folder name, with or without extension.
 WINDOWS_RESERVED: Final = frozenset(
@@ -49,6 +52,9 @@ HEADER_TAGS: Final = (
     "SpecificCharacterSet",
     "NumberOfFrames",
 )
+
+#: The same tags as numbers (``group << 16 | element``).
+HEADER_TAG_NUMBERS: Final = frozenset(int(tag_for_keyword(k) or 0) for k in HEADER_TAGS)
 
 #: Enhanced multi-frame SOP classes that have a classic single-frame counterpart.
 ENHANCED_TO_CLASSIC: Final = {
@@ -125,6 +131,31 @@ def read_header(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
 
 
+def header_from_elements(
+    elements: dict[int, tuple[bytes, bytes]], implicit: bool, little: bool
+) -> Dataset:
+    """Return a header Dataset from raw element values, as :func:`read_header` would read it.
+
+    Parameters
+    ----------
+    elements : dict
+        ``tag -> (VR or b"" when implicit, raw value)``, e.g. from
+        :func:`dicomnode.integrity.examine` with :data:`HEADER_TAG_NUMBERS`.
+    implicit, little : bool
+        Encoding of the values. Text is decoded lazily by pydicom, honouring
+        Specific Character Set, exactly as for a data set read from a file.
+    """
+    raw: dict[BaseTag, DataElement | RawDataElement] = {}
+    for number, (vr, value) in elements.items():
+        tag = Tag(number)
+        raw[tag] = RawDataElement(
+            tag, vr.decode("ascii") if vr else None, len(value), value, 0, implicit, little
+        )
+    ds = Dataset(raw)
+    ds.set_original_encoding(implicit, little)
+    return ds
+
+
 def is_dicom_file(path: Path) -> bool:
     """Return True when ``path`` starts with a DICOM preamble and ``DICM`` marker."""
     try:
@@ -148,7 +179,9 @@ def is_convertible_enhanced(sop_class_uid: str) -> bool:
 __all__ = [
     "ENHANCED_TO_CLASSIC",
     "HEADER_TAGS",
+    "HEADER_TAG_NUMBERS",
     "InvalidDicomError",
+    "header_from_elements",
     "is_convertible_enhanced",
     "is_dicom_file",
     "is_valid_uid",

@@ -6,13 +6,18 @@ pydicom reads such a header without complaint, so the receiver would file a
 partial object under its final name and answer success. :func:`find_defect`
 walks the element *headers* of the temporary file (values are skipped with
 seeks, so memory stays flat for any object size) and names the first defect.
-It decodes no values and never raises for bad input. Imports the standard
-library only.
+It decodes no values and never raises for bad input. :func:`examine` does the
+same walk and also hands back the raw values of chosen top-level elements, so
+the receiver gets the header it files by from the same pass (and, for objects
+it still holds in memory, without reading the file again). Imports the
+standard library only.
 """
 
 from __future__ import annotations
 
+import io
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -39,10 +44,15 @@ class _Defect(Exception):
 class _Walker:
     """Walk element headers of one data set encoding, bounded by byte offsets."""
 
-    def __init__(self, fh: BinaryIO, implicit: bool, little: bool) -> None:
+    def __init__(
+        self, fh: BinaryIO, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()
+    ) -> None:
         self.fh = fh
         self.implicit = implicit
         self.order = "<" if little else ">"
+        self.wanted = wanted
+        #: Values of wanted top-level elements: tag -> (VR or b"", raw value).
+        self.found: dict[int, tuple[bytes, bytes]] = {}
 
     def _read(self, n: int, end: int, what: str) -> bytes:
         pos = self.fh.tell()
@@ -102,7 +112,11 @@ class _Walker:
             if tag in (_ITEM, _SEQ_END):
                 raise _Defect(f"item tag outside a sequence at byte {pos}")
             if length != _UNDEFINED:
+                value_at = self.fh.tell()
                 self._skip(length, end, tag)
+                if depth == 0 and tag in self.wanted:
+                    self.fh.seek(value_at)
+                    self.found[tag] = (vr, self.fh.read(length))
                 continue
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
@@ -154,6 +168,87 @@ def _read_meta(fh: BinaryIO, size: int) -> tuple[str, int]:
             walker._skip(length, size, tag)
 
 
+@dataclass(frozen=True, slots=True)
+class Examination:
+    """What one walk of a Part 10 object found.
+
+    Attributes
+    ----------
+    defect : str or None
+        Why the object is structurally incomplete, or None when it is whole.
+    syntax : str
+        Transfer Syntax UID from the File Meta Information.
+    implicit, little : bool
+        The encoding the data set was walked with (see :func:`examine`).
+    elements : dict
+        ``tag -> (VR or b"" when implicit, raw value)`` of the wanted top-level
+        elements present with a defined length (empty for deflated data sets).
+    """
+
+    defect: str | None
+    syntax: str = ""
+    implicit: bool = False
+    little: bool = True
+    elements: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+
+
+def examine(
+    source: Path | bytes | bytearray | memoryview, wanted: frozenset[int] = frozenset()
+) -> Examination:
+    """Walk a Part 10 object once: its structural defect and the raw values of ``wanted`` tags.
+
+    Parameters
+    ----------
+    source : Path or bytes-like
+        The file, or its complete content already in memory.
+    wanted : frozenset of int
+        Top-level tags (``group << 16 | element``) whose values to return.
+
+    Returns
+    -------
+    Examination
+        ``defect`` is a one-line reason (e.g. an element claiming more bytes than
+        remain) or None when every element fits and the data set ends at the end.
+        Deflated data sets are not walked (no defect, no elements).
+
+    Raises
+    ------
+    OSError
+        When a file cannot be opened or read.
+    """
+    if isinstance(source, Path):
+        size = source.stat().st_size
+        with source.open("rb") as fh:
+            return _examine(fh, size, wanted)
+    data = io.BytesIO(source)
+    return _examine(data, len(source), wanted)
+
+
+def _examine(fh: BinaryIO, size: int, wanted: frozenset[int]) -> Examination:
+    syntax = ""
+    implicit, little = False, True
+    try:
+        syntax, start = _read_meta(fh, size)
+        if syntax in _DEFLATED:
+            return Examination(None, syntax)
+        implicit = syntax == _IMPLICIT_LE
+        little = syntax != _EXPLICIT_BE
+        if not implicit and start + 6 <= size:
+            # Some senders write implicit VR under an explicit transfer syntax;
+            # pydicom reads those, so judge them by what they really are.
+            fh.seek(start + 4)
+            vr = fh.read(2)
+            implicit = not (vr.isalpha() and vr.isupper())
+            fh.seek(start)
+        walker = _Walker(fh, implicit, little, wanted)
+        walker.walk_dataset(size, 0, implicit, until_item_end=False)
+    except _Defect as defect:
+        return Examination(str(defect), syntax, implicit, little)
+    except (struct.error, ValueError, OverflowError) as exc:
+        return Examination(f"malformed element structure: {exc}", syntax, implicit, little)
+    return Examination(None, syntax, implicit, little, walker.found)
+
+
 def find_defect(path: Path) -> str | None:
     """Return why the object in ``path`` is structurally incomplete, or None when it is whole.
 
@@ -175,27 +270,4 @@ def find_defect(path: Path) -> str | None:
     OSError
         When the file cannot be opened or read.
     """
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        try:
-            syntax, start = _read_meta(fh, size)
-            if syntax in _DEFLATED:
-                return None
-            implicit = syntax == _IMPLICIT_LE
-            little = syntax != _EXPLICIT_BE
-            if not implicit and start + 6 <= size:
-                # Some senders write implicit VR under an explicit transfer syntax;
-                # pydicom reads those, so judge them by what they really are.
-                fh.seek(start + 4)
-                vr = fh.read(2)
-                implicit = not (vr.isalpha() and vr.isupper())
-                fh.seek(start)
-            _Walker(fh, implicit, little).walk_dataset(size, 0, implicit, until_item_end=False)
-        except _Defect as defect:
-            return str(defect)
-        except (struct.error, ValueError, OverflowError) as exc:
-            return f"malformed element structure: {exc}"
-    return None
-
-
-__all__ = ["MAX_DEPTH", "find_defect"]
+    return examine(path).defect

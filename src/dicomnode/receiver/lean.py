@@ -33,6 +33,7 @@ Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -96,6 +97,9 @@ _MIN_PDU_LIMIT_BYTES: Final = 65536
 _PDU_SLACK_BYTES: Final = 65536
 #: Largest command set accepted (real ones are a few hundred bytes).
 _MAX_COMMAND_BYTES: Final = 65536
+#: Objects up to this size are also kept in memory until filed, so the integrity walk
+#: and header read need not read the file back.
+_IN_MEMORY_BYTES: Final = 1024 * 1024
 #: Status 0x0211: unrecognized operation (PS3.7 C).
 _UNRECOGNIZED_OPERATION: Final = 0x0211
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
@@ -173,10 +177,19 @@ class _Transfer:
         Written first (preamble and File Meta Information).
     limit : int
         Stop writing (and mark ``too_large``) beyond this many bytes; 0 = no limit.
+    write_error : OSError, optional
+        Why nothing is written (the disk guard).
+    fd : int, optional
+        ``path`` already created and opened for writing (see :func:`create_temp`).
     """
 
     def __init__(
-        self, path: Path | None, head: bytes, limit: int, write_error: OSError | None = None
+        self,
+        path: Path | None,
+        head: bytes,
+        limit: int,
+        write_error: OSError | None = None,
+        fd: int = -1,
     ) -> None:
         self.path = path
         self.limit = limit
@@ -184,9 +197,11 @@ class _Transfer:
         self.too_large = False
         self.written = 0
         self.fd = -1
+        #: The content written so far while it is small enough to keep (else None).
+        self.content: bytearray | None = bytearray()
         if path is not None and write_error is None:
             try:
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+                self.fd = fd if fd >= 0 else create_temp(path)
             except OSError as exc:
                 self.write_error = exc
                 return
@@ -200,6 +215,12 @@ class _Transfer:
             self.too_large = True
             self._truncate()
             return
+        content = self.content
+        if content is not None:
+            if len(content) + len(data) <= _IN_MEMORY_BYTES:
+                content += data
+            else:
+                self.content = None
         try:
             while data:
                 done = os.write(self.fd, data)
@@ -236,6 +257,94 @@ class _Transfer:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
+
+
+def create_temp(path: Path) -> int:
+    """Create ``path`` (which must not exist) for writing and return its descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+
+
+class _TempFiles:
+    """Empty temp files created ahead of need by a background thread.
+
+    Creating a file right after another object's fsync and folder fsync can
+    wait a few hundred microseconds for the file system journal; a C-STORE
+    takes a ready file instead, so that wait is off the response path. Files
+    are only held ready while associations are served: :meth:`release` (no
+    association left) and :meth:`close` delete the unused ones, so an idle
+    node's temp folder is empty (a crash leaves a few empty files, removed at
+    the next start).
+
+    Parameters
+    ----------
+    folder : Path
+        The temp folder on the destination volume.
+    keep : int
+        How many files to hold ready.
+    """
+
+    def __init__(self, folder: Path, keep: int = 4) -> None:
+        self.folder = folder
+        self.keep = keep
+        self._ready: collections.deque[tuple[Path, int]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wanted = False
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._fill, name="TempFiles", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def create(folder: Path) -> tuple[Path, int]:
+        """Create a uniquely named empty file in ``folder``; return path and descriptor."""
+        path = folder / f"{uuid.uuid4().hex}.dcm"
+        return path, create_temp(path)
+
+    def take(self) -> tuple[Path, int]:
+        """Return a new empty temp file (path, descriptor open for writing).
+
+        Raises
+        ------
+        OSError
+            When none is ready and one cannot be created.
+        """
+        with self._lock:
+            self._wanted = True
+            ready = self._ready.popleft() if self._ready else None
+        self._wake.set()
+        return ready if ready is not None else self.create(self.folder)
+
+    def _fill(self) -> None:
+        while not self._closed:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self._wanted and not self._closed and len(self._ready) < self.keep:
+                try:
+                    made = self.create(self.folder)
+                except OSError:
+                    break  # take() creates (and reports) on demand
+                with self._lock:
+                    if self._wanted and not self._closed:
+                        self._ready.append(made)
+                        continue
+                _Transfer(made[0], b"", 0, fd=made[1]).discard()
+        self.release()
+
+    def release(self) -> None:
+        """Delete the ready files and stop making more until the next :meth:`take`."""
+        with self._lock:
+            self._wanted = False
+            ready = list(self._ready)
+            self._ready.clear()
+        for path, fd in ready:
+            _Transfer(path, b"", 0, fd=fd).discard()
+
+    def close(self) -> None:
+        """Stop filling and delete the files not taken."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(2.0)
+        self.release()
 
 
 class _Association:
@@ -558,6 +667,7 @@ class _Association:
                 affected,
                 transfer.write_error,
                 transfer.too_large,
+                transfer.content if transfer.write_error is None else None,
             )
         self._respond(status)
 
@@ -614,6 +724,7 @@ class LeanServer:
         self.handler = handler
         self.ssl_context = ssl_context
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
+        self.temp_files: _TempFiles | None = None
         self._shared = listen_socket is not None
         self._listen = listen_socket
         self._room = node_has_room or (lambda n: n <= cfg.max_associations)
@@ -644,6 +755,7 @@ class LeanServer:
             self._listen = sock
         # Several processes may wait on a shared socket: accept() must time out to see stop().
         self._listen.settimeout(0.5)
+        self.temp_files = _TempFiles(self.tmp_dir)
         self._thread = threading.Thread(target=self._accept_loop, name="LeanAcceptor", daemon=True)
         self._thread.start()
 
@@ -657,9 +769,12 @@ class LeanServer:
         return self._room(self.active())
 
     def open_transfer(
-        self, transfer_syntax: str, request: dict[int, bytes], calling: str
+        self,
+        transfer_syntax: str,
+        request: dict[int, bytes],
+        calling: str,
     ) -> _Transfer:
-        """Create the temp file of a C-STORE request, or a discarding sink below the disk guard."""
+        """Start the temp file of a C-STORE request, or a discarding sink below the disk guard."""
         sop_class = uid_text(request.get(AFFECTED_SOP_CLASS, b""))
         sop_instance = uid_text(request.get(AFFECTED_SOP_INSTANCE, b""))
         limit = self.cfg.max_object_mb * 1_000_000
@@ -675,8 +790,13 @@ class LeanServer:
                     f"free space {free_mb:.0f} MB below min_free_space_mb={self.cfg.min_free_space_mb}",
                 )
                 return _Transfer(None, b"", 0, reason)
-        path = self.tmp_dir / f"{uuid.uuid4().hex}.dcm"
-        return _Transfer(path, head, limit + len(head) if limit else 0)
+        try:
+            path, fd = (
+                self.temp_files.take() if self.temp_files else _TempFiles.create(self.tmp_dir)
+            )
+        except OSError as exc:
+            return _Transfer(None, b"", 0, exc)
+        return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
 
     def _accept_loop(self) -> None:
         listen = self._listen
@@ -710,6 +830,9 @@ class LeanServer:
         finally:
             with self._lock:
                 self._active.discard(assoc)
+                idle = not self._active
+            if idle and self.temp_files is not None:
+                self.temp_files.release()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let associations finish for ``grace_s``, abort the rest."""
@@ -737,6 +860,8 @@ class LeanServer:
                 assoc.calling,
             )
             assoc.abort()
+        if self.temp_files is not None:
+            self.temp_files.close()
 
 
 __all__ = ["LeanServer"]

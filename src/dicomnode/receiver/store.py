@@ -14,19 +14,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Final
 
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
-from dicomnode.dicomtags import is_valid_uid, read_header, safe_component, text_of
-from dicomnode.integrity import find_defect
-from dicomnode.organise import relative_path
+from dicomnode.dicomtags import (
+    HEADER_TAG_NUMBERS,
+    header_from_elements,
+    is_valid_uid,
+    read_header,
+    safe_component,
+    text_of,
+)
+from dicomnode.integrity import Examination, examine
+from dicomnode.organise import file_name, relative_dir, relative_path
 from dicomnode.status import StoreStatus
 from dicomnode.storage import free_space_mb, place_file, quarantine
 
 logger = logging.getLogger(__name__)
+
+#: Header values that differ between the instances of one series (not part of the folder).
+_PER_INSTANCE_TAGS: Final = frozenset({0x00080018, 0x00200013, 0x00280008})
+#: Folders remembered (one per series); the memory is cleared when full.
+_FOLDER_CACHE_SIZE: Final = 512
 
 #: Called after an object is durable: (final path, AE folder, SOP Class UID).
 PostStore = Callable[[Path, Path, str], None]
@@ -47,6 +61,7 @@ class StoreHandler:
         self.cfg = cfg
         self.post_store = post_store
         self._max_bytes = cfg.max_object_mb * 1_000_000
+        self._folders: dict[object, PurePosixPath] = {}
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -66,6 +81,7 @@ class StoreHandler:
         affected_uid: str,
         write_error: OSError | None = None,
         too_large: bool = False,
+        content: bytes | bytearray | None = None,
     ) -> int:
         """File one completely received object and return its C-STORE status.
 
@@ -84,6 +100,9 @@ class StoreHandler:
             The error that stopped writing ``tmp`` (disk full, disk guard).
         too_large : bool
             True when the transport stopped writing at ``max_object_mb``.
+        content : bytes-like, optional
+            The complete content of ``tmp`` when the transport still holds it
+            (small objects): checked and parsed without reading the file back.
 
         Returns
         -------
@@ -104,7 +123,7 @@ class StoreHandler:
             if too_large:
                 tmp.unlink(missing_ok=True)
                 return self._refuse_too_large(calling, where, affected_uid, None)
-            return self._store(tmp, calling, where, started, affected_uid)
+            return self._store(tmp, calling, where, started, affected_uid, content)
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
             self._keep(tmp, affected_uid, f"unexpected error: {exc!r}")
@@ -123,7 +142,37 @@ class StoreHandler:
         )
         return int(StoreStatus.OUT_OF_RESOURCES)
 
-    def _store(self, tmp: Path, calling: str, where: str, started: float, affected_uid: str) -> int:
+    def _relative_path(self, header: Dataset, exam: Examination) -> PurePosixPath:
+        """Return the object's path below its AE folder; the folder is computed once per series.
+
+        The folder depends only on header values other than the per-instance
+        ones, so it is remembered under their raw bytes (and encoding): objects
+        of one series skip decoding and sanitising names again.
+        """
+        if not exam.elements:
+            return relative_path(header, self.cfg.folder_layout)
+        key = (
+            exam.implicit,
+            exam.little,
+            tuple(sorted(i for i in exam.elements.items() if i[0] not in _PER_INSTANCE_TAGS)),
+        )
+        folder = self._folders.get(key)
+        if folder is None:
+            folder = relative_dir(header, self.cfg.folder_layout)
+            if len(self._folders) >= _FOLDER_CACHE_SIZE:
+                self._folders.clear()
+            self._folders[key] = folder
+        return folder / file_name(header)
+
+    def _store(
+        self,
+        tmp: Path,
+        calling: str,
+        where: str,
+        started: float,
+        affected_uid: str,
+        content: bytes | bytearray | None = None,
+    ) -> int:
         if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
             logger.error(
                 "STORE-FAILED calling_ae=%s peer=%s status=0xA700 reason=free space below "
@@ -134,20 +183,27 @@ class StoreHandler:
                 self.cfg.destination_dir,
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
-        size = tmp.stat().st_size
+        size = len(content) if content is not None else tmp.stat().st_size
         if self._max_bytes and size > self._max_bytes:
             tmp.unlink(missing_ok=True)
             return self._refuse_too_large(calling, where, affected_uid, size)
         try:
-            defect = find_defect(tmp)
+            exam = examine(content if content is not None else tmp, HEADER_TAG_NUMBERS)
         except OSError as exc:
-            defect = f"cannot read the received object: {exc.strerror or exc}"
-        if defect is not None:
+            exam = Examination(f"cannot read the received object: {exc.strerror or exc}")
+        if exam.defect is not None:
             return self._fail(
-                tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, f"malformed object: {defect}"
+                tmp,
+                calling,
+                where,
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"malformed object: {exam.defect}",
             )
         try:
-            header = read_header(tmp)
+            if exam.elements:
+                header = header_from_elements(exam.elements, exam.implicit, exam.little)
+            else:  # deflated: pydicom inflates the header
+                header = read_header(tmp)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
             return self._fail(
                 tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, f"unreadable object: {exc}"
@@ -177,7 +233,7 @@ class StoreHandler:
                 ae_root,
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
-        final = ae_root / relative_path(header, self.cfg.folder_layout)
+        final = ae_root / self._relative_path(header, exam)
         try:
             place_file(tmp, final)
         except OSError as exc:
