@@ -30,6 +30,8 @@ WINDOWS_RESERVED: Final = frozenset(
 )
 _UNSAFE: Final = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
 _SPACES: Final = re.compile(r"[\s_]+")
+#: Names made only of ASCII letters, digits, inner dots and hyphens need no change.
+_PLAIN: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?")
 MAX_COMPONENT: Final = 64
 #: File systems limit one name to 255 bytes (UTF-8 on Linux) or UTF-16 units; stay well below.
 MAX_COMPONENT_BYTES: Final = 200
@@ -84,6 +86,12 @@ def safe_component(text: str, fallback: str = "UNKNOWN", max_len: int = MAX_COMP
     max_len : int
         Maximum length of the result.
     """
+    if (
+        len(text) <= min(max_len, MAX_COMPONENT_BYTES)
+        and _PLAIN.fullmatch(text)
+        and text.split(".")[0].upper() not in WINDOWS_RESERVED
+    ):
+        return text  # already safe (UIDs, most codes): the steps below would not change it
     text = unicodedata.normalize("NFC", text)
     text = _UNSAFE.sub("_", text)
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else "_" for ch in text)

@@ -187,9 +187,13 @@ def free_space_mb(path: Path) -> float:
     The nearest existing parent is measured when ``path`` does not exist yet.
     """
     probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free / 1e6
+    while True:
+        try:
+            return shutil.disk_usage(probe).free / 1e6
+        except FileNotFoundError:
+            if probe.parent == probe:
+                raise
+            probe = probe.parent
 
 
 def clean_stale_temp(folder: Path) -> int:

@@ -648,6 +648,7 @@ class _Association:
             self._refuse_operation(self._request_field())
             return
         transfer.complete()
+        reports: list[Callable[[], None]] = []
         affected = uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b""))
         if transfer.path is None:
             status = self.server.handler.finish(
@@ -668,8 +669,11 @@ class _Association:
                 transfer.write_error,
                 transfer.too_large,
                 transfer.content if transfer.write_error is None else None,
+                reports,
             )
         self._respond(status)
+        for report in reports:
+            report()  # the log line after the response: it is not part of the guarantee
 
     def _refuse_operation(self, field: int | None) -> None:
         logger.warning(

@@ -11,6 +11,8 @@ Objects that cannot be filed are kept in ``errors/`` with a note. Log verbs:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -39,11 +41,20 @@ logger = logging.getLogger(__name__)
 
 #: Header values that differ between the instances of one series (not part of the folder).
 _PER_INSTANCE_TAGS: Final = frozenset({0x00080018, 0x00200013, 0x00280008})
+_SOP_INSTANCE_UID: Final = 0x00080018
 #: Folders remembered (one per series); the memory is cleared when full.
 _FOLDER_CACHE_SIZE: Final = 512
 
 #: Called after an object is durable: (final path, AE folder, SOP Class UID).
 PostStore = Callable[[Path, Path, str], None]
+
+
+def _plain_uid(element: tuple[bytes, bytes] | None) -> str:
+    """Return a raw UID value as text when it is a valid UID, else "" (pydicom decides then)."""
+    if element is None:
+        return ""
+    text = element[1].decode("ascii", "replace").strip("\x00 ")
+    return text if is_valid_uid(text) else ""
 
 
 class StoreHandler:
@@ -82,6 +93,7 @@ class StoreHandler:
         write_error: OSError | None = None,
         too_large: bool = False,
         content: bytes | bytearray | None = None,
+        reports: list[Callable[[], None]] | None = None,
     ) -> int:
         """File one completely received object and return its C-STORE status.
 
@@ -103,7 +115,9 @@ class StoreHandler:
         content : bytes-like, optional
             The complete content of ``tmp`` when the transport still holds it
             (small objects): checked and parsed without reading the file back.
-
+        reports : list, optional
+            When given, the ``STORED`` log line is appended here as a callable
+            instead of being logged, so the transport can send the response first.
         Returns
         -------
         int
@@ -117,17 +131,24 @@ class StoreHandler:
             0x0110 Processing failure: an unexpected error in the node.
             Never raises; ``tmp`` is filed, kept in errors/ or deleted.
         """
+        status = int(StoreStatus.PROCESSING_FAILURE)
         try:
-            if write_error is not None:
-                return self._refuse_unwritable(tmp, calling, where, affected_uid, write_error)
-            if too_large:
-                tmp.unlink(missing_ok=True)
-                return self._refuse_too_large(calling, where, affected_uid, None)
-            return self._store(tmp, calling, where, started, affected_uid, content)
+            if write_error is not None or too_large:
+                if write_error is not None:
+                    status = self._refuse_unwritable(tmp, calling, where, affected_uid, write_error)
+                else:
+                    status = self._refuse_too_large(calling, where, affected_uid, None)
+            else:
+                status = self._store(tmp, calling, where, started, affected_uid, content, reports)
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
             self._keep(tmp, affected_uid, f"unexpected error: {exc!r}")
-            return int(StoreStatus.PROCESSING_FAILURE)
+        finally:
+            if status != StoreStatus.SUCCESS:
+                # A refused object is not kept in the temp folder (its sender still has it).
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+        return status
 
     def _refuse_too_large(
         self, calling: str, where: str, affected_uid: str, size: int | None
@@ -164,6 +185,23 @@ class StoreHandler:
             self._folders[key] = folder
         return folder / file_name(header)
 
+    def _judge(
+        self, tmp: Path, content: bytes | bytearray | None
+    ) -> tuple[Dataset | None, Examination, str | None]:
+        """Walk the object once; return its header, the walk, and why it cannot be filed (or None)."""
+        try:
+            exam = examine(content if content is not None else tmp, HEADER_TAG_NUMBERS)
+        except OSError as exc:
+            exam = Examination(f"cannot read the received object: {exc.strerror or exc}")
+        if exam.defect is not None:
+            return None, exam, f"malformed object: {exam.defect}"
+        try:
+            if exam.elements:
+                return header_from_elements(exam.elements, exam.implicit, exam.little), exam, None
+            return read_header(tmp), exam, None  # deflated: pydicom inflates the header
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+            return None, exam, f"unreadable object: {exc}"
+
     def _store(
         self,
         tmp: Path,
@@ -171,7 +209,8 @@ class StoreHandler:
         where: str,
         started: float,
         affected_uid: str,
-        content: bytes | bytearray | None = None,
+        content: bytes | bytearray | None,
+        reports: list[Callable[[], None]] | None,
     ) -> int:
         if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
             logger.error(
@@ -185,38 +224,15 @@ class StoreHandler:
             return int(StoreStatus.OUT_OF_RESOURCES)
         size = len(content) if content is not None else tmp.stat().st_size
         if self._max_bytes and size > self._max_bytes:
-            tmp.unlink(missing_ok=True)
             return self._refuse_too_large(calling, where, affected_uid, size)
-        try:
-            exam = examine(content if content is not None else tmp, HEADER_TAG_NUMBERS)
-        except OSError as exc:
-            exam = Examination(f"cannot read the received object: {exc.strerror or exc}")
-        if exam.defect is not None:
-            return self._fail(
-                tmp,
-                calling,
-                where,
-                StoreStatus.CANNOT_UNDERSTAND,
-                f"malformed object: {exam.defect}",
-            )
-        try:
-            if exam.elements:
-                header = header_from_elements(exam.elements, exam.implicit, exam.little)
-            else:  # deflated: pydicom inflates the header
-                header = read_header(tmp)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
-            return self._fail(
-                tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, f"unreadable object: {exc}"
-            )
-        sop_uid = text_of(header, "SOPInstanceUID")
-        if not sop_uid or not is_valid_uid(sop_uid):
-            return self._fail(
-                tmp,
-                calling,
-                where,
-                StoreStatus.CANNOT_UNDERSTAND,
-                f"missing or invalid SOP Instance UID {sop_uid!r}",
-            )
+        header, exam, problem = self._judge(tmp, content)
+        sop_uid = _plain_uid(exam.elements.get(_SOP_INSTANCE_UID))
+        if not sop_uid and header is not None:
+            sop_uid = text_of(header, "SOPInstanceUID")
+        if problem is None and (not sop_uid or not is_valid_uid(sop_uid)):
+            problem = f"missing or invalid SOP Instance UID {sop_uid!r}"
+        if problem is not None or header is None:
+            return self._fail(tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, str(problem))
         ae_root = cfgmod.route_for(self.cfg, calling)
         if (
             self.cfg.min_free_space_mb
@@ -245,7 +261,8 @@ class StoreHandler:
                 f"cannot write {final}: {exc.strerror or exc}",
                 sop_uid,
             )
-        logger.info(
+        stored_line = functools.partial(
+            logger.info,
             "STORED calling_ae=%s sop_instance_uid=%s bytes=%d ms=%.0f path=%s",
             calling,
             sop_uid,
@@ -253,6 +270,10 @@ class StoreHandler:
             (time.monotonic() - started) * 1000,
             final,
         )
+        if reports is None:
+            stored_line()
+        else:
+            reports.append(stored_line)
         if self.post_store is not None:
             try:
                 self.post_store(final, ae_root, text_of(header, "SOPClassUID"))
