@@ -91,7 +91,12 @@ def safe_component(text: str, fallback: str = "UNKNOWN", max_len: int = MAX_COMP
         and _PLAIN.fullmatch(text)
         and text.split(".")[0].upper() not in WINDOWS_RESERVED
     ):
-        return text  # already safe (UIDs, most codes): the steps below would not change it
+        return text  # already safe (UIDs, most codes): _sanitise would return it unchanged
+    return _sanitise(text, fallback, max_len)
+
+
+def _sanitise(text: str, fallback: str, max_len: int) -> str:
+    """The full cleaning of :func:`safe_component`, for any text."""
     text = unicodedata.normalize("NFC", text)
     text = _UNSAFE.sub("_", text)
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else "_" for ch in text)

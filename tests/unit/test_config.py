@@ -126,6 +126,7 @@ BASE = "[Security]\ntrusted_ae_titles = A\n"
             r"\[AE_Mappings\] 'THIS_IS_SEVENTEEN' is not a valid AE title",
         ),
         ("[Network]\nserver_ip = not an ip!\n", r"server_ip = 'not an ip!'"),
+        ("[Network]\nreceiver_transport = dcmtk\n", r"accepted: lean \| pynetdicom"),
         ("[TLS]\nenabled = true\n", r"needs certificate and private_key"),
         ("not an ini file\n", r"not a valid INI file"),
     ],
