@@ -1,7 +1,8 @@
 """Run the receiver in several processes that share one listening socket (pre-fork).
 
-pynetdicom spends several milliseconds of CPU per C-STORE under the GIL, so one
-process saturates one core. The parent binds the port once (a second node on
+Python's GIL lets one process use about one core (the pynetdicom transport
+spends several milliseconds of CPU per C-STORE, the lean one about half a
+millisecond plus two fsyncs). The parent binds the port once (a second node on
 the same port still fails with "address in use"), then spawns worker processes
 that accept on the inherited socket; the kernel hands each new connection to
 whichever worker is waiting. Workers log through a queue to the parent's
