@@ -33,6 +33,8 @@ _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
 _SEQ_END: Final = 0xFFFEE0DD
+#: Float Pixel Data, Double Float Pixel Data, Pixel Data.
+_PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 #: Deeper nesting than this is refused (protects the walker from crafted input).
 MAX_DEPTH: Final = 32
 
@@ -51,6 +53,9 @@ class _Walker:
         self.implicit = implicit
         self.order = "<" if little else ">"
         self.wanted = wanted
+        #: Wanted values are taken only before the pixel data, as pydicom's
+        #: ``stop_before_pixels`` reads them (an element after it is out of order).
+        self.collecting = bool(wanted)
         #: Values of wanted top-level elements: tag -> (VR or b"", raw value).
         self.found: dict[int, tuple[bytes, bytes]] = {}
 
@@ -114,12 +119,16 @@ class _Walker:
             if length != _UNDEFINED:
                 value_at = self.fh.tell()
                 self._skip(length, end, tag)
-                if depth == 0 and tag in self.wanted:
+                if depth == 0 and tag in _PIXEL_TAGS:
+                    self.collecting = False
+                if self.collecting and depth == 0 and tag in self.wanted:
                     self.fh.seek(value_at)
                     self.found[tag] = (vr, self.fh.read(length))
                 continue
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
+            if depth == 0 and tag in _PIXEL_TAGS:
+                self.collecting = False
             nested_implicit = implicit or vr == b"UN"
             self.walk_items(end, depth + 1, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
 
