@@ -82,9 +82,17 @@ def file_name(header: Dataset) -> str:
 
     Unique per SOP Instance UID; a re-sent instance maps to the same name.
     """
-    modality = safe_component(text_of(header, "Modality") or "OT", "OT", 16)
-    uid = safe_component(text_of(header, "SOPInstanceUID"), "NOUID", 64)
-    return f"{modality}_{uid}.dcm"
+    return instance_file_name(modality_prefix(header), text_of(header, "SOPInstanceUID"))
+
+
+def modality_prefix(header: Dataset) -> str:
+    """Return the first part of a file name: the sanitised Modality (``OT`` when absent)."""
+    return safe_component(text_of(header, "Modality") or "OT", "OT", 16)
+
+
+def instance_file_name(prefix: str, sop_instance_uid: str) -> str:
+    """Return ``<prefix>_<SOPInstanceUID>.dcm`` with the UID sanitised."""
+    return f"{prefix}_{safe_component(sop_instance_uid, 'NOUID', 64)}.dcm"
 
 
 def relative_path(header: Dataset, layout: str) -> PurePosixPath:

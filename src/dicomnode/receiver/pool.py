@@ -5,7 +5,7 @@ spends several milliseconds of CPU per C-STORE, the lean one about half a
 millisecond plus two fsyncs). The parent binds the port once (a second node on
 the same port still fails with "address in use"), then spawns worker processes
 that accept on the inherited socket; the kernel hands each new connection to
-whichever worker is waiting. Workers log through a queue to the parent's
+whichever worker is waiting. Workers log through a pipe to the parent's
 handlers (one writer per log file), stop when the parent asks or dies
 (Linux: ``PR_SET_PDEATHSIG``), and are restarted if they crash.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import logging.handlers
 import multiprocessing
 import os
 import signal
@@ -106,7 +105,7 @@ def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
 
 
 def _worker_main(
-    cfg: NodeConfig, index: int, sock: socket.socket, log_queue: Any, conn: Any, load: Any
+    cfg: NodeConfig, index: int, sock: socket.socket, log_pipe: Any, conn: Any, load: Any
 ) -> None:
     """Entry point of one receiver process.
 
@@ -120,7 +119,7 @@ def _worker_main(
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.addHandler(_PipeLogHandler(log_pipe))
     root.setLevel(logging.WARNING)
     logging.getLogger("dicomnode").setLevel(logging.DEBUG if cfg.logging.verbose else logging.INFO)
     logging.getLogger("pynetdicom").setLevel(
@@ -155,15 +154,39 @@ def _worker_main(
             converter.stop()
 
 
-def _pump_logs(log_queue: Any) -> None:
-    """Hand records from one worker's queue to this process's handlers until None arrives."""
+class _PipeLogHandler(logging.Handler):
+    """Send each record of a worker, message already formatted, to the parent over a pipe.
+
+    One write per record from the logging thread itself: no feeder thread to
+    wake (as :class:`logging.handlers.QueueHandler` on a multiprocessing queue
+    needs), which on a busy receiver costs more than the log line.
+    """
+
+    _FIELDS = ("name", "levelno", "levelname", "created", "msecs", "process", "processName")
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
+        self.conn = conn
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Send ``record`` (message and traceback formatted here)."""
+        try:
+            fields = {k: getattr(record, k) for k in self._FIELDS}
+            fields["msg"] = self.format(record)
+            self.conn.send(fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _pump_logs(log_pipe: Any) -> None:
+    """Hand records from one worker's pipe to this process's handlers until it closes."""
     while True:
         try:
-            record = log_queue.get()
+            fields = log_pipe.recv()
         except (EOFError, OSError):
             return
-        if record is None:
-            return
+        record = logging.makeLogRecord(fields)
         logging.getLogger(record.name).handle(record)
 
 
@@ -171,7 +194,7 @@ def _pump_logs(log_queue: Any) -> None:
 class _Worker:
     process: SpawnProcess
     conn: Any
-    log_queue: Any
+    log_pipe: Any
     pump: threading.Thread
 
 
@@ -247,21 +270,22 @@ class ReceiverPool:
 
     def _spawn(self, index: int) -> None:
         parent_conn, child_conn = self._ctx.Pipe()
-        log_queue = self._ctx.Queue()
+        log_recv, log_send = self._ctx.Pipe(duplex=False)
         pump = threading.Thread(
-            target=_pump_logs, args=(log_queue,), name=f"log-pump-{index}", daemon=True
+            target=_pump_logs, args=(log_recv,), name=f"log-pump-{index}", daemon=True
         )
         pump.start()
         self._load[index] = 0  # a restarted worker starts with no connections
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.cfg, index, self._sock, log_queue, child_conn, self._load),
+            args=(self.cfg, index, self._sock, log_send, child_conn, self._load),
             name=f"dicomnode-receiver-{index}",
             daemon=False,
         )
         proc.start()
         child_conn.close()
-        self._workers[index] = _Worker(proc, parent_conn, log_queue, pump)
+        log_send.close()  # the pump sees end-of-file once the worker is gone
+        self._workers[index] = _Worker(proc, parent_conn, log_recv, pump)
 
     def supervise(self) -> None:
         """Restart workers that died unexpectedly (call periodically)."""
@@ -281,9 +305,9 @@ class ReceiverPool:
     def _retire(worker: _Worker) -> None:
         with contextlib.suppress(Exception):
             worker.conn.close()
+        worker.pump.join(1.0)  # ends at end-of-file: the worker has exited
         with contextlib.suppress(Exception):
-            worker.log_queue.put(None)
-        worker.pump.join(1.0)
+            worker.log_pipe.close()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Ask the workers to stop, wait ``grace_s`` (+2 s), then kill stragglers."""

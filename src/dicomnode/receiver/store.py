@@ -33,7 +33,7 @@ from dicomnode.dicomtags import (
     text_of,
 )
 from dicomnode.integrity import Examination, examine
-from dicomnode.organise import file_name, relative_dir, relative_path
+from dicomnode.organise import instance_file_name, modality_prefix, relative_dir, relative_path
 from dicomnode.status import StoreStatus
 from dicomnode.storage import free_space_mb, place_file, quarantine
 
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 #: Header values that differ between the instances of one series (not part of the folder).
 _PER_INSTANCE_TAGS: Final = frozenset({0x00080018, 0x00200013, 0x00280008})
 _SOP_INSTANCE_UID: Final = 0x00080018
+_SOP_CLASS_UID: Final = 0x00080016
 #: Folders remembered (one per series); the memory is cleared when full.
 _FOLDER_CACHE_SIZE: Final = 512
 
@@ -55,6 +56,32 @@ def _plain_uid(element: tuple[bytes, bytes] | None) -> str:
         return ""
     text = element[1].decode("ascii", "replace").strip("\x00 ")
     return text if is_valid_uid(text) else ""
+
+
+class _Header:
+    """The header of one received object, decoded from the walk only when it is needed."""
+
+    def __init__(self, tmp: Path, exam: Examination) -> None:
+        self.tmp = tmp
+        self.exam = exam
+        self._ds: Dataset | None = None
+
+    def get(self) -> Dataset:
+        """Return the header Dataset (pydicom reads the file when the walk has no values).
+
+        Raises
+        ------
+        InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError
+            When pydicom cannot read the file.
+        """
+        if self._ds is None:
+            if self.exam.elements:
+                self._ds = header_from_elements(
+                    self.exam.elements, self.exam.implicit, self.exam.little
+                )
+            else:
+                self._ds = read_header(self.tmp)
+        return self._ds
 
 
 class StoreHandler:
@@ -72,7 +99,7 @@ class StoreHandler:
         self.cfg = cfg
         self.post_store = post_store
         self._max_bytes = cfg.max_object_mb * 1_000_000
-        self._folders: dict[object, PurePosixPath] = {}
+        self._folders: dict[object, tuple[PurePosixPath, str]] = {}
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -163,44 +190,47 @@ class StoreHandler:
         )
         return int(StoreStatus.OUT_OF_RESOURCES)
 
-    def _relative_path(self, header: Dataset, exam: Examination) -> PurePosixPath:
+    def _relative_path(self, header: _Header, sop_uid: str) -> PurePosixPath:
         """Return the object's path below its AE folder; the folder is computed once per series.
 
-        The folder depends only on header values other than the per-instance
-        ones, so it is remembered under their raw bytes (and encoding): objects
-        of one series skip decoding and sanitising names again.
+        The folder (and the modality part of the file name) depend only on header
+        values other than the per-instance ones, so they are remembered under
+        their raw bytes and encoding: later objects of the series need neither
+        the decoded header nor name cleaning, only their (valid) SOP Instance UID.
         """
+        exam = header.exam
         if not exam.elements:
-            return relative_path(header, self.cfg.folder_layout)
+            return relative_path(header.get(), self.cfg.folder_layout)
         key = (
             exam.implicit,
             exam.little,
             tuple(sorted(i for i in exam.elements.items() if i[0] not in _PER_INSTANCE_TAGS)),
         )
-        folder = self._folders.get(key)
-        if folder is None:
-            folder = relative_dir(header, self.cfg.folder_layout)
+        known = self._folders.get(key)
+        if known is None:
+            ds = header.get()
+            known = (relative_dir(ds, self.cfg.folder_layout), modality_prefix(ds))
             if len(self._folders) >= _FOLDER_CACHE_SIZE:
                 self._folders.clear()
-            self._folders[key] = folder
-        return folder / file_name(header)
+            self._folders[key] = known
+        folder, prefix = known
+        return folder / instance_file_name(prefix, sop_uid)
 
-    def _judge(
-        self, tmp: Path, content: bytes | bytearray | None
-    ) -> tuple[Dataset | None, Examination, str | None]:
-        """Walk the object once; return its header, the walk, and why it cannot be filed (or None)."""
+    def _judge(self, tmp: Path, content: bytes | bytearray | None) -> tuple[_Header, str | None]:
+        """Walk the object once; return its (lazy) header and why it cannot be filed, or None."""
         try:
             exam = examine(content if content is not None else tmp, HEADER_TAG_NUMBERS)
         except OSError as exc:
             exam = Examination(f"cannot read the received object: {exc.strerror or exc}")
+        header = _Header(tmp, exam)
         if exam.defect is not None:
-            return None, exam, f"malformed object: {exam.defect}"
-        try:
-            if exam.elements:
-                return header_from_elements(exam.elements, exam.implicit, exam.little), exam, None
-            return read_header(tmp), exam, None  # deflated: pydicom inflates the header
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
-            return None, exam, f"unreadable object: {exc}"
+            return header, f"malformed object: {exam.defect}"
+        if not exam.elements:
+            try:
+                header.get()  # deflated (or no header at all): pydicom reads it now
+            except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+                return header, f"unreadable object: {exc}"
+        return header, None
 
     def _store(
         self,
@@ -225,14 +255,16 @@ class StoreHandler:
         size = len(content) if content is not None else tmp.stat().st_size
         if self._max_bytes and size > self._max_bytes:
             return self._refuse_too_large(calling, where, affected_uid, size)
-        header, exam, problem = self._judge(tmp, content)
-        sop_uid = _plain_uid(exam.elements.get(_SOP_INSTANCE_UID))
-        if not sop_uid and header is not None:
-            sop_uid = text_of(header, "SOPInstanceUID")
-        if problem is None and (not sop_uid or not is_valid_uid(sop_uid)):
-            problem = f"missing or invalid SOP Instance UID {sop_uid!r}"
-        if problem is not None or header is None:
-            return self._fail(tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, str(problem))
+        header, problem = self._judge(tmp, content)
+        sop_uid = ""
+        if problem is None:
+            sop_uid = _plain_uid(header.exam.elements.get(_SOP_INSTANCE_UID))
+            if not sop_uid:
+                sop_uid = text_of(header.get(), "SOPInstanceUID")
+            if not sop_uid or not is_valid_uid(sop_uid):
+                problem = f"missing or invalid SOP Instance UID {sop_uid!r}"
+        if problem is not None:
+            return self._fail(tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, problem)
         ae_root = cfgmod.route_for(self.cfg, calling)
         if (
             self.cfg.min_free_space_mb
@@ -249,7 +281,7 @@ class StoreHandler:
                 ae_root,
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
-        final = ae_root / self._relative_path(header, exam)
+        final = ae_root / self._relative_path(header, sop_uid)
         try:
             place_file(tmp, final)
         except OSError as exc:
@@ -276,7 +308,8 @@ class StoreHandler:
             reports.append(stored_line)
         if self.post_store is not None:
             try:
-                self.post_store(final, ae_root, text_of(header, "SOPClassUID"))
+                sop_class = _plain_uid(header.exam.elements.get(_SOP_CLASS_UID))
+                self.post_store(final, ae_root, sop_class or text_of(header.get(), "SOPClassUID"))
             except Exception:
                 logger.exception("post-store step failed for %s (object is stored)", final)
         return int(StoreStatus.SUCCESS)
