@@ -49,6 +49,12 @@ class SharedLoad:
         with self.counts.get_lock():
             self.counts[self.index] = active
 
+    def may_accept(self, active: int) -> bool:
+        """Publish ``active`` and return True unless another process serves fewer connections."""
+        with self.counts.get_lock():
+            self.counts[self.index] = active
+            return bool(active <= min(self.counts))
+
     def admit(self, active: int, limit: int) -> bool:
         """Publish ``active`` (including the new one) and return True if the node total fits."""
         with self.counts.get_lock():

@@ -48,7 +48,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.receiver.admission import admit
@@ -100,6 +100,12 @@ _MAX_COMMAND_BYTES: Final = 65536
 #: Objects up to this size are also kept in memory until filed, so the integrity walk
 #: and header read need not read the file back.
 _IN_MEMORY_BYTES: Final = 1024 * 1024
+#: Read/write timeouts enforced by the kernel (no poll() per read); Linux only.
+_KERNEL_TIMEOUTS: Final = sys.platform.startswith("linux")
+#: How long accept() waits before checking the stop flag.
+_ACCEPT_POLL_S: Final = 0.5
+#: How long a busier process of a pool leaves a new connection to the others.
+_YIELD_S: Final = 0.02
 #: Status 0x0211: unrecognized operation (PS3.7 C).
 _UNRECOGNIZED_OPERATION: Final = 0x0211
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
@@ -136,7 +142,10 @@ class _Reader:
             kept = self.end - self.start
             self.buf[:kept] = self.buf[self.start : self.end]
             self.start, self.end = 0, kept
-        count = self.sock.recv_into(self.view[self.end :])
+        try:
+            count = self.sock.recv_into(self.view[self.end :])
+        except BlockingIOError:  # SO_RCVTIMEO expired (see _Association._timeout)
+            raise TimeoutError("no data within the timeout") from None
         if count == 0:
             raise _Closed
         self.got_data = True
@@ -283,7 +292,7 @@ class _TempFiles:
         How many files to hold ready.
     """
 
-    def __init__(self, folder: Path, keep: int = 4) -> None:
+    def __init__(self, folder: Path, keep: int = 8) -> None:
         self.folder = folder
         self.keep = keep
         self._ready: collections.deque[tuple[Path, int]] = collections.deque()
@@ -311,7 +320,9 @@ class _TempFiles:
         with self._lock:
             self._wanted = True
             ready = self._ready.popleft() if self._ready else None
-        self._wake.set()
+            low = len(self._ready) <= self.keep // 2
+        if low:
+            self._wake.set()  # refilled in batches: fewer thread switches per object
         return ready if ready is not None else self.create(self.folder)
 
     def _fill(self) -> None:
@@ -433,9 +444,28 @@ class _Association:
         self._send_quietly(ABORT_PDU, wait_s=1.0)
         self.close()
 
+    def _timeout(self, seconds: float) -> None:
+        """Bound every later read and write by ``seconds``.
+
+        On Linux (plain TCP) the kernel enforces it (SO_RCVTIMEO/SO_SNDTIMEO) on
+        a blocking socket: a Python socket timeout would add a poll() before
+        every read. Elsewhere, and for TLS, the Python socket timeout is used.
+        """
+        if _KERNEL_TIMEOUTS and not isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(None)
+            whole = int(seconds)
+            value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        else:
+            self.sock.settimeout(seconds)
+
     def _send(self, data: bytes) -> None:
         with self._send_lock:
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except BlockingIOError:  # SO_SNDTIMEO expired
+                raise TimeoutError("peer did not read within the timeout") from None
 
     def _send_quietly(self, data: bytes, wait_s: float = -1) -> None:
         if self._closed:
@@ -468,7 +498,7 @@ class _Association:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.ssl_context is not None and not self._handshake():
             return
-        self.sock.settimeout(self.cfg.acse_timeout_s)
+        self._timeout(self.cfg.acse_timeout_s)
         reader = _Reader(self.sock)
         try:
             pdu_type, length = self._pdu_header(
@@ -488,7 +518,7 @@ class _Association:
         self.calling = request.calling_ae
         if not self._admit(request):
             return
-        self.sock.settimeout(self.cfg.network_timeout_s)
+        self._timeout(self.cfg.network_timeout_s)
         results = negotiate(request.contexts)
         self._send(associate_ac(request, results, self.cfg.max_pdu_bytes))
         self.established = True
@@ -710,6 +740,11 @@ class LeanServer:
         Wraps accepted sockets for DICOM TLS.
     listen_socket : socket.socket, optional
         A listening socket shared with other receiver processes; None binds one.
+    may_accept : callable, optional
+        Given this process's connection count, publishes it and returns False
+        while another process of the pool serves fewer connections: this one
+        then leaves new connections to the others (the kernel would otherwise
+        hand most of them to whichever process is quickest back in accept()).
     node_has_room : callable, optional
         Given this process's connection count (including a new one), returns
         False when the node as a whole is at ``max_associations``; by default
@@ -723,6 +758,7 @@ class LeanServer:
         ssl_context: ssl.SSLContext | None = None,
         listen_socket: socket.socket | None = None,
         node_has_room: Callable[[int], bool] | None = None,
+        may_accept: Callable[[int], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.handler = handler
@@ -732,6 +768,7 @@ class LeanServer:
         self._shared = listen_socket is not None
         self._listen = listen_socket
         self._room = node_has_room or (lambda n: n <= cfg.max_associations)
+        self._may_accept = may_accept
         self._lock = threading.Lock()
         self._active: set[_Association] = set()
         self._stopping = threading.Event()
@@ -758,7 +795,7 @@ class LeanServer:
                 raise
             self._listen = sock
         # Several processes may wait on a shared socket: accept() must time out to see stop().
-        self._listen.settimeout(0.5)
+        self._listen.settimeout(_ACCEPT_POLL_S)
         self.temp_files = _TempFiles(self.tmp_dir)
         self._thread = threading.Thread(target=self._accept_loop, name="LeanAcceptor", daemon=True)
         self._thread.start()
@@ -807,8 +844,11 @@ class LeanServer:
         assert listen is not None
         while not self._stopping.is_set():
             try:
-                sock, address = listen.accept()
-            except TimeoutError:
+                if self._may_accept is None or self._may_accept(self.active()):
+                    sock, address = listen.accept()
+                else:
+                    sock, address = self._accept_left_over(listen)
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError as exc:
                 if self._stopping.is_set():
@@ -828,6 +868,24 @@ class LeanServer:
                 target=self._serve, args=(assoc,), name=f"Association-{assoc.where}", daemon=True
             ).start()
 
+    def _accept_left_over(self, listen: socket.socket) -> tuple[socket.socket, Any]:
+        """Let less busy processes take new connections; take one still waiting after a pause.
+
+        A connection nobody took within :data:`_YIELD_S` means the other
+        processes cannot (restarting, stuck): serving it here beats leaving it.
+
+        Raises
+        ------
+        BlockingIOError
+            When no connection is waiting.
+        """
+        self._stopping.wait(_YIELD_S)
+        listen.settimeout(0.0)
+        try:
+            return listen.accept()
+        finally:
+            listen.settimeout(_ACCEPT_POLL_S)
+
     def _serve(self, assoc: _Association) -> None:
         try:
             assoc.run()
@@ -835,6 +893,8 @@ class LeanServer:
             with self._lock:
                 self._active.discard(assoc)
                 idle = not self._active
+            if self._may_accept is not None:
+                self._may_accept(self.active())  # publishes the lower count to the other processes
             if idle and self.temp_files is not None:
                 self.temp_files.release()
 

@@ -106,7 +106,12 @@ class Receiver:
                 limit = self.cfg.max_associations
                 room = lambda active: load.admit(active, limit)  # noqa: E731
             self._lean = LeanServer(
-                self.cfg, self.handler, self.ssl_context, self.listen_socket, room
+                self.cfg,
+                self.handler,
+                self.ssl_context,
+                self.listen_socket,
+                room,
+                load.may_accept if load is not None else None,
             )
             self._lean.start()
         logger.log(
