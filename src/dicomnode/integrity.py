@@ -4,8 +4,9 @@ A sender can deliver a data set whose last element claims more bytes than were
 sent (a truncated file re-sent by a broken peer, a disk error on its side).
 pydicom reads such a header without complaint, so the receiver would file a
 partial object under its final name and answer success. :func:`find_defect`
-walks the element *headers* of the temporary file (values are skipped with
-seeks, so memory stays flat for any object size) and names the first defect.
+walks the element *headers* of the file through a read-only memory map (values
+are skipped, so only pages holding element headers are read and memory stays
+flat for any object size) and names the first defect.
 It decodes no values and never raises for bad input. :func:`examine` does the
 same walk and also hands back the raw values of chosen top-level elements, so
 the receiver gets the header it files by from the same pass (and, for objects
@@ -15,11 +16,12 @@ standard library only.
 
 from __future__ import annotations
 
-import io
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
@@ -44,14 +46,27 @@ class _Defect(Exception):
 
 
 class _Walker:
-    """Walk element headers of one data set encoding, bounded by byte offsets."""
+    """Walk element headers of one data set encoding in a buffer, bounded by byte offsets.
+
+    ``buf`` is the whole object: bytes in memory or a read-only memory map of
+    the file, so values are skipped without being read (a memory map touches
+    only the pages holding element headers).
+    """
 
     def __init__(
-        self, fh: BinaryIO, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()
+        self,
+        buf: bytes | mmap.mmap,
+        implicit: bool,
+        little: bool,
+        wanted: frozenset[int] = frozenset(),
     ) -> None:
-        self.fh = fh
+        self.buf = buf
+        self.pos = 0
         self.implicit = implicit
-        self.order = "<" if little else ">"
+        order = "<" if little else ">"
+        self.tag_length = struct.Struct(order + "HHL")
+        self.short_length = struct.Struct(order + "H")
+        self.long_length = struct.Struct(order + "L")
         self.wanted = wanted
         #: Wanted values are taken only before the pixel data, as pydicom's
         #: ``stop_before_pixels`` reads them (an element after it is out of order).
@@ -59,39 +74,38 @@ class _Walker:
         #: Values of wanted top-level elements: tag -> (VR or b"", raw value).
         self.found: dict[int, tuple[bytes, bytes]] = {}
 
-    def _read(self, n: int, end: int, what: str) -> bytes:
-        pos = self.fh.tell()
+    def _need(self, n: int, end: int, what: str) -> int:
+        """Return the current position after checking that ``n`` bytes are present; advance."""
+        pos = self.pos
         if pos + n > end:
             raise _Defect(f"{what} at byte {pos} is cut off ({end - pos} of {n} bytes present)")
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise _Defect(f"{what} at byte {pos} is cut off (file ends)")
-        return data
+        self.pos = pos + n
+        return pos
 
     def _skip(self, length: int, end: int, tag: int) -> None:
-        pos = self.fh.tell()
+        pos = self.pos
         if pos + length > end:
             raise _Defect(
                 f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) claims {length} bytes at byte "
                 f"{pos} but only {max(end - pos, 0)} remain"
             )
-        self.fh.seek(pos + length)
+        self.pos = pos + length
 
     def _tag_length(self, end: int, implicit: bool) -> tuple[int, bytes, int]:
         """Read one element header; return (tag, VR or b'', length)."""
-        raw = self._read(8, end, "element header")
-        group, elem = struct.unpack(self.order + "HH", raw[:4])
+        at = self._need(8, end, "element header")
+        group, elem, length = self.tag_length.unpack_from(self.buf, at)
         tag = (group << 16) | elem
         if group == 0xFFFE or implicit:
-            (length,) = struct.unpack(self.order + "L", raw[4:])
             return tag, b"", length
-        vr = raw[4:6]
+        vr = self.buf[at + 4 : at + 6]
         if not (vr.isalpha() and vr.isupper()):
             raise _Defect(f"element ({group:04X},{elem:04X}) has no valid VR {vr!r}")
         if vr in _LONG_VRS:
-            (length,) = struct.unpack(self.order + "L", self._read(4, end, "element length"))
+            at = self._need(4, end, "element length")
+            (length,) = self.long_length.unpack_from(self.buf, at)
         else:
-            (length,) = struct.unpack(self.order + "H", raw[6:])
+            (length,) = self.short_length.unpack_from(self.buf, at + 6)
         return tag, vr, length
 
     def walk_dataset(self, end: int, depth: int, implicit: bool, until_item_end: bool) -> None:
@@ -99,15 +113,15 @@ class _Walker:
         if depth > MAX_DEPTH:
             raise _Defect(f"sequences nested deeper than {MAX_DEPTH} levels")
         while True:
-            pos = self.fh.tell()
+            pos = self.pos
             if pos >= end:
                 if until_item_end:
                     raise _Defect("item without its delimiter: the data set is cut off")
                 return
             if not until_item_end and end - pos < 8:
-                rest = self.fh.read(end - pos)
-                if rest.strip(b"\x00"):
+                if self.buf[pos:end].strip(b"\x00"):
                     raise _Defect(f"{end - pos} stray bytes at the end of the data set")
+                self.pos = end
                 return
             tag, vr, length = self._tag_length(end, implicit)
             if tag == _ITEM_END:
@@ -117,13 +131,12 @@ class _Walker:
             if tag in (_ITEM, _SEQ_END):
                 raise _Defect(f"item tag outside a sequence at byte {pos}")
             if length != _UNDEFINED:
-                value_at = self.fh.tell()
+                value_at = self.pos
                 self._skip(length, end, tag)
                 if depth == 0 and tag in _PIXEL_TAGS:
                     self.collecting = False
                 if self.collecting and depth == 0 and tag in self.wanted:
-                    self.fh.seek(value_at)
-                    self.found[tag] = (vr, self.fh.read(length))
+                    self.found[tag] = (vr, self.buf[value_at : value_at + length])
                 continue
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
@@ -137,9 +150,8 @@ class _Walker:
         if depth > MAX_DEPTH:
             raise _Defect(f"sequences nested deeper than {MAX_DEPTH} levels")
         while True:
-            pos = self.fh.tell()
-            raw = self._read(8, end, "item header")
-            tag_group, tag_elem, length = struct.unpack(self.order + "HHL", raw)
+            pos = self._need(8, end, "item header")
+            tag_group, tag_elem, length = self.tag_length.unpack_from(self.buf, pos)
             tag = (tag_group << 16) | tag_elem
             if tag == _SEQ_END:
                 return
@@ -153,28 +165,24 @@ class _Walker:
                 self.walk_dataset(end, depth + 1, implicit, until_item_end=True)
 
 
-def _read_meta(fh: BinaryIO, size: int) -> tuple[str, int]:
-    """Return (transfer syntax UID, offset of the data set) of a Part 10 file."""
-    head = fh.read(132)
-    if len(head) != 132 or head[128:] != b"DICM":
+def _read_meta(buf: bytes | mmap.mmap, size: int) -> tuple[str, int]:
+    """Return (transfer syntax UID, offset of the data set) of a Part 10 object."""
+    if size < 132 or buf[128:132] != b"DICM":
         raise _Defect("no DICOM preamble and DICM marker")
-    walker = _Walker(fh, implicit=False, little=True)
+    walker = _Walker(buf, implicit=False, little=True)
+    walker.pos = 132
     syntax = ""
     while True:
-        pos = fh.tell()
-        peek = fh.read(2)
-        if len(peek) < 2 or struct.unpack("<H", peek)[0] != 0x0002:
-            fh.seek(pos)
+        pos = walker.pos
+        if pos + 2 > size or buf[pos : pos + 2] != b"\x02\x00":
             return syntax, pos
-        fh.seek(pos)
         tag, _, length = walker._tag_length(size, implicit=False)
         if length == _UNDEFINED:
             raise _Defect("file meta element of undefined length")
+        at = walker.pos
+        walker._skip(length, size, tag)
         if tag == 0x00020010:
-            value = walker._read(length, size, "transfer syntax")
-            syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
-        else:
-            walker._skip(length, size, tag)
+            syntax = buf[at : at + length].rstrip(b"\x00 ").decode("ascii", "replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,18 +234,21 @@ def examine(
         When a file cannot be opened or read.
     """
     if isinstance(source, Path):
-        size = source.stat().st_size
         with source.open("rb") as fh:
-            return _examine(fh, size, wanted)
-    data = io.BytesIO(source)
-    return _examine(data, len(source), wanted)
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return _examine(b"", 0, wanted)
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return _examine(mapped, len(mapped), wanted)
+    data = source if isinstance(source, bytes) else bytes(source)
+    return _examine(data, len(data), wanted)
 
 
-def _examine(fh: BinaryIO, size: int, wanted: frozenset[int]) -> Examination:
+def _examine(buf: bytes | mmap.mmap, size: int, wanted: frozenset[int]) -> Examination:
     syntax = ""
     implicit, little = False, True
     try:
-        syntax, start = _read_meta(fh, size)
+        syntax, start = _read_meta(buf, size)
         if syntax in _DEFLATED:
             return Examination(None, syntax)
         implicit = syntax == _IMPLICIT_LE
@@ -245,11 +256,10 @@ def _examine(fh: BinaryIO, size: int, wanted: frozenset[int]) -> Examination:
         if not implicit and start + 6 <= size:
             # Some senders write implicit VR under an explicit transfer syntax;
             # pydicom reads those, so judge them by what they really are.
-            fh.seek(start + 4)
-            vr = fh.read(2)
+            vr = buf[start + 4 : start + 6]
             implicit = not (vr.isalpha() and vr.isupper())
-            fh.seek(start)
-        walker = _Walker(fh, implicit, little, wanted)
+        walker = _Walker(buf, implicit, little, wanted)
+        walker.pos = start
         walker.walk_dataset(size, 0, implicit, until_item_end=False)
     except _Defect as defect:
         return Examination(str(defect), syntax, implicit, little)

@@ -70,29 +70,59 @@ def place_file(src: Path, final: Path) -> None:
 
     ``src`` must already be fsynced. If ``final`` exists it is replaced in one
     step (a re-sent instance replaces the old file). Across volumes the data is
-    copied to a ``.part`` file beside ``final``, fsynced and renamed.
+    copied to a ``.part`` file beside ``final``, fsynced and renamed. The folder
+    of ``final`` is fsynced, and so is the parent of every folder created for it,
+    so the new name survives a power loss once this returns.
 
     Raises
     ------
     OSError
         When the folder cannot be created or the file cannot be moved.
     """
-    for attempt in range(3):
-        final.parent.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
+    for attempt in range(4):
         try:
-            os.replace(src, final)
+            os.replace(src, final)  # the folder usually exists: no mkdir call
             break
         except FileNotFoundError:
-            # A forwarder watching this tree may remove an emptied folder between
-            # mkdir and rename: create it again (src itself still exists).
-            if attempt == 2 or not src.exists():
+            # The folder is new, or a forwarder watching this tree removed it as
+            # emptied between mkdir and rename: create it (src itself still exists).
+            if attempt == 3 or not src.exists():
                 raise
+            created += make_folders(final.parent)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
             _copy_across_volumes(src, final)
             break
     fsync_dir(final.parent)
+    # New folders are only durable once the folders holding their names are flushed too.
+    for folder in dict.fromkeys(c.parent for c in created):
+        fsync_dir(folder)
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders created, outermost first.
+
+    Raises
+    ------
+    OSError
+        When a folder cannot be created.
+    """
+    missing: list[Path] = []
+    probe = folder
+    while not probe.is_dir() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            created.append(path)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+    return created
 
 
 def _copy_across_volumes(src: Path, final: Path) -> None:
