@@ -123,7 +123,17 @@ class _Walker:
                     raise _Defect(f"{end - pos} stray bytes at the end of the data set")
                 self.pos = end
                 return
-            tag, vr, length = self._tag_length(end, implicit)
+            if implicit or pos + 8 > end:
+                tag, vr, length = self._tag_length(end, implicit)
+            else:  # inlined _tag_length for the common explicit VR short element
+                group, elem, length = self.tag_length.unpack_from(self.buf, pos)
+                vr = self.buf[pos + 4 : pos + 6]
+                if group == 0xFFFE or vr in _LONG_VRS or not (vr.isalpha() and vr.isupper()):
+                    tag, vr, length = self._tag_length(end, implicit)
+                else:
+                    tag = (group << 16) | elem
+                    (length,) = self.short_length.unpack_from(self.buf, pos + 6)
+                    self.pos = pos + 8
             if tag == _ITEM_END:
                 if until_item_end:
                     return
