@@ -90,7 +90,8 @@ def test_receiver_stores_ct_mr_rt_byte_identical(node, tmp_path: Path) -> None: 
         assert by_uid[sent.SOPInstanceUID].is_relative_to(node["dest"] / "incoming")
     modalities = sorted(p.name.split("_")[0] for p in stored)
     assert modalities == ["CT", "MR", "RTDOSE", "RTPLAN", "RTSTRUCT"]
-    assert "STORED calling_ae=SCANNER" in node["proc"].output()
+    # The STORED line follows the response (and a worker sends INFO lines in batches).
+    assert wait_until(lambda: "STORED calling_ae=SCANNER" in node["proc"].output(), 10)
 
 
 def test_receiver_stores_exact_bytes_sent_by_pynetdicom(
@@ -289,7 +290,7 @@ def test_receiver_write_failure_gives_a700_and_errors_entry(
     notes = list((dest / "errors").glob("*.log"))
     assert len(kept) == 1 and len(notes) == 1
     assert "cannot write" in notes[0].read_text()
-    assert "STORE-FAILED" in proc.output()
+    assert wait_until(lambda: "STORE-FAILED" in proc.output(), 10)
 
 
 def test_receiver_two_concurrent_senders(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
