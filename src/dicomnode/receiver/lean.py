@@ -99,7 +99,7 @@ _PDU_SLACK_BYTES: Final = 65536
 _MAX_COMMAND_BYTES: Final = 65536
 #: Objects up to this size are also kept in memory until filed, so the integrity walk
 #: and header read need not read the file back.
-_IN_MEMORY_BYTES: Final = 1024 * 1024
+_IN_MEMORY_BYTES: Final = 256 * 1024
 #: Read/write timeouts enforced by the kernel (no poll() per read); Linux only.
 _KERNEL_TIMEOUTS: Final = sys.platform.startswith("linux")
 #: How long accept() waits before checking the stop flag.
