@@ -864,9 +864,20 @@ class LeanServer:
             assoc = _Association(self, sock, address)
             with self._lock:
                 self._active.add(assoc)
-            threading.Thread(
-                target=self._serve, args=(assoc,), name=f"Association-{assoc.where}", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._serve,
+                    args=(assoc,),
+                    name=f"Association-{assoc.where}",
+                    daemon=True,
+                ).start()
+            except RuntimeError as exc:  # no more threads: refuse this one, keep accepting
+                logger.error(
+                    "ABORTED connection peer=%s reason=cannot start a thread: %s", assoc.where, exc
+                )
+                with self._lock:
+                    self._active.discard(assoc)
+                assoc.close()
 
     def _accept_left_over(self, listen: socket.socket) -> tuple[socket.socket, Any]:
         """Let less busy processes take new connections; take one still waiting after a pause.
