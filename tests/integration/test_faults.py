@@ -149,7 +149,9 @@ def test_faults_kill9_during_storescu_loses_nothing_acknowledged(
                     30,
                     interval_s=0.002,
                 )
-                time.sleep(rng.uniform(0, 0.05))
+                # A random phase within the next few objects (~1 ms each): a longer pause
+                # could let the whole remainder through before the last kill.
+                time.sleep(rng.uniform(0, 0.005))
                 _kill_hard(node.proc.pid)
                 kills += 1
             sender.wait(60)
