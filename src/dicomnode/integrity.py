@@ -4,9 +4,8 @@ A sender can deliver a data set whose last element claims more bytes than were
 sent (a truncated file re-sent by a broken peer, a disk error on its side).
 pydicom reads such a header without complaint, so the receiver would file a
 partial object under its final name and answer success. :func:`find_defect`
-walks the element *headers* of the file through a read-only memory map (values
-are skipped, so only pages holding element headers are read and memory stays
-flat for any object size) and names the first defect.
+walks the element *headers* of the file (values are skipped, not read, so
+memory stays flat for any object size) and names the first defect.
 It decodes no values and never raises for bad input. :func:`examine` does the
 same walk and also hands back the raw values of chosen top-level elements, so
 the receiver gets the header it files by from the same pass (and, for objects
@@ -21,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
@@ -45,6 +44,25 @@ class _Defect(Exception):
     """Internal: the structure is broken; the message says where."""
 
 
+class _FileView:
+    """Read-only slices of an open file (``view[a:b]`` reads those bytes).
+
+    Used for files other processes may still change: a memory map would
+    kill the process with SIGBUS if the file were truncated during the walk,
+    while a short read here only ends the walk as a defect.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+
+    def __getitem__(self, where: slice) -> bytes:
+        self.fh.seek(where.start)
+        return self.fh.read(max(0, where.stop - where.start))
+
+
+_Buffer = bytes | mmap.mmap | _FileView
+
+
 class _Walker:
     """Walk element headers of one data set encoding in a buffer, bounded by byte offsets.
 
@@ -55,7 +73,7 @@ class _Walker:
 
     def __init__(
         self,
-        buf: bytes | mmap.mmap,
+        buf: _Buffer,
         implicit: bool,
         little: bool,
         wanted: frozenset[int] = frozenset(),
@@ -94,7 +112,7 @@ class _Walker:
     def _tag_length(self, end: int, implicit: bool) -> tuple[int, bytes, int]:
         """Read one element header; return (tag, VR or b'', length)."""
         at = self._need(8, end, "element header")
-        group, elem, length = self.tag_length.unpack_from(self.buf, at)
+        group, elem, length = self.tag_length.unpack(self.buf[at : at + 8])
         tag = (group << 16) | elem
         if group == 0xFFFE or implicit:
             return tag, b"", length
@@ -103,9 +121,9 @@ class _Walker:
             raise _Defect(f"element ({group:04X},{elem:04X}) has no valid VR {vr!r}")
         if vr in _LONG_VRS:
             at = self._need(4, end, "element length")
-            (length,) = self.long_length.unpack_from(self.buf, at)
+            (length,) = self.long_length.unpack(self.buf[at : at + 4])
         else:
-            (length,) = self.short_length.unpack_from(self.buf, at + 6)
+            (length,) = self.short_length.unpack(self.buf[at + 6 : at + 8])
         return tag, vr, length
 
     def walk_dataset(self, end: int, depth: int, implicit: bool, until_item_end: bool) -> None:
@@ -126,13 +144,14 @@ class _Walker:
             if implicit or pos + 8 > end:
                 tag, vr, length = self._tag_length(end, implicit)
             else:  # inlined _tag_length for the common explicit VR short element
-                group, elem, length = self.tag_length.unpack_from(self.buf, pos)
-                vr = self.buf[pos + 4 : pos + 6]
+                head = self.buf[pos : pos + 8]
+                group, elem, length = self.tag_length.unpack(head)
+                vr = head[4:6]
                 if group == 0xFFFE or vr in _LONG_VRS or not (vr.isalpha() and vr.isupper()):
                     tag, vr, length = self._tag_length(end, implicit)
                 else:
                     tag = (group << 16) | elem
-                    (length,) = self.short_length.unpack_from(self.buf, pos + 6)
+                    (length,) = self.short_length.unpack(head[6:8])
                     self.pos = pos + 8
             if tag == _ITEM_END:
                 if until_item_end:
@@ -161,7 +180,7 @@ class _Walker:
             raise _Defect(f"sequences nested deeper than {MAX_DEPTH} levels")
         while True:
             pos = self._need(8, end, "item header")
-            tag_group, tag_elem, length = self.tag_length.unpack_from(self.buf, pos)
+            tag_group, tag_elem, length = self.tag_length.unpack(self.buf[pos : pos + 8])
             tag = (tag_group << 16) | tag_elem
             if tag == _SEQ_END:
                 return
@@ -175,7 +194,7 @@ class _Walker:
                 self.walk_dataset(end, depth + 1, implicit, until_item_end=True)
 
 
-def _read_meta(buf: bytes | mmap.mmap, size: int) -> tuple[str, int]:
+def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
     """Return (transfer syntax UID, offset of the data set) of a Part 10 object."""
     if size < 132 or buf[128:132] != b"DICM":
         raise _Defect("no DICOM preamble and DICM marker")
@@ -220,7 +239,9 @@ class Examination:
 
 
 def examine(
-    source: Path | bytes | bytearray | memoryview, wanted: frozenset[int] = frozenset()
+    source: Path | bytes | bytearray | memoryview,
+    wanted: frozenset[int] = frozenset(),
+    private: bool = False,
 ) -> Examination:
     """Walk a Part 10 object once: its structural defect and the raw values of ``wanted`` tags.
 
@@ -230,6 +251,10 @@ def examine(
         The file, or its complete content already in memory.
     wanted : frozenset of int
         Top-level tags (``group << 16 | element``) whose values to return.
+    private : bool
+        True when no other process can change the file while it is walked (the
+        receiver's own temp files): it is then read through a memory map, which
+        is faster but fatal (SIGBUS) if the file were truncated meanwhile.
 
     Returns
     -------
@@ -248,13 +273,15 @@ def examine(
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
                 return _examine(b"", 0, wanted)
+            if not private:
+                return _examine(_FileView(fh), size, wanted)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return _examine(mapped, len(mapped), wanted)
     data = source if isinstance(source, bytes) else bytes(source)
     return _examine(data, len(data), wanted)
 
 
-def _examine(buf: bytes | mmap.mmap, size: int, wanted: frozenset[int]) -> Examination:
+def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
     syntax = ""
     implicit, little = False, True
     try:

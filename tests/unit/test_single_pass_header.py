@@ -503,3 +503,23 @@ def test_single_pass_safe_component_fast_path_equals_full_cleaning(text: str, ma
 )
 def test_single_pass_safe_component_examples(text: str, max_len: int) -> None:
     assert safe_component(text, "X", max_len) == _sanitise(text, "X", max_len)
+
+
+def test_single_pass_file_shrinking_during_the_walk_is_a_defect_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A file another process truncates while it is walked ends the walk as a defect.
+
+    (Through a memory map the same truncation would kill the process with SIGBUS,
+    so only the receiver's private temp files are walked that way.)
+    """
+    from dicomnode import integrity
+
+    path = tmp_path / "shrinking.dcm"
+    data = _part10(_encode(make_image(patient_name="Doe^John")))
+    path.write_bytes(data)
+    with path.open("rb") as fh:
+        path.write_bytes(data[: len(data) // 2])  # truncated after its size was taken
+        exam = integrity._examine(integrity._FileView(fh), len(data), HEADER_TAG_NUMBERS)
+    assert exam.defect is not None
+    assert examine(path, HEADER_TAG_NUMBERS) == examine(path, HEADER_TAG_NUMBERS, private=True)

@@ -219,7 +219,10 @@ class StoreHandler:
     def _judge(self, tmp: Path, content: bytes | bytearray | None) -> tuple[_Header, str | None]:
         """Walk the object once; return its (lazy) header and why it cannot be filed, or None."""
         try:
-            exam = examine(content if content is not None else tmp, HEADER_TAG_NUMBERS)
+            # The temp file is ours alone: it may be walked through a memory map.
+            exam = examine(
+                content if content is not None else tmp, HEADER_TAG_NUMBERS, private=True
+            )
         except OSError as exc:
             exam = Examination(f"cannot read the received object: {exc.strerror or exc}")
         header = _Header(tmp, exam)
