@@ -11,7 +11,7 @@ accepted with the first proposed transfer syntax; files are stored flat as
 integrity walk, no access control: a lower bound of the work dicomnode does.
 
 With ``--dicomnode-store`` each complete object is handed to dicomnode's own
-storage step instead (``StoreHandler._store``: integrity walk, header read,
+storage step instead (``StoreHandler.finish``: integrity walk, header read,
 folder layout, fsync + rename, STORED log line), which shows what a lean
 network layer in front of the existing storage code would reach.
 
@@ -188,16 +188,16 @@ def flat_storer(out: Path) -> Storer:
 
 
 def dicomnode_storer(out: Path) -> Storer:
-    """Return dicomnode's storage step (``StoreHandler._store``) for ``out``."""
+    """Return dicomnode's storage step (``StoreHandler.finish``) for ``out``."""
     import time
 
     from dicomnode.config import ReceiverConfig
-    from dicomnode.receiver.handlers import StoreHandler
+    from dicomnode.receiver.store import StoreHandler
 
     handler = StoreHandler(ReceiverConfig(destination_dir=out, min_free_space_mb=100))
 
     def store(tmp: Path, sop_instance: str) -> int:
-        return int(handler._store(tmp, "BENCHSCU", "127.0.0.1", time.monotonic(), sop_instance))
+        return handler.finish(tmp, "BENCHSCU", "127.0.0.1", time.monotonic(), sop_instance)
 
     return store
 

@@ -159,18 +159,16 @@ class _Walker:
                 raise _Defect(f"item delimiter outside an item at byte {pos}")
             if tag in (_ITEM, _SEQ_END):
                 raise _Defect(f"item tag outside a sequence at byte {pos}")
+            if depth == 0 and tag in _PIXEL_TAGS:
+                self.collecting = False
             if length != _UNDEFINED:
                 value_at = self.pos
                 self._skip(length, end, tag)
-                if depth == 0 and tag in _PIXEL_TAGS:
-                    self.collecting = False
                 if self.collecting and depth == 0 and tag in self.wanted:
                     self.found[tag] = (vr, self.buf[value_at : value_at + length])
                 continue
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
-            if depth == 0 and tag in _PIXEL_TAGS:
-                self.collecting = False
             nested_implicit = implicit or vr == b"UN"
             self.walk_items(end, depth + 1, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
 

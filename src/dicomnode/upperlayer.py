@@ -152,8 +152,8 @@ def response_command(
     request_field: int, message_id: int, sop_class: str, sop_instance: str, status: int
 ) -> bytes:
     """Encode the response command set (no data set) to a request with ``request_field``."""
-    elements = [
-        (AFFECTED_SOP_CLASS, sop_class.encode("ascii", "replace")),
+    elements = [(AFFECTED_SOP_CLASS, sop_class.encode("ascii", "replace"))] if sop_class else []
+    elements += [
         (COMMAND_FIELD, us(request_field | 0x8000)),
         (MESSAGE_ID_RESPONDED, us(message_id)),
         (DATA_SET_TYPE, us(NO_DATA_SET)),
@@ -161,8 +161,6 @@ def response_command(
     ]
     if sop_instance:
         elements.append((AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii", "replace")))
-    if not sop_class:
-        elements.pop(0)
     return command_set(elements)
 
 
@@ -172,6 +170,12 @@ def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
     if vr in LONG_VRS:
         return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+#: Implementation Class UID and Version Name elements, the same in every file we write.
+_IMPLEMENTATION_META: Final = _meta_element(
+    0x0012, b"UI", IMPLEMENTATION_UID.encode("ascii")
+) + _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"))
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
@@ -185,8 +189,7 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
         + _meta_element(0x0002, b"UI", sop_class.encode("ascii", "replace"))
         + _meta_element(0x0003, b"UI", sop_instance.encode("ascii", "replace"))
         + _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii", "replace"))
-        + _meta_element(0x0012, b"UI", IMPLEMENTATION_UID.encode("ascii"))
-        + _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"))
+        + _IMPLEMENTATION_META
     )
     if source_ae:
         body += _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace"))

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -68,18 +69,31 @@ def associate_rq(
     max_pdu: int = 16384,
 ) -> bytes:
     """Return an encoded A-ASSOCIATE-RQ PDU (one presentation context per abstract syntax)."""
+    contexts = [
+        (2 * i + 1, abstract, [transfer_syntax]) for i, abstract in enumerate(abstract_syntaxes)
+    ]
+    return associate_rq_contexts(calling, called, contexts, max_pdu)
+
+
+def associate_rq_contexts(
+    calling: str,
+    called: str,
+    contexts: list[tuple[int, str, list[str]]],
+    max_pdu: int = 16384,
+) -> bytes:
+    """Return an A-ASSOCIATE-RQ PDU encoded by pynetdicom; contexts are (id, abstract, syntaxes)."""
     prim = A_ASSOCIATE()
     prim.application_context_name = "1.2.840.10008.3.1.1.1"
     prim.calling_ae_title = calling
     prim.called_ae_title = called
     prim.calling_presentation_address = AddressInformation("127.0.0.1", 1)
     prim.called_presentation_address = AddressInformation("127.0.0.1", 2)
-    contexts = []
-    for index, abstract in enumerate(abstract_syntaxes):
-        cx = build_context(abstract, [transfer_syntax])
-        cx.context_id = 2 * index + 1
-        contexts.append(cx)
-    prim.presentation_context_definition_list = contexts
+    built = []
+    for context_id, abstract, syntaxes in contexts:
+        cx = build_context(abstract, syntaxes)
+        cx.context_id = context_id
+        built.append(cx)
+    prim.presentation_context_definition_list = built
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu
     impl = ImplementationClassUIDNotification()
@@ -102,8 +116,13 @@ def store_pdus(
     prim.DataSet = BytesIO(data)
     msg = C_STORE_RQ()
     msg.primitive_to_message(prim)
+    return message_pdus(msg)
+
+
+def message_pdus(msg: Any, context_id: int = 1, max_pdu: int = 16384) -> list[bytes]:
+    """Return the P-DATA-TF PDUs pynetdicom encodes for a DIMSE message."""
     out = []
-    for p_data in msg.encode_msg(1, 16384):
+    for p_data in msg.encode_msg(context_id, max_pdu):
         pdu = P_DATA_TF()
         pdu.from_primitive(p_data)
         out.append(bytes(pdu.encode()))

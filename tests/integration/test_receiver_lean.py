@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.dimse_messages import C_FIND_RQ
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
-from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation
@@ -33,6 +33,7 @@ from tests.integration.rawpeer import (
     RawPeer,
     dataset_bytes,
     encode_dataset,
+    message_pdus,
     store_pdus,
 )
 from tests.integration.test_hardening import (
@@ -62,12 +63,7 @@ def _find_pdus(message_id: int = 5) -> list[bytes]:
     prim.Identifier = BytesIO(encode_dataset(identifier, implicit=True))
     msg = C_FIND_RQ()
     msg.primitive_to_message(prim)
-    out = []
-    for p_data in msg.encode_msg(1, 16384):
-        pdu = P_DATA_TF()
-        pdu.from_primitive(p_data)
-        out.append(bytes(pdu.encode()))
-    return out
+    return message_pdus(msg)
 
 
 def _response(body: bytes) -> Dataset:

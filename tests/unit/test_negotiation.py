@@ -14,19 +14,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF
 from pynetdicom.sop_class import (
     _BASIC_WORKLIST_CLASSES,
     _PRINT_MANAGEMENT_CLASSES,
@@ -34,7 +26,6 @@ from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
     _STORAGE_COMMITMENT_CLASSES,
 )
-from pynetdicom.transport import AddressInformation
 
 from dicomnode import upperlayer
 from dicomnode.receiver.negotiation import (
@@ -49,6 +40,7 @@ from dicomnode.receiver.negotiation import (
     negotiate,
     parse_associate_rq,
 )
+from tests.integration.rawpeer import associate_rq_contexts, encode_dataset
 
 CT = "1.2.840.10008.5.1.4.1.1.2"  # 25 characters: odd length
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -69,35 +61,7 @@ def rq_pdu(
     max_pdu: int,
 ) -> bytes:
     """Return an A-ASSOCIATE-RQ encoded by pynetdicom (contexts: id, abstract, syntaxes)."""
-    prim = A_ASSOCIATE()
-    prim.application_context_name = upperlayer.APPLICATION_CONTEXT
-    prim.calling_ae_title = calling
-    prim.called_ae_title = called
-    prim.calling_presentation_address = AddressInformation("127.0.0.1", 1)
-    prim.called_presentation_address = AddressInformation("127.0.0.1", 2)
-    built = []
-    for context_id, abstract, syntaxes in contexts:
-        cx = build_context(abstract, syntaxes)
-        cx.context_id = context_id
-        built.append(cx)
-    prim.presentation_context_definition_list = built
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = max_pdu
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
-    prim.user_information = [max_length, impl]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return bytes(pdu.encode())
-
-
-def encode_dataset(ds: Dataset) -> bytes:
-    """Return ``ds`` encoded by pydicom as a bare Explicit VR Little Endian data set."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, ds)
-    return bytes(fp.getvalue())
+    return associate_rq_contexts(calling, called, contexts, max_pdu)
 
 
 def cx(context_id: int, abstract: str, *syntaxes: str) -> ProposedContext:

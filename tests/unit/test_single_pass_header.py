@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
 
 from dicomnode.config import DEFAULT_LAYOUT, ReceiverConfig
@@ -45,6 +45,7 @@ from dicomnode.organise import relative_path
 from dicomnode.receiver import store as storemod
 from dicomnode.receiver.store import StoreHandler
 from tests.factories import ROOT, bundled, make_image, rt_set, save
+from tests.integration.rawpeer import encode_dataset
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -172,14 +173,6 @@ def _part10(payload: bytes, syntax: str = EXPLICIT_LE) -> bytes:
     return bytes(fp.getvalue()) + payload
 
 
-def _encode(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = False
-    fp.is_little_endian = True
-    write_dataset(fp, ds)
-    return bytes(fp.getvalue())
-
-
 # ------------------------------------------------------- 1. one walk == two reads
 
 
@@ -250,7 +243,7 @@ def test_single_pass_header_element_after_pixel_data(where: str, tmp_path: Path)
     """Non-conformant order: a header element placed after (7FE0,0010)/(7FE0,0008)."""
     late_name = struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 8) + b"Late^Bob"
     if where == "duplicate after PixelData":
-        payload = _encode(make_image(patient_name="Doe^John")) + late_name
+        payload = encode_dataset(make_image(patient_name="Doe^John")) + late_name
     else:
         float_pixels = struct.pack("<HH2s2xL", 0x7FE0, 0x0008, b"OF", 4) + b"\x00" * 4
         payload = float_pixels + late_name
@@ -516,7 +509,7 @@ def test_single_pass_file_shrinking_during_the_walk_is_a_defect_not_a_crash(
     from dicomnode import integrity
 
     path = tmp_path / "shrinking.dcm"
-    data = _part10(_encode(make_image(patient_name="Doe^John")))
+    data = _part10(encode_dataset(make_image(patient_name="Doe^John")))
     path.write_bytes(data)
     with path.open("rb") as fh:
         path.write_bytes(data[: len(data) // 2])  # truncated after its size was taken

@@ -429,14 +429,7 @@ class LeanAssociationSender(AssociationSender):
     A drop-in replacement of :class:`AssociationSender`: it inherits the
     configuration, the lock and the per-file reporting of the rest of a run;
     nothing of pynetdicom's association machinery is used. Not for concurrent :meth:`run` calls; :meth:`abort` may
-    be called from any thread.
-
-    Parameters
-    ----------
-    config : ForwarderConfig
-        Target address, AE titles, timeouts and PDU size.
-    ssl_context : ssl.SSLContext or None
-        Client TLS context; None for plain TCP.
+    be called from any thread. Parameters as for :class:`AssociationSender`.
     """
 
     def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:

@@ -680,27 +680,20 @@ class _Association:
         transfer.complete()
         reports: list[Callable[[], None]] = []
         affected = uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b""))
-        if transfer.path is None:
-            status = self.server.handler.finish(
-                self.server.tmp_dir / "unwritten.dcm",
-                self.calling,
-                self.where,
-                self._started,
-                affected,
-                transfer.write_error or OSError(errno.EIO, "no temp file"),
-            )
-        else:
-            status = self.server.handler.finish(
-                transfer.path,
-                self.calling,
-                self.where,
-                self._started,
-                affected,
-                transfer.write_error,
-                transfer.too_large,
-                transfer.content if transfer.write_error is None else None,
-                reports,
-            )
+        error = transfer.write_error
+        if transfer.path is None and error is None:
+            error = OSError(errno.EIO, "no temp file")
+        status = self.server.handler.finish(
+            transfer.path or self.server.tmp_dir / "unwritten.dcm",
+            self.calling,
+            self.where,
+            self._started,
+            affected,
+            error,
+            transfer.too_large,
+            transfer.content if error is None else None,
+            reports,
+        )
         self._respond(status)
         for report in reports:
             report()  # the log line after the response: it is not part of the guarantee
