@@ -1,0 +1,332 @@
+"""Convert one stored object to a transfer syntax the target accepted, or say why not.
+
+The forwarder sends every file in its own transfer syntax when the target
+accepts it. Only otherwise is the object converted here, always keeping its SOP
+Instance UID (as Orthanc and dcm4chee do), into one of :data:`CONVERSION_TARGETS`:
+
+* Deflated Explicit VR Little Endian → Explicit VR Little Endian: the data set
+  is inflated, nothing is decoded (PS3.5 A.5: the inflated stream *is* the
+  Explicit VR Little Endian data set);
+* Explicit VR Big Endian → little endian: pydicom re-encodes every element whose
+  value it decodes (US, SS, UL, FL, AT ...); the values it keeps as bytes (OW, OF,
+  OL, OD, OV) are byte-swapped here, word by word;
+* encapsulated (RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 ...) →
+  uncompressed, with pydicom's pixel decoders (``pylibjpeg`` and its
+  ``-libjpeg``, ``-openjpeg`` and ``-rle`` plugins, and ``python-gdcm``, whose
+  IJG libjpeg decodes lossy JPEG to the same values as DCMTK; all runtime
+  dependencies).
+  Decompressing a lossy compression keeps (or sets) *Lossy Image Compression* =
+  ``01`` and says so in :attr:`Transcoded.lossy`.
+
+Every conversion that touches pixel data is checked: the converted data set is
+decoded again and its pixel values must equal those of the source, otherwise
+:class:`TranscodeError` is raised and the object is not sent. Pure apart from
+reading the one file it is given; never imports pynetdicom or the network code.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import get_decoder
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+logger = logging.getLogger(__name__)
+
+EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
+DEFLATED_EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1.99"
+
+#: What a conversion can produce, in order of preference (Explicit VR keeps every VR).
+CONVERSION_TARGETS: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+
+#: Transfer syntaxes that are always lossy (JPEG baseline, extended and the retired
+#: lossy processes). Pixel data decompressed from them gets Lossy Image Compression 01.
+LOSSY_SYNTAXES: Final = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.52",
+        "1.2.840.10008.1.2.4.53",
+        "1.2.840.10008.1.2.4.54",
+        "1.2.840.10008.1.2.4.55",
+        "1.2.840.10008.1.2.4.56",
+        "1.2.840.10008.1.2.4.59",
+        "1.2.840.10008.1.2.4.60",
+        "1.2.840.10008.1.2.4.61",
+        "1.2.840.10008.1.2.4.62",
+        "1.2.840.10008.1.2.4.63",
+        "1.2.840.10008.1.2.4.64",
+    }
+)
+
+#: Lossy JPEG processes preferably decoded by GDCM (IJG libjpeg, as DCMTK).
+_IJG_DECODED: Final = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+#: Bytes per word of the VRs whose values pydicom keeps as raw bytes.
+_WORD_BYTES: Final = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+#: Elements that only describe encapsulated pixel data.
+_ENCAPSULATION_ONLY: Final = (Tag(0x7FE0, 0x0001), Tag(0x7FE0, 0x0002))
+_PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class TranscodeError(Exception):
+    """The object cannot be converted into any accepted transfer syntax without changing it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transcoded:
+    """An object encoded for the target.
+
+    Attributes
+    ----------
+    data : bytes
+        The encoded data set (no File Meta Information), of even length.
+    transfer_syntax : str
+        Its transfer syntax UID, one of :data:`CONVERSION_TARGETS`.
+    lossy : bool
+        True when the pixel data was decompressed from a lossy compression
+        (*Lossy Image Compression* is ``01`` in ``data``).
+    how : str
+        What was done, for the log (e.g. ``"inflated"``).
+    """
+
+    data: bytes
+    transfer_syntax: str
+    lossy: bool
+    how: str
+
+
+def syntax_name(uid: str) -> str:
+    """Return the transfer syntax's name (the UID itself when pydicom does not know it)."""
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def choose_syntax(source: str, accepted: Collection[str]) -> str | None:
+    """Return the transfer syntax to send an object of syntax ``source`` in.
+
+    Parameters
+    ----------
+    source : str
+        The file's transfer syntax UID.
+    accepted : collection of str
+        What the target accepted for the object's SOP class.
+
+    Returns
+    -------
+    str or None
+        ``source`` itself when accepted (sent unchanged), else the first of
+        :data:`CONVERSION_TARGETS` the target accepted, else None.
+    """
+    if source in accepted:
+        return source
+    return next((ts for ts in CONVERSION_TARGETS if ts in accepted), None)
+
+
+def transcode(path: Path, source: str, target: str, data_start: int) -> Transcoded:
+    """Convert the object in ``path`` from ``source`` to ``target`` (one of the conversion targets).
+
+    Parameters
+    ----------
+    path : Path
+        The Part 10 file.
+    source : str
+        Its transfer syntax UID (from its File Meta Information).
+    target : str
+        Explicit or Implicit VR Little Endian.
+    data_start : int
+        Offset of the data set in the file (right after the File Meta Information).
+
+    Returns
+    -------
+    Transcoded
+
+    Raises
+    ------
+    TranscodeError
+        When the object cannot be decoded or re-encoded, or the converted pixel
+        values would differ from the source's.
+    FileNotFoundError
+        When the file vanished.
+    """
+    if target not in CONVERSION_TARGETS:
+        raise TranscodeError(f"cannot convert into {syntax_name(target)}")
+    try:
+        if source == DEFLATED_EXPLICIT_VR_LE:
+            return _from_deflated(path, target, data_start)
+        return _reencoded(path, source, target)
+    except (TranscodeError, FileNotFoundError):
+        raise
+    except Exception as exc:  # pydicom and the codecs raise many types on bad input
+        raise TranscodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- deflate
+
+
+def inflate_data_set(raw: bytes) -> bytes:
+    """Return the Explicit VR Little Endian data set of a deflated one (PS3.5 A.5).
+
+    A trailing pad byte after the end of the deflate stream is ignored.
+
+    Raises
+    ------
+    TranscodeError
+        When the stream is corrupt or incomplete.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(raw) + inflater.flush()
+    except zlib.error as exc:
+        raise TranscodeError(f"corrupt deflated data set: {exc}") from exc
+    if not inflater.eof:
+        raise TranscodeError("deflated data set ends before its deflate stream does")
+    return data
+
+
+def _from_deflated(path: Path, target: str, data_start: int) -> Transcoded:
+    with path.open("rb") as fh:
+        fh.seek(data_start)
+        data = inflate_data_set(fh.read())
+    if len(data) % 2:
+        raise TranscodeError(f"inflated data set has an odd length ({len(data)} bytes)")
+    if target == EXPLICIT_VR_LE:
+        return Transcoded(data, target, False, "inflated")
+    ds = read_dataset(DicomBytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
+    return Transcoded(_encode_checked(ds, target), target, False, "inflated, implicit VR")
+
+
+# --------------------------------------------------------------------------- re-encoding
+
+
+def _reencoded(path: Path, source: str, target: str) -> Transcoded:
+    ds = dcmread(path)
+    uid = UID(source)
+    lossy = False
+    how: str
+    if uid.is_encapsulated:
+        decoder = get_decoder(uid)
+        if not decoder.is_available:
+            raise TranscodeError(
+                f"no decoder for {syntax_name(source)} is installed "
+                f"({'; '.join(decoder.missing_dependencies) or 'unsupported'})"
+            )
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
+            raise TranscodeError(f"{syntax_name(source)} object without pixel data")
+        lossy = source in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
+        expected = _decompress(ds, source, decoder.available_plugins)
+        for tag in _ENCAPSULATION_ONLY:
+            if tag in ds:
+                del ds[tag]
+        if lossy:
+            ds.LossyImageCompression = "01"
+        how = "decompressed" + (" (lossy source: LossyImageCompression=01)" if lossy else "")
+    elif source == EXPLICIT_VR_BE:
+        expected = _pixels(ds) if any(k in ds for k in _PIXEL_KEYWORDS) else None
+        _swap_raw_words(ds)
+        how = "byte order changed to little endian"
+    elif uid.is_transfer_syntax and not uid.is_compressed and uid.is_little_endian:
+        expected = _pixels(ds) if any(k in ds for k in _PIXEL_KEYWORDS) else None
+        how = "re-encoded"
+    else:
+        raise TranscodeError(f"no conversion from {syntax_name(source)}")
+    _drop_group_lengths(ds)
+    data = _encode_checked(ds, target, expected)
+    return Transcoded(data, target, lossy, how)
+
+
+def _decompress(ds: Dataset, source: str, plugins: Collection[str]) -> np.ndarray:
+    """Decompress ``ds`` in place (keeping its SOP Instance UID); return the decoded pixels.
+
+    Lossy JPEG is decoded with GDCM's IJG libjpeg where it can (the same
+    decoder as DCMTK's, so the values equal ``dcmdjpeg``'s; other JPEG decoders
+    may round differently), otherwise with pydicom's first working plugin.
+    """
+    order = ["gdcm", ""] if source in _IJG_DECODED and "gdcm" in plugins else [""]
+    failure: Exception | None = None
+    for plugin in order:
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            expected = _pixels(ds)
+            ds.decompress(decoding_plugin=plugin, generate_instance_uid=False)
+        except Exception as exc:  # the decoders raise many types on bad input
+            failure = exc
+            continue
+        return expected
+    if isinstance(failure, TranscodeError):
+        raise failure
+    raise TranscodeError(f"pixel data cannot be decoded: {type(failure).__name__}: {failure}")
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """Return the decoded pixel values of ``ds`` (color converted as pydicom does by default)."""
+    try:
+        return np.asarray(ds.pixel_array).copy()
+    except Exception as exc:  # the decoders raise many types on bad input
+        raise TranscodeError(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+
+
+def _swap_raw_words(ds: Dataset) -> None:
+    """Byte-swap, in place, every OW/OF/OL/OD/OV value of ``ds`` and its sequences.
+
+    Raises
+    ------
+    TranscodeError
+        For a value that is not a whole number of words, or encapsulated (undefined length).
+    """
+    for elem in ds.iterall():
+        width = _WORD_BYTES.get(str(elem.VR))
+        value = elem.value
+        if width is None or not value:
+            continue
+        if not isinstance(value, bytes | bytearray) or elem.is_undefined_length:
+            raise TranscodeError(f"{elem.tag} ({elem.VR}) cannot be byte-swapped")
+        if len(value) % width:
+            raise TranscodeError(
+                f"{elem.tag} ({elem.VR}) has {len(value)} bytes, not a whole number of words"
+            )
+        elem.value = np.frombuffer(value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
+
+
+def _drop_group_lengths(ds: Dataset) -> None:
+    """Remove retired group length elements (gggg,0000): re-encoding can change the lengths."""
+    for tag in [t for t in ds.keys() if t.element == 0 and t.group != 0x0002]:
+        del ds[tag]
+
+
+def _encode_checked(ds: Dataset, target: str, expected: np.ndarray | None = None) -> bytes:
+    """Encode ``ds`` in ``target``; decode it again and compare its pixels with ``expected``."""
+    implicit = target == IMPLICIT_VR_LE
+    out = DicomBytesIO()
+    out.is_little_endian = True
+    out.is_implicit_VR = implicit
+    write_dataset(out, ds)
+    data = out.getvalue()
+    if len(data) % 2:
+        raise TranscodeError(f"encoded data set has an odd length ({len(data)} bytes)")
+    if expected is not None:
+        again = read_dataset(DicomBytesIO(data), is_implicit_VR=implicit, is_little_endian=True)
+        again.file_meta = FileMetaDataset()
+        again.file_meta.TransferSyntaxUID = UID(target)
+        got = _pixels(again)
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            raise TranscodeError(
+                f"converted pixel values differ from the source's "
+                f"(shape {got.shape} vs {expected.shape}); not sent"
+            )
+    return data
