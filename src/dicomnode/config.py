@@ -164,6 +164,9 @@ class ForwarderConfig:
     retry_initial_delay_s, retry_max_delay_s, give_up_after_s : float
         Exponential backoff after network failures (30 s doubling to 600 s);
         after give_up_after_s (86400 s) the files are parked in failed/.
+    max_object_refusals : int
+        Transient refusals (0xA7xx, 0xFE00) of one object, each while the target
+        accepted other objects, after which that object is parked (default 3).
     acse_timeout_s, dimse_timeout_s, network_timeout_s : float
         Timeouts of the sending association (30, 60, 120 s).
     max_pdu_bytes : int
@@ -186,6 +189,7 @@ class ForwarderConfig:
     retry_initial_delay_s: float = 30.0
     retry_max_delay_s: float = 600.0
     give_up_after_s: float = 86400.0
+    max_object_refusals: int = 3
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
@@ -650,6 +654,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         retry_initial_delay_s=fw.seconds("retry_initial_delay_s", 30.0, lo=0.1),
         retry_max_delay_s=fw.seconds("retry_max_delay_s", 600.0, lo=0.1),
         give_up_after_s=fw.seconds("give_up_after_s", 86400.0),
+        max_object_refusals=fw.integer("max_object_refusals", 3, 1, 1000),
         acse_timeout_s=fw.seconds("acse_timeout_s", 30.0, lo=0.1),
         dimse_timeout_s=fw.seconds("dimse_timeout_s", 60.0, lo=0.1),
         network_timeout_s=fw.seconds("network_timeout_s", 120.0, lo=0.1),

@@ -273,6 +273,12 @@ def object_category(modality: str, sop_class_uid: str) -> str:
     return "OTHER"
 
 
+def category_rank(obj: ObjectInfo, send_order: Sequence[str]) -> int:
+    """Return the position of ``obj``'s :func:`object_category` in ``send_order`` (unknown: last)."""
+    category = object_category(obj.modality, obj.sop_class_uid)
+    return send_order.index(category) if category in send_order else len(send_order)
+
+
 def order_objects(objects: Iterable[ObjectInfo], send_order: Sequence[str]) -> list[ObjectInfo]:
     """Return ``objects`` in clinical send order.
 
@@ -389,6 +395,10 @@ class SendOutcome(Enum):
     REFUSED = "refused"
     #: Not delivered because of network trouble or a temporary refusal: keep, retry.
     RETRY = "retry"
+    #: The target refused this object with a transient status (0xA7xx, 0xFE00) and the
+    #: association went on with the next object: whether the target refuses only this
+    #: object or everything is decided by what it answers next.
+    DEFERRED = "deferred"
     #: Not attempted (stop requested, or the file changed): keep, decide later.
     SKIPPED = "skipped"
 
@@ -432,6 +442,7 @@ __all__ = [
     "ReadinessTracker",
     "SendOutcome",
     "backoff_delay_s",
+    "category_rank",
     "contexts_for",
     "group_entries",
     "group_key_of",

@@ -21,7 +21,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,6 +41,7 @@ from dicomnode.forwarder.batching import (
     ReadinessTracker,
     SendOutcome,
     backoff_delay_s,
+    category_rank,
     group_entries,
     group_label,
     order_objects,
@@ -116,7 +117,12 @@ class GroupJob:
 
 @dataclass(slots=True)
 class GroupResult:
-    """Counts and end state of one :func:`send_group` call."""
+    """Counts and end state of one :func:`send_group` call.
+
+    ``deferred`` counts the kept objects the target refused temporarily while it
+    accepted others; ``held`` says later objects waited for them (clinical
+    order); ``refusals`` holds the refusal counts of the kept files by display name.
+    """
 
     sent: int = 0
     parked: int = 0
@@ -124,6 +130,9 @@ class GroupResult:
     network_error: str | None = None
     changed: bool = False
     stopped: bool = False
+    deferred: int = 0
+    held: bool = False
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
 def job_from_snapshot(watch_folder: Path, snap: GroupSnapshot) -> GroupJob:
@@ -192,13 +201,29 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     except Exception as exc:  # pydicom raises many types on corrupt headers
         return ParkReason(None, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
     meta = getattr(ds, "file_meta", None)
-    sop_class = text_of(meta, "MediaStorageSOPClassUID") if meta is not None else ""
-    sop_class = sop_class or text_of(ds, "SOPClassUID")
-    sop_uid = text_of(meta, "MediaStorageSOPInstanceUID") if meta is not None else ""
-    sop_uid = sop_uid or text_of(ds, "SOPInstanceUID")
+    meta_class = text_of(meta, "MediaStorageSOPClassUID") if meta is not None else ""
+    meta_uid = text_of(meta, "MediaStorageSOPInstanceUID") if meta is not None else ""
+    # The C-STORE carries the data set's own UIDs; the File Meta header may disagree.
+    sop_class = text_of(ds, "SOPClassUID") or meta_class
+    sop_uid = text_of(ds, "SOPInstanceUID") or meta_uid
     ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or IMPLICIT_VR_LE
     if not sop_class or not sop_uid:
-        return ParkReason(None, "DICOM file without SOP Class UID or SOP Instance UID", sop_uid)
+        return ParkReason(
+            None, "DICOM file without SOP Class UID or SOP Instance UID", escaped(sop_uid)
+        )
+    for name, uid in (("SOP Class UID", sop_class), ("SOP Instance UID", sop_uid)):
+        if not is_sendable_uid(uid):
+            return ParkReason(None, f"invalid {name} {escaped(uid)!r}", escaped(sop_uid))
+    if (meta_class and meta_class != sop_class) or (meta_uid and meta_uid != sop_uid):
+        logger.warning(
+            "UID-MISMATCH file=%s: File Meta says sop_class_uid=%s sop_instance_uid=%s, "
+            "the data set says sop_class_uid=%s sop_instance_uid=%s; the data set's are sent",
+            escaped(jf.display),
+            escaped(meta_class),
+            escaped(meta_uid),
+            sop_class,
+            sop_uid,
+        )
     defect = find_defect(jf.path)
     if defect is not None:
         return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
@@ -213,12 +238,29 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     )
 
 
+def escaped(text: str) -> str:
+    """Return ``text`` with everything but printable ASCII written as escapes (for log lines)."""
+    return "".join(
+        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
+def is_sendable_uid(uid: str) -> bool:
+    """Return True for a UID a C-STORE command can carry: printable ASCII without spaces.
+
+    Deliberately lenient (like DCMTK's storescu): a UID that breaks the letter of
+    PS3.5 9.1 (a letter, a leading zero, 65 characters) is the target's to judge.
+    """
+    return bool(uid) and all("!" <= c <= "~" and c != "\\" for c in uid)
+
+
 def send_group(
     job: GroupJob,
     config: ForwarderConfig,
     sender: AssociationSender,
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
+    refusals: Mapping[str, int] | None = None,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -277,9 +319,81 @@ def send_group(
             config.target_port,
         )
 
-    def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
+    counts = dict(refusals or {})
+    decided: set[PurePosixPath] = set()
+    # a transient refusal whose meaning the next answer of the target decides
+    pending: tuple[ObjectInfo, int | None, str] | None = None
+    # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
+    unsettled_rank: int | None = None
+
+    def rank(obj: ObjectInfo) -> int:
+        return category_rank(obj, config.send_order)
+
+    def settle(obj: ObjectInfo, status: int | None, reason: str, singled_out: bool) -> None:
+        """Decide a transient refusal: target-wide (retry, not counted) or this object's own."""
+        nonlocal unsettled_rank
         jf = by_key[obj.rel_path]
+        if not singled_out:
+            result.retry.append((jf, obj))
+            return
+        count = counts.get(jf.display, 0) + 1
+        counts[jf.display] = count
+        if count >= config.max_object_refusals:
+            why = ParkReason(
+                status,
+                f"refused {count} time(s) while the target accepted other objects "
+                f"(max_object_refusals={config.max_object_refusals}): {reason}",
+                obj.sop_instance_uid,
+            )
+            logger.warning(
+                "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                why.describe(),
+            )
+            if _is_unchanged(jf) and _park(job, jf, why, stamp):
+                result.parked += 1
+                counts.pop(jf.display, None)
+                if on_file_done:
+                    on_file_done()
+                return
+        else:
+            logger.warning(
+                "DEFERRED group=%s file=%s sop_instance_uid=%s refusal=%d/%d: %s",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                count,
+                config.max_object_refusals,
+                reason,
+            )
+        result.deferred += 1
+        result.retry.append((jf, obj))
+        here = rank(obj)
+        unsettled_rank = here if unsettled_rank is None else min(unsettled_rank, here)
+
+    def resolve(singled_out: bool | None) -> None:
+        """Settle the pending refusal; None: singled out only if it was before (no evidence now)."""
+        nonlocal pending
+        if pending is None:
+            return
+        obj, status, reason = pending
+        pending = None
+        if singled_out is None:
+            singled_out = counts.get(by_key[obj.rel_path].display, 0) > 0
+        settle(obj, status, reason, singled_out)
+
+    def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
+        nonlocal pending
+        jf = by_key[obj.rel_path]
+        decided.add(obj.rel_path)
+        if outcome is SendOutcome.SENT or (outcome is SendOutcome.REFUSED and status is not None):
+            resolve(True)  # the target answered another object: the refusal was that object's
+        elif outcome is SendOutcome.RETRY:
+            resolve(False)  # the target (or the network) fails for everything
         if outcome is SendOutcome.SENT:
+            counts.pop(jf.display, None)
             if not _is_unchanged(jf):
                 logger.warning(
                     "CHANGED-DURING-SEND group=%s file=%s: kept, will be sent again",
@@ -308,17 +422,37 @@ def send_group(
             )
             if _is_unchanged(jf) and _park(job, jf, why, stamp):
                 result.parked += 1
+                counts.pop(jf.display, None)
         elif outcome is SendOutcome.RETRY:
             result.retry.append((jf, obj))
+        elif outcome is SendOutcome.DEFERRED:
+            resolve(False)
+            pending = (obj, status, reason)
+            return  # reported when settled
         if on_file_done:
             on_file_done()
 
     def check(obj: ObjectInfo) -> bool:
-        if _is_unchanged(by_key[obj.rel_path]):
-            return True
-        result.changed = True
-        logger.info("GROUP-CHANGED group=%s: %s changed, waiting for quiet", label, obj.rel_path)
-        return False
+        if not _is_unchanged(by_key[obj.rel_path]):
+            result.changed = True
+            logger.info(
+                "GROUP-CHANGED group=%s: %s changed, waiting for quiet", label, obj.rel_path
+            )
+            return False
+        if pending is not None and rank(obj) > rank(pending[0]):
+            resolve(None)  # nothing else of its kind is left to tell
+        if unsettled_rank is not None and rank(obj) > unsettled_rank:
+            # clinical order: nothing of a later kind before the earlier objects are
+            # acknowledged or parked
+            result.held = True
+            logger.info(
+                "HELD group=%s: %s waits until the object(s) the target refused are "
+                "delivered or parked",
+                label,
+                obj.rel_path,
+            )
+            return False
+        return True
 
     def locate(obj: ObjectInfo) -> Path:
         return by_key[obj.rel_path].path
@@ -333,8 +467,18 @@ def send_group(
                     result.retry.append((by_key[obj.rel_path], obj))
             break
         if end.stopped:
-            result.stopped = not result.changed
+            result.stopped = not result.changed and not result.held
             break
+    resolve(None)
+    if result.held:
+        kept = {id(jf) for jf, _ in result.retry}
+        for obj in ordered:
+            jf = by_key[obj.rel_path]
+            if obj.rel_path not in decided and id(jf) not in kept:
+                result.retry.append((jf, obj))
+    result.refusals = {
+        jf.display: counts[jf.display] for jf, _ in result.retry if jf.display in counts
+    }
     if result.network_error:
         logger.warning(
             "SEND-FAILED group=%s: %s (%d file(s) kept for retry)",
@@ -557,7 +701,14 @@ class Forwarder:
         with self._lock:
             self._senders.add(sender)
         try:
-            result = send_group(job, self.config, sender, self._stop.is_set)
+            previous = self._retry.get(job.key)
+            result = send_group(
+                job,
+                self.config,
+                sender,
+                self._stop.is_set,
+                refusals=previous.refusals if previous is not None else None,
+            )
             self._after(job, result)
         except Exception:
             logger.exception(
@@ -575,7 +726,13 @@ class Forwarder:
         label = group_label(key)
         if result.sent:
             self._last_success = time.time()
-        if result.network_error is None:
+        reason = result.network_error
+        if reason is None and (result.deferred or result.held):
+            reason = (
+                f"the target refused {result.deferred} object(s) temporarily while accepting "
+                "others; they are retried (and parked after max_object_refusals refusals)"
+            )
+        if reason is None:
             if key in self._retry and not result.stopped:
                 self._retry.pop(key, None)
                 self._store.clear(key)
@@ -590,7 +747,7 @@ class Forwarder:
             return
         wall = time.time()
         previous = self._retry.get(key)
-        if previous is not None and result.sent == 0:
+        if previous is not None and result.sent == 0 and result.parked == 0:
             first, attempts = previous.first_failure, previous.attempts + 1
         else:
             first, attempts = wall, 1
@@ -598,7 +755,7 @@ class Forwarder:
         if should_give_up(first, wall, cfg.give_up_after_s):
             reason = (
                 f"network trouble for {wall - first:.0f} s over {attempts} attempt(s), "
-                f"gave up after give_up_after_s={cfg.give_up_after_s:g}: {result.network_error}"
+                f"gave up after give_up_after_s={cfg.give_up_after_s:g}: {reason}"
             )
             stamp = park_stamp(wall)
             for jf, obj in result.retry:
@@ -609,7 +766,7 @@ class Forwarder:
             self._store.clear(key)
             return
         delay = backoff_delay_s(attempts, cfg.retry_initial_delay_s, cfg.retry_max_delay_s)
-        state = RetryState(key, first, attempts, wall + delay, result.network_error)
+        state = RetryState(key, first, attempts, wall + delay, reason, dict(result.refusals))
         self._retry[key] = state
         self._store.save(state)
         logger.warning(
@@ -619,7 +776,7 @@ class Forwarder:
             attempts,
             delay,
             max(0.0, first + cfg.give_up_after_s - wall),
-            result.network_error,
+            reason,
         )
 
     def _heartbeat(self) -> None:

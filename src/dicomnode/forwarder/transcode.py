@@ -26,6 +26,7 @@ reading the one file it is given; never imports pynetdicom or the network code.
 
 from __future__ import annotations
 
+import io
 import logging
 import zlib
 from collections.abc import Collection
@@ -39,7 +40,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -205,7 +206,7 @@ def _from_deflated(path: Path, target: str, data_start: int) -> Transcoded:
         raise TranscodeError(f"inflated data set has an odd length ({len(data)} bytes)")
     if target == EXPLICIT_VR_LE:
         return Transcoded(data, target, False, "inflated")
-    ds = read_dataset(DicomBytesIO(data), is_implicit_VR=False, is_little_endian=True)
+    ds = read_dataset(io.BytesIO(data), is_implicit_VR=False, is_little_endian=True)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
     return Transcoded(_encode_checked(ds, target), target, False, "inflated, implicit VR")
@@ -219,6 +220,7 @@ def _reencoded(path: Path, source: str, target: str) -> Transcoded:
     uid = UID(source)
     lossy = False
     how: str
+    expected: np.ndarray | None
     if uid.is_encapsulated:
         decoder = get_decoder(uid)
         if not decoder.is_available:
@@ -276,9 +278,10 @@ def _decompress(ds: Dataset, source: str, plugins: Collection[str]) -> np.ndarra
 def _pixels(ds: Dataset) -> np.ndarray:
     """Return the decoded pixel values of ``ds`` (color converted as pydicom does by default)."""
     try:
-        return np.asarray(ds.pixel_array).copy()
+        pixels: np.ndarray = np.array(ds.pixel_array, copy=True)
     except Exception as exc:  # the decoders raise many types on bad input
         raise TranscodeError(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    return pixels
 
 
 def _swap_raw_words(ds: Dataset) -> None:
@@ -305,7 +308,7 @@ def _swap_raw_words(ds: Dataset) -> None:
 
 def _drop_group_lengths(ds: Dataset) -> None:
     """Remove retired group length elements (gggg,0000): re-encoding can change the lengths."""
-    for tag in [t for t in ds.keys() if t.element == 0 and t.group != 0x0002]:
+    for tag in [t for t in ds.keys() if t.element == 0 and t.group != 0x0002]:  # noqa: SIM118 (a Dataset iterates elements)
         del ds[tag]
 
 
@@ -320,7 +323,7 @@ def _encode_checked(ds: Dataset, target: str, expected: np.ndarray | None = None
     if len(data) % 2:
         raise TranscodeError(f"encoded data set has an odd length ({len(data)} bytes)")
     if expected is not None:
-        again = read_dataset(DicomBytesIO(data), is_implicit_VR=implicit, is_little_endian=True)
+        again = read_dataset(io.BytesIO(data), is_implicit_VR=implicit, is_little_endian=True)
         again.file_meta = FileMetaDataset()
         again.file_meta.TransferSyntaxUID = UID(target)
         got = _pixels(again)
