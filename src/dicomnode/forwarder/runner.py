@@ -333,8 +333,11 @@ def send_group(
         """Decide a transient refusal: target-wide (retry, not counted) or this object's own."""
         nonlocal unsettled_rank
         jf = by_key[obj.rel_path]
-        if not singled_out:
+        if not singled_out:  # like network trouble: the group is retried with backoff
             result.retry.append((jf, obj))
+            result.network_error = result.network_error or reason
+            here = rank(obj)
+            unsettled_rank = here if unsettled_rank is None else min(unsettled_rank, here)
             return
         count = counts.get(jf.display, 0) + 1
         counts[jf.display] = count
