@@ -82,6 +82,11 @@ def base_image(kind: str) -> Dataset:
         values[0, :4] = [175, -20736, -1, 0]  # 175 byte-swapped is -20736
         ds.PixelData = values.tobytes()
         return ds
+    if kind == "ct12":
+        ds = make_image("CT", rows=24, cols=20)
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = rng.integers(0, 4096, (24, 20), dtype=np.uint16).tobytes()
+        return ds
     ds = make_image("MR", rows=21, cols=19)  # odd sizes: odd pixel data length for 8 bits
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     if kind == "mr8":
@@ -118,12 +123,28 @@ _RECIPES: dict[str, tuple[str, list[str], list[str]]] = {
     "jpeg_baseline_mr8": ("mr8", ["dcmcjpeg", "+eb"], ["dcmdjpeg"]),
     "jpeg_baseline_rgb": ("rgb", ["dcmcjpeg", "+eb"], ["dcmdjpeg"]),
     "jpeg_extended_mr8": ("mr8", ["dcmcjpeg", "+ee"], ["dcmdjpeg"]),
+    "jpeg_extended_ct12": ("ct12", ["dcmcjpeg", "+ee"], ["dcmdjpeg"]),
     "jpegls_ct": ("ct", ["dcmcjpls", "+el"], ["dcmdjpls"]),
     "jpegls_near_mr8": ("mr8", ["dcmcjpls", "+en"], ["dcmdjpls"]),
     "j2k_ct": ("ct", ["gdcmconv", "--j2k"], ["gdcmconv", "--raw"]),
     "j2k_rgb": ("rgb", ["gdcmconv", "--j2k"], ["gdcmconv", "--raw"]),
 }
-_LOSSY = {"jpeg_baseline_mr8", "jpeg_baseline_rgb", "jpeg_extended_mr8", "jpegls_near_mr8"}
+_LOSSY = {
+    "jpeg_baseline_mr8",
+    "jpeg_baseline_rgb",
+    "jpeg_extended_mr8",
+    "jpeg_extended_ct12",
+    "jpegls_near_mr8",
+    "pydicom_JPEG-lossy",
+    "pydicom_SC_rgb_jpeg_dcmtk",
+}
+#: pydicom's own test files (third-party encoders) -> DCMTK command making the reference
+_THIRD_PARTY: dict[str, list[str]] = {
+    "image_dfl": ["dcmconv", "+te"],  # deflated, odd length
+    "MR_small_bigendian": ["dcmconv", "+te"],
+    "JPEG-lossy": ["dcmdjpeg"],  # 12-bit JPEG Extended
+    "SC_rgb_jpeg_dcmtk": ["dcmdjpeg"],  # YBR_FULL_422 baseline
+}
 
 
 def _have(tool: str) -> bool:
@@ -151,10 +172,12 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Variant]:
                 break
         subprocess.run([*decode, str(path), str(reference)], check=True, capture_output=True)
         made[name] = Variant(name, path, reference, name in _LOSSY)
-    dfl = Path(str(get_testdata_file("image_dfl.dcm")))
-    reference = folder / "pydicom_image_dfl.ref.dcm"
-    subprocess.run(["dcmconv", "+te", str(dfl), str(reference)], check=True, capture_output=True)
-    made["pydicom_image_dfl"] = Variant("pydicom_image_dfl", dfl, reference, False)
+    for stem, decode in _THIRD_PARTY.items():
+        name = f"pydicom_{stem}"
+        path = Path(str(get_testdata_file(f"{stem}.dcm")))
+        reference = folder / f"{name}.ref.dcm"
+        subprocess.run([*decode, str(path), str(reference)], check=True, capture_output=True)
+        made[name] = Variant(name, path, reference, name in _LOSSY)
     return made
 
 

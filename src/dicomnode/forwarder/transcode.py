@@ -231,7 +231,7 @@ def _reencoded(path: Path, source: str, target: str) -> Transcoded:
         if not any(k in ds for k in _PIXEL_KEYWORDS):
             raise TranscodeError(f"{syntax_name(source)} object without pixel data")
         lossy = source in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
-        expected = _decompress(ds, source, decoder.available_plugins)
+        expected = _decompress(ds, path, source, decoder.available_plugins)
         for tag in _ENCAPSULATION_ONLY:
             if tag in ds:
                 del ds[tag]
@@ -252,20 +252,25 @@ def _reencoded(path: Path, source: str, target: str) -> Transcoded:
     return Transcoded(data, target, lossy, how)
 
 
-def _decompress(ds: Dataset, source: str, plugins: Collection[str]) -> np.ndarray:
+def _decompress(ds: Dataset, path: Path, source: str, plugins: Collection[str]) -> np.ndarray:
     """Decompress ``ds`` in place (keeping its SOP Instance UID); return the decoded pixels.
 
     Lossy JPEG is decoded with GDCM's IJG libjpeg where it can (the same
     decoder as DCMTK's, so the values equal ``dcmdjpeg``'s; other JPEG decoders
-    may round differently), otherwise with pydicom's first working plugin.
+    may round differently): through pydicom's GDCM plugin, else (12-bit JPEG
+    Extended, which that plugin declines) with GDCM on the whole file. Everything
+    else, and lossy JPEG GDCM cannot read, goes to pydicom's first working plugin.
     """
-    order = ["gdcm", ""] if source in _IJG_DECODED and "gdcm" in plugins else [""]
+    ijg = source in _IJG_DECODED and "gdcm" in plugins
+    steps: list[str] = ["gdcm", "gdcm-file", ""] if ijg else [""]
     failure: Exception | None = None
-    for plugin in order:
+    for step in steps:
         try:
-            ds.pixel_array_options(decoding_plugin=plugin)
+            if step == "gdcm-file":
+                return _decompress_with_gdcm(ds, path)
+            ds.pixel_array_options(decoding_plugin=step)
             expected = _pixels(ds)
-            ds.decompress(decoding_plugin=plugin, generate_instance_uid=False)
+            ds.decompress(decoding_plugin=step, generate_instance_uid=False)
         except Exception as exc:  # the decoders raise many types on bad input
             failure = exc
             continue
@@ -273,6 +278,39 @@ def _decompress(ds: Dataset, source: str, plugins: Collection[str]) -> np.ndarra
     if isinstance(failure, TranscodeError):
         raise failure
     raise TranscodeError(f"pixel data cannot be decoded: {type(failure).__name__}: {failure}")
+
+
+def _decompress_with_gdcm(ds: Dataset, path: Path) -> np.ndarray:
+    """Decompress the pixel data of ``path`` with GDCM into ``ds`` (native, little endian)."""
+    import gdcm  # python-gdcm; imported only for the rare files that need it
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        raise TranscodeError("GDCM cannot read the file")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise TranscodeError("GDCM cannot decompress the pixel data")
+    image = change.GetOutput()
+    data: bytes = image.GetBuffer().encode("utf-8", "surrogateescape")
+    expected_length = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel)
+    expected_length *= int(ds.get("NumberOfFrames", 1) or 1) * ((int(ds.BitsAllocated) + 7) // 8)
+    if len(data) != expected_length:
+        raise TranscodeError(f"GDCM gave {len(data)} bytes of pixel data, not {expected_length}")
+    if len(data) % 2:
+        data += b"\0"
+    ds.PixelData = data
+    elem = ds["PixelData"]
+    elem.VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
+    elem.is_undefined_length = False
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
+    ds.PhotometricInterpretation = str(image.GetPhotometricInterpretation().GetString()).strip()
+    if int(ds.SamplesPerPixel) > 1:
+        ds.PlanarConfiguration = int(image.GetPlanarConfiguration())
+    ds.pixel_array_options(decoding_plugin="")
+    return _pixels(ds)
 
 
 def _pixels(ds: Dataset) -> np.ndarray:
