@@ -929,21 +929,25 @@ def _after(views: list[memoryview], offset: int, got: int) -> tuple[int, list[me
 def _locate_data_set(fh: io.FileIO) -> tuple[int, int]:
     """Return (offset of the data set, file size) of an open Part 10 file.
 
-    The File Meta Information must hold the Transfer Syntax UID; the SOP Class
-    and Instance UIDs of the C-STORE come from the data set, not from it.
+    A file without preamble and ``DICM`` is a bare data set starting at byte 0.
+    The SOP Class and Instance UIDs of the C-STORE come from the data set and the
+    transfer syntax from the forwarder's header read, so the File Meta
+    Information need not hold them.
     """
     size = os.fstat(fh.fileno()).st_size
     want = min(size, _HEAD_BYTES)
+    fh.seek(0)
+    start = fh.read(132)
+    if len(start) < 132 or start[128:132] != b"DICM":
+        return 0, size  # a bare data set (the forwarder read its encoding from the data)
     while True:
         fh.seek(0)
         head = fh.read(want)
         try:
-            values, offset = read_meta(head, whole=len(head) >= size)
+            _values, offset = read_meta(head, whole=len(head) >= size)
             break
         except EOFError:
             if want >= min(size, _MAX_META_BYTES):
                 raise _Unsendable("File Meta Information too large or truncated") from None
             want = min(size, want * 16, _MAX_META_BYTES)
-    if 0x0010 not in values:
-        raise _Unsendable("the File Meta Information has no Transfer Syntax UID")
     return offset, size

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -27,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Final
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import ForwarderConfig
-from dicomnode.dicomtags import read_header, text_of
+from dicomnode.dicomtags import HEADER_TAGS, read_header, text_of
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
+    EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     TOPLEVEL_GROUP,
     FileEntry,
@@ -58,8 +62,9 @@ from dicomnode.forwarder.outcome import (
 )
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
+from dicomnode.forwarder.transcode import EXPLICIT_VR_BE
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
-from dicomnode.integrity import find_defect
+from dicomnode.integrity import examine, find_defect
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -192,10 +197,14 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     """
     if jf.size == 0:
         return ParkReason(None, "empty file (0 bytes)")
+    bare = False
     try:
         ds = read_header(jf.path)
     except (InvalidDicomError, EOFError) as exc:
-        return ParkReason(None, f"not a DICOM file: {exc}")
+        found = read_bare_header(jf.path)
+        if found is None:
+            return ParkReason(None, f"not a DICOM file: {exc}")
+        ds, bare = found, True
     except OSError as exc:
         return ParkReason(None, f"unreadable: {exc.strerror or exc}")
     except Exception as exc:  # pydicom raises many types on corrupt headers
@@ -206,7 +215,9 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     # The C-STORE carries the data set's own UIDs; the File Meta header may disagree.
     sop_class = text_of(ds, "SOPClassUID") or meta_class
     sop_uid = text_of(ds, "SOPInstanceUID") or meta_uid
-    ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or IMPLICIT_VR_LE
+    ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or syntax_of_encoding(
+        ds.original_encoding
+    )
     if not sop_class or not sop_uid:
         return ParkReason(
             None, "DICOM file without SOP Class UID or SOP Instance UID", escaped(sop_uid)
@@ -224,7 +235,7 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
             sop_class,
             sop_uid,
         )
-    defect = find_defect(jf.path)
+    defect = bare_data_set_defect(jf.path, ts) if bare else find_defect(jf.path)
     if defect is not None:
         return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
     return ObjectInfo(
@@ -236,6 +247,39 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         series_number=_int_or_none(text_of(ds, "SeriesNumber")),
         instance_number=_int_or_none(text_of(ds, "InstanceNumber")),
     )
+
+
+def syntax_of_encoding(encoding: tuple[bool | None, bool | None]) -> str:
+    """Return the uncompressed transfer syntax of pydicom's ``(implicit VR, little endian)``."""
+    implicit, little = encoding
+    if implicit is not False:
+        return IMPLICIT_VR_LE
+    return EXPLICIT_VR_LE if little is not False else EXPLICIT_VR_BE
+
+
+def read_bare_header(path: Path) -> Dataset | None:
+    """Read the header of a data set stored without File Meta Information, or None.
+
+    DCMTK's storescu sends such files (e.g. pydicom's ``rtstruct.dcm``); they count
+    as DICOM only when their SOP Class and SOP Instance UIDs read as UIDs.
+    """
+    try:
+        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    except Exception:  # anything that is not a data set
+        return None
+    sop_class, sop_uid = text_of(ds, "SOPClassUID"), text_of(ds, "SOPInstanceUID")
+    if not (is_sendable_uid(sop_class) and is_sendable_uid(sop_uid)):
+        return None
+    return ds
+
+
+def bare_data_set_defect(path: Path, syntax: str) -> str | None:
+    """Return the structural defect of a data set without File Meta Information, or None."""
+    uid = syntax.encode("ascii")
+    if len(uid) % 2:
+        uid += b"\0"
+    meta = b"\x02\x00\x10\x00UI" + struct.pack("<H", len(uid)) + uid
+    return examine(b"\0" * 128 + b"DICM" + meta + path.read_bytes()).defect
 
 
 def escaped(text: str) -> str:

@@ -80,6 +80,7 @@ _IJG_DECODED: Final = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.
 _WORD_BYTES: Final = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 #: Elements that only describe encapsulated pixel data.
 _ENCAPSULATION_ONLY: Final = (Tag(0x7FE0, 0x0001), Tag(0x7FE0, 0x0002))
+_PIXEL_DATA: Final = Tag(0x7FE0, 0x0010)
 _PIXEL_KEYWORDS: Final = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -216,20 +217,23 @@ def _from_deflated(path: Path, target: str, data_start: int) -> Transcoded:
 
 
 def _reencoded(path: Path, source: str, target: str) -> Transcoded:
-    ds = dcmread(path)
+    ds = dcmread(path, force=True)  # force: a bare data set without File Meta Information
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = UID(source)
     uid = UID(source)
+    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
     lossy = False
     how: str
     expected: np.ndarray | None
-    if uid.is_encapsulated:
+    if uid.is_encapsulated and has_pixels:
         decoder = get_decoder(uid)
         if not decoder.is_available:
             raise TranscodeError(
                 f"no decoder for {syntax_name(source)} is installed "
                 f"({'; '.join(decoder.missing_dependencies) or 'unsupported'})"
             )
-        if not any(k in ds for k in _PIXEL_KEYWORDS):
-            raise TranscodeError(f"{syntax_name(source)} object without pixel data")
         lossy = source in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
         expected = _decompress(ds, path, source, decoder.available_plugins)
         for tag in _ENCAPSULATION_ONLY:
@@ -238,12 +242,15 @@ def _reencoded(path: Path, source: str, target: str) -> Transcoded:
         if lossy:
             ds.LossyImageCompression = "01"
         how = "decompressed" + (" (lossy source: LossyImageCompression=01)" if lossy else "")
+    elif uid.is_encapsulated:
+        expected = None  # no pixel data to decode (e.g. a compressed syntax on a non-image)
+        how = "re-encoded (no pixel data)"
     elif source == EXPLICIT_VR_BE:
-        expected = _pixels(ds) if any(k in ds for k in _PIXEL_KEYWORDS) else None
+        expected = _pixels(ds) if has_pixels else None
         _swap_raw_words(ds)
         how = "byte order changed to little endian"
     elif uid.is_transfer_syntax and not uid.is_compressed and uid.is_little_endian:
-        expected = _pixels(ds) if any(k in ds for k in _PIXEL_KEYWORDS) else None
+        expected = None  # the pixel bytes are copied, not transformed: compared as bytes
         how = "re-encoded"
     else:
         raise TranscodeError(f"no conversion from {syntax_name(source)}")
@@ -259,10 +266,15 @@ def _decompress(ds: Dataset, path: Path, source: str, plugins: Collection[str]) 
     decoder as DCMTK's, so the values equal ``dcmdjpeg``'s; other JPEG decoders
     may round differently): through pydicom's GDCM plugin, else (12-bit JPEG
     Extended, which that plugin declines) with GDCM on the whole file. Everything
-    else, and lossy JPEG GDCM cannot read, goes to pydicom's first working plugin.
+    else goes to pylibjpeg first (exact for the lossless syntaxes; pydicom's GDCM
+    plugin trips over some pixel representation fixes), then GDCM, then any plugin.
     """
-    ijg = source in _IJG_DECODED and "gdcm" in plugins
-    steps: list[str] = ["gdcm", "gdcm-file", ""] if ijg else [""]
+    gdcm = ["gdcm"] if "gdcm" in plugins else []
+    pylibjpeg = ["pylibjpeg"] if "pylibjpeg" in plugins else []
+    if source in _IJG_DECODED:
+        steps = [*gdcm, "gdcm-file", *pylibjpeg, ""]
+    else:
+        steps = [*pylibjpeg, *gdcm, "gdcm-file", ""]
     failure: Exception | None = None
     for step in steps:
         try:
@@ -325,13 +337,21 @@ def _pixels(ds: Dataset) -> np.ndarray:
 def _swap_raw_words(ds: Dataset) -> None:
     """Byte-swap, in place, every OW/OF/OL/OD/OV value of ``ds`` and its sequences.
 
+    OW values are swapped in 16-bit words, except Pixel Data with 32 or 64 bits
+    allocated, whose pixels are swapped whole (pydicom's reading of such files).
+
     Raises
     ------
     TranscodeError
         For a value that is not a whole number of words, or encapsulated (undefined length).
     """
+    bits = int(ds.get("BitsAllocated", 0) or 0)
     for elem in ds.iterall():
         width = _WORD_BYTES.get(str(elem.VR))
+        if width == 2 and elem.tag == _PIXEL_DATA and bits in (32, 64):
+            # 32/64-bit pixels in OW: each pixel one big endian value, as pydicom reads
+            # them (DCMTK swaps 16-bit words instead; the standard leaves this murky)
+            width = bits // 8
         value = elem.value
         if width is None or not value:
             continue
@@ -351,8 +371,14 @@ def _drop_group_lengths(ds: Dataset) -> None:
 
 
 def _encode_checked(ds: Dataset, target: str, expected: np.ndarray | None = None) -> bytes:
-    """Encode ``ds`` in ``target``; decode it again and compare its pixels with ``expected``."""
+    """Encode ``ds`` in ``target``; read it back and compare its pixel data.
+
+    The pixel data elements must come back byte for byte as they are in ``ds``,
+    and, when ``expected`` is given, decode to exactly those values.
+    """
     implicit = target == IMPLICIT_VR_LE
+    for _elem in ds.iterall():
+        pass  # decode every raw element now: each gets its VR (implicit VR sources)
     out = DicomBytesIO()
     out.is_little_endian = True
     out.is_implicit_VR = implicit
@@ -360,8 +386,11 @@ def _encode_checked(ds: Dataset, target: str, expected: np.ndarray | None = None
     data = out.getvalue()
     if len(data) % 2:
         raise TranscodeError(f"encoded data set has an odd length ({len(data)} bytes)")
+    again = read_dataset(io.BytesIO(data), is_implicit_VR=implicit, is_little_endian=True)
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds and bytes(again.get(keyword, b"")) != bytes(ds[keyword].value):
+            raise TranscodeError(f"{keyword} changed while being encoded; not sent")
     if expected is not None:
-        again = read_dataset(io.BytesIO(data), is_implicit_VR=implicit, is_little_endian=True)
         again.file_meta = FileMetaDataset()
         again.file_meta.TransferSyntaxUID = UID(target)
         got = _pixels(again)
