@@ -398,3 +398,30 @@ def test_forward_storescp_default_accepts_big_endian_as_is(
         assert_pixels_equal(dcmread(received), variants["be_ct"])
     finally:
         scp.stop()
+
+
+def test_forward_bare_data_sets_and_32_bit_big_endian_dose(tmp_path: Path) -> None:
+    """Files without File Meta Information are sent like storescu sends them; an RT Dose
+    with 32-bit big endian pixels reaches a little-endian-only target with its dose values."""
+    from pydicom.uid import RTDoseStorage, RTIonPlanStorage, RTStructureSetStorage
+
+    names = ("rtstruct", "ExplVR_LitEndNoMeta", "ExplVR_BigEndNoMeta", "rtdose_expb")
+    folder = tmp_path / "send" / "BARE"
+    folder.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(str(get_testdata_file(f"{name}.dcm")), folder / f"{name}.dcm")
+    scp = PySCP([RTDoseStorage, RTIonPlanStorage, RTStructureSetStorage]).start()
+    try:
+        cfg = fconfig(tmp_path, scp.port)
+        assert send_paths([folder], cfg, progress=False) == 0, error_log(cfg)
+    finally:
+        scp.stop()
+    received = {str(ds.SOPInstanceUID): ds for ds in scp.received}
+    for name in names:
+        source = dcmread(str(get_testdata_file(f"{name}.dcm")), force=True)
+        assert str(source.SOPInstanceUID) in received, name
+    dose = received[str(dcmread(str(get_testdata_file("rtdose_expb.dcm"))).SOPInstanceUID)]
+    dose.file_meta = FileMetaDataset()
+    dose.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    little = dcmread(str(get_testdata_file("rtdose.dcm")))  # the same dose, little endian
+    assert np.array_equal(dose.pixel_array, little.pixel_array)
