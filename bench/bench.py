@@ -130,7 +130,6 @@ class Options:
     keep: bool
     python: str
     probe: bool = False
-    transport: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,12 +672,11 @@ class Bench:
             outgoing = workdir / "outgoing"
             folder = link_copy(data.folder, outgoing / data.name)
             config = workdir / "sender.ini"
-            transport = f"transport = {self.opts.transport}\n" if self.opts.transport else ""
             config.write_text(
                 f"[General]\nae_title = {NODE_AET}\n"
                 f"[Directories]\ndestination_dir = {workdir / 'unused'}\n"
                 "[Security]\ntrusted_ae_titles = *\n"
-                f"[FolderWatcher]\nwatch_folder = {outgoing}\n{transport}"
+                f"[FolderWatcher]\nwatch_folder = {outgoing}\n"
                 "[Logging]\nverbose = false\n",
                 encoding="utf-8",
             )
@@ -1104,12 +1102,6 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "not the product)",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter running dicomnode")
-    parser.add_argument(
-        "--transport",
-        choices=("lean", "pynetdicom"),
-        default=None,
-        help="[FolderWatcher] transport of the dicomnode send cases (default: the config default)",
-    )
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = set(sections) - {"receive", "forward", "memory", "concurrency"}
@@ -1138,7 +1130,6 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         keep=args.keep,
         python=args.python,
         probe=args.with_probe,
-        transport=args.transport,
     )
 
 
