@@ -409,6 +409,42 @@ def is_transient_status(status: int) -> bool:
     return 0xA700 <= status <= 0xA7FF or status == 0xFE00
 
 
+class RefusalVerdict(Enum):
+    """What a transient refusal (0xA7xx, 0xFE00) of one object means for that object."""
+
+    #: The target refuses everything (down, out of space): retry the group, count nothing.
+    TARGET_WIDE = "target-wide"
+    #: The target refuses this object while it accepts others: counted, retried.
+    COUNTED = "counted"
+    #: Counted, and the count reached ``max_object_refusals``: park the object.
+    PARK = "park"
+
+
+def judge_refusal(
+    previous: int, singled_out: bool | None, max_refusals: int
+) -> tuple[RefusalVerdict, int]:
+    """Decide a transient refusal of one object and return its new refusal count.
+
+    Parameters
+    ----------
+    previous : int
+        How often the target refused this object before while accepting others.
+    singled_out : bool or None
+        True when the target answered a later object of the same attempt (it
+        accepts others), False when it refused that one too or the network failed,
+        None when nothing else was tried (last object, or the next is of a later
+        kind): then the refusal counts only for an object refused alone before.
+    max_refusals : int
+        ``max_object_refusals``.
+    """
+    if singled_out is None:
+        singled_out = previous > 0
+    if not singled_out:
+        return RefusalVerdict.TARGET_WIDE, previous
+    count = previous + 1
+    return (RefusalVerdict.PARK if count >= max_refusals else RefusalVerdict.COUNTED), count
+
+
 def backoff_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
     """Return the wait before retry number ``attempts`` (1 = after the first failure).
 
@@ -440,6 +476,7 @@ __all__ = [
     "GroupSnapshot",
     "ObjectInfo",
     "ReadinessTracker",
+    "RefusalVerdict",
     "SendOutcome",
     "backoff_delay_s",
     "category_rank",
@@ -448,6 +485,7 @@ __all__ = [
     "group_key_of",
     "group_label",
     "is_transient_status",
+    "judge_refusal",
     "object_category",
     "order_objects",
     "pending_summary",

@@ -936,13 +936,11 @@ def _locate_data_set(fh: io.FileIO) -> tuple[int, int]:
     """
     size = os.fstat(fh.fileno()).st_size
     want = min(size, _HEAD_BYTES)
-    fh.seek(0)
-    start = fh.read(132)
-    if len(start) < 132 or start[128:132] != b"DICM":
-        return 0, size  # a bare data set (the forwarder read its encoding from the data)
     while True:
         fh.seek(0)
         head = fh.read(want)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            return 0, size  # a bare data set (the forwarder read its encoding from the data)
         try:
             _values, offset = read_meta(head, whole=len(head) >= size)
             break

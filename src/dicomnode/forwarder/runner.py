@@ -43,11 +43,13 @@ from dicomnode.forwarder.batching import (
     GroupSnapshot,
     ObjectInfo,
     ReadinessTracker,
+    RefusalVerdict,
     SendOutcome,
     backoff_delay_s,
     category_rank,
     group_entries,
     group_label,
+    judge_refusal,
     order_objects,
     plan_associations,
     should_give_up,
@@ -371,19 +373,20 @@ def send_group(
     def rank(obj: ObjectInfo) -> int:
         return category_rank(obj, config.send_order)
 
-    def settle(obj: ObjectInfo, status: int | None, reason: str, singled_out: bool) -> None:
-        """Decide a transient refusal: target-wide (retry, not counted) or this object's own."""
+    def settle(obj: ObjectInfo, status: int | None, reason: str, singled_out: bool | None) -> None:
+        """Apply the verdict on a transient refusal (see :func:`judge_refusal`)."""
         nonlocal unsettled_rank
         jf = by_key[obj.rel_path]
-        if not singled_out:  # like network trouble: the group is retried with backoff
-            result.retry.append((jf, obj))
+        verdict, count = judge_refusal(
+            counts.get(jf.display, 0), singled_out, config.max_object_refusals
+        )
+        if verdict is RefusalVerdict.TARGET_WIDE:
+            # like network trouble: the group is retried with backoff
             result.network_error = result.network_error or reason
-            here = rank(obj)
-            unsettled_rank = here if unsettled_rank is None else min(unsettled_rank, here)
-            return
-        count = counts.get(jf.display, 0) + 1
-        counts[jf.display] = count
-        if count >= config.max_object_refusals:
+        else:
+            counts[jf.display] = count
+            result.deferred += 1
+        if verdict is RefusalVerdict.PARK:
             why = ParkReason(
                 status,
                 f"refused {count} time(s) while the target accepted other objects "
@@ -399,11 +402,12 @@ def send_group(
             )
             if _is_unchanged(jf) and _park(job, jf, why, stamp):
                 result.parked += 1
+                result.deferred -= 1
                 counts.pop(jf.display, None)
                 if on_file_done:
                     on_file_done()
                 return
-        else:
+        elif verdict is RefusalVerdict.COUNTED:
             logger.warning(
                 "DEFERRED group=%s file=%s sop_instance_uid=%s refusal=%d/%d: %s",
                 label,
@@ -413,21 +417,17 @@ def send_group(
                 config.max_object_refusals,
                 reason,
             )
-        result.deferred += 1
-        result.retry.append((jf, obj))
+        result.retry.append((jf, obj))  # kept: later kinds wait for it (clinical order)
         here = rank(obj)
         unsettled_rank = here if unsettled_rank is None else min(unsettled_rank, here)
 
     def resolve(singled_out: bool | None) -> None:
-        """Settle the pending refusal; None: singled out only if it was before (no evidence now)."""
+        """Settle the pending refusal, if any."""
         nonlocal pending
-        if pending is None:
-            return
-        obj, status, reason = pending
-        pending = None
-        if singled_out is None:
-            singled_out = counts.get(by_key[obj.rel_path].display, 0) > 0
-        settle(obj, status, reason, singled_out)
+        if pending is not None:
+            obj, status, reason = pending
+            pending = None
+            settle(obj, status, reason, singled_out)
 
     def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
         nonlocal pending
