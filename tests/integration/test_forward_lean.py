@@ -22,9 +22,10 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
 
 from dicomnode.config import ForwarderConfig
+from dicomnode.dul.dimse import parse_command
 from dicomnode.forwarder import lean
 from dicomnode.forwarder.batching import ObjectInfo, SendOutcome, plan_associations
-from dicomnode.forwarder.lean import LeanAssociationSender, parse_command
+from dicomnode.forwarder.lean import LeanAssociationSender
 from dicomnode.forwarder.sender import RunEnd
 from tests.conftest import free_port, require_tool, wait_until, write_config
 from tests.factories import make_image, rt_set, save

@@ -31,6 +31,7 @@ from typing import Final
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.dicomtags import HEADER_TAGS, read_header, text_of
@@ -64,7 +65,6 @@ from dicomnode.forwarder.outcome import (
 )
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
-from dicomnode.forwarder.transcode import EXPLICIT_VR_BE
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
 from dicomnode.integrity import examine, find_defect
 from dicomnode.status import ExitStatus
@@ -254,7 +254,7 @@ def syntax_of_encoding(encoding: tuple[bool | None, bool | None]) -> str:
     implicit, little = encoding
     if implicit is not False:
         return IMPLICIT_VR_LE
-    return EXPLICIT_VR_LE if little is not False else EXPLICIT_VR_BE
+    return EXPLICIT_VR_LE if little is not False else ExplicitVRBigEndian
 
 
 def read_bare_header(path: Path) -> Dataset | None:

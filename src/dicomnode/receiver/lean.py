@@ -51,24 +51,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from dicomnode.config import ReceiverConfig
-from dicomnode.receiver.admission import admit
-from dicomnode.receiver.negotiation import (
-    ACCEPTANCE,
-    AssociateRequest,
-    associate_ac,
-    associate_rj,
-    negotiate,
-    parse_associate_rq,
-)
-from dicomnode.receiver.store import StoreHandler
-from dicomnode.upperlayer import (
-    ABORT,
-    ABORT_PDU,
-    ABORT_UNEXPECTED_PDU,
+from dicomnode.dul.dimse import (
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
-    APPLICATION_CONTEXT,
-    ASSOCIATE_RQ,
     C_CANCEL_RQ,
     C_ECHO_RQ,
     C_STORE_RQ,
@@ -76,21 +61,34 @@ from dicomnode.upperlayer import (
     DATA_SET_TYPE,
     MESSAGE_ID,
     NO_DATA_SET,
-    P_DATA_TF,
-    RELEASE_RP_PDU,
-    RELEASE_RQ,
     command_us,
-    file_meta,
-    p_data_pdu,
     parse_command,
     response_command,
+)
+from dicomnode.dul.link import PduReader, PduTooLarge, PeerClosed
+from dicomnode.dul.meta import file_meta
+from dicomnode.dul.pdu import (
+    A_ABORT_PDU,
+    A_ABORT_UNEXPECTED_PDU,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP_PDU,
+    ACCEPTANCE,
+    APPLICATION_CONTEXT,
+    PDV_COMMAND,
+    PDV_HEADER,
+    PDV_LAST,
+    PduType,
+    p_data_tf,
     uid_text,
 )
+from dicomnode.receiver.admission import admit
+from dicomnode.receiver.negotiation import negotiate
+from dicomnode.receiver.store import StoreHandler
 
 logger = logging.getLogger(__name__)
 
-#: Socket read buffer of one association.
-_BUFFER_BYTES: Final = 256 * 1024
 #: PDU length limit for association requests and when max_pdu_bytes is small.
 _MIN_PDU_LIMIT_BYTES: Final = 65536
 #: Tolerance above the announced maximum PDU length before a PDU is refused.
@@ -111,67 +109,12 @@ _UNRECOGNIZED_OPERATION: Final = 0x0211
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
 
 
-class _Closed(Exception):
-    """The peer closed the connection."""
-
-
 class _Drop(Exception):
     """The peer broke the protocol: log ``reason``, send A-ABORT, close."""
 
-    def __init__(self, reason: str, abort_pdu: bytes = ABORT_UNEXPECTED_PDU) -> None:
+    def __init__(self, reason: str, abort_pdu: bytes = A_ABORT_UNEXPECTED_PDU) -> None:
         super().__init__(reason)
         self.abort_pdu = abort_pdu
-
-
-class _Reader:
-    """Buffered reads from a socket: exact small reads and streamed large ones."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray(_BUFFER_BYTES)
-        self.view = memoryview(self.buf)
-        self.start = 0
-        self.end = 0
-        #: True once any byte has arrived (a connection that sends nothing is a probe).
-        self.got_data = False
-
-    def _receive(self) -> None:
-        if self.start == self.end:
-            self.start = self.end = 0
-        elif self.end == len(self.buf):
-            kept = self.end - self.start
-            self.buf[:kept] = self.buf[self.start : self.end]
-            self.start, self.end = 0, kept
-        try:
-            count = self.sock.recv_into(self.view[self.end :])
-        except BlockingIOError:  # SO_RCVTIMEO expired (see _Association._timeout)
-            raise TimeoutError("no data within the timeout") from None
-        if count == 0:
-            raise _Closed
-        self.got_data = True
-        self.end += count
-
-    def exact(self, count: int) -> bytes:
-        """Return the next ``count`` bytes (``count`` at most the buffer size)."""
-        while self.end - self.start < count:
-            if self.start + count > len(self.buf):
-                kept = self.end - self.start
-                self.buf[:kept] = self.buf[self.start : self.end]
-                self.start, self.end = 0, kept
-            self._receive()
-        out = bytes(self.view[self.start : self.start + count])
-        self.start += count
-        return out
-
-    def stream(self, count: int, sink: Callable[[memoryview], None]) -> None:
-        """Pass the next ``count`` bytes to ``sink`` in pieces, without holding them all."""
-        while count:
-            if self.start == self.end:
-                self._receive()
-            piece = min(count, self.end - self.start)
-            sink(self.view[self.start : self.start + piece])
-            self.start += piece
-            count -= piece
 
 
 class _Transfer:
@@ -386,7 +329,7 @@ class _Association:
         """Serve the connection until it ends; never raises."""
         try:
             self._run()
-        except _Closed:
+        except PeerClosed:
             if self.transfer is not None:
                 self._discard("connection closed mid-object")
         except _Drop as exc:
@@ -414,7 +357,7 @@ class _Association:
                     self.cfg.acse_timeout_s,
                 )
             self._discard("timed out mid-object")
-            self._send_quietly(ABORT_PDU)
+            self._send_quietly(A_ABORT_PDU)
         except (OSError, ValueError) as exc:
             if not self._closed:
                 logger.warning(
@@ -427,7 +370,7 @@ class _Association:
         except Exception:
             logger.exception("ABORTED association peer=%s: unexpected error", self.where)
             self._discard("unexpected error")
-            self._send_quietly(ABORT_PDU)
+            self._send_quietly(A_ABORT_PDU)
         finally:
             self.close()
 
@@ -441,7 +384,7 @@ class _Association:
 
     def abort(self) -> None:
         """Send A-ABORT and close: used at shutdown after the grace period."""
-        self._send_quietly(ABORT_PDU, wait_s=1.0)
+        self._send_quietly(A_ABORT_PDU, wait_s=1.0)
         self.close()
 
     def _timeout(self, seconds: float) -> None:
@@ -499,20 +442,20 @@ class _Association:
         if self.server.ssl_context is not None and not self._handshake():
             return
         self._timeout(self.cfg.acse_timeout_s)
-        reader = _Reader(self.sock)
+        reader = PduReader(self.sock)
         try:
             pdu_type, length = self._pdu_header(
                 reader, max(self.pdu_limit, 2 * _MIN_PDU_LIMIT_BYTES)
             )
-        except _Closed:
+        except PeerClosed:
             if not reader.got_data:
                 logger.debug("connection from %s closed before an association request", self.where)
                 return
             raise
-        if pdu_type != ASSOCIATE_RQ:
+        if pdu_type != PduType.A_ASSOCIATE_RQ:
             raise _Drop(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         try:
-            request = parse_associate_rq(reader.exact(length))
+            request = A_ASSOCIATE_RQ.decode(reader.exact(length))
         except ValueError as exc:
             raise _Drop(str(exc)) from None
         self.calling = request.calling_ae
@@ -520,7 +463,9 @@ class _Association:
             return
         self._timeout(self.cfg.network_timeout_s)
         results = negotiate(request.contexts)
-        self._send(associate_ac(request, results, self.cfg.max_pdu_bytes))
+        self._send(
+            A_ASSOCIATE_AC(request.fixed_part, tuple(results), self.cfg.max_pdu_bytes).encode()
+        )
         self.established = True
         self.contexts = {
             r.context_id: (r.abstract_syntax, r.transfer_syntax)
@@ -557,7 +502,7 @@ class _Association:
             return False
         return True
 
-    def _admit(self, request: AssociateRequest) -> bool:
+    def _admit(self, request: A_ASSOCIATE_RQ) -> bool:
         if request.application_context != APPLICATION_CONTEXT:
             logger.warning(
                 "REJECTED association calling_ae=%s called_ae=%s peer=%s "
@@ -567,7 +512,7 @@ class _Association:
                 self.where,
                 request.application_context,
             )
-            self._send(associate_rj(0x01, 0x01, 0x02))
+            self._send(A_ASSOCIATE_RJ(0x01, 0x01, 0x02).encode())
             return False
         rejection = admit(
             self.cfg,
@@ -579,64 +524,62 @@ class _Association:
         )
         if rejection is None:
             return True
-        self._send(associate_rj(*rejection))
+        self._send(A_ASSOCIATE_RJ(*rejection).encode())
         return False
 
-    def _pdu_header(self, reader: _Reader, limit: int) -> tuple[int, int]:
-        head = reader.exact(6)
-        pdu_type = head[0]
-        length = int(struct.unpack_from(">I", head, 2)[0])
-        if limit and length > limit:
+    def _pdu_header(self, reader: PduReader, limit: int) -> tuple[int, int]:
+        try:
+            return reader.pdu_header(limit)
+        except PduTooLarge as exc:
             logger.warning(
                 "REJECTED PDU of %d bytes from peer %s: larger than max_pdu_bytes=%d "
                 "allows; closing the connection",
-                length,
+                exc.length,
                 self.where,
                 self.cfg.max_pdu_bytes,
             )
-            raise _Drop("PDU longer than max_pdu_bytes")
-        return pdu_type, length
+            raise _Drop("PDU longer than max_pdu_bytes") from None
 
     # ----------------------------------------------------------------- DIMSE
 
-    def _serve(self, reader: _Reader) -> None:
+    def _serve(self, reader: PduReader) -> None:
         command = bytearray()
         while True:
             pdu_type, length = self._pdu_header(reader, self.pdu_limit)
-            if pdu_type == P_DATA_TF:
+            if pdu_type == PduType.P_DATA_TF:
                 self._p_data(reader, length, command)
-            elif pdu_type == RELEASE_RQ:
+            elif pdu_type == PduType.A_RELEASE_RQ:
                 if length > _MIN_PDU_LIMIT_BYTES:
                     raise _Drop(f"A-RELEASE-RQ of {length} bytes")
                 reader.exact(length)
                 self._discard("released mid-object")
-                self._send(RELEASE_RP_PDU)
+                self._send(A_RELEASE_RP_PDU)
                 return
-            elif pdu_type == ABORT:
+            elif pdu_type == PduType.A_ABORT:
                 self._discard("peer sent A-ABORT mid-object")
                 return
             else:
                 raise _Drop(f"unexpected PDU type 0x{pdu_type:02X} during the association")
 
-    def _p_data(self, reader: _Reader, length: int, command: bytearray) -> None:
+    def _p_data(self, reader: PduReader, length: int, command: bytearray) -> None:
         remaining = length
         while remaining:
             if remaining < 6:
                 raise _Drop("malformed P-DATA-TF (PDV header cut off)")
-            item_length, cid, control = struct.unpack(">IBB", reader.exact(6))
+            item_length, cid, control = PDV_HEADER.unpack(reader.exact(PDV_HEADER.size))
             remaining -= 4 + item_length
             if item_length < 2 or remaining < 0:
                 raise _Drop("malformed P-DATA-TF (PDV longer than its PDU)")
             size = item_length - 2
             if cid not in self.contexts:
                 raise _Drop(f"P-DATA on presentation context {cid}, which was not accepted")
-            if control & 0x01:
+            if control & PDV_COMMAND:
                 if self.transfer is not None:
                     raise _Drop("command fragment while a data set was expected")
                 if len(command) + size > _MAX_COMMAND_BYTES:
                     raise _Drop("command set longer than 64 KiB")
                 reader.stream(size, command.extend)
-                if control & 0x02:
+                if control & PDV_LAST:
                     self._command(bytes(command), cid)
                     command.clear()
             else:
@@ -646,7 +589,7 @@ class _Association:
                 if cid != self._request_cid:
                     raise _Drop("data set on another presentation context than its command")
                 reader.stream(size, transfer.write)
-                if control & 0x02:
+                if control & PDV_LAST:
                     self._data_set_done(transfer)
 
     def _request_field(self) -> int | None:
@@ -717,7 +660,7 @@ class _Association:
             uid_text(request.get(AFFECTED_SOP_INSTANCE, b"")),
             status,
         )
-        self._send(p_data_pdu(self._request_cid, 0x03, rsp))
+        self._send(p_data_tf(self._request_cid, PDV_COMMAND | PDV_LAST, rsp))
 
 
 class LeanServer:
