@@ -10,7 +10,7 @@ It decodes no values and never raises for bad input. :func:`examine` does the
 same walk and also hands back the raw values of chosen top-level elements, so
 the receiver gets the header it files by from the same pass (and, for objects
 it still holds in memory, without reading the file again). Imports the
-standard library only.
+standard library and :mod:`dicomnode.dul.meta` (the one File Meta reader).
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from dicomnode.dul.meta import LONG_VRS, TRANSFER_SYNTAX_ELEMENT, MetaError, read_file_meta
+from dicomnode.dul.pdu import uid_text
+
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
 #: Deflated transfer syntaxes: the data set is zlib data, not walkable element by element.
 _DEFLATED: Final = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
-#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS: Final = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
+#: First read of the File Meta Information (read again 16 times larger while it does not fit).
+_META_HEAD_BYTES: Final = 4096
 _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
@@ -119,7 +120,7 @@ class _Walker:
         vr = self.buf[at + 4 : at + 6]
         if not (vr.isalpha() and vr.isupper()):
             raise _Defect(f"element ({group:04X},{elem:04X}) has no valid VR {vr!r}")
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             at = self._need(4, end, "element length")
             (length,) = self.long_length.unpack(self.buf[at : at + 4])
         else:
@@ -147,7 +148,7 @@ class _Walker:
                 head = self.buf[pos : pos + 8]
                 group, elem, length = self.tag_length.unpack(head)
                 vr = head[4:6]
-                if group == 0xFFFE or vr in _LONG_VRS or not (vr.isalpha() and vr.isupper()):
+                if group == 0xFFFE or vr in LONG_VRS or not (vr.isalpha() and vr.isupper()):
                     tag, vr, length = self._tag_length(end, implicit)
                 else:
                     tag = (group << 16) | elem
@@ -194,22 +195,20 @@ class _Walker:
 
 def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
     """Return (transfer syntax UID, offset of the data set) of a Part 10 object."""
-    if size < 132 or buf[128:132] != b"DICM":
-        raise _Defect("no DICOM preamble and DICM marker")
-    walker = _Walker(buf, implicit=False, little=True)
-    walker.pos = 132
-    syntax = ""
+    want = _META_HEAD_BYTES
     while True:
-        pos = walker.pos
-        if pos + 2 > size or buf[pos : pos + 2] != b"\x02\x00":
-            return syntax, pos
-        tag, _, length = walker._tag_length(size, implicit=False)
-        if length == _UNDEFINED:
-            raise _Defect("file meta element of undefined length")
-        at = walker.pos
-        walker._skip(length, size, tag)
-        if tag == 0x00020010:
-            syntax = buf[at : at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        head = buf[0 : min(size, want)]
+        whole = len(head) >= size
+        try:
+            values, start = read_file_meta(head, whole)
+        except MetaError as exc:
+            raise _Defect(str(exc)) from None
+        except EOFError:
+            if whole:
+                raise _Defect("File Meta Information runs past the end of the file") from None
+            want *= 16
+            continue
+        return uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b"")), start
 
 
 @dataclass(frozen=True, slots=True)
