@@ -2,9 +2,9 @@
 
 :class:`LeanAssociationSender` has the interface and the per-file outcome rules
 of :class:`~dicomnode.forwarder.sender.AssociationSender` but speaks the DICOM
-upper layer itself, on the calling thread, without pynetdicom's reactor
-threads, polling and queues (which cost about 4-5 ms of CPU per C-STORE on the
-benchmark machine). One association per :meth:`~LeanAssociationSender.run`:
+upper layer itself (:mod:`dicomnode.dul`), on the calling thread, with no
+reactor threads, polling or queues (bench/README.md has the measurements that
+made this choice). One association per :meth:`~LeanAssociationSender.run`:
 
 * A-ASSOCIATE-RQ with one presentation context per :class:`ContextSpec`
   (ids 1, 3, 5, ...), our maximum PDU length, implementation class UID and
@@ -15,8 +15,8 @@ benchmark machine). One association per :meth:`~LeanAssociationSender.run`:
   unlimited peer is capped at :data:`~dicomnode.forwarder.sender.MAX_SEND_PDU_BYTES`).
   One reusable buffer of about 1 MiB holds the PDUs of one write (small PDUs
   are batched: their data is read in place between the headers with one
-  ``preadv``), so memory stays bounded for objects of any size (forwarding a
-  1 GB object peaks at about 55 MB RSS); the bytes are never decoded. A
+  ``preadv``, :mod:`.source`), so memory stays bounded for objects of any
+  size; the bytes are never decoded. A
   deflated data set of odd length gets the trailing NULL byte PS3.5 A.5
   requires. Only when the target did not accept the file's transfer syntax is
   the object converted (:mod:`~dicomnode.forwarder.transcode`: inflated,
@@ -38,9 +38,7 @@ network trouble: the current object and all later ones are reported ``RETRY``.
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -62,7 +60,7 @@ from dicomnode.dul.dimse import (
     parse_command,
 )
 from dicomnode.dul.link import LinkError, LinkTimeout, PduLink
-from dicomnode.dul.meta import MetaError, has_preamble, read_file_meta
+from dicomnode.dul.meta import MetaError
 from dicomnode.dul.pdu import (
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
@@ -95,6 +93,15 @@ from dicomnode.forwarder.sender import (
     ResultCallback,
     RunEnd,
 )
+from dicomnode.forwarder.source import (
+    Fill,
+    SourceEnded,
+    UnreadableFile,
+    file_reader,
+    locate_data_set,
+    memory_reader,
+    zero_padded,
+)
 from dicomnode.forwarder.transcode import (
     TranscodeError,
     choose_syntax,
@@ -112,14 +119,6 @@ _PDATA_HEAD_LEN: Final = PDU_HEADER_LEN + PDV_HEADER.size
 _COMMAND_ROOM: Final = 512
 #: Data set bytes (plus PDU headers) sent per write when the peer's PDUs are small.
 _BATCH_BYTES: Final = 1024 * 1024
-_HAS_PREADV: Final = hasattr(os, "preadv")
-#: First read of a file: preamble + File Meta Information fit in here in practice.
-_HEAD_BYTES: Final = 4096
-_MAX_META_BYTES: Final = 1024 * 1024
-
-
-class _Unsendable(Exception):
-    """This object cannot be sent (nothing of it went out); it is reported REFUSED."""
 
 
 # --------------------------------------------------------------------------- sender
@@ -377,8 +376,8 @@ class LeanAssociationSender(AssociationSender):
             return f"cannot send this file: {exc}"
         with fh:
             try:
-                data_start, size = _locate_data_set(fh)
-            except (_Unsendable, MetaError, OSError) as exc:
+                data_start, size = locate_data_set(fh)
+            except (UnreadableFile, MetaError, OSError) as exc:
                 return f"cannot send this file: {exc}"
             command = c_store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
             syntax = obj.transfer_syntax_uid
@@ -386,10 +385,10 @@ class LeanAssociationSender(AssociationSender):
             if cid is None:
                 return self._send_converted(conn, path, obj, by_syntax, command, data_start, chunk)
             length = size - data_start
-            fill = _file_reader(fh.fileno(), data_start)
+            fill = file_reader(fh.fileno(), data_start)
             if syntax == DeflatedExplicitVRLittleEndian and length % 2:
                 # PS3.5 A.5: an odd-length deflate stream gets one trailing NULL byte
-                fill = _zero_padded(fill, length)
+                fill = zero_padded(fill, length)
                 length += 1
             self._send_message(conn, cid, command, length, fill, chunk)
         return None
@@ -428,15 +427,13 @@ class LeanAssociationSender(AssociationSender):
             syntax_name(converted.transfer_syntax),
             converted.how,
         )
-        source = memoryview(converted.data)
-
-        def fill(views: list[memoryview], position: int) -> None:
-            for into in views:
-                into[:] = source[position : position + len(into)]
-                position += len(into)
-
         self._send_message(
-            conn, by_syntax[converted.transfer_syntax], command, len(source), fill, chunk
+            conn,
+            by_syntax[converted.transfer_syntax],
+            command,
+            len(converted.data),
+            memory_reader(converted.data),
+            chunk,
         )
         return None
 
@@ -446,7 +443,7 @@ class LeanAssociationSender(AssociationSender):
         cid: int,
         command: bytes,
         length: int,
-        fill: Callable[[list[memoryview], int], None],
+        fill: Fill,
         chunk: int,
     ) -> None:
         """Send the command PDU and ``length`` data set bytes produced by ``fill``.
@@ -500,7 +497,7 @@ class LeanAssociationSender(AssociationSender):
                     break
             try:
                 fill(views, position)
-            except _SourceEnded as exc:
+            except SourceEnded as exc:
                 raise LinkError(f"file shrank while being sent: {exc}") from exc
             except OSError as exc:
                 raise LinkError(f"reading the file failed while sending it: {exc}") from exc
@@ -598,92 +595,3 @@ def _accepted(
                 res.transfer_syntax, res.context_id
             )
     return accepted, answer.max_pdu
-
-
-def _zero_padded(
-    fill: Callable[[list[memoryview], int], None], real_length: int
-) -> Callable[[list[memoryview], int], None]:
-    """Return ``fill`` with the bytes from ``real_length`` on given as zeros (padding)."""
-
-    def padded(views: list[memoryview], position: int) -> None:
-        inner: list[memoryview] = []
-        at = position
-        for into in views:
-            real = max(0, min(len(into), real_length - at))
-            if real:
-                inner.append(into[:real])
-            if real < len(into):
-                into[real:] = bytes(len(into) - real)
-            at += len(into)
-        if inner:
-            fill(inner, position)
-
-    return padded
-
-
-class _SourceEnded(Exception):
-    """The file ended before the announced data set length."""
-
-
-def _file_reader(fd: int, data_start: int) -> Callable[[list[memoryview], int], None]:
-    """Return a ``fill(views, position)`` reading the data set of the open file ``fd``.
-
-    One ``preadv`` per write fills every fragment at once where the platform has it.
-    """
-
-    def fill(views: list[memoryview], position: int) -> None:
-        offset = data_start + position
-        pending = views
-        if _HAS_PREADV:
-            got = os.preadv(fd, views, offset)
-            if got == sum(len(v) for v in views):
-                return
-            offset, pending = _after(views, offset, got)
-        for into in pending:
-            while len(into):
-                count = os.pread(fd, len(into), offset)
-                if not count:
-                    raise _SourceEnded(f"end of file at byte {offset}")
-                into[: len(count)] = count
-                into = into[len(count) :]
-                offset += len(count)
-
-    return fill
-
-
-def _after(views: list[memoryview], offset: int, got: int) -> tuple[int, list[memoryview]]:
-    """Return the file offset and the parts of ``views`` still to fill after ``got`` bytes."""
-    rest: list[memoryview] = []
-    skip = got
-    for into in views:
-        if skip >= len(into):
-            skip -= len(into)
-            continue
-        rest.append(into[skip:])
-        skip = 0
-    return offset + got, rest
-
-
-def _locate_data_set(fh: io.FileIO) -> tuple[int, int]:
-    """Return (offset of the data set, file size) of an open Part 10 file.
-
-    A file without preamble and ``DICM`` is a bare data set starting at byte 0.
-    The SOP Class and Instance UIDs of the C-STORE come from the data set and the
-    transfer syntax from the forwarder's header read, so the File Meta
-    Information need not hold them.
-    """
-    size = os.fstat(fh.fileno()).st_size
-    want = min(size, _HEAD_BYTES)
-    while True:
-        fh.seek(0)
-        head = fh.read(want)
-        if not has_preamble(head):
-            return 0, size  # a bare data set (the forwarder read its encoding from the data)
-        try:
-            _values, offset = read_file_meta(head, whole=len(head) >= size)
-            break
-        except EOFError:
-            if want >= min(size, _MAX_META_BYTES):
-                raise _Unsendable("File Meta Information too large or truncated") from None
-            want = min(size, want * 16, _MAX_META_BYTES)
-    return offset, size
