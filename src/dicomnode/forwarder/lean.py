@@ -34,6 +34,12 @@ waiting for a response ``dimse_timeout_s``, sending ``network_timeout_s``.
 Anything unexpected from the peer (A-ABORT, A-RELEASE-RQ, a closed connection,
 a response to another message, a malformed PDU) ends the association as
 network trouble: the current object and all later ones are reported ``RETRY``.
+
+Length: about 600 lines, on purpose: negotiation, the send loop that writes
+PDUs in place and the reading of each response are one exchange of one
+association with one set of failure rules; split, each half would need the
+other to be read. The protocol encoding lives in :mod:`dicomnode.dul`, the
+data set source in :mod:`.source`.
 """
 
 from __future__ import annotations
