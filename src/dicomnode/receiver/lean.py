@@ -85,7 +85,7 @@ from dicomnode.dul.pdu import (
 )
 from dicomnode.receiver.admission import admit
 from dicomnode.receiver.negotiation import negotiate
-from dicomnode.receiver.store import StoreHandler
+from dicomnode.receiver.store import ReceivedObject, StoreHandler
 
 logger = logging.getLogger(__name__)
 
@@ -621,24 +621,23 @@ class _Association:
             self._refuse_operation(self._request_field())
             return
         transfer.complete()
-        reports: list[Callable[[], None]] = []
         affected = uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b""))
         error = transfer.write_error
         if transfer.path is None and error is None:
             error = OSError(errno.EIO, "no temp file")
-        status = self.server.handler.finish(
-            transfer.path or self.server.tmp_dir / "unwritten.dcm",
-            self.calling,
-            self.where,
-            self._started,
-            affected,
-            error,
-            transfer.too_large,
-            transfer.content if error is None else None,
-            reports,
+        received = ReceivedObject(
+            tmp=transfer.path or self.server.tmp_dir / "unwritten.dcm",
+            calling=self.calling,
+            where=self.where,
+            started=self._started,
+            affected_uid=affected,
+            write_error=error,
+            too_large=transfer.too_large,
+            content=transfer.content if error is None else None,
         )
-        self._respond(status)
-        for report in reports:
+        filing = self.server.handler.finish(received, defer_report=True)
+        self._respond(filing.status)
+        for report in filing.reports:
             report()  # the log line after the response: it is not part of the guarantee
 
     def _refuse_operation(self, field: int | None) -> None:
