@@ -118,6 +118,21 @@ def send_group(
     def rank(obj: ObjectInfo) -> int:
         return category_rank(obj, config.send_order)
 
+    def refuse(jf: JobFile, obj: ObjectInfo, why: ParkReason) -> bool:
+        """Log ``SEND-FAILED`` and park ``jf`` unless it changed; True when it was parked."""
+        logger.warning(
+            "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
+            label,
+            jf.display,
+            obj.sop_instance_uid,
+            why.describe(),
+        )
+        if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
+            result.parked += 1
+            counts.pop(jf.display, None)
+            return True
+        return False
+
     def settle(obj: ObjectInfo, status: int | None, reason: str, singled_out: bool | None) -> None:
         """Apply the verdict on a transient refusal (see :func:`judge_refusal`)."""
         nonlocal unsettled_rank
@@ -138,17 +153,8 @@ def send_group(
                 f"(max_object_refusals={config.max_object_refusals}): {reason}",
                 obj.sop_instance_uid,
             )
-            logger.warning(
-                "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
-                label,
-                jf.display,
-                obj.sop_instance_uid,
-                why.describe(),
-            )
-            if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
-                result.parked += 1
+            if refuse(jf, obj, why):
                 result.deferred -= 1
-                counts.pop(jf.display, None)
                 if on_file_done:
                     on_file_done()
                 return
@@ -202,17 +208,7 @@ def send_group(
                 status if status is not None else 0,
             )
         elif outcome is SendOutcome.REFUSED:
-            why = ParkReason(status, reason, obj.sop_instance_uid)
-            logger.warning(
-                "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
-                label,
-                jf.display,
-                obj.sop_instance_uid,
-                why.describe(),
-            )
-            if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
-                result.parked += 1
-                counts.pop(jf.display, None)
+            refuse(jf, obj, ParkReason(status, reason, obj.sop_instance_uid))
         elif outcome is SendOutcome.RETRY:
             result.retry.append((jf, obj))
         elif outcome is SendOutcome.DEFERRED:
