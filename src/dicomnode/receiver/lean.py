@@ -1,10 +1,8 @@
 """Lean C-STORE/C-ECHO SCP: the DICOM upper layer on one blocking socket per association.
 
-The default receiver transport (``[Network] receiver_transport = lean``).
-pynetdicom's acceptor runs a reactor thread per association that polls its
-socket, decodes each PDU into primitives and passes them through queues; on
-the benchmark machine that machinery is about two thirds of the receiver's CPU.
-Here each accepted connection gets one thread that reads PDUs straight from
+The receiver's one transport, speaking :mod:`dicomnode.dul` itself: no
+reactor thread, polling, primitives or queues per association
+(bench/README.md has the measurements behind that). Here each accepted connection gets one thread that reads PDUs straight from
 the socket into a reusable buffer and writes data-set fragments straight to
 the object's temp file. What the node promises does not change:
 
@@ -29,6 +27,12 @@ the object's temp file. What the node promises does not change:
 
 Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
 ``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store).
+
+Length: about 880 lines, on purpose: the accept loop, one association's
+exchange (request, data set streaming into the temp file, response) and the
+temp files held ready are one hot path with one set of failure rules. The
+protocol encoding lives in :mod:`dicomnode.dul`, the decisions in
+:mod:`.admission`, :mod:`.negotiation` and :mod:`.store`.
 """
 
 from __future__ import annotations
