@@ -3,9 +3,9 @@
 The receiver's one transport, speaking :mod:`dicomnode.dul` itself: no
 reactor thread, polling, primitives or queues per association
 (bench/README.md has the measurements behind that). Here each accepted
-connection gets one thread that reads PDUs straight from
-the socket into a reusable buffer and writes data-set fragments straight to
-the object's temp file. What the node promises does not change:
+connection gets one thread that reads PDUs straight from the socket into a
+reusable buffer and writes data-set fragments straight to the object's temp
+file. What the node promises does not change:
 
 * admission through :func:`~dicomnode.receiver.admission.admit` (trusted AE,
   called AE, [AE_Hosts], ``max_associations`` across all receiver processes),

@@ -2,9 +2,8 @@
 
 Python's GIL lets one process use about one core (bench/README.md has the
 CPU cost per C-STORE that makes more processes worth it). The parent binds
-the port once (a second node on
-the same port still fails with "address in use"), then spawns worker processes
-that accept on the inherited socket; the kernel hands each new connection to
+the port once (a second node on the same port still fails with "address in
+use"), then spawns worker processes that accept on the inherited socket; the kernel hands each new connection to
 whichever worker is waiting. Workers log through a pipe to the parent's
 handlers (one writer per log file), stop when the parent asks or dies
 (Linux: ``PR_SET_PDEATHSIG``), and are restarted if they crash.
