@@ -91,6 +91,15 @@ class ReceiverConfig:
         Maximum PDU size we accept (default 1 MiB; 0 means unlimited).
     max_associations : int
         Concurrent associations served (default 16).
+    max_pending_associations : int
+        Connections whose A-ASSOCIATE-RQ has not yet arrived, node-wide
+        (default 128; shared evenly by the receiver processes). Beyond it the
+        oldest such connection is closed, so an arriving sender always gets in.
+    max_pending_per_peer : int
+        The same bound per peer IP address (default 16).
+    refusal_log_interval_s : float
+        A refusal of the same kind from the same peer address is logged at most
+        once per interval, then counted (default 60 s; 0 logs each one).
     acse_timeout_s, dimse_timeout_s, network_timeout_s : float
         Association, message and idle-network timeouts in seconds (30, 60, 120).
     max_object_mb : int
@@ -116,6 +125,9 @@ class ReceiverConfig:
     folder_layout: str = DEFAULT_LAYOUT
     max_pdu_bytes: int = 1048576
     max_associations: int = 16
+    max_pending_associations: int = 128
+    max_pending_per_peer: int = 16
+    refusal_log_interval_s: float = 60.0
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 120.0
@@ -506,6 +518,9 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         "receive_port": net.integer("receive_port", 11112, 1, 65535),
         "max_pdu_bytes": net.integer("max_pdu_bytes", 1048576, 0, 2**32 - 1),
         "max_associations": net.integer("max_associations", 16, 1, 1000),
+        "max_pending_associations": net.integer("max_pending_associations", 128, 1, 100000),
+        "max_pending_per_peer": net.integer("max_pending_per_peer", 16, 1, 100000),
+        "refusal_log_interval_s": net.seconds("refusal_log_interval_s", 60.0),
         "acse_timeout_s": net.seconds("acse_timeout_s", 30.0, lo=0.1),
         "dimse_timeout_s": net.seconds("dimse_timeout_s", 60.0, lo=0.1),
         "network_timeout_s": net.seconds("network_timeout_s", 120.0, lo=0.1),
@@ -757,13 +772,11 @@ def find_config(explicit: Path | None, cwd: Path) -> Path | None:
 def route_for(receiver: ReceiverConfig, calling_aet: str) -> Path:
     """Return the folder for objects from ``calling_aet`` ([AE_Mappings] or ``incoming``).
 
-    An exact AE title match wins; otherwise a case-insensitive match is used.
+    The AE title must match exactly (padding removed), as for trusted_ae_titles
+    and [AE_Hosts]: ``bound`` is not ``BOUND``.
     """
     for aet, folder in receiver.ae_mappings:
         if aet == calling_aet:
-            return folder
-    for aet, folder in receiver.ae_mappings:
-        if aet.upper() == calling_aet.upper():
             return folder
     return receiver.destination_dir / "incoming"
 
@@ -782,6 +795,9 @@ _RECEIVER_SECTIONS: Final = {
         "receive_port",
         "max_pdu_bytes",
         "max_associations",
+        "max_pending_associations",
+        "max_pending_per_peer",
+        "refusal_log_interval_s",
         "acse_timeout_s",
         "dimse_timeout_s",
         "network_timeout_s",

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -250,6 +250,18 @@ def _pump_logs(log_pipe: Any) -> None:
             logging.getLogger(record.name).handle(record)
 
 
+def _worker_config(cfg: NodeConfig, processes: int) -> NodeConfig:
+    """Return ``cfg`` with the node-wide pending-connection bounds shared among ``processes``."""
+    rc = cfg.receiver
+    share = max(1, processes)
+    pending = max(1, -(-rc.max_pending_associations // share))
+    per_peer = max(1, -(-rc.max_pending_per_peer // share))
+    return replace(
+        cfg,
+        receiver=replace(rc, max_pending_associations=pending, max_pending_per_peer=per_peer),
+    )
+
+
 @dataclass(slots=True)
 class _Worker:
     process: SpawnProcess
@@ -338,7 +350,14 @@ class ReceiverPool:
         self._load[index] = 0  # a restarted worker starts with no connections
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.cfg, index, self._sock, log_send, child_conn, self._load),
+            args=(
+                _worker_config(self.cfg, self.processes),
+                index,
+                self._sock,
+                log_send,
+                child_conn,
+                self._load,
+            ),
             name=f"dicomnode-receiver-{index}",
             daemon=False,
         )
