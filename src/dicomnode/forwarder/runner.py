@@ -30,7 +30,7 @@ from typing import Final
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import ForwarderConfig
-from dicomnode.dicomtags import read_header, text_of
+from dicomnode.dicomtags import text_of
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
     IMPLICIT_VR_LE,
@@ -58,7 +58,7 @@ from dicomnode.forwarder.outcome import (
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
-from dicomnode.integrity import find_defect
+from dicomnode.integrity import find_defect, read_header_bounded
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     if jf.size == 0:
         return ParkReason(None, "empty file (0 bytes)")
     try:
-        ds = read_header(jf.path)
+        ds = read_header_bounded(jf.path)  # a deflated data set is never inflated whole
     except (InvalidDicomError, EOFError) as exc:
         return ParkReason(None, f"not a DICOM file: {exc}")
     except OSError as exc:

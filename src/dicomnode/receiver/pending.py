@@ -10,7 +10,7 @@ it is closed with an ``ABORTED`` line. At most ``max_pending_associations``
 connections (and ``max_pending_per_peer`` per peer IP address) negotiate at
 once; a new connection beyond either bound closes the *oldest* one, so idle or
 slow peers can never keep an arriving sender out. An A-ASSOCIATE-RQ longer
-than :data:`MAX_ASSOCIATE_RQ_BYTES` is answered with A-ASSOCIATE-RJ (never
+than :data:`MAX_ASSOCIATE_RQ_BYTES` is answered with A-ABORT (never
 buffered). A complete request is handed to ``on_request`` (admission, then a
 serving thread). Refusals go through a :class:`~dicomnode.receiver.admission.RefusalLog`.
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Final
 
 from dicomnode.receiver.admission import RefusalLog
-from dicomnode.receiver.negotiation import AssociateRequest, associate_rj, parse_associate_rq
+from dicomnode.receiver.negotiation import AssociateRequest, parse_associate_rq
 from dicomnode.upperlayer import ABORT_UNEXPECTED_PDU, ASSOCIATE_RQ
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ _POLL_S: Final = 0.5
 _ACCEPT_BATCH: Final = 64
 #: How long a busier process of a pool leaves a new connection to the others.
 _YIELD_S: Final = 0.02
-#: A-ASSOCIATE-RJ (result, source, reason): permanent, ACSE service provider, no reason given.
-REJECT_OVERSIZE: Final = (0x01, 0x02, 0x01)
+#: A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value).
+ABORT_INVALID_PARAMETER: Final = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
 #: Called with (socket, (ip, port), request) once a whole A-ASSOCIATE-RQ has arrived;
 #: the socket is blocking again and belongs to the callee.
@@ -367,12 +367,12 @@ class Negotiator:
                 pending.ip,
                 "oversize",
                 "ABORTED association peer=%s reason=A-ASSOCIATE-RQ of %d bytes is longer than "
-                "the %d bytes accepted (answered A-ASSOCIATE-RJ)",
+                "the %d bytes accepted (answered A-ABORT)",
                 pending.where,
                 length,
                 MAX_ASSOCIATE_RQ_BYTES,
             )
-            self._answer_and_close(pending, associate_rj(*REJECT_OVERSIZE))
+            self._answer_and_close(pending, ABORT_INVALID_PARAMETER)
             return False
         pending.need = 6 + length
         return True
