@@ -284,7 +284,7 @@ class _TempFiles:
     are only held ready while associations are served: :meth:`release` (no
     association left) and :meth:`close` delete the unused ones, so an idle
     node's temp folder is empty (a crash leaves a few empty files, removed at
-    the next start).
+    the next start, or when the pool restarts the process).
 
     Parameters
     ----------
@@ -292,11 +292,14 @@ class _TempFiles:
         The temp folder on the destination volume.
     keep : int
         How many files to hold ready.
+    prefix : str
+        Start of every file name (this process's, in a pool).
     """
 
-    def __init__(self, folder: Path, keep: int = 8) -> None:
+    def __init__(self, folder: Path, keep: int = 8, prefix: str = "") -> None:
         self.folder = folder
         self.keep = keep
+        self.prefix = prefix
         self._ready: collections.deque[tuple[Path, int]] = collections.deque()
         self._lock = threading.Lock()
         self._wanted = False
@@ -306,9 +309,9 @@ class _TempFiles:
         self._thread.start()
 
     @staticmethod
-    def create(folder: Path) -> tuple[Path, int]:
+    def create(folder: Path, prefix: str = "") -> tuple[Path, int]:
         """Create a uniquely named empty file in ``folder``; return path and descriptor."""
-        path = folder / f"{uuid.uuid4().hex}.dcm"
+        path = folder / f"{prefix}{uuid.uuid4().hex}.dcm"
         return path, create_temp(path)
 
     def take(self) -> tuple[Path, int]:
@@ -325,7 +328,7 @@ class _TempFiles:
             low = len(self._ready) <= self.keep // 2
         if low:
             self._wake.set()  # refilled in batches: fewer thread switches per object
-        return ready if ready is not None else self.create(self.folder)
+        return ready if ready is not None else self.create(self.folder, self.prefix)
 
     def _fill(self) -> None:
         while not self._closed:
@@ -333,7 +336,7 @@ class _TempFiles:
             self._wake.clear()
             while self._wanted and not self._closed and len(self._ready) < self.keep:
                 try:
-                    made = self.create(self.folder)
+                    made = self.create(self.folder, self.prefix)
                 except OSError:
                     break  # take() creates (and reports) on demand
                 with self._lock:
@@ -682,6 +685,8 @@ class LeanServer:
         Given this process's connection count (including a new one), returns
         False when the node as a whole is at ``max_associations``; by default
         the count is compared with ``max_associations``.
+    tmp_prefix : str, optional
+        Name prefix of this process's temp files (one per process of a pool).
     """
 
     def __init__(
@@ -692,11 +697,13 @@ class LeanServer:
         listen_socket: socket.socket | None = None,
         node_has_room: Callable[[int], bool] | None = None,
         may_accept: Callable[[int], bool] | None = None,
+        tmp_prefix: str = "",
     ) -> None:
         self.cfg = cfg
         self.handler = handler
         self.ssl_context = ssl_context
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
+        self.tmp_prefix = tmp_prefix
         self.temp_files: _TempFiles | None = None
         self._shared = listen_socket is not None
         self._listen = listen_socket
@@ -728,7 +735,7 @@ class LeanServer:
                 sock.close()
                 raise
             self._listen = sock
-        self.temp_files = _TempFiles(self.tmp_dir)
+        self.temp_files = _TempFiles(self.tmp_dir, prefix=self.tmp_prefix)
         self._negotiator = Negotiator(
             self._listen,
             self.cfg.acse_timeout_s,
@@ -779,7 +786,9 @@ class LeanServer:
                 return _Transfer(None, b"", 0, reason)
         try:
             path, fd = (
-                self.temp_files.take() if self.temp_files else _TempFiles.create(self.tmp_dir)
+                self.temp_files.take()
+                if self.temp_files
+                else _TempFiles.create(self.tmp_dir, self.tmp_prefix)
             )
         except OSError as exc:
             return _Transfer(None, b"", 0, exc)

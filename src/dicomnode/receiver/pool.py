@@ -153,6 +153,7 @@ def _worker_main(
     from dicomnode import tls
     from dicomnode.receiver.admission import SharedLoad
     from dicomnode.receiver.server import Receiver
+    from dicomnode.storage import worker_temp_prefix
 
     # Every (re)started worker resumes: jobs of live workers are skipped by the converter.
     converter, post_store = start_converter(cfg, resume=True)
@@ -162,6 +163,7 @@ def _worker_main(
         tls.server_context(cfg.tls),
         listen_socket=sock,
         shared_load=SharedLoad(load, index),
+        temp_prefix=worker_temp_prefix(index),
     )
     receiver.start(prepare=False)
     conn.send("ready")
@@ -304,12 +306,14 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
+        from dicomnode.receiver.server import sweep_stale_parts
         from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
         rc = self.cfg.receiver
         check_writable(rc.destination_dir)
         check_writable(rc.errors_dir)
         clean_stale_temp(rc.destination_dir / INCOMING_TMP)
+        sweep_stale_parts(rc)
         self._sock = bind_listening_socket(self.cfg.receiver)
         for index in range(self.processes):
             self._spawn(index)
@@ -341,6 +345,13 @@ class ReceiverPool:
         return False
 
     def _spawn(self, index: int) -> None:
+        from dicomnode.storage import INCOMING_TMP, clean_stale_temp, worker_temp_prefix
+
+        # A (re)started process begins without temp files: what a crashed
+        # predecessor left was never acknowledged.
+        clean_stale_temp(
+            self.cfg.receiver.destination_dir / INCOMING_TMP, worker_temp_prefix(index)
+        )
         parent_conn, child_conn = self._ctx.Pipe()
         log_recv, log_send = self._ctx.Pipe(duplex=False)
         pump = threading.Thread(

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
+import time
 from typing import Any
 
 from dicomnode.config import ReceiverConfig
@@ -22,9 +24,32 @@ from dicomnode.errors import StorageError
 from dicomnode.receiver.admission import SharedLoad
 from dicomnode.receiver.lean import LeanServer
 from dicomnode.receiver.store import PostStore, StoreHandler
-from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
+from dicomnode.storage import (
+    INCOMING_TMP,
+    check_writable,
+    clean_stale_parts,
+    clean_stale_temp,
+    use_temp_dir,
+)
 
 logger = logging.getLogger(__name__)
+
+
+def sweep_stale_parts(cfg: ReceiverConfig) -> threading.Thread:
+    """Remove, in a background thread, ``.part`` files a killed node left in its AE folders.
+
+    Runs once at start; only files older than the start are removed (see
+    :func:`dicomnode.storage.clean_stale_parts`), so walking a large archive
+    delays nothing and copies begun since are left alone.
+    """
+    roots = [cfg.destination_dir / "incoming", *(folder for _, folder in cfg.ae_mappings)]
+    roots.append(cfg.errors_dir)
+    started = time.time()
+    thread = threading.Thread(
+        target=clean_stale_parts, args=(roots, started), name="PartSweep", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 class Receiver:
@@ -43,6 +68,8 @@ class Receiver:
         (see :mod:`dicomnode.receiver.pool`); when None the receiver binds itself.
     shared_load : SharedLoad, optional
         The pool's shared connection counts, so max_associations is node-wide.
+    temp_prefix : str, optional
+        Name prefix of this process's temp files (a pool gives each process its own).
     """
 
     def __init__(
@@ -52,8 +79,10 @@ class Receiver:
         ssl_context: ssl.SSLContext | None = None,
         listen_socket: socket.socket | None = None,
         shared_load: SharedLoad | None = None,
+        temp_prefix: str = "",
     ) -> None:
         self.cfg = cfg
+        self.temp_prefix = temp_prefix
         self.ssl_context = ssl_context
         self.listen_socket = listen_socket
         self.shared_load = shared_load
@@ -74,6 +103,7 @@ class Receiver:
         tmp = self.cfg.destination_dir / INCOMING_TMP
         clean_stale_temp(tmp)
         use_temp_dir(tmp)
+        sweep_stale_parts(self.cfg)
 
     def start(self, prepare: bool = True) -> None:
         """Start listening on ``server_ip:receive_port`` in background threads.
@@ -112,6 +142,7 @@ class Receiver:
                 self.listen_socket,
                 room,
                 load.may_accept if load is not None else None,
+                self.temp_prefix,
             )
             self._lean.start()
         logger.log(
