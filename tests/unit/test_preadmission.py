@@ -174,3 +174,27 @@ def test_preadmission_cut_off_deflated_stream_is_a_defect(tmp_path: Path) -> Non
     assert text_of(read_header(path), "SOPInstanceUID") == text_of(
         read_header_bounded(path), "SOPInstanceUID"
     )
+
+
+def test_preadmission_forwarder_parks_a_deflate_bomb_without_inflating_it(tmp_path: Path) -> None:
+    from pathlib import PurePosixPath
+
+    from dicomnode.forwarder.outcome import ParkReason
+    from dicomnode.forwarder.runner import JobFile, inspect_file
+
+    path = save_deflated(make_image("CT"), 400 * 1024 * 1024, tmp_path / "g" / "bomb.dcm")
+    st = path.stat()
+    job = JobFile(path, "g/bomb.dcm", PurePosixPath("bomb.dcm"), st.st_size, st.st_mtime_ns)
+    tracemalloc.start()
+    try:
+        verdict = inspect_file(job, PurePosixPath("g/bomb.dcm"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(verdict, ParkReason)
+    assert "deflate bomb" in verdict.reason
+    assert peak < 12 * 1024 * 1024, f"peak {peak} bytes while the forwarder read a bomb's header"
+    fine = save_deflated(make_image("CT"), 1000, tmp_path / "g" / "fine.dcm")
+    st = fine.stat()
+    job = JobFile(fine, "g/fine.dcm", PurePosixPath("fine.dcm"), st.st_size, st.st_mtime_ns)
+    assert not isinstance(inspect_file(job, PurePosixPath("g/fine.dcm")), ParkReason)
