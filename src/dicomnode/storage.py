@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -301,15 +300,6 @@ def clean_stale_parts(roots: list[Path], older_than: float) -> int:
             ", ".join(str(r) for r in roots),
         )
     return removed
-
-
-def use_temp_dir(folder: Path) -> None:
-    """Make ``folder`` the process temporary folder (pynetdicom streams objects there).
-
-    Keeping it on the destination volume makes the final rename atomic.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(folder)
 
 
 def check_writable(folder: Path) -> None:
