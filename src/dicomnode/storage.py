@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from dicomnode.errors import StorageError
+from dicomnode.logsafe import escape
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -203,7 +204,7 @@ def quarantine(src: Path | None, errors_dir: Path, name_hint: str, reason: str) 
             target = errors_dir / f"{base}.dcm"
             place_file(src, target)
         write_bytes_atomic(
-            f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\nreason: {reason}\n".encode(),
+            f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\nreason: {escape(reason)}\n".encode(),
             errors_dir / f"{base}.log",
         )
     except OSError as exc:

@@ -29,17 +29,23 @@ logger = logging.getLogger(__name__)
 
 
 def sweep_stale_parts(cfg: ReceiverConfig) -> threading.Thread:
-    """Remove, in a background thread, ``.part`` files a killed node left in its AE folders.
+    """Remove ``.part`` files a killed node left in its AE folders and errors folder.
 
     Runs once at start; only files older than the start are removed (see
-    :func:`dicomnode.storage.clean_stale_parts`), so walking a large archive
-    delays nothing and copies begun since are left alone.
+    :func:`dicomnode.storage.clean_stale_parts`), so copies begun since are
+    left alone. AE folders outside ``destination_dir`` (where copies across
+    volumes go, typically a drained watch folder) are swept before this
+    returns; the destination's own tree, which may be a large archive, in a
+    background thread.
     """
-    roots = [cfg.destination_dir / "incoming", *(folder for _, folder in cfg.ae_mappings)]
-    roots.append(cfg.errors_dir)
     started = time.time()
+    mapped = [folder for _, folder in cfg.ae_mappings]
+    outside = [f for f in mapped if not f.is_relative_to(cfg.destination_dir)]
+    clean_stale_parts(outside, started)
+    inside = [cfg.destination_dir / "incoming", cfg.errors_dir]
+    inside += [f for f in mapped if f.is_relative_to(cfg.destination_dir)]
     thread = threading.Thread(
-        target=clean_stale_parts, args=(roots, started), name="PartSweep", daemon=True
+        target=clean_stale_parts, args=(inside, started), name="PartSweep", daemon=True
     )
     thread.start()
     return thread
