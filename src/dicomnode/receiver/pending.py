@@ -130,6 +130,7 @@ class Negotiator:
         self._selector = selectors.DefaultSelector()
         self._stopping = threading.Event()
         self._listening = False
+        self._yield_until = 0.0
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -161,39 +162,47 @@ class Negotiator:
     # ----------------------------------------------------------------- the loop
 
     def _loop(self) -> None:
-        yield_until = 0.0
         try:
             while not self._stopping.is_set():
-                now = time.monotonic()
-                if not self._listening and now >= yield_until:
-                    self._listen_on(True)
-                timeout = _POLL_S
-                if self._pending:
-                    oldest = min(p.deadline for p in self._pending.values())
-                    timeout = max(0.0, min(timeout, oldest - now))
-                if not self._listening:
-                    timeout = max(0.0, min(timeout, yield_until - now))
-                for key, _events in self._selector.select(timeout):
-                    if key.data is None:
-                        if self.may_accept is None or self.may_accept(self.active()):
-                            self._accept(_ACCEPT_BATCH)
-                        elif yield_until <= now < yield_until + _POLL_S:
-                            self._accept(1)  # nobody else took it: serve it here
-                            yield_until = 0.0
-                        else:
-                            yield_until = now + _YIELD_S
-                            self._listen_on(False)
-                    else:
-                        self._progress(key.data)
-                self._expire(time.monotonic())
-                self.refusals.flush()
-        except Exception:
-            logger.exception("receiver acceptor failed; no new connections are accepted")
+                try:
+                    self._turn()
+                except Exception:  # a bug must not leave the node deaf: log, keep accepting
+                    logger.exception("receiver acceptor: unexpected error (still accepting)")
+                    self._stopping.wait(0.1)
         finally:
             for pending in list(self._pending.values()):
                 self._close(pending)
             with contextlib.suppress(Exception):
                 self._selector.close()
+
+    def _turn(self) -> None:
+        """Wait for readiness or the next deadline once, and act on what happened."""
+        now = time.monotonic()
+        if not self._listening and now >= self._yield_until:
+            self._listen_on(True)
+        timeout = _POLL_S
+        if self._pending:
+            oldest = min(p.deadline for p in self._pending.values())
+            timeout = max(0.0, min(timeout, oldest - now))
+        if not self._listening:
+            timeout = max(0.0, min(timeout, self._yield_until - now))
+        for key, _events in self._selector.select(timeout):
+            if key.data is None:
+                self._on_listen_ready(now)
+            else:
+                self._progress(key.data)
+        self._expire(time.monotonic())
+        self.refusals.flush()
+
+    def _on_listen_ready(self, now: float) -> None:
+        if self.may_accept is None or self.may_accept(self.active()):
+            self._accept(_ACCEPT_BATCH)
+        elif self._yield_until <= now < self._yield_until + _POLL_S:
+            self._accept(1)  # nobody else took it within the pause: serve it here
+            self._yield_until = 0.0
+        else:  # leave it to a less busy process for a moment
+            self._yield_until = now + _YIELD_S
+            self._listen_on(False)
 
     def _accept(self, batch: int) -> None:
         for _ in range(batch):
@@ -386,7 +395,7 @@ class Negotiator:
     def _complete(self, pending: _Pending) -> None:
         try:
             request = parse_associate_rq(memoryview(pending.raw)[6:])
-        except ValueError as exc:
+        except (ValueError, IndexError, struct.error) as exc:
             self.refusals.warning(
                 pending.ip,
                 "protocol",
