@@ -379,9 +379,9 @@ class _Association:
         self.ip, self.port = str(address[0]), int(address[1])
         self.where = f"{self.ip}:{self.port}"
         self.request = request
-        #: The calling AE title: admission only lets through printable ASCII without
-        #: backslash, so it is safe in log lines (and escaped anyway).
-        self.calling = escape(request.calling_ae)
+        #: The calling AE title, as admitted: admission lets through only printable
+        #: ASCII without backslash (policy.is_valid_peer_ae), so it routes and logs as is.
+        self.calling = request.calling_ae
         self.established = False
         self._send_lock = threading.Lock()
         self._closed = False
