@@ -198,3 +198,44 @@ def test_preadmission_forwarder_parks_a_deflate_bomb_without_inflating_it(tmp_pa
     st = fine.stat()
     job = JobFile(fine, "g/fine.dcm", PurePosixPath("fine.dcm"), st.st_size, st.st_mtime_ns)
     assert not isinstance(inspect_file(job, PurePosixPath("g/fine.dcm")), ParkReason)
+
+
+# --------------------------------------------------------------------------- stale files
+
+
+def test_preadmission_stale_part_files_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import os
+
+    from dicomnode.storage import clean_stale_parts, part_path
+
+    final = tmp_path / "ae" / "PAT" / "STUDY" / "CT_1.dcm"
+    final.parent.mkdir(parents=True)
+    stale = part_path(final)
+    stale.write_bytes(b"half a copy")
+    os.utime(stale, (1_000_000, 1_000_000))
+    live = part_path(final)
+    live.write_bytes(b"being copied now")
+    kept = final.parent / "notes.part"  # not a name part_path gives: never touched
+    kept.write_bytes(b"x")
+    os.utime(kept, (1_000_000, 1_000_000))
+    hidden = tmp_path / "ae" / ".convert-pending"
+    hidden.mkdir()
+    inside_hidden = part_path(hidden / "x.dcm")
+    inside_hidden.write_bytes(b"x")
+    os.utime(inside_hidden, (1_000_000, 1_000_000))
+    assert clean_stale_parts([tmp_path / "ae", tmp_path / "missing"], time.time() - 60) == 1
+    assert not stale.exists()
+    assert live.exists() and kept.exists() and inside_hidden.exists()
+
+
+def test_preadmission_worker_temp_files_are_cleaned_by_prefix(tmp_path: Path) -> None:
+    from dicomnode.storage import clean_stale_temp, worker_temp_prefix
+
+    mine = tmp_path / f"{worker_temp_prefix(1)}abc.dcm"
+    other = tmp_path / f"{worker_temp_prefix(0)}def.dcm"
+    other11 = tmp_path / f"{worker_temp_prefix(11)}ghi.dcm"
+    for path in (mine, other, other11):
+        path.write_bytes(b"partial")
+    assert clean_stale_temp(tmp_path, worker_temp_prefix(1)) == 1
+    assert not mine.exists() and other.exists() and other11.exists()
+    assert clean_stale_temp(tmp_path) == 2
