@@ -72,6 +72,14 @@ class _Stop(Exception):
     """Internal: every wanted top-level element has been passed."""
 
 
+class DeflatedDataSetError(ValueError):
+    """A deflated data set is a bomb, cut off or corrupt: its header cannot be read safely.
+
+    Not an ``InvalidDicomError`` on purpose: callers that retry a file pydicom
+    calls "not DICOM" with ``force=True`` would then inflate the bomb whole.
+    """
+
+
 class _FileView:
     """Read-only slices of an open file (``view[a:b]`` reads those bytes).
 
@@ -459,11 +467,12 @@ def read_header_bounded(path: Path) -> Dataset:
     Raises
     ------
     InvalidDicomError
-        When the file is not DICOM, or its deflated data set is defective.
+        When the file is not DICOM.
+    DeflatedDataSetError
+        When its deflated data set is a bomb, cut off or corrupt.
     OSError
         When it cannot be read.
     """
-    from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_file_meta_info
 
     from dicomnode.dicomtags import HEADER_TAG_NUMBERS, header_from_elements, read_header
@@ -478,7 +487,7 @@ def read_header_bounded(path: Path) -> Dataset:
         return read_header(path)
     exam = examine(path, HEADER_TAG_NUMBERS)
     if exam.defect is not None:
-        raise InvalidDicomError(exam.defect)
+        raise DeflatedDataSetError(exam.defect)
     ds = header_from_elements(exam.elements, False, True)
     ds.file_meta = read_file_meta_info(path)
     return ds

@@ -9,12 +9,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from pydicom.errors import InvalidDicomError
 
 from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import HEADER_TAG_NUMBERS, header_from_elements, read_header, text_of
-from dicomnode.integrity import examine, find_defect, read_header_bounded
+from dicomnode.integrity import DeflatedDataSetError, examine, find_defect, read_header_bounded
 from dicomnode.logsafe import escape, escape_message
 from dicomnode.receiver.admission import RefusalLog
 from dicomnode.receiver.negotiation import ae_text
@@ -155,7 +154,7 @@ def test_preadmission_deflate_bomb_is_a_defect_with_flat_memory(tmp_path: Path) 
     tracemalloc.start()
     try:
         defect = find_defect(path)
-        with pytest.raises(InvalidDicomError, match="deflate bomb"):
+        with pytest.raises(DeflatedDataSetError, match="deflate bomb"):
             read_header_bounded(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
