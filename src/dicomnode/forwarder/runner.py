@@ -67,6 +67,7 @@ from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.transcode import EXPLICIT_VR_BE
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
 from dicomnode.integrity import examine, find_defect, read_header_bounded
+from dicomnode.logsafe import escape
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -283,10 +284,8 @@ def bare_data_set_defect(path: Path, syntax: str) -> str | None:
 
 
 def escaped(text: str) -> str:
-    """Return ``text`` with everything but printable ASCII written as escapes (for log lines)."""
-    return "".join(
-        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text
-    )
+    """Return ``text`` safe for one log line: :func:`dicomnode.logsafe.escape` (the one rule)."""
+    return escape(text)
 
 
 def is_sendable_uid(uid: str) -> bool:
