@@ -427,3 +427,31 @@ def test_preadmission_temp_file_of_a_killed_worker_is_removed_when_it_restarts(
     finally:
         sender.kill()
         sender.wait()
+
+
+def test_preadmission_forwarder_log_and_send_errors_cannot_be_forged_by_file_names(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    from tests.integration.test_forward_cli import SlowSCP, forwarder_ini
+
+    scp = SlowSCP(delay_s=0.0)
+    try:
+        watch = tmp_path / "watch"
+        group = watch / "PAT\nFORGED-GROUP"
+        save(make_image("CT"), group / "good.dcm")
+        (group / "bad\rFORGED\tfield.dcm").write_bytes(b"not DICOM at all\n")
+        node = start_node(
+            ["--config", str(forwarder_ini(tmp_path, watch, scp.port)), "--no-receiver"]
+        )
+        errors_log = watch / "failed" / "send_errors.log"
+        assert wait_until(lambda: errors_log.exists() and scp.count() == 1, 30), node.output()
+        assert wait_until(lambda: not group.exists(), 30), node.output()
+        lines = errors_log.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 1, lines
+        assert len(lines[0].split("\t")) == 6, lines[0]  # no forged tab-separated field
+        assert "bad\\x0dFORGED\\x09field.dcm" in lines[0] or "bad FORGED field" in lines[0]
+        output = node.output()
+        assert forged_lines(output) == [], forged_lines(output)
+        assert "\r" not in output
+    finally:
+        scp.stop()

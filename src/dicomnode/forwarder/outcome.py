@@ -206,7 +206,7 @@ def park_file(
         dest = _unique(folder.joinpath(*inside.parts))
         dest.parent.mkdir(parents=True, exist_ok=True)
         parked = dest.relative_to(park_root).as_posix()
-        append_error_log(park_root, f"{line}\tparked={parked}")
+        append_error_log(park_root, f"{line}\tparked={_one_line(parked)}")
         shutil.move(str(src), str(dest))
         fsync_dir(dest.parent)
     except FileNotFoundError:
