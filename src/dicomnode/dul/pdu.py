@@ -114,6 +114,16 @@ def ae_title_field(title: str) -> bytes:
     return raw.ljust(16)
 
 
+def ae_text(raw: bytes | bytearray | memoryview) -> str:
+    """Decode an AE title field, removing only DICOM's padding.
+
+    Leading and trailing spaces are padding (PS3.8 9.3.2), and so are trailing
+    NULs some implementations write; nothing else is changed. Bytes outside
+    ASCII are kept (as Latin-1) so admission sees and refuses them.
+    """
+    return bytes(raw).rstrip(b"\x00").strip(b" ").decode("latin-1")
+
+
 def uid_text(raw: bytes | bytearray | memoryview) -> str:
     """Decode a UID or AE value, dropping NUL and space padding."""
     return bytes(raw).strip(b"\x00 ").decode("ascii", errors="replace")
@@ -177,7 +187,7 @@ class A_ASSOCIATE_RQ:
     Attributes
     ----------
     called_ae, calling_ae : str
-        AE titles without padding.
+        AE titles without padding (:func:`ae_text`), otherwise as sent.
     application_context : str
         Application context name (the DICOM one is :data:`APPLICATION_CONTEXT`).
     contexts : tuple of ProposedContext
@@ -255,8 +265,8 @@ class A_ASSOCIATE_RQ:
             elif item_type == _USER_INFORMATION_ITEM:
                 max_pdu = _max_pdu_of(value)
         return cls(
-            uid_text(raw[4:20]),
-            uid_text(raw[20:36]),
+            ae_text(raw[4:20]),
+            ae_text(raw[20:36]),
             app_context,
             tuple(contexts),
             max_pdu,
