@@ -180,7 +180,6 @@ def test_preadmission_forwarder_parks_a_deflate_bomb_without_inflating_it(tmp_pa
 
     from dicomnode.forwarder.header import inspect_file
     from dicomnode.forwarder.job import JobFile
-
     from dicomnode.forwarder.outcome import ParkReason
 
     path = save_deflated(make_image("CT"), 400 * 1024 * 1024, tmp_path / "g" / "bomb.dcm")
