@@ -100,3 +100,19 @@ def test_pool_second_node_on_same_port_fails(
     second = start_node(["--config", str(cfg), "--no-watcher"])
     assert second.proc.wait(30) == 3
     assert "cannot listen" in second.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_pool_stop_by_signal_prints_no_traceback_and_keeps_worker_lines(
+    pool_node, port: int, tmp_path: Path, signum: int
+) -> None:  # type: ignore[no-untyped-def]
+    assert send(port, tmp_path, 10, "s") == 0
+    assert wait_until(lambda: pool_node.output().count("STORED calling_ae=SCANNER") == 10, 60)
+    pool_node.proc.send_signal(signum)
+    assert pool_node.proc.wait(60) == 0
+    out = pool_node.output()
+    assert "Traceback" not in out, out
+    assert "Error" not in out.replace("STORE-FAILED", ""), out
+    # each worker's own last line (sent while it stops) reaches the parent's log
+    assert out.count("STOPPED receiver\n") == 2, out
+    assert "STOPPED receiver processes" in out
