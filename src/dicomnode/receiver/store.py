@@ -121,6 +121,7 @@ class StoreHandler:
         too_large: bool = False,
         content: bytes | bytearray | None = None,
         reports: list[Callable[[], None]] | None = None,
+        command_uids: tuple[str, str] | None = None,
     ) -> int:
         """File one completely received object and return its C-STORE status.
 
@@ -145,6 +146,13 @@ class StoreHandler:
         reports : list, optional
             When given, the ``STORED`` log line is appended here as a callable
             instead of being logged, so the transport can send the response first.
+        command_uids : tuple of str, optional
+            ``(Affected SOP Class UID, Affected SOP Instance UID)`` of the request
+            command. When given, they must equal the data set's SOP Class and SOP
+            Instance UID: the File Meta Information is built from the command, and
+            a file whose header contradicts its data set would later be refused by
+            the forwarding target.
+
         Returns
         -------
         int
@@ -155,6 +163,9 @@ class StoreHandler:
             0xC000 Error, cannot understand: the object is structurally incomplete
             (an element runs past the end: truncated), cannot be parsed, or has no
             valid SOP Instance UID.
+            0xA900 Error, data set does not match SOP class: the command's Affected
+            SOP Class or Instance UID differs from the data set's (PS3.4 B.2.3;
+            only checked when ``command_uids`` is given).
             0x0110 Processing failure: an unexpected error in the node.
             Never raises; ``tmp`` is filed, kept in errors/ or deleted.
         """
@@ -166,7 +177,9 @@ class StoreHandler:
                 else:
                     status = self._refuse_too_large(calling, where, affected_uid, None)
             else:
-                status = self._store(tmp, calling, where, started, affected_uid, content, reports)
+                status = self._store(
+                    tmp, calling, where, started, affected_uid, content, reports, command_uids
+                )
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
             self._keep(tmp, affected_uid, f"unexpected error: {exc!r}")
@@ -244,6 +257,7 @@ class StoreHandler:
         affected_uid: str,
         content: bytes | bytearray | None,
         reports: list[Callable[[], None]] | None,
+        command_uids: tuple[str, str] | None = None,
     ) -> int:
         if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
             logger.error(
@@ -268,6 +282,12 @@ class StoreHandler:
                 problem = f"missing or invalid SOP Instance UID {sop_uid!r}"
         if problem is not None:
             return self._fail(tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, problem)
+        if command_uids is not None:
+            mismatch = self._command_mismatch(header, sop_uid, command_uids)
+            if mismatch is not None:
+                return self._fail(
+                    tmp, calling, where, StoreStatus.DATASET_MISMATCH, mismatch, sop_uid
+                )
         ae_root = cfgmod.route_for(self.cfg, calling)
         if (
             self.cfg.min_free_space_mb
@@ -316,6 +336,27 @@ class StoreHandler:
             except Exception:
                 logger.exception("post-store step failed for %s (object is stored)", final)
         return int(StoreStatus.SUCCESS)
+
+    @staticmethod
+    def _command_mismatch(
+        header: _Header, sop_uid: str, command_uids: tuple[str, str]
+    ) -> str | None:
+        """Return why the request command contradicts the data set's UIDs, or None."""
+        affected_class, affected_instance = command_uids
+        if affected_instance != sop_uid:
+            return (
+                f"Affected SOP Instance UID {affected_instance!r} of the command differs from "
+                f"the data set's SOP Instance UID {sop_uid!r}"
+            )
+        sop_class = _plain_uid(header.exam.elements.get(_SOP_CLASS_UID))
+        if not sop_class:
+            sop_class = text_of(header.get(), "SOPClassUID")
+        if affected_class != sop_class:
+            return (
+                f"Affected SOP Class UID {affected_class!r} of the command differs from "
+                f"the data set's SOP Class UID {sop_class!r}"
+            )
+        return None
 
     def _refuse_unwritable(
         self, tmp: Path, calling: str, where: str, affected_uid: str, exc: OSError
