@@ -16,10 +16,12 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, Protocol
 
 from dicomnode.errors import StorageError
 
@@ -35,7 +37,34 @@ INCOMING_TMP: Final = ".incoming-tmp"
 #: Hidden folder below an AE folder holding markers of pending Enhanced MR conversions;
 #: written by the receiver's conversion worker, honoured by the forwarder.
 CONVERT_PENDING_DIR: Final = ".convert-pending"
+#: Hidden lock file in an AE folder: held while a patient/study/series folder is created.
+FOLDERS_LOCK: Final = ".folders.lock"
 _IS_WINDOWS: Final = sys.platform == "win32"
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _lock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+                return
+            except OSError:  # LK_LOCK gives up after ~10 s: keep waiting
+                continue
+
+    def _unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def _unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,7 +94,7 @@ def part_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
 
 
-def place_file(src: Path, final: Path) -> None:
+def place_file(src: Path, final: Path, create_folders: bool = True) -> None:
     """Move the complete, closed file ``src`` to ``final`` atomically.
 
     ``src`` must already be fsynced. If ``final`` exists it is replaced in one
@@ -73,6 +102,9 @@ def place_file(src: Path, final: Path) -> None:
     copied to a ``.part`` file beside ``final``, fsynced and renamed. The folder
     of ``final`` is fsynced, and so is the parent of every folder created for it,
     so the new name survives a power loss once this returns.
+
+    With ``create_folders=False`` a missing folder raises FileNotFoundError
+    (the caller resolves folders itself, see :class:`FolderResolver`).
 
     Raises
     ------
@@ -87,7 +119,7 @@ def place_file(src: Path, final: Path) -> None:
         except FileNotFoundError:
             # The folder is new, or a forwarder watching this tree removed it as
             # emptied between mkdir and rename: create it (src itself still exists).
-            if attempt == 3 or not src.exists():
+            if attempt == 3 or not create_folders or not src.exists():
                 raise
             created += make_folders(final.parent)
         except OSError as exc:
@@ -123,6 +155,115 @@ def make_folders(folder: Path) -> list[Path]:
             if not path.is_dir():
                 raise
     return created
+
+
+class FolderLevel(Protocol):
+    """One level of a folder plan (:class:`dicomnode.organise.FolderLevel`)."""
+
+    @property
+    def name(self) -> str:
+        """The folder name this object gives the level when it creates it."""
+
+    @property
+    def tag(self) -> str | None:
+        """The identity tag the folder name ends with (``_<tag>``), or None."""
+
+
+class FolderResolver:
+    """Find or create the folders that stand for an object's patient, study and series.
+
+    A level with an identity tag is the folder of the parent whose name ends
+    with ``_<tag>``, whatever the rest of its name says: the first object of an
+    identity names the folder, later ones join it, also after a restart. New
+    folders are created while holding an exclusive lock on a hidden file in the
+    root (:data:`FOLDERS_LOCK`), after looking again, so receiver processes
+    and threads that file objects of one study at the same moment create one
+    folder. Folders found are remembered (one entry per series); a caller
+    whose folder has vanished (a forwarder removed it once empty) calls
+    :meth:`forget` and resolves again.
+    """
+
+    def __init__(self, cache_size: int = 512) -> None:
+        self._cache: dict[tuple[Path, tuple[str, ...]], Path] = {}
+        self._cache_size = cache_size
+        self._thread_lock = threading.Lock()
+
+    def resolve(self, root: Path, plan: Sequence[FolderLevel]) -> Path:
+        """Return the existing or newly created folder of ``plan`` below ``root``.
+
+        Folders created are fsynced into their parents before this returns.
+
+        Raises
+        ------
+        OSError
+            When a folder cannot be created.
+        """
+        key = (root, tuple(level.tag or "/" + level.name for level in plan))
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        folder = root
+        created: list[Path] = []
+        for level in plan:
+            folder = self._level(folder, level, root, created)
+        for parent in dict.fromkeys(c.parent for c in created):
+            fsync_dir(parent)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[key] = folder
+        return folder
+
+    def forget(self) -> None:
+        """Drop every remembered folder (one of them no longer exists)."""
+        self._cache.clear()
+
+    def _level(self, parent: Path, level: FolderLevel, root: Path, created: list[Path]) -> Path:
+        tag = level.tag
+        if tag is None:
+            target = parent / level.name
+            if not target.is_dir():
+                created += make_folders(target)
+            return target
+        existing = find_tagged(parent, tag)
+        if existing is not None:
+            return existing
+        with self._locked(root):
+            existing = find_tagged(parent, tag)
+            if existing is not None:
+                return existing
+            target = parent / level.name
+            created += make_folders(target)
+            return target
+
+    @contextlib.contextmanager
+    def _locked(self, root: Path) -> Iterator[None]:
+        """Hold the root's folder lock: against other threads, then other processes."""
+        with self._thread_lock:
+            if not root.is_dir():
+                make_folders(root)
+            fd = os.open(root / FOLDERS_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0))
+            try:
+                _lock_fd(fd)
+                try:
+                    yield
+                finally:
+                    _unlock_fd(fd)
+            finally:
+                os.close(fd)
+
+
+def find_tagged(parent: Path, tag: str) -> Path | None:
+    """Return the folder of ``parent`` whose name ends with ``_<tag>`` (the first by name)."""
+    suffix = "_" + tag
+    matches: list[str] = []
+    try:
+        with os.scandir(parent) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix) and entry.is_dir(follow_symlinks=True):
+                    matches.append(entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return parent / min(matches) if matches else None
 
 
 def _copy_across_volumes(src: Path, final: Path) -> None:

@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Final
 
 from pydicom.dataset import Dataset
@@ -33,9 +33,15 @@ from dicomnode.dicomtags import (
     text_of,
 )
 from dicomnode.integrity import Examination, examine
-from dicomnode.organise import instance_file_name, modality_prefix, relative_dir, relative_path
+from dicomnode.organise import (
+    FolderLevel,
+    file_name,
+    folder_plan,
+    instance_file_name,
+    modality_prefix,
+)
 from dicomnode.status import StoreStatus
-from dicomnode.storage import free_space_mb, place_file, quarantine
+from dicomnode.storage import FolderResolver, free_space_mb, place_file, quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +105,8 @@ class StoreHandler:
         self.cfg = cfg
         self.post_store = post_store
         self._max_bytes = cfg.max_object_mb * 1_000_000
-        self._folders: dict[object, tuple[PurePosixPath, str]] = {}
+        self._plans: dict[object, tuple[tuple[FolderLevel, ...], str]] = {}
+        self._resolver = FolderResolver()
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -203,31 +210,53 @@ class StoreHandler:
         )
         return int(StoreStatus.OUT_OF_RESOURCES)
 
-    def _relative_path(self, header: _Header, sop_uid: str) -> PurePosixPath:
-        """Return the object's path below its AE folder; the folder is computed once per series.
+    def _plan(self, header: _Header, sop_uid: str) -> tuple[tuple[FolderLevel, ...], str]:
+        """Return the object's folder plan and file name; the plan is computed once per series.
 
-        The folder (and the modality part of the file name) depend only on header
+        The plan (and the modality part of the file name) depend only on header
         values other than the per-instance ones, so they are remembered under
         their raw bytes and encoding: later objects of the series need neither
         the decoded header nor name cleaning, only their (valid) SOP Instance UID.
         """
         exam = header.exam
         if not exam.elements:
-            return relative_path(header.get(), self.cfg.folder_layout)
+            ds = header.get()
+            return folder_plan(ds, self.cfg.folder_layout), file_name(ds)
         key = (
             exam.implicit,
             exam.little,
             tuple(sorted(i for i in exam.elements.items() if i[0] not in _PER_INSTANCE_TAGS)),
         )
-        known = self._folders.get(key)
+        known = self._plans.get(key)
         if known is None:
             ds = header.get()
-            known = (relative_dir(ds, self.cfg.folder_layout), modality_prefix(ds))
-            if len(self._folders) >= _FOLDER_CACHE_SIZE:
-                self._folders.clear()
-            self._folders[key] = known
-        folder, prefix = known
-        return folder / instance_file_name(prefix, sop_uid)
+            known = (folder_plan(ds, self.cfg.folder_layout), modality_prefix(ds))
+            if len(self._plans) >= _FOLDER_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = known
+        plan, prefix = known
+        return plan, instance_file_name(prefix, sop_uid)
+
+    def _place(self, tmp: Path, ae_root: Path, plan: tuple[FolderLevel, ...], name: str) -> Path:
+        """Rename ``tmp`` into the folder of ``plan`` (found or created by identity).
+
+        Raises
+        ------
+        OSError
+            When the folder cannot be created or the file not moved.
+        """
+        for attempt in range(4):
+            final = self._resolver.resolve(ae_root, plan) / name
+            try:
+                place_file(tmp, final, create_folders=False)
+                return final
+            except FileNotFoundError:
+                # A forwarder removed the (emptied) folder since it was found: find
+                # or create it again, under the folder lock.
+                if attempt == 3 or not tmp.exists():
+                    raise
+                self._resolver.forget()
+        raise AssertionError("unreachable")
 
     def _judge(self, tmp: Path, content: bytes | bytearray | None) -> tuple[_Header, str | None]:
         """Walk the object once; return its (lazy) header and why it cannot be filed, or None."""
@@ -304,9 +333,10 @@ class StoreHandler:
                 ae_root,
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
-        final = ae_root / self._relative_path(header, sop_uid)
+        plan, name = self._plan(header, sop_uid)
+        final = ae_root.joinpath(*(level.name for level in plan), name)
         try:
-            place_file(tmp, final)
+            final = self._place(tmp, ae_root, plan, name)
         except OSError as exc:
             return self._fail(
                 tmp,
