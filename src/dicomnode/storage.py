@@ -217,6 +217,54 @@ class FolderResolver:
         """Drop every remembered folder (one of them no longer exists)."""
         self._cache.clear()
 
+    def place_folder(
+        self, staged: Path, root: Path, plan: Sequence[FolderLevel]
+    ) -> tuple[Path, bool]:
+        """Make the complete folder ``staged`` the last level of ``plan``, unless it exists.
+
+        Returns
+        -------
+        tuple
+            ``(folder, True)`` when ``staged`` was renamed into place (a new folder,
+            fsynced into its parent); ``(existing folder, False)`` when the level
+            already exists: the caller moves the files in.
+
+        Raises
+        ------
+        OSError
+            When a folder cannot be created or renamed.
+        """
+        if not plan:
+            return root, False
+        try:
+            return self._place_folder(staged, root, plan)
+        except FileNotFoundError:
+            if not staged.is_dir():
+                raise
+            self.forget()  # a remembered parent was removed since (emptied by a forwarder)
+            return self._place_folder(staged, root, plan)
+
+    def _place_folder(
+        self, staged: Path, root: Path, plan: Sequence[FolderLevel]
+    ) -> tuple[Path, bool]:
+        parent = self.resolve(root, plan[:-1])
+        last = plan[-1]
+        if last.tag is not None:
+            existing = find_tagged(parent, last.tag)
+            if existing is not None:
+                return existing, False
+        with self._locked(root):
+            if last.tag is not None:
+                existing = find_tagged(parent, last.tag)
+                if existing is not None:
+                    return existing, False
+            target = parent / last.name
+            if target.is_dir():
+                return target, False
+            os.rename(staged, target)
+        fsync_dir(parent)
+        return target, True
+
     def _level(self, parent: Path, level: FolderLevel, root: Path, created: list[Path]) -> Path:
         tag = level.tag
         if tag is None:
