@@ -37,6 +37,8 @@ INCOMING_TMP: Final = ".incoming-tmp"
 #: Hidden folder below an AE folder holding markers of pending Enhanced MR conversions;
 #: written by the receiver's conversion worker, honoured by the forwarder.
 CONVERT_PENDING_DIR: Final = ".convert-pending"
+#: Hidden folder below an AE folder where converted series are built before their rename.
+CONVERT_STAGING_DIR: Final = ".convert-tmp"
 #: Hidden lock file in an AE folder: held while a patient/study/series folder is created.
 FOLDERS_LOCK: Final = ".folders.lock"
 _IS_WINDOWS: Final = sys.platform == "win32"

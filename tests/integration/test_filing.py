@@ -188,3 +188,63 @@ def test_filing_plan_of_header_joins_folder_named_by_another_description(tmp_pat
     a = resolver.resolve(tmp_path, folder_plan(first, LAYOUT))
     b = FolderResolver().resolve(tmp_path, folder_plan(second, LAYOUT))  # a fresh process
     assert a == b
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, "{patient_id}/{study}"])
+def test_filing_reserved_patient_names_are_forwarded_in_a_chained_node(
+    tmp_path: Path, port: int, start_node, layout: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Patients whose ID sanitises to a name the forwarder skips are filed under a name it sends."""
+    from tests.integration.test_forward import TARGET_AET, StoreSCP
+
+    target = StoreSCP(tmp_path / "target").start()
+    try:
+        watch = tmp_path / "watch"
+        cfg = write_config(
+            tmp_path / "c.ini",
+            {
+                "Network": {"receive_port": port, "receiver_processes": 1},
+                "Directories": {
+                    "destination_dir": tmp_path / "dest",
+                    "min_free_space_mb": 0,
+                    "folder_layout": layout,
+                },
+                "Security": {"trusted_ae_titles": "SCANNER"},
+                # patients become the forwarder's top-level groups
+                "AE_Mappings": {"SCANNER": watch},
+                "Tools": {"enhanced_mr_conversion": "off"},
+                "FolderWatcher": {
+                    "watch_folder": watch,
+                    "target_aet": TARGET_AET,
+                    "target_ip": "127.0.0.1",
+                    "target_port": target.port,
+                    "inactivity_timeout": 1,
+                    "process_timer_interval": 0.5,
+                },
+            },
+        )
+        node = start_node(["--config", str(cfg)], port=port)
+        ids = ["failed", "FAILED", ".hidden", "x.part", "y.TMP", "..", "z.tmp."]
+        files = [
+            save(make_image("CT", patient_id=pid, patient_name=""), tmp_path / "src" / f"{i}.dcm")
+            for i, pid in enumerate(ids)
+        ]
+        # something the forwarder will not send gets one line saying why
+        watch.mkdir(parents=True, exist_ok=True)
+        (watch / ".copy-in-progress.dcm").write_bytes(b"x")
+        done = subprocess.run(
+            [require_tool("storescu"), "-aet", "SCANNER", "127.0.0.1", str(port), *map(str, files)],
+            env=peer_env(),
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert wait_until(lambda: len(target.order()) == len(files), 120), node.output()[-3000:]
+        assert sorted(target.received_sops()) == sorted(
+            str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+        )
+        assert wait_until(lambda: "SKIPPED path=" in node.output(), 30)
+        assert node.output().count("SKIPPED path=") == 1
+        assert ".copy-in-progress.dcm reason=hidden file name" in node.output()
+    finally:
+        target.stop()

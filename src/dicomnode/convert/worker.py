@@ -42,6 +42,7 @@ from dicomnode.errors import ConversionError
 from dicomnode.organise import FolderLevel, file_name, folder_plan
 from dicomnode.storage import (
     CONVERT_PENDING_DIR,
+    CONVERT_STAGING_DIR,
     FolderResolver,
     fsync_dir,
     fsync_file,
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 #: Hidden folder below an AE root holding one JSON marker per pending conversion.
 PENDING_DIR: Final = CONVERT_PENDING_DIR
 #: Hidden folder below an AE root where converted series are staged before the rename.
-STAGING_DIR: Final = ".convert-tmp"
+STAGING_DIR: Final = CONVERT_STAGING_DIR
 _NO_TARGET_LINE: Final = "stored unconverted: no classic target"
 
 Cancel = Callable[[], bool]
