@@ -197,6 +197,9 @@ class FolderResolver:
 
         Raises
         ------
+        FileNotFoundError
+            When a folder found on the way was removed meanwhile (a forwarder
+            removes emptied folders): call :meth:`forget` and resolve again.
         OSError
             When a folder cannot be created.
         """
@@ -205,7 +208,7 @@ class FolderResolver:
         if found is not None:
             return found
         folder = root
-        created: list[Path] = []
+        created: list[Path] = [] if root.is_dir() else make_folders(root)
         for level in plan:
             folder = self._level(folder, level, root, created)
         for parent in dict.fromkeys(c.parent for c in created):
@@ -282,15 +285,16 @@ class FolderResolver:
             if existing is not None:
                 return existing
             target = parent / level.name
-            created += make_folders(target)
+            # The parent was found a moment ago; if a forwarder has removed it since,
+            # it must be found or created again by identity (the caller retries).
+            target.mkdir()
+            created.append(target)
             return target
 
     @contextlib.contextmanager
     def _locked(self, root: Path) -> Iterator[None]:
         """Hold the root's folder lock: against other threads, then other processes."""
         with self._thread_lock:
-            if not root.is_dir():
-                make_folders(root)
             fd = os.open(root / FOLDERS_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0))
             try:
                 _lock_fd(fd)

@@ -246,8 +246,8 @@ class StoreHandler:
             When the folder cannot be created or the file not moved.
         """
         for attempt in range(4):
-            final = self._resolver.resolve(ae_root, plan) / name
             try:
+                final = self._resolver.resolve(ae_root, plan) / name
                 place_file(tmp, final, create_folders=False)
                 return final
             except FileNotFoundError:
