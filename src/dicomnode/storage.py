@@ -39,12 +39,18 @@ INCOMING_TMP: Final = ".incoming-tmp"
 CONVERT_PENDING_DIR: Final = ".convert-pending"
 #: Hidden folder below an AE folder where converted series are built before their rename.
 CONVERT_STAGING_DIR: Final = ".convert-tmp"
-#: Hidden lock file in an AE folder: held while a patient/study/series folder is created.
+#: Windows only: the lock file (in the lock folder's ``.incoming-tmp``) held while a
+#: patient/study/series folder is created. POSIX locks the folder itself: no file at all.
 FOLDERS_LOCK: Final = ".folders.lock"
 _IS_WINDOWS: Final = sys.platform == "win32"
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
+
+    def _open_lock(folder: Path) -> int:
+        (folder / INCOMING_TMP).mkdir(parents=True, exist_ok=True)
+        path = folder / INCOMING_TMP / FOLDERS_LOCK
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0))
 
     def _lock_fd(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -61,6 +67,9 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
 
 else:
     import fcntl
+
+    def _open_lock(folder: Path) -> int:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
     def _lock_fd(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -177,18 +186,30 @@ class FolderResolver:
     A level with an identity tag is the folder of the parent whose name ends
     with ``_<tag>``, whatever the rest of its name says: the first object of an
     identity names the folder, later ones join it, also after a restart. New
-    folders are created while holding an exclusive lock on a hidden file in the
-    root (:data:`FOLDERS_LOCK`), after looking again, so receiver processes
-    and threads that file objects of one study at the same moment create one
-    folder. Folders found are remembered (one entry per series); a caller
-    whose folder has vanished (a forwarder removed it once empty) calls
-    :meth:`forget` and resolves again.
+    folders are created only while holding an exclusive lock, after looking
+    again, so receiver processes and threads that file objects of one study at
+    the same moment create one folder. The lock is ``flock`` on the lock folder
+    itself (POSIX: no file is created; where the file system refuses it, e.g.
+    some network shares, only the threads of this process are excluded and a
+    warning is logged once) or, on Windows, a lock file in its ``.incoming-tmp``.
+    Folders found are remembered (one entry per series); a caller whose folder
+    has vanished (a forwarder removed it once empty) calls :meth:`forget` and
+    resolves again.
+
+    Parameters
+    ----------
+    lock_dir : Path, optional
+        The folder whose lock every process of the node shares (the receiver's
+        ``destination_dir``: it is never removed); None locks the root given to
+        each call.
     """
 
-    def __init__(self, cache_size: int = 512) -> None:
+    def __init__(self, lock_dir: Path | None = None, cache_size: int = 512) -> None:
         self._cache: dict[tuple[Path, tuple[str, ...]], Path] = {}
         self._cache_size = cache_size
         self._thread_lock = threading.Lock()
+        self._lock_dir = lock_dir
+        self._warned = False
 
     def resolve(self, root: Path, plan: Sequence[FolderLevel]) -> Path:
         """Return the existing or newly created folder of ``plan`` below ``root``.
@@ -293,17 +314,35 @@ class FolderResolver:
 
     @contextlib.contextmanager
     def _locked(self, root: Path) -> Iterator[None]:
-        """Hold the root's folder lock: against other threads, then other processes."""
+        """Hold the folder lock: against other threads, then other processes."""
+        folder = self._lock_dir or root
         with self._thread_lock:
-            fd = os.open(root / FOLDERS_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0))
+            fd = _open_lock(folder)
             try:
-                _lock_fd(fd)
+                locked = self._lock(fd, folder)
                 try:
                     yield
                 finally:
-                    _unlock_fd(fd)
+                    if locked:
+                        _unlock_fd(fd)
             finally:
                 os.close(fd)
+
+    def _lock(self, fd: int, folder: Path) -> bool:
+        """Take the inter-process lock; False (warned once) where the file system refuses it."""
+        try:
+            _lock_fd(fd)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "cannot lock %s (%s): new patient/study/series folders are coordinated "
+                    "within this process only",
+                    folder,
+                    exc.strerror or exc,
+                )
+            return False
+        return True
 
 
 def find_tagged(parent: Path, tag: str) -> Path | None:

@@ -98,7 +98,7 @@ def test_resolver_joins_folders_named_by_the_first_object(
     assert storage.FolderResolver().resolve(tmp_path, PLAN_B) == first
     visible = [p for p in tmp_path.rglob("*") if not p.name.startswith(".")]
     assert len(visible) == 3
-    assert (tmp_path / storage.FOLDERS_LOCK).is_file()  # hidden: the forwarder never sends it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PLAN_A[0].name]  # no lock file
 
 
 def test_store_refiles_when_a_forwarder_removed_the_emptied_folders(tmp_path: Path) -> None:

@@ -348,9 +348,12 @@ class ConversionWorker:
         ``keep_enhanced_original``, ``emf2sf_path`` and ``emf2sf_timeout_s``.
     layout : str
         Folder layout template below the AE folder.
+    lock_dir : Path, optional
+        The folder lock shared with the receiver (its ``destination_dir``), so a
+        converted series joins the patient and study folders the receiver files into.
     """
 
-    def __init__(self, tools: ToolsConfig, layout: str) -> None:
+    def __init__(self, tools: ToolsConfig, layout: str, lock_dir: Path | None = None) -> None:
         self.tools = tools
         self.layout = layout
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -359,7 +362,7 @@ class ConversionWorker:
         self._queued: set[Path] = set()
         self._thread: threading.Thread | None = None
         self._token = _staging_token()
-        self._resolver = FolderResolver()
+        self._resolver = FolderResolver(lock_dir)
         self._started_at = time.time()
         self.idle = threading.Event()
         self.idle.set()

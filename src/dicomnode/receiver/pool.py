@@ -114,7 +114,7 @@ def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
         logger.warning("Enhanced MR conversion is not available in this build; storing unconverted")
         return None, None
     rc = cfg.receiver
-    worker = ConversionWorker(cfg.tools, rc.folder_layout)
+    worker = ConversionWorker(cfg.tools, rc.folder_layout, rc.destination_dir)
     worker.start()
     if resume:
         roots = {rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)}

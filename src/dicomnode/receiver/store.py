@@ -106,7 +106,7 @@ class StoreHandler:
         self.post_store = post_store
         self._max_bytes = cfg.max_object_mb * 1_000_000
         self._plans: dict[object, tuple[tuple[FolderLevel, ...], str]] = {}
-        self._resolver = FolderResolver()
+        self._resolver = FolderResolver(lock_dir=cfg.destination_dir)
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
