@@ -33,6 +33,7 @@ from dicomnode.forwarder.batching import (
     should_ignore,
 )
 from dicomnode.forwarder.state import STATE_DIR_NAME
+from dicomnode.logsafe import escape
 from dicomnode.storage import (
     CONVERT_PENDING_DIR,
     CONVERT_STAGING_DIR,
@@ -189,15 +190,10 @@ class SkipReport:
             if entry.rel_path not in self._logged:
                 logger.warning(
                     "SKIPPED path=%s reason=%s",
-                    _printable(str(self.watch_folder.joinpath(*entry.rel_path.parts))),
+                    escape(str(self.watch_folder.joinpath(*entry.rel_path.parts))),
                     entry.reason,
                 )
         self._logged = {entry.rel_path for entry in skipped}
-
-
-def _printable(text: str) -> str:
-    """Return ``text`` with control and other non-printable characters escaped."""
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 #: Hidden folder where the receiver's conversion worker keeps one marker per pending

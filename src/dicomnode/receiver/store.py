@@ -33,6 +33,7 @@ from dicomnode.dicomtags import (
     text_of,
 )
 from dicomnode.integrity import Examination, examine
+from dicomnode.logsafe import escape
 from dicomnode.organise import (
     FolderLevel,
     file_name,
@@ -81,7 +82,7 @@ class _Header:
             When pydicom cannot read the file.
         """
         if self._ds is None:
-            if self.exam.elements:
+            if self.exam.elements or self.exam.deflated:  # never inflate a whole data set
                 self._ds = header_from_elements(
                     self.exam.elements, self.exam.implicit, self.exam.little
                 )
@@ -272,7 +273,7 @@ class StoreHandler:
             return header, f"malformed object: {exam.defect}"
         if not exam.elements:
             try:
-                header.get()  # deflated (or no header at all): pydicom reads it now
+                header.get()  # no header values in the walk: pydicom reads it now
             except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
                 return header, f"unreadable object: {exc}"
         return header, None
@@ -375,16 +376,16 @@ class StoreHandler:
         affected_class, affected_instance = command_uids
         if affected_instance != sop_uid:
             return (
-                f"Affected SOP Instance UID {affected_instance!r} of the command differs from "
-                f"the data set's SOP Instance UID {sop_uid!r}"
+                f"Affected SOP Instance UID '{escape(affected_instance)}' of the command "
+                f"differs from the data set's SOP Instance UID '{sop_uid}'"
             )
         sop_class = _plain_uid(header.exam.elements.get(_SOP_CLASS_UID))
         if not sop_class:
             sop_class = text_of(header.get(), "SOPClassUID")
         if affected_class != sop_class:
             return (
-                f"Affected SOP Class UID {affected_class!r} of the command differs from "
-                f"the data set's SOP Class UID {sop_class!r}"
+                f"Affected SOP Class UID '{escape(affected_class)}' of the command differs "
+                f"from the data set's SOP Class UID '{escape(sop_class)}'"
             )
         return None
 
