@@ -37,7 +37,13 @@ from dicomnode.forwarder.job import GroupJob, GroupResult, is_unchanged, job_fro
 from dicomnode.forwarder.outcome import ParkReason, park_stamp
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
-from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
+from dicomnode.forwarder.watcher import (
+    EventSource,
+    Skipped,
+    SkipReport,
+    has_pending_conversion,
+    scan_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class Forwarder:
         self._senders: set[AssociationSender] = set()
         self._tracker = ReadinessTracker(config.inactivity_timeout)
         self._store = StateStore(config.watch_folder)
+        self._skips = SkipReport(config.watch_folder)
         self._retry: dict[str, RetryState] = {}
         self._events: EventSource | None = None
         self._scheduler: threading.Thread | None = None
@@ -188,7 +195,9 @@ class Forwarder:
             logger.debug("group %s changed (%d files)", group_label(key), len(snap.files))
 
     def _full_scan(self, now: float) -> None:
-        groups = group_entries(scan_folder(self.watch_folder))
+        skipped: list[Skipped] = []
+        groups = group_entries(scan_folder(self.watch_folder, skipped=skipped))
+        self._skips.report(skipped)
         with self._lock:
             busy = set(self._inflight)
         for key in self._tracker.group_keys():

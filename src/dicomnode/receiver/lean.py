@@ -585,6 +585,7 @@ class _Association:
             write_error=error,
             too_large=transfer.too_large,
             content=transfer.content if error is None else None,
+            command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
         )
         filing = self.server.handler.finish(received, defer_report=True)
         self._respond(filing.status)
