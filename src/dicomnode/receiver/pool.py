@@ -189,7 +189,7 @@ class _PipeLogHandler(logging.Handler):
     INFO lines before them), otherwise every :data:`_LOG_BATCH_S` or every
     :data:`_LOG_BATCH_RECORDS` records. One pipe write and one wake-up of the
     parent per record cost a busy receiver more CPU than filing the object
-    (measured: ~0.16 ms per object across both processes). At most
+    (bench/README.md). At most
     :data:`_LOG_BATCH_S` of INFO lines is lost if the worker is killed. After
     :meth:`close` every record is sent at once (nothing waits for a batch that
     would never be sent). The batching thread's stop flag must not be named
