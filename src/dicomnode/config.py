@@ -85,7 +85,12 @@ SECTIONS: Final = (
     "FolderWatcher",
     "TLS",
     "Logging",
+    "Destination:NAME",
 )
+#: The ``[Destination:NAME]`` family: one section per remote AE the node talks to,
+#: named by the site (NAME); its keys are declared once, in :class:`DestinationConfig`.
+DESTINATION_PREFIX: Final = "Destination:"
+DESTINATION_SECTION: Final = "Destination:NAME"
 #: Sections whose keys are AE titles chosen by the site, not declared names.
 FREE_FORM_SECTIONS: Final = frozenset({"AE_Mappings", "AE_Hosts"})
 
@@ -193,6 +198,39 @@ def declared_keys(cls: type) -> Iterator[tuple[Field[Any], KeySpec]]:
 
 
 # --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """One ``[Destination:NAME]`` section: a remote AE and its address.
+
+    Today the receiver sends storage commitment reports on a new association
+    to the destination whose ``ae_title`` is the requester's calling AE.
+    """
+
+    name: str = ""
+    ae_title: str = setting(
+        "",
+        DESTINATION_SECTION,
+        Kind.AE,
+        "AE title of the remote node (required)",
+        site_specific=True,
+    )
+    host: str = setting(
+        "",
+        DESTINATION_SECTION,
+        Kind.HOST,
+        "Its IP address or host name (required)",
+        site_specific=True,
+    )
+    port: int = setting(
+        104, DESTINATION_SECTION, Kind.INT, "Its DICOM port", lo=1, hi=65535, site_specific=True
+    )
+
+
+def section_family(name: str) -> str:
+    """Return the declared section of INI section ``name`` (``Destination:X`` → ``Destination:NAME``)."""
+    return DESTINATION_SECTION if name.startswith(DESTINATION_PREFIX) else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +371,9 @@ class ReceiverConfig:
         "Retired: only the built-in SCP remains (pynetdicom logs DEPRECATED)",
         choices=("lean", "pynetdicom"),
     )
+    #: The [Destination:NAME] sections (the node's too): where storage commitment
+    #: reports go when they cannot be sent on the requester's association.
+    destinations: tuple[DestinationConfig, ...] = ()
 
     @property
     def trusts_any_ae(self) -> bool:
@@ -557,6 +598,7 @@ class NodeConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
 
     def with_watch_folder(self, path: Path) -> NodeConfig:
         """Return a copy whose forwarder watches ``path`` (``--watch-folder``)."""
@@ -572,12 +614,15 @@ HOLDERS: Final[tuple[tuple[type, Callable[[NodeConfig], object]], ...]] = (
     (TlsConfig, lambda c: c.tls),
     (LoggingConfig, lambda c: c.logging),
 )
+#: Config dataclasses of section families (one instance per section), for :func:`all_keys`.
+FAMILIES: Final[tuple[type, ...]] = (DestinationConfig,)
 
 
 def all_keys() -> list[tuple[str, str, Field[Any], KeySpec, type]]:
     """Return ``(section, key, field, spec, class)`` of every declared key, in section order."""
+    classes = [cls for cls, _ in HOLDERS] + list(FAMILIES)
     found = [
-        (spec.section, f.name, f, spec, cls) for cls, _ in HOLDERS for f, spec in declared_keys(cls)
+        (spec.section, f.name, f, spec, cls) for cls in classes for f, spec in declared_keys(cls)
     ]
     return sorted(found, key=lambda k: SECTIONS.index(k[0]))
 
@@ -752,8 +797,16 @@ def _read_parser(text: str, source: str) -> configparser.ConfigParser:
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not a valid INI file: {first}") from None
-    by_lower = {s.lower(): s for s in SECTIONS}
+    by_lower = {s.lower(): s for s in SECTIONS if s != DESTINATION_SECTION}
     for name in parser.sections():
+        if name.startswith(DESTINATION_PREFIX):
+            if not name[len(DESTINATION_PREFIX) :].strip():
+                raise ConfigError(f"{source}: section [{name}] needs a name: [Destination:NAME]")
+            continue
+        if name.lower().startswith(DESTINATION_PREFIX.lower()):
+            raise ConfigError(
+                f"{source}: section [{name}] must be spelled [{DESTINATION_PREFIX}...]"
+            )
         if name.lower() not in by_lower:
             raise ConfigError(
                 f"{source}: unknown section [{name}]; accepted sections: {', '.join(SECTIONS)}"
@@ -906,6 +959,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
                 f"{source}: [AE_Hosts] {aet} is empty; accepted: comma-separated host names or addresses"
             )
         hosts.append((aet, names))
+    destinations = _destinations(parser, source, base_dir)
     receiver = _build(
         ReceiverConfig,
         sections,
@@ -916,6 +970,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             "ae_hosts": tuple(hosts),
             "folder_layout": layout,
             "receiver_processes": processes,
+            "destinations": destinations,
         },
     )
     if 0 < receiver.max_pdu_bytes < 4096:
@@ -979,6 +1034,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             "tools": tools,
             "tls": tls,
             "logging": logging_cfg,
+            "destinations": destinations,
         },
     )
     known: dict[str, set[str]] = {name: set() for name in SECTIONS}
@@ -988,6 +1044,39 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         if name not in FREE_FORM_SECTIONS:
             section_obj.check_unknown(known[name])
     return node
+
+
+def _destinations(
+    parser: configparser.ConfigParser, source: str, base_dir: Path
+) -> tuple[DestinationConfig, ...]:
+    """Read every ``[Destination:NAME]`` section (keys as declared in :class:`DestinationConfig`)."""
+    found: list[DestinationConfig] = []
+    known = {f.name for f, _ in declared_keys(DestinationConfig)}
+    for name in parser.sections():
+        if not name.startswith(DESTINATION_PREFIX):
+            continue
+        sec = _Section(source, name, dict(parser.items(name)))
+        sections = {DESTINATION_SECTION: sec}
+        dest = _build(
+            DestinationConfig, sections, base_dir, {"name": name[len(DESTINATION_PREFIX) :].strip()}
+        )
+        for key in ("ae_title", "host"):
+            if not getattr(dest, key):
+                raise ConfigError(f"{source}: [{name}] {key} is missing or empty; it is required")
+        sec.check_unknown(known)
+        if any(d.ae_title == dest.ae_title for d in found):
+            raise ConfigError(
+                f"{source}: [{name}] ae_title = {dest.ae_title} is already another destination's"
+            )
+        found.append(dest)
+    return tuple(found)
+
+
+def destination_for(
+    destinations: tuple[DestinationConfig, ...], ae_title: str
+) -> DestinationConfig | None:
+    """Return the destination whose ``ae_title`` is ``ae_title`` (exact match), or None."""
+    return next((d for d in destinations if d.ae_title == ae_title), None)
 
 
 def _bounded_int(value: str, lo: int, hi: int) -> int:
@@ -1104,6 +1193,14 @@ def describe(config: NodeConfig) -> list[str]:
                 values[spec.section].append(f"{f.name} = {show_value(value, spec)}")
     lines = [f"# effective configuration, source: {config.source}"]
     for name in SECTIONS:
+        if name == DESTINATION_SECTION:
+            for dest in config.destinations:
+                lines.append(f"[{DESTINATION_PREFIX}{dest.name}]")
+                lines += [
+                    f"{f.name} = {show_value(getattr(dest, f.name), spec)}"
+                    for f, spec in declared_keys(DestinationConfig)
+                ]
+            continue
         lines += [f"[{name}]", *values[name]]
     return lines
 

@@ -14,6 +14,9 @@ from typing import Final
 
 #: The Verification SOP class, the abstract syntax of C-ECHO (PS3.4 A.4).
 VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+#: The Storage Commitment Push Model SOP class and its well-known instance (PS3.4 J.3.5).
+STORAGE_COMMITMENT_SOP_CLASS: Final = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE: Final = "1.2.840.10008.1.20.1.1"
 
 # Command set elements (PS3.7 E.1)
 COMMAND_GROUP_LENGTH: Final = 0x00000000
@@ -44,6 +47,8 @@ N_ACTION_RQ: Final = 0x0130
 C_CANCEL_RQ: Final = 0x0FFF
 RESPONSE: Final = 0x8000
 C_STORE_RSP: Final = C_STORE_RQ | RESPONSE
+N_EVENT_REPORT_RSP: Final = N_EVENT_REPORT_RQ | RESPONSE
+N_ACTION_RSP: Final = N_ACTION_RQ | RESPONSE
 
 
 def us(value: int) -> bytes:
@@ -120,3 +125,34 @@ def response_command(
     if sop_instance:
         elements.append((AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii", "replace")))
     return command_set(elements)
+
+
+def n_action_rsp(
+    message_id: int, sop_class: str, sop_instance: str, action_type: int, status: int
+) -> bytes:
+    """Encode an N-ACTION-RSP command set (no Action Reply data set; PS3.7 10.3.4)."""
+    elements = [
+        (AFFECTED_SOP_CLASS, sop_class.encode("ascii", "replace")),
+        (COMMAND_FIELD, us(N_ACTION_RSP)),
+        (MESSAGE_ID_RESPONDED, us(message_id)),
+        (DATA_SET_TYPE, us(NO_DATA_SET)),
+        (STATUS, us(status)),
+        (AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii", "replace")),
+    ]
+    if status == 0:
+        elements.append((ACTION_TYPE_ID, us(action_type)))
+    return command_set(elements)
+
+
+def n_event_report_rq(message_id: int, sop_class: str, sop_instance: str, event_type: int) -> bytes:
+    """Encode an N-EVENT-REPORT-RQ command set; an Event Information data set follows."""
+    return command_set(
+        [
+            (AFFECTED_SOP_CLASS, sop_class.encode("ascii")),
+            (COMMAND_FIELD, us(N_EVENT_REPORT_RQ)),
+            (MESSAGE_ID, us(message_id)),
+            (DATA_SET_TYPE, us(DATA_SET_PRESENT)),
+            (AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii")),
+            (EVENT_TYPE_ID, us(event_type)),
+        ]
+    )

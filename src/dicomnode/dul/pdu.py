@@ -7,7 +7,7 @@ encode and decode the association PDUs (cold path: once per association);
 path, and :data:`PDV_HEADER` is the header the receiver reads while streaming.
 The fixed A-RELEASE-RQ/RP and A-ABORT PDUs are byte constants. The user
 information item (maximum PDU length, implementation class UID and version
-name) is built by one function for requests and answers.
+name, SCP/SCU role selection) is built by one function for requests and answers.
 
 Pure: no sockets, no clock. Decoders take the PDU body (everything after the
 6-byte PDU header) and raise ValueError for what cannot be decoded.
@@ -78,6 +78,7 @@ _TRANSFER_SYNTAX_ITEM: Final = 0x40
 _USER_INFORMATION_ITEM: Final = 0x50
 _MAXIMUM_LENGTH_ITEM: Final = 0x51
 _IMPLEMENTATION_CLASS_UID_ITEM: Final = 0x52
+_ROLE_SELECTION_ITEM: Final = 0x54
 _IMPLEMENTATION_VERSION_NAME_ITEM: Final = 0x55
 #: Length of the fixed part of an A-ASSOCIATE-RQ/AC body (protocol version .. reserved).
 _FIXED_PART: Final = 68
@@ -144,12 +145,44 @@ def _pdu(pdu_type: PduType, body: bytes) -> bytes:
     return PDU_HEADER.pack(pdu_type, 0, len(body)) + body
 
 
-def _user_information(max_pdu: int) -> bytes:
+@dataclass(frozen=True, slots=True)
+class RoleSelection:
+    """An SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4) for one SOP class.
+
+    In a request: the roles the requestor proposes to play (``scu``, ``scp``);
+    in an answer: whether the acceptor accepts the requestor in each role.
+    """
+
+    sop_class_uid: str
+    scu: bool
+    scp: bool
+
+    def encode(self) -> bytes:
+        """Return the sub-item (type 0x54)."""
+        uid = self.sop_class_uid.encode("ascii")
+        return item(
+            _ROLE_SELECTION_ITEM,
+            struct.pack(">H", len(uid)) + uid + bytes((int(self.scu), int(self.scp))),
+        )
+
+    @classmethod
+    def decode(cls, body: bytes) -> RoleSelection | None:
+        """Decode a sub-item body; None when it is malformed."""
+        if len(body) < 2:
+            return None
+        length = struct.unpack_from(">H", body)[0]
+        if len(body) < 2 + length + 2:
+            return None
+        return cls(uid_text(body[2 : 2 + length]), bool(body[2 + length]), bool(body[3 + length]))
+
+
+def _user_information(max_pdu: int, roles: tuple[RoleSelection, ...] = ()) -> bytes:
     """The user information item of our requests and answers (PS3.7 D.3.3)."""
     return item(
         _USER_INFORMATION_ITEM,
         item(_MAXIMUM_LENGTH_ITEM, struct.pack(">I", max_pdu))
         + item(_IMPLEMENTATION_CLASS_UID_ITEM, IMPLEMENTATION_UID.encode("ascii"))
+        + b"".join(role.encode() for role in roles)
         + item(_IMPLEMENTATION_VERSION_NAME_ITEM, IMPLEMENTATION_VERSION.encode("ascii")),
     )
 
@@ -159,6 +192,16 @@ def _max_pdu_of(user_information: bytes) -> int:
         if sub_type == _MAXIMUM_LENGTH_ITEM and len(sub) >= 4:
             return int(struct.unpack_from(">I", sub)[0])
     return 0
+
+
+def _roles_of(user_information: bytes) -> tuple[RoleSelection, ...]:
+    found = []
+    for sub_type, sub in sub_items(user_information):
+        if sub_type == _ROLE_SELECTION_ITEM:
+            role = RoleSelection.decode(sub)
+            if role is not None:
+                found.append(role)
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +240,8 @@ class A_ASSOCIATE_RQ:
     fixed_part : bytes
         Protocol version .. reserved bytes as received, echoed in the A-ASSOCIATE-AC
         (empty for a request we encode).
+    roles : tuple of RoleSelection
+        SCP/SCU role selection sub-items (proposed roles of the requestor).
     """
 
     called_ae: str
@@ -205,6 +250,7 @@ class A_ASSOCIATE_RQ:
     contexts: tuple[ProposedContext, ...]
     max_pdu: int
     fixed_part: bytes = b""
+    roles: tuple[RoleSelection, ...] = ()
 
     def encode(self) -> bytes:
         """Return the whole PDU (our implementation class UID and version name included).
@@ -226,7 +272,7 @@ class A_ASSOCIATE_RQ:
                 item(_TRANSFER_SYNTAX_ITEM, ts.encode("ascii")) for ts in cx.transfer_syntaxes
             )
             items.append(item(_PRESENTATION_CONTEXT_RQ_ITEM, body))
-        items.append(_user_information(self.max_pdu))
+        items.append(_user_information(self.max_pdu, self.roles))
         fixed = (
             struct.pack(">HH", 1, 0)
             + ae_title_field(self.called_ae)
@@ -250,6 +296,7 @@ class A_ASSOCIATE_RQ:
         app_context = ""
         contexts: list[ProposedContext] = []
         max_pdu = 0
+        roles: tuple[RoleSelection, ...] = ()
         for item_type, value in sub_items(raw[_FIXED_PART:]):
             if item_type == _APPLICATION_CONTEXT_ITEM:
                 app_context = uid_text(value)
@@ -264,6 +311,7 @@ class A_ASSOCIATE_RQ:
                 contexts.append(ProposedContext(value[0], abstract, tuple(syntaxes)))
             elif item_type == _USER_INFORMATION_ITEM:
                 max_pdu = _max_pdu_of(value)
+                roles = _roles_of(value)
         return cls(
             ae_text(raw[4:20]),
             ae_text(raw[20:36]),
@@ -271,6 +319,7 @@ class A_ASSOCIATE_RQ:
             tuple(contexts),
             max_pdu,
             raw[:_FIXED_PART],
+            roles,
         )
 
 
@@ -287,11 +336,14 @@ class A_ASSOCIATE_AC:
         answer does not carry it).
     max_pdu : int
         The acceptor's maximum PDU length (0 = unlimited).
+    roles : tuple of RoleSelection
+        SCP/SCU role selection answers (which proposed roles are accepted).
     """
 
     fixed_part: bytes
     results: tuple[ContextResult, ...]
     max_pdu: int
+    roles: tuple[RoleSelection, ...] = ()
 
     def encode(self) -> bytes:
         """Return the whole PDU (our implementation class UID and version name included)."""
@@ -304,7 +356,7 @@ class A_ASSOCIATE_AC:
                     bytes((res.context_id, 0, res.result, 0)) + syntax,
                 )
             )
-        items.append(_user_information(self.max_pdu))
+        items.append(_user_information(self.max_pdu, self.roles))
         return _pdu(PduType.A_ASSOCIATE_AC, self.fixed_part + b"".join(items))
 
     @classmethod
@@ -313,6 +365,7 @@ class A_ASSOCIATE_AC:
         raw = bytes(body)
         results: list[ContextResult] = []
         max_pdu = 0
+        roles: tuple[RoleSelection, ...] = ()
         for item_type, value in sub_items(raw[_FIXED_PART:]):
             if item_type == _PRESENTATION_CONTEXT_AC_ITEM and len(value) >= 4:
                 syntax = next(
@@ -326,7 +379,8 @@ class A_ASSOCIATE_AC:
                 results.append(ContextResult(value[0], value[2], "", syntax))
             elif item_type == _USER_INFORMATION_ITEM:
                 max_pdu = _max_pdu_of(value)
-        return cls(raw[:_FIXED_PART], tuple(results), max_pdu)
+                roles = _roles_of(value)
+        return cls(raw[:_FIXED_PART], tuple(results), max_pdu, roles)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ from typing import Final
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.dul.dimse import (
+    ACTION_TYPE_ID,
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
     C_CANCEL_RQ,
@@ -70,8 +71,17 @@ from dicomnode.dul.dimse import (
     COMMAND_FIELD,
     DATA_SET_TYPE,
     MESSAGE_ID,
+    MESSAGE_ID_RESPONDED,
+    N_ACTION_RQ,
+    N_EVENT_REPORT_RSP,
     NO_DATA_SET,
+    REQUESTED_SOP_CLASS,
+    REQUESTED_SOP_INSTANCE,
+    STATUS,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_SOP_CLASS,
     command_us,
+    n_action_rsp,
     parse_command,
     response_command,
 )
@@ -94,8 +104,10 @@ from dicomnode.dul.pdu import (
     uid_text,
 )
 from dicomnode.logsafe import escape
+from dicomnode.receiver import commitment as sc
 from dicomnode.receiver.admission import REJECT_LOCAL_LIMIT, RefusalLog, admit
-from dicomnode.receiver.negotiation import negotiate
+from dicomnode.receiver.committer import Committer
+from dicomnode.receiver.negotiation import accepted_roles, negotiate
 from dicomnode.receiver.pending import Negotiator
 from dicomnode.receiver.store import ReceivedObject, StoreHandler
 
@@ -116,6 +128,8 @@ _KERNEL_TIMEOUTS: Final = sys.platform.startswith("linux")
 _REJECT_SEND_S: Final = 1.0
 #: Status 0x0211: unrecognized operation (PS3.7 C).
 _UNRECOGNIZED_OPERATION: Final = 0x0211
+#: Largest Action Information accepted with an N-ACTION (about 100 000 references).
+_MAX_ACTION_BYTES: Final = 16 * 1024 * 1024
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
 
 
@@ -219,6 +233,21 @@ class _Transfer:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
+
+
+class _Collect(_Transfer):
+    """The data set of a request other than C-STORE (an N-ACTION), kept in memory up to a bound."""
+
+    def __init__(self) -> None:
+        super().__init__(None, b"", 0)
+        self.data = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data``; past :data:`_MAX_ACTION_BYTES` drop it and mark ``too_large``."""
+        if self.too_large or len(self.data) + len(data) > _MAX_ACTION_BYTES:
+            self.too_large = True
+            return
+        self.data += data
 
 
 def create_temp(path: Path) -> int:
@@ -341,6 +370,10 @@ class _Association:
         self._request: dict[int, bytes] = {}
         self._request_cid = 0
         self._started = 0.0
+        #: Storage commitment: whether the requester may be sent its report here (it
+        #: negotiated the SCP role), and the reports sent here awaiting their answer.
+        self.report_here = False
+        self._awaiting: dict[int, tuple[sc.Commitment, Path]] = {}
         limit = self.cfg.max_pdu_bytes
         self.pdu_limit = max(limit, _MIN_PDU_LIMIT_BYTES) + _PDU_SLACK_BYTES if limit else 0
         self.max_object = self.cfg.max_object_mb * 1_000_000
@@ -388,6 +421,15 @@ class _Association:
             self._send_quietly(A_ABORT_PDU)
         finally:
             self.close()
+            self._reports_unanswered()
+
+    def _reports_unanswered(self) -> None:
+        """Send the reports the association ended without answering on a new association."""
+        awaiting, self._awaiting = self._awaiting, {}
+        committer = self.server.committer
+        for commitment, path in awaiting.values():
+            if committer is not None:
+                committer.schedule(commitment, path)
 
     def close(self) -> None:
         """Close the socket (idempotent; wakes the serving thread when called from another)."""
@@ -457,8 +499,12 @@ class _Association:
         self._timeout(self.cfg.network_timeout_s)
         reader = PduReader(self.sock)  # the read buffer exists only for admitted peers
         results = negotiate(request.contexts)
+        roles = accepted_roles(request.roles, results) if self.server.committer else ()
+        self.report_here = bool(roles)
         self._send(
-            A_ASSOCIATE_AC(request.fixed_part, tuple(results), self.cfg.max_pdu_bytes).encode()
+            A_ASSOCIATE_AC(
+                request.fixed_part, tuple(results), self.cfg.max_pdu_bytes, roles
+            ).encode()
         )
         self.established = True
         self.contexts = {
@@ -557,6 +603,10 @@ class _Association:
         has_data = command_us(request, DATA_SET_TYPE) != NO_DATA_SET
         if field == C_STORE_RQ and has_data:
             self.transfer = self.server.open_transfer(self.contexts[cid][1], request, self.calling)
+        elif field == N_ACTION_RQ and has_data:
+            self.transfer = _Collect()
+        elif field == N_EVENT_REPORT_RSP:
+            self._report_answered(request)
         elif field == C_ECHO_RQ and not has_data:
             self._respond(self.server.handler.log_echo(self.calling, self.where))
         elif field == C_CANCEL_RQ:
@@ -568,6 +618,9 @@ class _Association:
 
     def _data_set_done(self, transfer: _Transfer) -> None:
         self.transfer = None
+        if isinstance(transfer, _Collect) and self._request_field() == N_ACTION_RQ:
+            self._n_action(transfer)
+            return
         if self._request_field() != C_STORE_RQ:
             self._refuse_operation(self._request_field())
             return
@@ -595,12 +648,127 @@ class _Association:
     def _refuse_operation(self, field: int | None) -> None:
         logger.warning(
             "REJECTED DIMSE request calling_ae=%s peer=%s command_field=0x%04X reason=only "
-            "C-STORE and C-ECHO are served",
+            "C-STORE, C-ECHO and storage commitment N-ACTION are served",
             self.calling,
             self.where,
             field or 0,
         )
         self._respond(_UNRECOGNIZED_OPERATION, field or 0)
+
+    # ----------------------------------------------------------------- storage commitment
+
+    def _n_action(self, transfer: _Collect) -> None:
+        """Serve a Request Storage Commitment N-ACTION (PS3.4 J.3.2) and send or queue its report."""
+        request, cid = self._request, self._request_cid
+        sop_class = uid_text(request.get(REQUESTED_SOP_CLASS, b""))
+        sop_instance = uid_text(request.get(REQUESTED_SOP_INSTANCE, b""))
+        action = command_us(request, ACTION_TYPE_ID) or 0
+        message_id = command_us(request, MESSAGE_ID) or 0
+        committer = self.server.committer
+
+        def answer(status: int) -> None:
+            rsp = n_action_rsp(message_id, sop_class, sop_instance, action, status)
+            self._send(p_data_tf(cid, PDV_COMMAND | PDV_LAST, rsp))
+
+        refusal = None
+        if sop_class != STORAGE_COMMITMENT_SOP_CLASS or committer is None:
+            refusal = sc.NO_SUCH_SOP_CLASS, "not the Storage Commitment Push Model SOP class"
+        elif sop_instance != STORAGE_COMMITMENT_INSTANCE:
+            refusal = sc.NO_SUCH_SOP_INSTANCE, "not its well-known SOP instance"
+        elif action != sc.REQUEST_COMMITMENT:
+            refusal = sc.NO_SUCH_ACTION_TYPE, f"action type {action}"
+        elif transfer.too_large:
+            refusal = sc.PROCESSING_FAILURE, f"Action Information over {_MAX_ACTION_BYTES} bytes"
+        transaction: str = ""
+        refs: tuple[sc.Reference, ...] = ()
+        if refusal is None:
+            try:
+                transaction, refs = sc.parse_action(bytes(transfer.data), self.contexts[cid][1])
+            except ValueError as exc:
+                refusal = sc.INVALID_ARGUMENT, str(exc)
+        if (
+            refusal is None
+            and not self.report_here
+            and committer is not None
+            and committer.destination(self.calling) is None
+        ):
+            refusal = (
+                sc.PROCESSING_FAILURE,
+                f"no address to send the report to: the association did not negotiate "
+                f"the SCP role for it and no [Destination:NAME] has ae_title = {self.calling}",
+            )
+        commitment = sc.Commitment(transaction, self.calling, self.where, refs, created=time.time())
+        path = None
+        if refusal is None and committer is not None:
+            try:
+                path = committer.keep(commitment)
+            except OSError as exc:
+                refusal = sc.PROCESSING_FAILURE, f"cannot keep the request: {exc.strerror or exc}"
+        if refusal is not None or committer is None or path is None:
+            status, why = refusal or (sc.PROCESSING_FAILURE, "no committer")
+            logger.error(
+                "COMMIT-FAILED transaction_uid=%s calling_ae=%s peer=%s instances=%d "
+                "status=0x%04X reason=%s",
+                escape(transaction) or "-",
+                self.calling,
+                self.where,
+                len(refs),
+                status,
+                escape(why),
+            )
+            answer(status)
+            return
+        answer(sc.SUCCESS)
+        logger.info(
+            "COMMIT-REQUESTED transaction_uid=%s calling_ae=%s peer=%s instances=%d reply=%s",
+            escape(transaction),
+            self.calling,
+            self.where,
+            len(refs),
+            "same-association" if self.report_here else "new-association",
+        )
+        commitment = committer.check(commitment)
+        with contextlib.suppress(OSError):  # unchecked, it is checked again after a restart
+            committer.keep(commitment)
+        if not self.report_here:
+            committer.schedule(commitment, path)
+            return
+        message_id = committer.next_message_id()
+        self._awaiting[message_id] = (commitment, path)
+        committer.send_report(
+            self._send,
+            commitment,
+            cid,
+            self.contexts[cid][1],
+            self.request.max_pdu,
+            message_id,
+        )
+
+    def _report_answered(self, response: dict[int, bytes]) -> None:
+        entry = self._awaiting.pop(command_us(response, MESSAGE_ID_RESPONDED) or 0, None)
+        committer = self.server.committer
+        if entry is None or committer is None:
+            logger.warning(
+                "REJECTED DIMSE response calling_ae=%s peer=%s reason=N-EVENT-REPORT-RSP to "
+                "no report sent here",
+                self.calling,
+                self.where,
+            )
+            return
+        commitment, path = entry
+        status = command_us(response, STATUS) or 0
+        if status == 0:
+            committer.delivered(commitment, path, "same-association")
+        else:
+            logger.warning(
+                "COMMIT-DEFERRED transaction_uid=%s calling_ae=%s peer=%s reason=report answered "
+                "with status 0x%04X",
+                escape(commitment.transaction_uid),
+                self.calling,
+                self.where,
+                status,
+            )
+            committer.schedule(commitment, path)
 
     def _respond(self, status: int, field: int | None = None) -> None:
         request = self._request
@@ -638,6 +806,8 @@ class LeanServer:
         the count is compared with ``max_associations``.
     tmp_prefix : str, optional
         Name prefix of this process's temp files (one per process of a pool).
+    committer : Committer, optional
+        Serves storage commitment requests (None: N-ACTION is refused).
     """
 
     def __init__(
@@ -649,9 +819,11 @@ class LeanServer:
         node_has_room: Callable[[int], bool] | None = None,
         may_accept: Callable[[int], bool] | None = None,
         tmp_prefix: str = "",
+        committer: Committer | None = None,
     ) -> None:
         self.cfg = cfg
         self.handler = handler
+        self.committer = committer
         self.ssl_context = ssl_context
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
         self.tmp_prefix = tmp_prefix

@@ -5,7 +5,8 @@ encoded by :mod:`dicomnode.dul.pdu`; this module only decides. The acceptance
 rules: every storage-like abstract syntax (a storage SOP class, a private UID,
 or a UID pydicom does not know) is accepted in the transfer syntax the sender
 proposes first, so objects are kept in the sender's own encoding; Verification
-is accepted in an uncompressed syntax; any other service (query/retrieve,
+and Storage Commitment Push Model are accepted in an uncompressed syntax (the
+SCP/SCU role selection for storage commitment: :func:`accepted_roles`); any other service (query/retrieve,
 worklist, print, ...) is refused.
 """
 
@@ -16,13 +17,14 @@ from typing import Final
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicomnode.dul.dimse import VERIFICATION_SOP_CLASS
+from dicomnode.dul.dimse import STORAGE_COMMITMENT_SOP_CLASS, VERIFICATION_SOP_CLASS
 from dicomnode.dul.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTANCE,
     TRANSFER_SYNTAXES_NOT_SUPPORTED,
     ContextResult,
     ProposedContext,
+    RoleSelection,
 )
 
 _UNCOMPRESSED: Final = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -47,7 +49,7 @@ def negotiate(contexts: tuple[ProposedContext, ...]) -> list[ContextResult]:
     results = []
     for cx in contexts:
         first = cx.transfer_syntaxes[0] if cx.transfer_syntaxes else ""
-        if cx.abstract_syntax == VERIFICATION_SOP_CLASS:
+        if cx.abstract_syntax in (VERIFICATION_SOP_CLASS, STORAGE_COMMITMENT_SOP_CLASS):
             chosen = next((ts for ts in cx.transfer_syntaxes if ts in _UNCOMPRESSED), "")
             result = ACCEPTANCE if chosen else TRANSFER_SYNTAXES_NOT_SUPPORTED
         elif is_storage_like(cx.abstract_syntax) and cx.abstract_syntax:
@@ -57,3 +59,22 @@ def negotiate(contexts: tuple[ProposedContext, ...]) -> list[ContextResult]:
             chosen, result = "", ABSTRACT_SYNTAX_NOT_SUPPORTED
         results.append(ContextResult(cx.context_id, result, cx.abstract_syntax, chosen or first))
     return results
+
+
+def accepted_roles(
+    roles: tuple[RoleSelection, ...], results: list[ContextResult]
+) -> tuple[RoleSelection, ...]:
+    """Answer the requestor's SCP/SCU role selection items.
+
+    Only Storage Commitment takes part: a requestor that proposes to also be
+    the SCP of its N-EVENT-REPORT (and whose context was accepted) is granted
+    both roles, so the commitment report can come back on its association.
+    """
+    accepted = {r.abstract_syntax for r in results if r.result == ACCEPTANCE}
+    return tuple(
+        RoleSelection(role.sop_class_uid, role.scu, role.scp)
+        for role in roles
+        if role.sop_class_uid == STORAGE_COMMITMENT_SOP_CLASS
+        and role.sop_class_uid in accepted
+        and role.scp
+    )

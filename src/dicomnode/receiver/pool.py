@@ -314,6 +314,7 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
+        from dicomnode.receiver.committer import orphan_pending
         from dicomnode.receiver.server import sweep_stale_parts
         from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
@@ -322,6 +323,7 @@ class ReceiverPool:
         check_writable(rc.errors_dir)
         clean_stale_temp(rc.destination_dir / INCOMING_TMP)
         sweep_stale_parts(rc)
+        orphan_pending(rc.destination_dir)
         self._sock = bind_listening_socket(self.cfg.receiver)
         for index in range(self.processes):
             self._spawn(index)
@@ -360,6 +362,10 @@ class ReceiverPool:
         clean_stale_temp(
             self.cfg.receiver.destination_dir / INCOMING_TMP, worker_temp_prefix(index)
         )
+        # ... and its pending storage commitment reports go to whichever process claims them.
+        from dicomnode.receiver.committer import orphan_pending
+
+        orphan_pending(self.cfg.receiver.destination_dir, worker_temp_prefix(index))
         parent_conn, child_conn = self._ctx.Pipe()
         log_recv, log_send = self._ctx.Pipe(duplex=False)
         pump = threading.Thread(

@@ -21,6 +21,7 @@ import time
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
 from dicomnode.receiver.admission import SharedLoad
+from dicomnode.receiver.committer import Committer, orphan_pending
 from dicomnode.receiver.lean import LeanServer
 from dicomnode.receiver.store import PostStore, StoreHandler
 from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_parts, clean_stale_temp
@@ -52,7 +53,7 @@ def sweep_stale_parts(cfg: ReceiverConfig) -> threading.Thread:
 
 
 class Receiver:
-    """The C-STORE/C-ECHO SCP of the node.
+    """The C-STORE/C-ECHO SCP of the node (and Storage Commitment SCP, :mod:`.committer`).
 
     Parameters
     ----------
@@ -86,6 +87,8 @@ class Receiver:
         self.listen_socket = listen_socket
         self.shared_load = shared_load
         self.handler = StoreHandler(cfg, post_store)
+        self.committer = Committer(cfg, temp_prefix)
+        self.handler.on_stored = self.committer.record_stored
         self._lean: LeanServer | None = None
 
     def prepare_storage(self) -> None:
@@ -100,6 +103,7 @@ class Receiver:
         check_writable(self.cfg.errors_dir)
         clean_stale_temp(self.cfg.destination_dir / INCOMING_TMP)
         sweep_stale_parts(self.cfg)
+        orphan_pending(self.cfg.destination_dir)
 
     def start(self, prepare: bool = True) -> None:
         """Start listening on ``server_ip:receive_port`` in background threads.
@@ -136,8 +140,10 @@ class Receiver:
             room,
             load.may_accept if load is not None else None,
             self.temp_prefix,
+            self.committer,
         )
         self._lean.start()
+        self.committer.start()
         logger.log(
             logging.INFO if self.listen_socket is None else logging.DEBUG,
             "LISTENING ae_title=%s address=%s:%d tls=%s",
@@ -162,6 +168,7 @@ class Receiver:
         if lean is None:
             return
         lean.stop(grace_s)
+        self.committer.stop()
         logger.info("STOPPED receiver")
 
 

@@ -159,6 +159,8 @@ class StoreHandler:
     def __init__(self, cfg: ReceiverConfig, post_store: PostStore | None = None) -> None:
         self.cfg = cfg
         self.post_store = post_store
+        #: Told (SOP Instance UID, final path) of every filed object (the commitment index).
+        self.on_stored: Callable[[str, Path], None] | None = None
         self._max_bytes = cfg.max_object_mb * 1_000_000
         self._plans: dict[object, tuple[tuple[FolderLevel, ...], str]] = {}
         self._resolver = FolderResolver(lock_dir=cfg.destination_dir)
@@ -393,6 +395,8 @@ class StoreHandler:
             stored_line()
         else:
             reports.append(stored_line)
+        if self.on_stored is not None:
+            self.on_stored(sop_uid, final)
         if self.post_store is not None:
             try:
                 sop_class = _plain_uid(header.exam.elements.get(_SOP_CLASS_UID))
