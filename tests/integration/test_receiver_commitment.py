@@ -74,9 +74,7 @@ def _request(
     ae.add_requested_context(StorageCommitmentPushModel)
     kwargs: dict[str, Any] = {"ae_title": "NODE"}
     if reports is not None:
-        kwargs["ext_neg"] = [
-            build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-        ]
+        kwargs["ext_neg"] = [build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]
         kwargs["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, reports.handler)]
     assoc = ae.associate("127.0.0.1", port, **kwargs)
     if not assoc.is_established:
@@ -166,7 +164,9 @@ def test_commitment_new_association_to_the_destination_of_the_calling_ae(
         tmp_path,
         port,
         start_node,
-        extra={"Destination:modality": {"ae_title": "SENDER", "host": "127.0.0.1", "port": scp_port}},
+        extra={
+            "Destination:modality": {"ae_title": "SENDER", "host": "127.0.0.1", "port": scp_port}
+        },
     )
     good = _stored_ct(tmp_path, port, "good")
     never = generate_uid()

@@ -287,7 +287,7 @@ class Committer:
                 commitment.peer,
                 len(commitment.committed),
                 len(commitment.failed),
-                ",".join(f"{k}x{v}" for k, v in sorted(reasons.items())),
+                ",".join(f"{k}:{v}" for k, v in sorted(reasons.items())),
                 how,
             )
         else:

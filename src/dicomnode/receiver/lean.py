@@ -28,10 +28,15 @@ promises does not change:
   whole association request, ``network_timeout_s`` for every read and write after it;
 * an object whose transfer did not complete (closed connection, A-ABORT,
   timeout, protocol error) is deleted and never acknowledged (``DISCARDED``);
-* peer-supplied values in log lines are escaped (:func:`dicomnode.logsafe.escape`).
+* peer-supplied values in log lines are escaped (:func:`dicomnode.logsafe.escape`);
+* a Storage Commitment N-ACTION is kept on disk by :mod:`.committer` before
+  its N-ACTION-RSP; its N-EVENT-REPORT goes on this association when the
+  requester negotiated the SCP role (the answer is read by the same loop),
+  else (or when the association ends unanswered) on a new one.
 
 Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
-``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store).
+``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store;
+``COMMIT-REQUESTED`` and ``COMMIT-FAILED`` for a refused N-ACTION here, the rest in :mod:`.committer`).
 
 Length: over 800 lines, on purpose: the admitted association's exchange
 (data set streaming into the temp file, filing, response), the temp files
