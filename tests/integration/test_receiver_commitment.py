@@ -8,7 +8,10 @@ SCP on its own port named by a ``[Destination:NAME]``, on a new association.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, peer_env, require_tool, wait_for_port, wait_until
 from tests.integration.test_hardening import StartNode, ok_object, start, storescu
 
 pytestmark = pytest.mark.interop
@@ -237,3 +240,95 @@ def test_commitment_report_survives_restart_while_requester_is_down(
     assert set(_refs(info, "ReferencedSOPSequence")) == {good}
     assert wait_until(lambda: "COMMITTED transaction_uid=" in node2.output(), 20), node2.output()
     assert wait_until(lambda: not list((dest / PENDING).glob("*.json")), 10)
+
+
+class _Orthanc:
+    """Orthanc (AE ORTHANC) that knows the node as modality ``node``; REST on a free port."""
+
+    def __init__(self, tmp: Path, node_port: int) -> None:
+        self.exe = require_tool("Orthanc")
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        root = tmp / "orthanc"
+        root.mkdir()
+        cfg = {
+            "Name": "committest",
+            "DicomAet": "ORTHANC",
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+            "DicomModalities": {"node": ["NODE", "127.0.0.1", node_port]},
+        }
+        (root / "orthanc.json").write_text(json.dumps(cfg))
+        self.log = (root / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen(
+            [self.exe, str(root / "orthanc.json")],
+            env=peer_env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.dicom_port, proc=self.proc)
+        wait_for_port(self.http_port, proc=self.proc)
+
+    def call(self, path: str, body: object = None, raw: bytes | None = None) -> Any:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data)
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            return json.loads(rsp.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def test_commitment_orthanc_as_requester(tmp_path: Path, port: int, start_node: StartNode) -> None:
+    orthanc = _Orthanc(tmp_path, port)
+    try:
+        extra = {
+            "Destination:orthanc": {
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        }
+        node, _dest = start(tmp_path, port, start_node, extra=extra, trusted="ORTHANC, SENDER")
+        path, ds = ok_object(tmp_path, "via-orthanc")
+        uploaded = orthanc.call("/instances", raw=path.read_bytes())
+        orthanc.call("/modalities/node/store", {"Resources": [uploaded["ID"]], "Synchronous": True})
+        never = generate_uid()
+        job = orthanc.call(
+            "/modalities/node/storage-commitment",
+            {
+                "DicomInstances": [
+                    {"SOPClassUID": CT, "SOPInstanceUID": str(ds.SOPInstanceUID)},
+                    {"SOPClassUID": CT, "SOPInstanceUID": never},
+                ],
+                "Timeout": 60,
+            },
+        )
+        report: dict[str, Any] = {}
+
+        def done() -> bool:
+            report.update(orthanc.call(job["Path"]))
+            return report.get("Status") != "Pending"
+
+        assert wait_until(done, 90, 0.5), (report, node.output())
+        assert report["Status"] == "Failure", report
+        assert [r["SOPInstanceUID"] for r in report["Success"]] == [str(ds.SOPInstanceUID)]
+        assert [(r["SOPInstanceUID"], r["FailureReason"]) for r in report["Failures"]] == [
+            (never, 0x0112)
+        ]
+        assert "COMMIT-FAILED" in node.output()
+    finally:
+        orthanc.stop()
