@@ -2,9 +2,9 @@
 
 Encodes and decodes command sets as ``{tag: raw value}``; builds the
 C-STORE-RQ the forwarder sends and the response command sets the receiver
-answers with. The command fields of N-EVENT-REPORT and N-ACTION (storage
-commitment) are declared here with their elements, so a new DIMSE service is
-added in this module and served by the roles. Pure byte handling.
+answers with, and the N-ACTION-RSP and N-EVENT-REPORT-RQ of the storage
+commitment SCP. A new DIMSE service is added in this module and served by the
+roles. Pure byte handling.
 """
 
 from __future__ import annotations
