@@ -197,3 +197,22 @@ def test_destination_section_errors_name_the_problem(
     path.write_text(BASE + text)
     with pytest.raises(ConfigError, match=message):
         config.load(path)
+
+
+def test_only_a_request_storage_commitment_action_is_served() -> None:
+    def req(**kw: object) -> sc.ActionRequest:
+        base: dict[str, object] = {
+            "sop_class": SC_CLASS,
+            "sop_instance": dimse.STORAGE_COMMITMENT_INSTANCE,
+            "action_type": 1,
+            "data": b"",
+            "transfer_syntax": ImplicitVRLittleEndian,
+        }
+        base.update(kw)
+        return sc.ActionRequest(**base)  # type: ignore[arg-type]
+
+    assert sc.judge_action(req()) is None
+    assert sc.judge_action(req(sop_class=CT))[0] == sc.NO_SUCH_SOP_CLASS  # type: ignore[index]
+    assert sc.judge_action(req(sop_instance="1.2.3"))[0] == sc.NO_SUCH_SOP_INSTANCE  # type: ignore[index]
+    assert sc.judge_action(req(action_type=2))[0] == sc.NO_SUCH_ACTION_TYPE  # type: ignore[index]
+    assert sc.judge_action(req(data=None))[0] == sc.PROCESSING_FAILURE  # type: ignore[index]

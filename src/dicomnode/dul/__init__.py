@@ -2,9 +2,10 @@
 
 One home for the protocol, named in the standard's words as pynetdicom names
 it: :mod:`~dicomnode.dul.pdu` (PDUs and association items: A-ASSOCIATE-RQ/AC/RJ,
-P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT), :mod:`~dicomnode.dul.dimse` (command
-sets: C-STORE, C-ECHO, and storage commitment's N-ACTION and N-EVENT-REPORT), :mod:`~dicomnode.dul.meta` (Part 10 File Meta
-Information, read and written) and :mod:`~dicomnode.dul.link` (the one
+P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT, SCP/SCU role selection),
+:mod:`~dicomnode.dul.dimse` (command sets: C-STORE, C-ECHO, and storage
+commitment's N-ACTION and N-EVENT-REPORT), :mod:`~dicomnode.dul.meta` (Part 10
+File Meta Information, read and written) and :mod:`~dicomnode.dul.link` (the one
 blocking PDU reader both the receiver SCP and the forwarder SCU read with).
 
 Contract: pure byte handling except :mod:`~dicomnode.dul.link`, which reads

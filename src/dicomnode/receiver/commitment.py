@@ -20,6 +20,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from dicomnode.dul.dimse import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_SOP_CLASS
+
 #: N-ACTION Action Type ID "Request Storage Commitment" (PS3.4 J.3.2).
 REQUEST_COMMITMENT: Final = 1
 #: N-EVENT-REPORT Event Type IDs (PS3.4 J.3.3): all committed / some failed.
@@ -121,6 +123,33 @@ class Commitment:
             float(doc["created"]),
             bool(doc["checked"]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRequest:
+    """An N-ACTION-RQ as received: command values and the Action Information.
+
+    ``data`` is None when the Action Information was too large to keep.
+    """
+
+    sop_class: str
+    sop_instance: str
+    action_type: int
+    data: bytes | None
+    transfer_syntax: str
+
+
+def judge_action(request: ActionRequest) -> tuple[int, str] | None:
+    """Return (N-ACTION-RSP status, reason) when the request cannot be served, else None."""
+    if request.sop_class != STORAGE_COMMITMENT_SOP_CLASS:
+        return NO_SUCH_SOP_CLASS, "not the Storage Commitment Push Model SOP class"
+    if request.sop_instance != STORAGE_COMMITMENT_INSTANCE:
+        return NO_SUCH_SOP_INSTANCE, "not its well-known SOP instance"
+    if request.action_type != REQUEST_COMMITMENT:
+        return NO_SUCH_ACTION_TYPE, f"action type {request.action_type}"
+    if request.data is None:
+        return PROCESSING_FAILURE, "Action Information too large"
+    return None
 
 
 def _syntax_flags(transfer_syntax: str) -> tuple[bool, bool]:

@@ -73,12 +73,17 @@ from dicomnode.logsafe import escape
 from dicomnode.receiver.commitment import (
     CLASS_INSTANCE_CONFLICT,
     GIVE_UP_S,
+    INVALID_ARGUMENT,
     NO_SUCH_OBJECT_INSTANCE,
     PROCESSING_FAILURE,
+    SUCCESS,
+    ActionRequest,
     Commitment,
     Reference,
     encode_report,
     fragments,
+    judge_action,
+    parse_action,
     retry_delay,
 )
 from dicomnode.storage import write_bytes_atomic
@@ -268,6 +273,67 @@ class Committer:
         path = self._path_of(commitment)
         write_bytes_atomic(json.dumps(commitment.to_json()).encode("utf-8"), path)
         return path
+
+    def accept(
+        self, request: ActionRequest, calling: str, where: str, report_here: bool
+    ) -> tuple[int, tuple[Commitment, Path] | None]:
+        """Decide an N-ACTION: its status and, when accepted, the commitment as kept on disk.
+
+        Accepted (0x0000) means the request is valid, its report has somewhere to
+        go (this association, or a ``[Destination:NAME]`` of ``calling``) and it
+        was written to the pending folder; otherwise a failure status and a
+        ``COMMIT-FAILED`` line. Logs ``COMMIT-REQUESTED`` when accepted.
+        """
+        transaction = ""
+        refs: tuple[Reference, ...] = ()
+        refusal = judge_action(request)
+        if refusal is None:
+            try:
+                transaction, refs = parse_action(request.data or b"", request.transfer_syntax)
+            except ValueError as exc:
+                refusal = INVALID_ARGUMENT, str(exc)
+        if refusal is None and not report_here and self.destination(calling) is None:
+            refusal = (
+                PROCESSING_FAILURE,
+                "no address to send the report to: the association did not negotiate the SCP "
+                f"role for it and no [Destination:NAME] has ae_title = {calling}",
+            )
+        commitment = Commitment(transaction, calling, where, refs, created=time.time())
+        path = None
+        if refusal is None:
+            try:
+                path = self.keep(commitment)
+            except OSError as exc:
+                refusal = PROCESSING_FAILURE, f"cannot keep the request: {exc.strerror or exc}"
+        if refusal is not None or path is None:
+            status, why = refusal or (PROCESSING_FAILURE, "not kept")
+            logger.error(
+                "COMMIT-FAILED transaction_uid=%s calling_ae=%s peer=%s instances=%d "
+                "status=0x%04X reason=%s",
+                escape(transaction) or "-",
+                calling,
+                where,
+                len(refs),
+                status,
+                escape(why),
+            )
+            return status, None
+        logger.info(
+            "COMMIT-REQUESTED transaction_uid=%s calling_ae=%s peer=%s instances=%d reply=%s",
+            escape(transaction),
+            calling,
+            where,
+            len(refs),
+            "same-association" if report_here else "new-association",
+        )
+        return SUCCESS, (commitment, path)
+
+    def checked(self, commitment: Commitment, path: Path) -> tuple[Commitment, Path]:
+        """Check an accepted commitment and keep its result (after the N-ACTION-RSP)."""
+        commitment = self.check(commitment)
+        with contextlib.suppress(OSError):  # unchecked, it is checked again after a restart
+            self.keep(commitment)
+        return commitment, path
 
     def destination(self, calling: str) -> DestinationConfig | None:
         """Return the ``[Destination:NAME]`` whose ``ae_title`` is ``calling``, or None."""

@@ -36,14 +36,16 @@ promises does not change:
 
 Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
 ``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store;
-``COMMIT-REQUESTED`` and ``COMMIT-FAILED`` for a refused N-ACTION here, the rest in :mod:`.committer`).
+``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``, ``COMMIT-DEFERRED`` from :mod:`.committer`).
 
-Length: over 800 lines, on purpose: the admitted association's exchange
+Length: close to 1000 lines, on purpose: the admitted association's exchange
 (data set streaming into the temp file, filing, response), the temp files
 held ready and the server that starts and stops associations are one hot
 path with one set of failure rules. The protocol encoding lives in
 :mod:`dicomnode.dul`, the connections not yet admitted in :mod:`.pending`,
-the decisions in :mod:`.admission`, :mod:`.negotiation` and :mod:`.store`.
+the decisions in :mod:`.admission`, :mod:`.negotiation` and :mod:`.store`,
+storage commitment in :mod:`.commitment` and :mod:`.committer` (only its
+N-ACTION and N-EVENT-REPORT exchange is here, on the association's own loop).
 """
 
 from __future__ import annotations
@@ -83,8 +85,6 @@ from dicomnode.dul.dimse import (
     REQUESTED_SOP_CLASS,
     REQUESTED_SOP_INSTANCE,
     STATUS,
-    STORAGE_COMMITMENT_INSTANCE,
-    STORAGE_COMMITMENT_SOP_CLASS,
     command_us,
     n_action_rsp,
     parse_command,
@@ -668,85 +668,35 @@ class _Association:
         sop_class = uid_text(request.get(REQUESTED_SOP_CLASS, b""))
         sop_instance = uid_text(request.get(REQUESTED_SOP_INSTANCE, b""))
         action = command_us(request, ACTION_TYPE_ID) or 0
-        message_id = command_us(request, MESSAGE_ID) or 0
         committer = self.server.committer
-
-        def answer(status: int) -> None:
-            rsp = n_action_rsp(message_id, sop_class, sop_instance, action, status)
-            self._send(p_data_tf(cid, PDV_COMMAND | PDV_LAST, rsp))
-
-        refusal = None
-        if sop_class != STORAGE_COMMITMENT_SOP_CLASS or committer is None:
-            refusal = sc.NO_SUCH_SOP_CLASS, "not the Storage Commitment Push Model SOP class"
-        elif sop_instance != STORAGE_COMMITMENT_INSTANCE:
-            refusal = sc.NO_SUCH_SOP_INSTANCE, "not its well-known SOP instance"
-        elif action != sc.REQUEST_COMMITMENT:
-            refusal = sc.NO_SUCH_ACTION_TYPE, f"action type {action}"
-        elif transfer.too_large:
-            refusal = sc.PROCESSING_FAILURE, f"Action Information over {_MAX_ACTION_BYTES} bytes"
-        transaction: str = ""
-        refs: tuple[sc.Reference, ...] = ()
-        if refusal is None:
-            try:
-                transaction, refs = sc.parse_action(bytes(transfer.data), self.contexts[cid][1])
-            except ValueError as exc:
-                refusal = sc.INVALID_ARGUMENT, str(exc)
-        if (
-            refusal is None
-            and not self.report_here
-            and committer is not None
-            and committer.destination(self.calling) is None
-        ):
-            refusal = (
-                sc.PROCESSING_FAILURE,
-                f"no address to send the report to: the association did not negotiate "
-                f"the SCP role for it and no [Destination:NAME] has ae_title = {self.calling}",
-            )
-        commitment = sc.Commitment(transaction, self.calling, self.where, refs, created=time.time())
-        path = None
-        if refusal is None and committer is not None:
-            try:
-                path = committer.keep(commitment)
-            except OSError as exc:
-                refusal = sc.PROCESSING_FAILURE, f"cannot keep the request: {exc.strerror or exc}"
-        if refusal is not None or committer is None or path is None:
-            status, why = refusal or (sc.PROCESSING_FAILURE, "no committer")
-            logger.error(
-                "COMMIT-FAILED transaction_uid=%s calling_ae=%s peer=%s instances=%d "
-                "status=0x%04X reason=%s",
-                escape(transaction) or "-",
+        status, accepted = sc.PROCESSING_FAILURE, None
+        if committer is not None:
+            status, accepted = committer.accept(
+                sc.ActionRequest(
+                    sop_class,
+                    sop_instance,
+                    action,
+                    None if transfer.too_large else bytes(transfer.data),
+                    self.contexts[cid][1],
+                ),
                 self.calling,
                 self.where,
-                len(refs),
-                status,
-                escape(why),
+                self.report_here,
             )
-            answer(status)
-            return
-        answer(sc.SUCCESS)
-        logger.info(
-            "COMMIT-REQUESTED transaction_uid=%s calling_ae=%s peer=%s instances=%d reply=%s",
-            escape(transaction),
-            self.calling,
-            self.where,
-            len(refs),
-            "same-association" if self.report_here else "new-association",
+        rsp = n_action_rsp(
+            command_us(request, MESSAGE_ID) or 0, sop_class, sop_instance, action, status
         )
-        commitment = committer.check(commitment)
-        with contextlib.suppress(OSError):  # unchecked, it is checked again after a restart
-            committer.keep(commitment)
+        self._send(p_data_tf(cid, PDV_COMMAND | PDV_LAST, rsp))
+        if committer is None or accepted is None:
+            return
+        commitment, path = committer.checked(*accepted)
         if not self.report_here:
             committer.schedule(commitment, path)
             return
         message_id = committer.next_message_id()
         self._awaiting[message_id] = (commitment, path)
         committer.send_report(
-            self._send,
-            commitment,
-            cid,
-            self.contexts[cid][1],
-            self.request.max_pdu,
-            message_id,
+            self._send, commitment, cid, self.contexts[cid][1], self.request.max_pdu, message_id
         )
 
     def _report_answered(self, response: dict[int, bytes]) -> None:
