@@ -329,6 +329,6 @@ def test_commitment_orthanc_as_requester(tmp_path: Path, port: int, start_node: 
         assert [(r["SOPInstanceUID"], r["FailureReason"]) for r in report["Failures"]] == [
             (never, 0x0112)
         ]
-        assert "COMMIT-FAILED" in node.output()
+        assert wait_until(lambda: "COMMIT-FAILED" in node.output(), 20), node.output()
     finally:
         orthanc.stop()
