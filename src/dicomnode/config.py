@@ -46,6 +46,10 @@ target_ip =
 target_port = 104
 [Logging]
 verbose = false
+[Web]
+enabled = true
+address = 127.0.0.1
+port = 8080
 """
 
 #: Default clinical send order: images, other objects, then RT objects.
@@ -263,6 +267,58 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """The event ledger ([Ledger]).
+
+    Attributes
+    ----------
+    enabled : bool
+        Record events in the SQLite ledger (default True).
+    location : Path or None
+        The ledger file; None means ``<destination_dir>/.ledger/ledger.sqlite``.
+    retention_days : int
+        Events older than this many days are deleted; 0 keeps them forever (default 365).
+    """
+
+    enabled: bool = True
+    location: Path | None = None
+    retention_days: int = 365
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The operator console, /metrics and /healthz ([Web]).
+
+    Attributes
+    ----------
+    enabled : bool
+        Serve the console (default False in files; the embedded default turns it on).
+    address : str
+        Address to bind (default ``127.0.0.1``); any other than loopback needs credentials.
+    port : int
+        TCP port (default 8080).
+    credentials_file : Path or None
+        Users and salted password hashes written by ``dicomnode web-passwd``;
+        None means ``web-users`` beside the ledger.
+    https : bool
+        Serve HTTPS (default False).
+    certificate, private_key : Path or None
+        PEM certificate and key for HTTPS; empty reuses [TLS] certificate/private_key.
+    session_timeout_s : float
+        A login expires after this many idle seconds (default 3600).
+    """
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 8080
+    credentials_file: Path | None = None
+    https: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    session_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """The whole validated configuration of one node."""
 
@@ -273,6 +329,22 @@ class NodeConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+
+    @property
+    def ledger_path(self) -> Path:
+        """Return the ledger file ([Ledger] location or ``<destination_dir>/.ledger/ledger.sqlite``)."""
+        if self.ledger.location is not None:
+            return self.ledger.location
+        return self.receiver.destination_dir / ".ledger" / "ledger.sqlite"
+
+    @property
+    def web_credentials(self) -> Path:
+        """Return the console's credentials file ([Web] credentials_file or beside the ledger)."""
+        if self.web.credentials_file is not None:
+            return self.web.credentials_file
+        return self.ledger_path.parent / "web-users"
 
     def with_watch_folder(self, path: Path) -> NodeConfig:
         """Return a copy whose forwarder watches ``path`` (``--watch-folder``)."""
@@ -437,6 +509,8 @@ _SECTIONS: Final = (
     "FolderWatcher",
     "TLS",
     "Logging",
+    "Ledger",
+    "Web",
 )
 
 
@@ -697,7 +771,43 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
         tools=tools,
         tls=tls,
         logging=logging_cfg,
+        ledger=_parse_ledger(section("Ledger"), base_dir),
+        web=_parse_web(section("Web"), base_dir, tls),
     )
+
+
+def _parse_ledger(sec: _Section, base_dir: Path) -> LedgerConfig:
+    ledger = LedgerConfig(
+        enabled=sec.boolean("enabled", True),
+        location=_path(sec, "location", None, base_dir),
+        retention_days=sec.integer("retention_days", 365, 0, 100000),
+    )
+    sec.check_unknown({f.name for f in fields(LedgerConfig)})
+    return ledger
+
+
+def _parse_web(sec: _Section, base_dir: Path, tls: TlsConfig) -> WebConfig:
+    web = WebConfig(
+        enabled=sec.boolean("enabled", False),
+        address=_host(sec, "address", "127.0.0.1", allow_empty=False),
+        port=sec.integer("port", 8080, 1, 65535),
+        credentials_file=_path(sec, "credentials_file", None, base_dir),
+        https=sec.boolean("https", False),
+        certificate=_path(sec, "certificate", None, base_dir),
+        private_key=_path(sec, "private_key", None, base_dir),
+        session_timeout_s=sec.seconds("session_timeout_s", 3600.0, lo=10.0),
+    )
+    sec.check_unknown({f.name for f in fields(WebConfig)})
+    if web.https:
+        cert = web.certificate or tls.certificate
+        key = web.private_key or tls.private_key
+        if cert is None or key is None:
+            raise ConfigError(
+                f"{sec.source}: [Web] https = true needs certificate and private_key "
+                "(in [Web], or in [TLS] to reuse the DICOM TLS certificate)"
+            )
+        web = replace(web, certificate=cert, private_key=key)
+    return web
 
 
 def _check_layout(section: _Section, layout: str) -> None:
@@ -823,6 +933,8 @@ def describe(config: NodeConfig) -> list[str]:
         ("FolderWatcher", config.forwarder),
         ("TLS", config.tls),
         ("Logging", config.logging),
+        ("Ledger", config.ledger),
+        ("Web", config.web),
     )
     for title, obj in sections:
         lines.append(f"[{title}]")

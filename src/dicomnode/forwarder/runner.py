@@ -59,6 +59,7 @@ from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
 from dicomnode.integrity import find_defect
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,8 @@ def send_group(
         infos.append(found)
 
     ordered = order_objects(infos, config.send_order)
+    destination = f"{config.target_aet}@{config.target_ip}:{config.target_port}"
+    last_result = [time.monotonic()]
     if ordered:
         logger.info(
             "BATCH-READY group=%s files=%d objects=%d target=%s@%s:%d",
@@ -279,6 +282,8 @@ def send_group(
 
     def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
         jf = by_key[obj.rel_path]
+        now = time.monotonic()
+        took_ms, last_result[0] = (now - last_result[0]) * 1000, now
         if outcome is SendOutcome.SENT:
             if not _is_unchanged(jf):
                 logger.warning(
@@ -296,6 +301,14 @@ def send_group(
                 jf.display,
                 obj.sop_instance_uid,
                 status if status is not None else 0,
+                extra=ledger_extra(
+                    EventKind.FORWARDED,
+                    sop_uid=obj.sop_instance_uid or None,
+                    path=str(jf.path),
+                    destination=destination,
+                    status=f"0x{status or 0:04X}",
+                    duration_ms=took_ms,
+                ),
             )
         elif outcome is SendOutcome.REFUSED:
             why = ParkReason(status, reason, obj.sop_instance_uid)
@@ -305,6 +318,15 @@ def send_group(
                 jf.display,
                 obj.sop_instance_uid,
                 why.describe(),
+                extra=ledger_extra(
+                    EventKind.FORWARD_REFUSED,
+                    sop_uid=obj.sop_instance_uid or None,
+                    path=str(jf.path),
+                    destination=destination,
+                    status=f"0x{status:04X}" if status is not None else None,
+                    reason=why.describe(),
+                    duration_ms=took_ms,
+                ),
             )
             if _is_unchanged(jf) and _park(job, jf, why, stamp):
                 result.parked += 1
@@ -620,7 +642,30 @@ class Forwarder:
             delay,
             max(0.0, first + cfg.give_up_after_s - wall),
             result.network_error,
+            extra=ledger_extra(
+                EventKind.RETRIED,
+                destination=f"{cfg.target_aet}@{cfg.target_ip}:{cfg.target_port}",
+                path=str(self.watch_folder / key) if key else str(self.watch_folder),
+                reason=f"attempt {attempts}, next in {delay:g} s: {result.network_error}",
+                size=len(result.retry),
+            ),
         )
+
+    def status(self) -> dict[str, object]:
+        """Return what the console and /healthz show: groups waiting, sending, backing off.
+
+        Keys: ``running`` (scheduler alive), ``sending`` (group keys), ``retry``
+        (group key -> :class:`~.state.RetryState`), ``last_success`` (wall time or None).
+        """
+        with self._lock:
+            sending = sorted(self._inflight)
+        scheduler = self._scheduler
+        return {
+            "running": scheduler is not None and scheduler.is_alive(),
+            "sending": sending,
+            "retry": dict(self._retry),
+            "last_success": self._last_success,
+        }
 
     def _heartbeat(self) -> None:
         groups = self._tracker.group_keys()

@@ -14,6 +14,7 @@ from typing import Any
 
 from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.receiver.policy import decide_association
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,17 @@ class SharedLoad:
         with self.counts.get_lock():
             self.counts[self.index] = active
             return bool(sum(self.counts) <= limit)
+
+
+def _reason_code(diagnostic: int, reason: str) -> str:
+    """Return the short ``reason`` label of a rejection (for metrics)."""
+    if diagnostic == 0x07:
+        return "called_ae"
+    if "AE_Hosts" in reason:
+        return "peer_address"
+    if diagnostic == 0x03:
+        return "untrusted_calling_ae"
+    return "other"
 
 
 def resolve_names(ip: str, names: tuple[str, ...]) -> frozenset[str]:
@@ -115,6 +127,13 @@ def admit(
                 called,
                 where,
                 decision.reason,
+                extra=ledger_extra(
+                    EventKind.ASSOCIATION_REJECTED,
+                    calling_ae=calling,
+                    peer=where,
+                    status=_reason_code(decision.diagnostic, decision.reason),
+                    reason=decision.reason,
+                ),
             )
             return (0x01, 0x01, decision.diagnostic)
         if not node_has_room():
@@ -125,10 +144,23 @@ def admit(
                 called,
                 where,
                 cfg.max_associations,
+                extra=ledger_extra(
+                    EventKind.ASSOCIATION_REJECTED,
+                    calling_ae=calling,
+                    peer=where,
+                    status="max_associations",
+                    reason=f"max_associations={cfg.max_associations} reached",
+                ),
             )
             return REJECT_LOCAL_LIMIT
     except Exception:
         logger.exception("REJECTED association: admission check failed, refusing")
         return REJECT_INTERNAL_ERROR
-    logger.info("ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s", calling, called, where)
+    logger.info(
+        "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s",
+        calling,
+        called,
+        where,
+        extra=ledger_extra(EventKind.ASSOCIATION_ACCEPTED, calling_ae=calling, peer=where),
+    )
     return None

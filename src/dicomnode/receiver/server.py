@@ -130,6 +130,10 @@ class Receiver:
             return self._lean.active()
         return self._pyn.active_associations() if self._pyn is not None else 0
 
+    def is_serving(self) -> bool:
+        """Return True while the receiver accepts associations (console, /healthz)."""
+        return self._lean is not None or self._pyn is not None
+
     def publish_load(self) -> None:
         """Refresh this process's slot in the pool's shared connection counts."""
         if self.shared_load is not None:
