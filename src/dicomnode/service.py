@@ -171,10 +171,8 @@ class Node:
             )
             if forwarding
             else None,
-            counters=(lambda: self.ledger.counters()) if self.ledger is not None else None,
-            ledger_available=(lambda: bool(self.ledger.available))
-            if self.ledger is not None
-            else None,
+            counters=lambda: self.ledger.counters() if self.ledger is not None else {},
+            ledger_available=lambda: bool(self.ledger is not None and self.ledger.available),
         )
         self.console = Console(self.config, probe, recent)
         self._attach(recent)
