@@ -291,6 +291,7 @@ class LedgerWriter:
                     row = self._complete(conn, event)
                     row["ts"] = ts
                     self._insert(conn, row, staged)
+                self._add_counters(conn, staged)
         except sqlite3.Error as exc:
             self._broken(exc)
             return
@@ -364,12 +365,16 @@ class LedgerWriter:
                 ),
             )
         for name, labels, amount in counter_increments(row):
-            conn.execute(
-                "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
-                "ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value",
-                (name, _labels_to_text(labels), amount),
-            )
             staged[(name, labels)] = staged.get((name, labels), 0.0) + amount
+
+    @staticmethod
+    def _add_counters(conn: sqlite3.Connection, staged: dict[tuple[str, Labels], float]) -> None:
+        """Add a batch's counter increments (one statement per counter, not per event)."""
+        conn.executemany(
+            "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value",
+            [(name, _labels_to_text(labels), amount) for (name, labels), amount in staged.items()],
+        )
 
     # -- reconciliation --------------------------------------------------------------
 
@@ -439,6 +444,8 @@ class LedgerWriter:
             )
 
     def _walk(self, root: Path) -> Iterable[str]:
+        if str(root) in self.skip_dirs:
+            return
         for dirpath, dirnames, filenames in os.walk(str(root)):
             dirnames[:] = [
                 d
