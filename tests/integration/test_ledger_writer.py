@@ -58,11 +58,19 @@ def test_events_from_log_records_are_written_with_header_and_checksum(
         log.info(
             "STORED x",
             extra=ledger_extra(
-                EventKind.STORED, calling_ae="CT1", sop_uid="1.2.3.4.5", path=str(obj),
-                size=obj.stat().st_size, duration_ms=12.0, elements=elements,
+                EventKind.STORED,
+                calling_ae="CT1",
+                sop_uid="1.2.3.4.5",
+                path=str(obj),
+                size=obj.stat().st_size,
+                duration_ms=12.0,
+                elements=elements,
             ),
         )
-        log.info("SENT y", extra=ledger_extra(EventKind.FORWARDED, sop_uid="1.2.3.4.5", destination="T@h:1"))
+        log.info(
+            "SENT y",
+            extra=ledger_extra(EventKind.FORWARDED, sop_uid="1.2.3.4.5", destination="T@h:1"),
+        )
         log.info("an ordinary line without an event")
         assert writer.flush(30)
     finally:
@@ -78,7 +86,9 @@ def test_events_from_log_records_are_written_with_header_and_checksum(
     assert counters[("forwarded_objects", (("destination", "T@h:1"),))] == 1.0
 
 
-def test_counters_survive_restart_and_retention(tmp_path: Path, writers: list[LedgerWriter]) -> None:
+def test_counters_survive_restart_and_retention(
+    tmp_path: Path, writers: list[LedgerWriter]
+) -> None:
     path = tmp_path / "ledger.sqlite"
     writer = _start(writers, path)
     for _ in range(3):
@@ -90,7 +100,9 @@ def test_counters_survive_restart_and_retention(tmp_path: Path, writers: list[Le
     assert _rows(path) == []  # the old events are gone, the counters are not
 
 
-def test_reconcile_records_unknown_objects_once(tmp_path: Path, writers: list[LedgerWriter]) -> None:
+def test_reconcile_records_unknown_objects_once(
+    tmp_path: Path, writers: list[LedgerWriter]
+) -> None:
     root = tmp_path / "incoming"
     known = save(make_image("CT", patient_id="K"), root / "p" / "known.dcm")
     unknown = save(make_image("MR", patient_id="U"), root / "p" / "unknown.dcm")
@@ -102,7 +114,9 @@ def test_reconcile_records_unknown_objects_once(tmp_path: Path, writers: list[Le
     first.submit({"kind": "stored", "path": str(known), "sop_uid": "1"})
     assert first.flush(30)
     first.stop()
-    _start(writers, path, reconcile_roots=[root, tmp_path / "errors"], skip_dirs=[tmp_path / "errors"])
+    _start(
+        writers, path, reconcile_roots=[root, tmp_path / "errors"], skip_dirs=[tmp_path / "errors"]
+    )
     recovered = _rows(path, "SELECT * FROM events WHERE kind = 'recovered'")
     assert [r["path"] for r in recovered] == [str(unknown)]
     assert recovered[0]["patient_id"] == "U" and recovered[0]["modality"] == "MR"

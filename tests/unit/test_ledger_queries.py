@@ -95,7 +95,9 @@ def test_open_ledger_creates_schema_and_reader_is_read_only(tmp_path: Path) -> N
         open_reader(tmp_path / "missing.sqlite")
 
 
-def test_open_ledger_moves_a_corrupt_file_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_open_ledger_moves_a_corrupt_file_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "ledger.sqlite"
     path.write_bytes(b"this is not a database" * 100)
     conn = open_ledger(path)
@@ -122,8 +124,14 @@ def test_queries_stay_fast_with_100000_events(tmp_path: Path) -> None:
     rows = [_stored(i, i // 50, now - (100_000 - i)) for i in range(100_000)]
     _insert(conn, rows)
     sent = [
-        {"ts": now, "kind": "forwarded", "sop_uid": r["sop_uid"], "study_uid": r["study_uid"],
-         "destination": "PLAN@10.0.0.1:104", "status": "0x0000"}
+        {
+            "ts": now,
+            "kind": "forwarded",
+            "sop_uid": r["sop_uid"],
+            "study_uid": r["study_uid"],
+            "destination": "PLAN@10.0.0.1:104",
+            "status": "0x0000",
+        }
         for r in rows[-500:]
     ]
     _insert(conn, sent)
@@ -159,8 +167,20 @@ def test_recent_retries_pairs_move_back_with_delivery(tmp_path: Path) -> None:
     _insert(
         conn,
         [
-            {"ts": 10.0, "kind": "moved_back", "sop_uid": "1.2", "path": "/w/a.dcm", "actor": "ops"},
-            {"ts": 11.0, "kind": "forwarded", "sop_uid": "1.2", "destination": "T@h:1", "status": "0x0000"},
+            {
+                "ts": 10.0,
+                "kind": "moved_back",
+                "sop_uid": "1.2",
+                "path": "/w/a.dcm",
+                "actor": "ops",
+            },
+            {
+                "ts": 11.0,
+                "kind": "forwarded",
+                "sop_uid": "1.2",
+                "destination": "T@h:1",
+                "status": "0x0000",
+            },
             {"ts": 12.0, "kind": "moved_back", "sop_uid": "1.3", "path": "/w/b.dcm"},
         ],
     )
