@@ -195,6 +195,7 @@ class Console:
         )
         self.env.filters["time"] = _fmt_time
         self.env.filters["bytes"] = _fmt_bytes
+        self.env.filters["folder"] = lambda p: os.path.dirname(p) if p else ""
         self.collector = NodeCollector(self._counters, self._gauges)
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
