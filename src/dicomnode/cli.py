@@ -9,9 +9,10 @@ Exit codes (:class:`~dicomnode.status.ExitStatus`): 0 ok, 1 runtime failure,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dicomnode import __version__, config, logsetup, service, tls
@@ -202,7 +203,8 @@ def _dispatch(args: argparse.Namespace, cfg: NodeConfig) -> int:
     if command == "retry-failed":
         from dicomnode.forwarder import retry_failed
 
-        return int(retry_failed(cfg.forwarder))
+        with _ledger(cfg):
+            return int(retry_failed(cfg.forwarder))
     if command == "status":
         from dicomnode.web.report import status_report
 
@@ -218,6 +220,26 @@ def _dispatch(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
         return int(convert_paths(args.inputs, args.out, cfg.tools, cfg.receiver.folder_layout))
     return _run(args, cfg)
+
+
+@contextlib.contextmanager
+def _ledger(cfg: NodeConfig) -> Iterator[None]:
+    """Record the events of a one-shot command (``send``, ``retry-failed``) in the ledger."""
+    if not cfg.ledger.enabled:
+        yield
+        return
+    from dicomnode.ledger.handler import LedgerHandler
+    from dicomnode.ledger.writer import LedgerWriter
+
+    writer = LedgerWriter(cfg.ledger_path, 0)
+    writer.start()
+    handler = LedgerHandler(writer)
+    logging.getLogger("dicomnode").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("dicomnode").removeHandler(handler)
+        writer.stop()
 
 
 def _audit(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -295,11 +317,15 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
             file=sys.stderr,
         )
         return int(ExitStatus.CONFIG_ERROR)
-    return int(
-        send_paths(
-            args.paths, fw, progress=sys.stderr.isatty(), ssl_context=tls.client_context(cfg.tls)
+    with _ledger(cfg):
+        return int(
+            send_paths(
+                args.paths,
+                fw,
+                progress=sys.stderr.isatty(),
+                ssl_context=tls.client_context(cfg.tls),
+            )
         )
-    )
 
 
 def _run(args: argparse.Namespace, cfg: NodeConfig) -> int:

@@ -148,5 +148,14 @@ def test_console_finds_study_and_retries_a_parked_file(  # type: ignore[no-untyp
         assert wait_until(lambda: len(target.order()) == 1, 30)
         assert len(parked_files(watch)) == 2
         assert "WEB-RETRY user=local client=127.0.0.1" in node.output()
+        driver.find_element(By.LINK_TEXT, "Dashboard").click()
+        health = wait.until(ec.presence_of_element_located((By.ID, "health")))
+        assert "healthy" in health.text
+        assert "STORESCU" in driver.page_source  # today's received per calling AE
+        driver.find_element(By.LINK_TEXT, "Log").click()
+        wait.until(ec.presence_of_element_located((By.ID, "log")))
+        assert "RETRY-QUEUED" in driver.find_element(By.ID, "log").text
+        driver.get(base + "/")
+        driver.save_screenshot(str(ARTIFACTS / "console-dashboard.png"))
     finally:
         target.stop()

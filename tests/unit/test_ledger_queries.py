@@ -23,9 +23,7 @@ def _insert(conn: sqlite3.Connection, rows: list[dict[str, object]]) -> None:
     """Insert rows the way the writer does (events, studies, counters)."""
     staged: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     with conn:
-        for row in rows:
-            LedgerWriter._insert(conn, dict(row), staged)
-        LedgerWriter._add_counters(conn, staged)
+        LedgerWriter._insert_rows(conn, [dict(r) for r in rows], staged)
 
 
 def _stored(i: int, study: int, ts: float, **kw: object) -> dict[str, object]:
@@ -57,7 +55,8 @@ def test_counter_increments_per_kind() -> None:
     stored = counter_increments({"kind": "stored", "calling_ae": "CT1", "duration_ms": 30.0})
     assert ("received_objects", (("calling_ae", "CT1"),), 1.0) in stored
     buckets = [le for name, labels, _ in stored if name.endswith("_bucket") for _, le in labels]
-    assert buckets == [b for b in bucket_bounds() if b == "+Inf" or float(b) >= 0.03]
+    assert buckets == ["0.05"]  # the smallest bound that holds 30 ms; exposed cumulative
+    assert "0.05" in bucket_bounds() and bucket_bounds()[-1] == "+Inf"
     assert ("store_duration_seconds_sum", (), 0.03) in stored
     assert counter_increments({"kind": "store_refused", "status": "0xA700"}) == [
         ("store_failures", (("status", "0xA700"),), 1.0)

@@ -38,8 +38,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX events_study ON events (study_uid, ts)",
         "CREATE INDEX events_sop ON events (sop_uid, ts)",
         "CREATE INDEX events_patient ON events (patient_id, ts)",
-        "CREATE INDEX events_ae ON events (calling_ae, ts)",
-        "CREATE INDEX events_path ON events (path)",
         """CREATE TABLE studies (
             study_uid TEXT PRIMARY KEY,
             patient_id TEXT, patient_name TEXT, study_date TEXT, study_desc TEXT,

@@ -8,6 +8,7 @@ process pool (every process's events reach the one writer). No I/O.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -39,12 +40,16 @@ def _le(bound: float) -> str:
     return repr(bound) if bound != float("inf") else "+Inf"
 
 
+_BUCKET_LABELS: Final = tuple((("le", _le(b)),) for b in (*STORE_DURATION_BUCKETS_S, float("inf")))
+
+
 def counter_increments(row: Mapping[str, Any]) -> list[Increment]:
     """Return ``(counter name, labels, amount)`` for one event row.
 
     Names are the metric names without the ``dicomnode_`` prefix and ``_total``
-    suffix; the histogram uses ``store_duration_seconds_bucket`` (cumulative per
-    ``le``), ``_sum`` and ``_count``.
+    suffix; the histogram keeps ``store_duration_seconds_bucket`` per ``le`` *not*
+    cumulative (one increment per event: the smallest bound that holds it; the
+    exposition adds them up) and ``store_duration_seconds_sum``.
     """
     kind = row.get("kind")
     out: list[Increment] = []
@@ -53,11 +58,9 @@ def counter_increments(row: Mapping[str, Any]) -> list[Increment]:
         ms = row.get("duration_ms")
         if ms is not None:
             seconds = float(ms) / 1000.0
-            for bound in (*STORE_DURATION_BUCKETS_S, float("inf")):
-                if seconds <= bound:
-                    out.append(("store_duration_seconds_bucket", (("le", _le(bound)),), 1.0))
+            index = bisect.bisect_left(STORE_DURATION_BUCKETS_S, seconds)
+            out.append(("store_duration_seconds_bucket", _BUCKET_LABELS[index], 1.0))
             out.append(("store_duration_seconds_sum", (), seconds))
-            out.append(("store_duration_seconds_count", (), 1.0))
     elif kind == EventKind.STORE_REFUSED.value:
         out.append(("store_failures", (("status", str(row.get("status") or "")),), 1.0))
     elif kind == EventKind.ASSOCIATION_REJECTED.value:

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 _QUEUE_MAX: Final = 200_000
 _BATCH: Final = 1000
+#: How long the writer gathers events before it writes them (seconds).
+_GATHER_S: Final = 0.25
 _REOPEN_S: Final = 60.0
 _RETENTION_EVERY_S: Final = 86400.0
 _SKIP_SUFFIXES: Final = (".part", ".tmp", ".log", ".json")
@@ -196,10 +198,16 @@ class LedgerWriter:
             except queue.Empty:
                 self._maintain()
                 continue
+            # Collect for up to _GATHER_S (fewer, larger transactions: far fewer pages
+            # written per event); a flush or stop request ends the wait at once.
             items = [first]
-            while len(items) < _BATCH:
+            deadline = time.monotonic() + _GATHER_S
+            while len(items) < _BATCH and isinstance(items[-1], tuple):
+                left = deadline - time.monotonic()
                 try:
-                    items.append(self._queue.get_nowait())
+                    items.append(
+                        self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                    )
                 except queue.Empty:
                     break
             events: list[tuple[float, dict[str, Any]]] = []
@@ -287,11 +295,15 @@ class LedgerWriter:
         staged: dict[tuple[str, Labels], float] = {}
         try:
             with conn:
+                rows: list[dict[str, Any]] = []
+                batch: dict[str, dict[str, Any]] = {}  # stored objects of this batch by SOP UID
                 for ts, event in events:
-                    row = self._complete(conn, event)
+                    row = self._complete(conn, event, batch)
                     row["ts"] = ts
-                    self._insert(conn, row, staged)
-                self._add_counters(conn, staged)
+                    rows.append(row)
+                    if row.get("kind") in ("stored", "recovered") and row.get("sop_uid"):
+                        batch[row["sop_uid"]] = row
+                self._insert_rows(conn, rows, staged)
         except sqlite3.Error as exc:
             self._broken(exc)
             return
@@ -302,7 +314,9 @@ class LedgerWriter:
             for key, amount in staged.items():
                 self._counters[key] = self._counters.get(key, 0.0) + amount
 
-    def _complete(self, conn: sqlite3.Connection, event: dict[str, Any]) -> dict[str, Any]:
+    def _complete(
+        self, conn: sqlite3.Connection, event: dict[str, Any], batch: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
         """Fill what the logging side left to the writer (header text, checksum, study)."""
         row = dict(event)
         elements = row.pop("elements", None)
@@ -313,8 +327,10 @@ class LedgerWriter:
         if kind in ("stored", "recovered") and not row.get("checksum") and row.get("path"):
             row["checksum"] = file_sha256(str(row["path"]))
         if kind in _LOOKUP_KINDS and not row.get("study_uid"):
-            found = None
-            if row.get("sop_uid"):
+            found: Any = None
+            if row.get("sop_uid") in batch:
+                found = batch[row["sop_uid"]]
+            elif row.get("sop_uid"):
                 found = conn.execute(
                     "SELECT * FROM events WHERE sop_uid = ? AND kind IN ('stored', 'recovered') "
                     "ORDER BY ts DESC LIMIT 1",
@@ -339,37 +355,50 @@ class LedgerWriter:
                     "calling_ae",
                 ):
                     if not row.get(column):
-                        row[column] = found[column]
+                        row[column] = found[column] if column in found.keys() else None
         return row
 
     @staticmethod
-    def _insert(
-        conn: sqlite3.Connection, row: dict[str, Any], staged: dict[tuple[str, Labels], float]
+    def _insert_rows(
+        conn: sqlite3.Connection,
+        rows: list[dict[str, Any]],
+        staged: dict[tuple[str, Labels], float],
     ) -> None:
-        conn.execute(_INSERT, tuple(row.get(c) for c in _ROW_COLUMNS))
-        if row.get("kind") in ("stored", "recovered") and row.get("study_uid"):
-            conn.execute(
+        """Insert a batch: events, the per-study summary and the counters (one statement each)."""
+        conn.executemany(_INSERT, [[row.get(c) for c in _ROW_COLUMNS] for row in rows])
+        studies: dict[str, list[Any]] = {}
+        for row in rows:
+            kind = row.get("kind")
+            if kind in ("stored", "recovered") and row.get("study_uid"):
+                item = studies.get(row["study_uid"])
+                if item is None:
+                    studies[row["study_uid"]] = [
+                        row["study_uid"],
+                        row.get("patient_id"),
+                        row.get("patient_name"),
+                        row.get("study_date"),
+                        row.get("study_desc"),
+                        row.get("calling_ae"),
+                        row["ts"],
+                        row["ts"],
+                        1,
+                    ]
+                else:
+                    item[5] = row.get("calling_ae")
+                    item[6] = min(item[6], row["ts"])
+                    item[7] = max(item[7], row["ts"])
+                    item[8] += 1
+            for name, labels, amount in counter_increments(row):
+                staged[(name, labels)] = staged.get((name, labels), 0.0) + amount
+        if studies:
+            conn.executemany(
                 "INSERT INTO studies (study_uid, patient_id, patient_name, study_date, study_desc, "
-                "calling_ae, first_ts, last_ts, objects) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
-                "ON CONFLICT (study_uid) DO UPDATE SET last_ts = excluded.last_ts, "
-                "objects = objects + 1, calling_ae = excluded.calling_ae",
-                (
-                    row["study_uid"],
-                    row.get("patient_id"),
-                    row.get("patient_name"),
-                    row.get("study_date"),
-                    row.get("study_desc"),
-                    row.get("calling_ae"),
-                    row["ts"],
-                    row["ts"],
-                ),
+                "calling_ae, first_ts, last_ts, objects) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (study_uid) DO UPDATE SET last_ts = max(last_ts, excluded.last_ts), "
+                "first_ts = min(first_ts, excluded.first_ts), "
+                "objects = objects + excluded.objects, calling_ae = excluded.calling_ae",
+                list(studies.values()),
             )
-        for name, labels, amount in counter_increments(row):
-            staged[(name, labels)] = staged.get((name, labels), 0.0) + amount
-
-    @staticmethod
-    def _add_counters(conn: sqlite3.Connection, staged: dict[tuple[str, Labels], float]) -> None:
-        """Add a batch's counter increments (one statement per counter, not per event)."""
         conn.executemany(
             "INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
             "ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value",
@@ -396,8 +425,6 @@ class LedgerWriter:
             "SELECT path FROM events WHERE kind = 'converted' AND path IS NOT NULL"
         ):
             folders.update(str(paths).split("\n"))
-        from dicomnode.dicomtags import read_header, text_of
-
         found: list[tuple[float, dict[str, Any]]] = []
         seen: set[str] = set()
         for root in self.reconcile_roots:
@@ -405,6 +432,9 @@ class LedgerWriter:
                 if path in known or path in seen or os.path.dirname(path) in folders:
                     continue
                 seen.add(path)
+                # pydicom is imported only when there is something to recover (memory).
+                from dicomnode.dicomtags import read_header, text_of
+
                 try:
                     ds = read_header(Path(path))
                     st = os.stat(path)

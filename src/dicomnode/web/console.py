@@ -535,6 +535,10 @@ class Console:
             if conn is not None:
                 reasons = queries.parked_reasons(conn, [str(p) for p in files])
                 retries = queries.recent_retries(conn, 20)
+        watch = str(self.config.forwarder.watch_folder) + os.sep
+        for r in retries:
+            moved = str(r.get("path") or "")
+            r["shown"] = moved[len(watch) :] if moved.startswith(watch) else moved
         items = []
         for path in files:
             row = reasons.get(str(path))

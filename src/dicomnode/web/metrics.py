@@ -90,8 +90,10 @@ class NodeCollector(Collector):
                 families[key].add_metric([], 0.0)
         yield from families.values()
         buckets = []
-        for le in bucket_bounds():
-            buckets.append((le, values.get(("store_duration_seconds_bucket", (("le", le),)), 0.0)))
+        cumulative = 0.0
+        for le in bucket_bounds():  # stored per bucket, exposed cumulative
+            cumulative += values.get(("store_duration_seconds_bucket", (("le", le),)), 0.0)
+            buckets.append((le, cumulative))
         yield HistogramMetricFamily(
             "dicomnode_store_duration_seconds",
             "Time from the C-STORE request to the object being durable (filed).",
