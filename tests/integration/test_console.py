@@ -6,6 +6,7 @@ DCMTK storescp; /metrics is parsed with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import json
 import re
@@ -355,3 +356,37 @@ def test_corrupt_ledger_at_start_is_moved_aside_and_node_receives(
     assert wait_until(lambda: metrics(web_port).get(key) == 2.0, 30)
     assert "LEDGER-CORRUPT" in node.output()
     assert list(ledger.parent.glob("ledger.sqlite.corrupt-*"))
+
+
+def test_console_over_https_reusing_the_tls_certificate(tmp_path: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    from tests.integration.test_tls import _make_ca, _make_leaf
+
+    ca = _make_ca(tmp_path, "web-ca")
+    cert, key = _make_leaf(tmp_path, "node", ca, "serverAuth")
+    port, web_port = free_port(), free_port()
+    cfg = node_config(
+        tmp_path,
+        port,
+        web_port,
+        free_port(),
+        Network={"receiver_processes": 1},
+        TLS={"certificate": str(cert), "private_key": str(key)},
+        Web={"https": "true"},
+    )
+    start_node(["--config", str(cfg)], port=port)
+    wait_for_port(web_port)
+    context = ssl.create_default_context(cafile=str(ca[0]))
+    with urllib.request.urlopen(
+        f"https://127.0.0.1:{web_port}/healthz", context=context, timeout=20
+    ) as resp:
+        assert resp.status == 200 and resp.read() == b"ok\n"
+    with urllib.request.urlopen(
+        f"https://127.0.0.1:{web_port}/", context=context, timeout=20
+    ) as resp:
+        assert "Secure" in resp.headers["Set-Cookie"] and "Dashboard" in resp.read().decode()
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=20)
+    status = cli("status", "--config", str(cfg), cwd=tmp_path)
+    assert status.returncode == 0, status.stdout

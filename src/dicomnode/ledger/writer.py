@@ -342,6 +342,7 @@ class LedgerWriter:
                     (row["reason"],),
                 ).fetchone()
             if found is not None:
+                found = dict(found)
                 for column in (
                     "patient_id",
                     "patient_name",
@@ -355,7 +356,7 @@ class LedgerWriter:
                     "calling_ae",
                 ):
                     if not row.get(column):
-                        row[column] = found[column] if column in found.keys() else None
+                        row[column] = found.get(column)
         return row
 
     @staticmethod
