@@ -25,10 +25,6 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	# the receiver suites once more on the alternative transport ([Network] receiver_transport = pynetdicom)
-	DICOMNODE_TEST_RECEIVER_TRANSPORT=pynetdicom $(BIN)/python -m pytest -q tests/integration/test_receiver.py tests/integration/test_hardening.py tests/integration/test_tls.py tests/integration/test_pool.py
-	# the forwarder suite once more on the alternative transport ([FolderWatcher] transport = pynetdicom)
-	DICOMNODE_TEST_TRANSPORT=pynetdicom $(BIN)/python -m pytest -q tests/integration/test_forward.py tests/integration/test_forward_cli.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,10 @@ REPO: Final = BENCH_DIR.parent
 NODE_AET: Final = "DICOMNODE"
 DCMTK_AET: Final = "DCMTKSCP"
 SCU_AET: Final = "BENCHSCU"
+#: RECEIVE rows that anchor dicomnode's figure: the best durable peer and the disk.
+NODE_RECEIVE_CASE: Final = "storescu->dicomnode"
+ORTHANC_CASE: Final = "storescu->orthanc (sync on)"
+DURABLE_CASE: Final = "durable limit (tcp+write+fsync, no DICOM)"
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 MB: Final = 1_000_000
 
@@ -130,7 +135,6 @@ class Options:
     keep: bool
     python: str
     probe: bool = False
-    transport: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,7 @@ class Tools:
 
     storescu: str
     storescp: str
+    orthanc: str | None = None
 
 
 # --------------------------------------------------------------------------- processes
@@ -457,6 +462,74 @@ class RawProbeReceiver(Receiver):
         return _count_files(self.store)
 
 
+class OrthancReceiver(Receiver):
+    """Orthanc (Debian's package) with a throw-away configuration: the durable peer anchor.
+
+    Orthanc syncs its storage area by default (``SyncStorageArea``), so it pays the same
+    kind of fsync per object as dicomnode. Stored objects are counted through its REST API.
+    """
+
+    name = "orthanc"
+
+    def __init__(self, workdir: Path, env: dict[str, str], exe: str) -> None:
+        super().__init__(workdir, env)
+        self.exe = exe
+        self.http_port = free_port()
+
+    def command(self) -> list[str]:
+        """Write the Orthanc configuration and return its command line."""
+        cfg = {
+            "Name": "bench",
+            "DicomAet": NODE_AET,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(self.store / "storage"),
+            "IndexDirectory": str(self.store / "index"),
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "StorageCompression": False,
+            "SyncStorageArea": True,
+            "Plugins": [],
+        }
+        config = self.workdir / "orthanc.json"
+        config.write_text(json.dumps(cfg), encoding="utf-8")
+        return [self.exe, str(config)]
+
+    def is_ready(self) -> bool:
+        """Ready once both the DICOM and the REST port listen."""
+        return is_listening(self.port) and is_listening(self.http_port)
+
+    def stored_files(self) -> int:
+        """Return Orthanc's instance count (REST ``/statistics``)."""
+        url = f"http://127.0.0.1:{self.http_port}/statistics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return int(json.load(answer)["CountInstances"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+
+class DurableLimitReceiver(Receiver):
+    """``bench/durable_limit.py serve``: TCP + write + fsync + rename + folder fsync, no DICOM."""
+
+    name = "durable-limit"
+
+    def __init__(self, workdir: Path, env: dict[str, str], python: str) -> None:
+        super().__init__(workdir, env)
+        self.python = python
+
+    def command(self) -> list[str]:
+        """Return the probe server's command line."""
+        script = str(BENCH_DIR / "durable_limit.py")
+        return [self.python, script, "serve", str(self.port), str(self.store)]
+
+    def stored_files(self) -> int:
+        """Count objects renamed into place."""
+        return sum(1 for p in self.store.iterdir() if p.suffix == ".obj")
+
+
 # --------------------------------------------------------------------------- cases
 
 
@@ -644,6 +717,22 @@ class Bench:
         """Return the raw-socket probe that stores with dicomnode's StoreHandler."""
         return RawProbeReceiver(workdir, self.env, self.opts.python, dicomnode_store=True)
 
+    def orthanc_receiver(self, workdir: Path) -> Receiver:
+        """Return an Orthanc receiver in ``workdir``."""
+        assert self.tools.orthanc is not None
+        return OrthancReceiver(workdir, self.env, self.tools.orthanc)
+
+    def durable_limit_receiver(self, workdir: Path) -> Receiver:
+        """Return the no-DICOM durable-limit server in ``workdir``."""
+        return DurableLimitReceiver(workdir, self.env, self.opts.python)
+
+    def durable_limit_send(self, data: Dataset) -> Callable[[Path, Receiver], list[list[str]]]:
+        """Return a sender factory: the durable-limit client with the data folder."""
+        script = str(BENCH_DIR / "durable_limit.py")
+        return lambda _w, recv: [
+            [self.opts.python, script, "send", "127.0.0.1", str(recv.port), str(data.folder)]
+        ]
+
     def storescu_to(
         self, inputs: Sequence[Path], called: str
     ) -> Callable[[Path, Receiver], list[list[str]]]:
@@ -673,12 +762,11 @@ class Bench:
             outgoing = workdir / "outgoing"
             folder = link_copy(data.folder, outgoing / data.name)
             config = workdir / "sender.ini"
-            transport = f"transport = {self.opts.transport}\n" if self.opts.transport else ""
             config.write_text(
                 f"[General]\nae_title = {NODE_AET}\n"
                 f"[Directories]\ndestination_dir = {workdir / 'unused'}\n"
                 "[Security]\ntrusted_ae_titles = *\n"
-                f"[FolderWatcher]\nwatch_folder = {outgoing}\n{transport}"
+                f"[FolderWatcher]\nwatch_folder = {outgoing}\n"
                 "[Logging]\nverbose = false\n",
                 encoding="utf-8",
             )
@@ -709,10 +797,28 @@ class Bench:
                 self.measure(
                     "RECEIVE",
                     data,
-                    "storescu->dicomnode",
+                    NODE_RECEIVE_CASE,
                     rep,
                     self.node_receiver,
                     self.storescu_to([data.folder], NODE_AET),
+                )
+            if "receive" in sections and self.tools.orthanc is not None:
+                self.measure(
+                    "RECEIVE",
+                    data,
+                    ORTHANC_CASE,
+                    rep,
+                    self.orthanc_receiver,
+                    self.storescu_to([data.folder], NODE_AET),
+                )
+            if "receive" in sections:
+                self.measure(
+                    "RECEIVE",
+                    data,
+                    DURABLE_CASE,
+                    rep,
+                    self.durable_limit_receiver,
+                    self.durable_limit_send(data),
                 )
             if "receive" in sections and self.opts.probe:
                 self.measure(
@@ -939,7 +1045,7 @@ def verdicts(summaries: Sequence[Summary]) -> list[str]:
     lines = ["", "### Targets (issue 7)", ""]
     for s in summaries:
         target = TARGETS.get((s.section, s.dataset))
-        if target is None or s.baseline or "(probe)" in s.case:
+        if target is None or s.baseline or "dicomnode" not in s.case:
             continue
         what, limit = target
         if what == "ratio":
@@ -957,6 +1063,40 @@ def verdicts(summaries: Sequence[Summary]) -> list[str]:
             f"- {s.section} {s.dataset} {s.case}: {text}, {s.ok}/{s.reps} complete: **{verdict}**"
         )
     return lines
+
+
+def anchors(rows: Sequence[Measurement]) -> list[str]:
+    """Return dicomnode's receive rate as a share of Orthanc's and of the durable limit.
+
+    Each share is the median over reps of the same-rep quotient of MB/s, so a load spike
+    hits both sides.
+    """
+    lines: list[str] = []
+    for dataset in dict.fromkeys(r.dataset for r in rows if r.section == "RECEIVE"):
+        node = {
+            r.rep: r.mb_per_s
+            for r in rows
+            if r.ok
+            and r.section == "RECEIVE"
+            and r.dataset == dataset
+            and r.case == NODE_RECEIVE_CASE
+        }
+        parts = []
+        for case, label in ((ORTHANC_CASE, "x Orthanc"), (DURABLE_CASE, "of the durable limit")):
+            other = {
+                r.rep: r.mb_per_s
+                for r in rows
+                if r.ok and r.section == "RECEIVE" and r.dataset == dataset and r.case == case
+            }
+            shares = [node[k] / other[k] for k in node if other.get(k)]
+            if shares:
+                value = _median(shares)
+                parts.append(
+                    f"{value:.2f}{label}" if case == ORTHANC_CASE else f"{value:.0%} {label}"
+                )
+        if parts:
+            lines.append(f"- {dataset}: dicomnode receives at " + ", ".join(parts))
+    return ["", "### Anchors (RECEIVE, same-rep quotients)", "", *lines] if lines else []
 
 
 def failures(rows: Sequence[Measurement]) -> list[str]:
@@ -1032,7 +1172,7 @@ def write_report(
             "",
             "**FORWARD: not available** (dicomnode.forwarder.send_paths cannot be imported).",
         ]
-    lines += render_tables(summaries) + verdicts(summaries) + failures(rows)
+    lines += render_tables(summaries) + verdicts(summaries) + anchors(rows) + failures(rows)
     text = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(text, encoding="utf-8")
     with (opts.out / "results.jsonl").open("w", encoding="utf-8") as fh:
@@ -1054,7 +1194,10 @@ def find_tools() -> Tools | None:
     found = [shutil.which(n) for n in ("storescu", "storescp")]
     if not all(found):
         return None
-    return Tools(str(found[0]), str(found[1]))
+    orthanc = shutil.which("Orthanc") or (
+        "/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None
+    )
+    return Tools(str(found[0]), str(found[1]), orthanc)
 
 
 def load_datasets(opts: Options, log: Callable[[str], None]) -> dict[str, Dataset]:
@@ -1104,12 +1247,6 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "not the product)",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter running dicomnode")
-    parser.add_argument(
-        "--transport",
-        choices=("lean", "pynetdicom"),
-        default=None,
-        help="[FolderWatcher] transport of the dicomnode send cases (default: the config default)",
-    )
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = set(sections) - {"receive", "forward", "memory", "concurrency"}
@@ -1138,7 +1275,6 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         keep=args.keep,
         python=args.python,
         probe=args.with_probe,
-        transport=args.transport,
     )
 
 

@@ -137,16 +137,7 @@ def start_node(tmp_path: Path, node_env: dict[str, str]) -> Iterator:  # type: i
 
 
 def write_config(path: Path, sections: dict[str, dict[str, object]]) -> Path:
-    """Write an INI file from nested dicts and return its path.
-
-    ``DICOMNODE_TEST_RECEIVER_TRANSPORT`` (lean or pynetdicom) sets ``[Network]
-    receiver_transport`` in every config that has a [Network] section and does not
-    choose one itself, so the receiver suites run on either transport (``make test``
-    runs both).
-    """
-    transport = os.environ.get("DICOMNODE_TEST_RECEIVER_TRANSPORT")
-    if transport and "Network" in sections:
-        sections = {**sections, "Network": {"receiver_transport": transport, **sections["Network"]}}
+    """Write an INI file from nested dicts and return its path."""
     lines: list[str] = []
     for name, items in sections.items():
         lines.append(f"[{name}]")

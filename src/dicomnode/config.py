@@ -1,8 +1,13 @@
 """Read and validate the INI configuration into frozen dataclasses.
 
-:func:`load` is the only reader of configuration files. It accepts the original
-tool's ``config.ini`` unchanged (inline ``# comments``, Windows paths, mixed-case
-AE titles) and rejects anything it does not understand with a
+Every key is declared once, as a field of one of the dataclasses below made
+with :func:`setting`: its INI section, its name (the field name), its kind,
+default, bounds and help text. :func:`parse`, :func:`describe` (``dicomnode
+check-config``), :func:`reference_table` (the README's table) and the test of
+``config.example.ini`` all read those declarations; a new key is one new
+field. :func:`load` is the only reader of configuration files. It accepts the
+original tool's ``config.ini`` unchanged (inline ``# comments``, Windows paths,
+mixed-case AE titles) and rejects anything it does not understand with a
 :class:`~dicomnode.errors.ConfigError` that names file, section, key and the
 accepted values. Imports only the standard library and :mod:`dicomnode.errors`.
 """
@@ -10,12 +15,13 @@ accepted values. Imports only the standard library and :mod:`dicomnode.errors`.
 from __future__ import annotations
 
 import configparser
+import enum
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from dicomnode.errors import ConfigError
 
@@ -66,67 +72,240 @@ _AE_FORBIDDEN = re.compile(r"[\\\x00-\x1f\x7f]")
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off", ""}
 
+#: Sections in the order of the original's file (then the new ones).
+SECTIONS: Final = (
+    "General",
+    "Network",
+    "Directories",
+    "Security",
+    "AE_Mappings",
+    "AE_Hosts",
+    "Tools",
+    "FolderWatcher",
+    "TLS",
+    "Logging",
+    "Ledger",
+    "Web",
+)
+#: Sections whose keys are AE titles chosen by the site, not declared names.
+FREE_FORM_SECTIONS: Final = frozenset({"AE_Mappings", "AE_Hosts"})
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+class Kind(enum.Enum):
+    """How a key's text becomes a value (and back, for ``check-config``)."""
+
+    TEXT = "text"
+    INT = "whole number"
+    SECONDS = "seconds"
+    BOOL = "true/false"
+    CHOICE = "choice"
+    PATH = "path"
+    AE = "AE title"
+    HOST = "host"
+    #: Read by dedicated code in :func:`parse` (lists, templates, dynamic defaults).
+    SPECIAL = "special"
+
 
 @dataclass(frozen=True, slots=True)
-class ReceiverConfig:
-    """Settings of the C-STORE/C-ECHO SCP.
+class KeySpec:
+    """The declaration of one INI key (kept in its dataclass field's metadata).
 
     Attributes
     ----------
-    ae_title : str
-        Our AE title ([General] ae_title, default ``DICOMNODE``).
-    server_ip : str
-        Address to bind ([Network] server_ip, default ``127.0.0.1``).
-    receive_port : int
-        TCP port ([Network] receive_port, default 11112).
-    destination_dir : Path
-        Root of received objects ([Directories] destination_dir).
-    trusted_ae_titles : tuple of str
-        Calling AE titles allowed to associate; ``*`` means any.
-    require_called_aet : bool
-        Reject associations addressed to another AE title (default False).
-    ae_mappings : tuple of (str, Path)
-        Calling AE title to folder; relative folders are below destination_dir.
-    ae_hosts : tuple of (str, tuple of str)
-        Calling AE title to the host names/addresses it may connect from.
-    folder_layout : str
-        Template of the folder below the AE folder (default ``{patient}/{study}/{series}``).
-    max_pdu_bytes : int
-        Maximum PDU size we accept (default 1 MiB; 0 means unlimited).
-    max_associations : int
-        Concurrent associations served (default 16).
-    acse_timeout_s, dimse_timeout_s, network_timeout_s : float
-        Association, message and idle-network timeouts in seconds (30, 60, 120).
-    max_object_mb : int
-        Largest object accepted in MB; 0 means no limit (default 0).
-    receiver_transport : str
-        ``lean`` (default: dicomnode's own C-STORE/C-ECHO SCP) or ``pynetdicom``.
-    receiver_processes : int
-        Processes sharing the listening socket; 0 means automatic (one per CPU,
-        at most 4, on POSIX; 1 on Windows). Default 0 (``auto``).
-    min_free_space_mb : int
-        Refuse stores (0xA700) while the destination, or the AE folder an object goes
-        to (e.g. a mapped watch folder on another volume), has less free space (default 100).
+    section : str
+        INI section of the key; the key's name is the field's name.
+    kind : Kind
+        How its text is converted.
+    help : str
+        One line for the README table and the example configuration.
+    lo, hi : float or None
+        Inclusive bounds of INT and SECONDS keys (SECONDS: ``hi`` exclusive, 1e9).
+    choices : tuple of str
+        Accepted values of a CHOICE key (lower case).
+    allow_empty : bool
+        Whether an empty value is accepted (an empty target, an unset optional path).
+    site_specific : bool
+        True when ``config.example.ini`` shows a typical site's value rather than the
+        default (the original tool's keys, the recommended conversion).
+    shown_default : str or None
+        How the default is written in the INI file when it is not the field's default
+        (``auto`` for 0 receiver processes, ``ae_title``'s value for ``calling_aet``).
     """
 
-    ae_title: str = "DICOMNODE"
-    server_ip: str = "127.0.0.1"
-    receive_port: int = 11112
-    destination_dir: Path = Path(DEFAULT_DATA_DIR) / "received"
-    trusted_ae_titles: tuple[str, ...] = ("*",)
-    require_called_aet: bool = False
-    ae_mappings: tuple[tuple[str, Path], ...] = ()
-    ae_hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    folder_layout: str = DEFAULT_LAYOUT
-    max_pdu_bytes: int = 1048576
-    max_associations: int = 16
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 120.0
-    max_object_mb: int = 0
-    min_free_space_mb: int = 100
-    receiver_processes: int = 0
-    receiver_transport: str = "lean"
+    section: str
+    kind: Kind
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    allow_empty: bool = False
+    site_specific: bool = False
+    shown_default: str | None = None
+
+    def accepted(self) -> str:
+        """Return the accepted values as an error message states them."""
+        if self.kind is Kind.INT:
+            return f"a whole number from {self.lo:g} to {self.hi:g}"
+        if self.kind is Kind.SECONDS:
+            return f"a number of seconds >= {self.lo or 0:g}"
+        if self.kind is Kind.BOOL:
+            return "true or false (also yes/no, on/off, 1/0)"
+        if self.kind is Kind.CHOICE:
+            return " | ".join(self.choices)
+        if self.kind is Kind.AE:
+            return _AE_ACCEPTED
+        if self.kind is Kind.HOST:
+            return "an IP address or host name"
+        if self.kind is Kind.PATH:
+            return "a folder path"
+        return self.help
+
+
+_SPEC: Final = "dicomnode.key"
+
+
+def setting(
+    default: Any,
+    section: str,
+    kind: Kind,
+    help: str,
+    **options: Any,
+) -> Any:
+    """Declare one INI key as a dataclass field (see :class:`KeySpec` for ``options``).
+
+    Returns
+    -------
+    dataclasses.Field
+        A field whose default is ``default`` and whose metadata holds the declaration.
+    """
+    spec = KeySpec(section, kind, help, **options)
+    return field(default=default, metadata={_SPEC: spec})
+
+
+def declared_keys(cls: type) -> Iterator[tuple[Field[Any], KeySpec]]:
+    """Yield ``(field, spec)`` for every declared key of config dataclass ``cls``."""
+    for f in fields(cls):
+        spec = f.metadata.get(_SPEC)
+        if isinstance(spec, KeySpec):
+            yield f, spec
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    """Settings of the C-STORE/C-ECHO SCP ([General], [Network], [Directories], [Security],
+    [AE_Mappings], [AE_Hosts]); each field's declaration gives its key, default and bounds."""
+
+    ae_title: str = setting(
+        "DICOMNODE",
+        "General",
+        Kind.AE,
+        "AE title of this node (1-16 characters)",
+        site_specific=True,
+    )
+    server_ip: str = setting(
+        "127.0.0.1",
+        "Network",
+        Kind.HOST,
+        "Address to bind (127.0.0.1 = this computer only, 0.0.0.0 = all)",
+        site_specific=True,
+    )
+    receive_port: int = setting(
+        11112, "Network", Kind.INT, "TCP port for receiving", lo=1, hi=65535, site_specific=True
+    )
+    destination_dir: Path = setting(
+        Path(DEFAULT_DATA_DIR) / "received",
+        "Directories",
+        Kind.PATH,
+        "Base folder of received objects (relative: to the configuration file's folder)",
+        site_specific=True,
+    )
+    trusted_ae_titles: tuple[str, ...] = setting(
+        ("*",),
+        "Security",
+        Kind.SPECIAL,
+        "Comma-separated calling AE titles allowed to associate (case-sensitive); * = any",
+        shown_default="(required)",
+        site_specific=True,
+    )
+    require_called_aet: bool = setting(
+        False, "Security", Kind.BOOL, "Reject associations not addressed to ae_title"
+    )
+    ae_mappings: tuple[tuple[str, Path], ...] = setting(
+        (),
+        "AE_Mappings",
+        Kind.SPECIAL,
+        "AE = folder: objects from that calling AE go there (relative: to destination_dir)",
+        site_specific=True,
+    )
+    ae_hosts: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        "AE_Hosts",
+        Kind.SPECIAL,
+        "AE = hosts, addresses or networks the AE may connect from",
+    )
+    folder_layout: str = setting(
+        DEFAULT_LAYOUT,
+        "Directories",
+        Kind.SPECIAL,
+        "Folders below the AE folder: a /-separated template of "
+        + ", ".join("{" + f + "}" for f in sorted(LAYOUT_FIELDS)),
+    )
+    max_pdu_bytes: int = setting(
+        1048576,
+        "Network",
+        Kind.INT,
+        "Largest PDU we accept (0 = unlimited, else at least 4096)",
+        lo=0,
+        hi=2**32 - 1,
+    )
+    max_associations: int = setting(
+        16,
+        "Network",
+        Kind.INT,
+        "Associations served at once, node-wide; more are rejected (transient)",
+        lo=1,
+        hi=1000,
+    )
+    acse_timeout_s: float = setting(
+        30.0, "Network", Kind.SECONDS, "Time allowed for the association request", lo=0.1
+    )
+    dimse_timeout_s: float = setting(
+        60.0, "Network", Kind.SECONDS, "Not used by the receiver (kept for old files)", lo=0.1
+    )
+    network_timeout_s: float = setting(
+        120.0, "Network", Kind.SECONDS, "Silence after which a stalled peer is dropped", lo=0.1
+    )
+    max_object_mb: int = setting(
+        0, "Network", Kind.INT, "Refuse (0xA700) larger objects; 0 = no limit", lo=0, hi=10**7
+    )
+    min_free_space_mb: int = setting(
+        100,
+        "Directories",
+        Kind.INT,
+        "Refuse stores (0xA700) while the destination or the AE folder has less free space",
+        lo=0,
+        hi=10**9,
+    )
+    receiver_processes: int = setting(
+        0,
+        "Network",
+        Kind.SPECIAL,
+        "Receiver processes sharing the port; auto = one per CPU (max 4) on POSIX, 1 on Windows",
+        shown_default="auto",
+    )
+    receiver_transport: str = setting(
+        "lean",
+        "Network",
+        Kind.CHOICE,
+        "Retired: only the built-in SCP remains (pynetdicom logs DEPRECATED)",
+        choices=("lean", "pynetdicom"),
+    )
 
     @property
     def trusts_any_ae(self) -> bool:
@@ -141,60 +320,110 @@ class ReceiverConfig:
 
 @dataclass(frozen=True, slots=True)
 class ForwarderConfig:
-    """Settings of the folder watcher that forwards to one target node.
+    """Settings of the folder watcher that forwards to one target node ([FolderWatcher])."""
 
-    Attributes
-    ----------
-    watch_folder : Path
-        Folder whose top-level subfolders are sent as groups.
-    target_aet, target_ip : str
-        Target node; an empty target_ip disables the forwarder.
-    target_port : int
-        Target TCP port (default 104).
-    calling_aet : str
-        AE title we present when sending (default: [General] ae_title).
-    max_workers : int
-        Groups sent in parallel (default 4).
-    heartbeat_interval : float
-        Seconds between heartbeat log lines (default 120).
-    process_timer_interval : float
-        Seconds between full rescans of the watch folder (default 10).
-    inactivity_timeout : float
-        Seconds a group must be quiet before it is sent (default 5).
-    use_polling : bool
-        Do not rely on file-system events, only rescans (network shares).
-    send_order : tuple of str
-        Order of object classes inside a group.
-    retry_initial_delay_s, retry_max_delay_s, give_up_after_s : float
-        Exponential backoff after network failures (30 s doubling to 600 s);
-        after give_up_after_s (86400 s) the files are parked in failed/.
-    acse_timeout_s, dimse_timeout_s, network_timeout_s : float
-        Timeouts of the sending association (30, 60, 120 s).
-    max_pdu_bytes : int
-        Maximum PDU size we accept on the sending association (default 1 MiB).
-    transport : str
-        ``lean`` (dicomnode's own streaming C-STORE SCU) or ``pynetdicom``.
-    """
-
-    watch_folder: Path = Path(DEFAULT_DATA_DIR) / "outgoing"
-    target_aet: str = ""
-    target_ip: str = ""
-    target_port: int = 104
-    calling_aet: str = "DICOMNODE"
-    max_workers: int = 4
-    heartbeat_interval: float = 120.0
-    process_timer_interval: float = 10.0
-    inactivity_timeout: float = 5.0
-    use_polling: bool = False
-    send_order: tuple[str, ...] = DEFAULT_SEND_ORDER
-    retry_initial_delay_s: float = 30.0
-    retry_max_delay_s: float = 600.0
-    give_up_after_s: float = 86400.0
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 120.0
-    max_pdu_bytes: int = 1048576
-    transport: str = "lean"
+    watch_folder: Path = setting(
+        Path(DEFAULT_DATA_DIR) / "outgoing",
+        "FolderWatcher",
+        Kind.PATH,
+        "Folder whose top-level subfolders are sent as groups",
+        allow_empty=True,
+        site_specific=True,
+    )
+    target_aet: str = setting(
+        "",
+        "FolderWatcher",
+        Kind.AE,
+        "Target AE title (empty, with target_ip: no forwarding)",
+        allow_empty=True,
+        site_specific=True,
+    )
+    target_ip: str = setting(
+        "", "FolderWatcher", Kind.HOST, "Target address", allow_empty=True, site_specific=True
+    )
+    target_port: int = setting(
+        104, "FolderWatcher", Kind.INT, "Target TCP port", lo=1, hi=65535, site_specific=True
+    )
+    calling_aet: str = setting(
+        "DICOMNODE",
+        "FolderWatcher",
+        Kind.AE,
+        "Our AE title when sending (default: ae_title)",
+        shown_default="ae_title",
+        site_specific=True,
+    )
+    max_workers: int = setting(
+        4, "FolderWatcher", Kind.INT, "Groups sent in parallel", lo=1, hi=64, site_specific=True
+    )
+    heartbeat_interval: float = setting(
+        120.0,
+        "FolderWatcher",
+        Kind.SECONDS,
+        "Seconds between HEARTBEAT lines",
+        lo=1.0,
+        site_specific=True,
+    )
+    process_timer_interval: float = setting(
+        10.0,
+        "FolderWatcher",
+        Kind.SECONDS,
+        "Full rescan of the watch folder every N seconds",
+        lo=0.1,
+        site_specific=True,
+    )
+    inactivity_timeout: float = setting(
+        5.0,
+        "FolderWatcher",
+        Kind.SECONDS,
+        "A group is sent after N seconds without changes",
+        site_specific=True,
+    )
+    use_polling: bool = setting(
+        False, "FolderWatcher", Kind.BOOL, "Rescans only, no file-system events (network shares)"
+    )
+    send_order: tuple[str, ...] = setting(
+        DEFAULT_SEND_ORDER,
+        "FolderWatcher",
+        Kind.SPECIAL,
+        "Order of object classes in a group (a partial list is completed)",
+    )
+    retry_initial_delay_s: float = setting(
+        30.0,
+        "FolderWatcher",
+        Kind.SECONDS,
+        "First retry after a network failure; doubles each time",
+        lo=0.1,
+    )
+    retry_max_delay_s: float = setting(
+        600.0, "FolderWatcher", Kind.SECONDS, "Longest wait between retries", lo=0.1
+    )
+    give_up_after_s: float = setting(
+        86400.0, "FolderWatcher", Kind.SECONDS, "After this long failing, files are parked"
+    )
+    acse_timeout_s: float = setting(
+        30.0, "FolderWatcher", Kind.SECONDS, "Time allowed for the association", lo=0.1
+    )
+    dimse_timeout_s: float = setting(
+        60.0, "FolderWatcher", Kind.SECONDS, "Time allowed for each C-STORE response", lo=0.1
+    )
+    network_timeout_s: float = setting(
+        120.0, "FolderWatcher", Kind.SECONDS, "Silence after which the target is dropped", lo=0.1
+    )
+    max_pdu_bytes: int = setting(
+        1048576,
+        "FolderWatcher",
+        Kind.INT,
+        "Largest PDU we accept on the sending association (0 = unlimited)",
+        lo=0,
+        hi=2**32 - 1,
+    )
+    transport: str = setting(
+        "lean",
+        "FolderWatcher",
+        Kind.CHOICE,
+        "Retired: only the built-in SCU remains (pynetdicom logs DEPRECATED)",
+        choices=("lean", "pynetdicom"),
+    )
 
     @property
     def has_target(self) -> bool:
@@ -209,113 +438,126 @@ class ForwarderConfig:
 
 @dataclass(frozen=True, slots=True)
 class ToolsConfig:
-    """Enhanced multi-frame conversion settings ([Tools]).
+    """Enhanced multi-frame conversion settings ([Tools])."""
 
-    Attributes
-    ----------
-    emf2sf_path : Path or None
-        dcm4che ``bin`` folder or the emf2sf executable itself.
-    enhanced_mr_conversion : str
-        ``native``, ``emf2sf`` or ``off``.
-    keep_enhanced_original : bool
-        Keep the received enhanced object in its series folder (default True).
-    emf2sf_timeout_s : float
-        Time limit of one emf2sf run (default 300 s).
-    """
-
-    emf2sf_path: Path | None = None
-    enhanced_mr_conversion: str = "off"
-    keep_enhanced_original: bool = True
-    emf2sf_timeout_s: float = 300.0
+    emf2sf_path: Path | None = setting(
+        None,
+        "Tools",
+        Kind.PATH,
+        "dcm4che's bin folder or the emf2sf executable",
+        allow_empty=True,
+        site_specific=True,
+    )
+    enhanced_mr_conversion: str = setting(
+        "off",
+        "Tools",
+        Kind.SPECIAL,
+        "native | emf2sf | off (absent: emf2sf if emf2sf_path exists, else off)",
+        choices=("native", "emf2sf", "off"),
+        site_specific=True,
+    )
+    keep_enhanced_original: bool = setting(
+        True, "Tools", Kind.BOOL, "Keep the received enhanced object in its series folder"
+    )
+    emf2sf_timeout_s: float = setting(
+        300.0, "Tools", Kind.SECONDS, "Time limit of one emf2sf run", lo=1.0
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """DICOM TLS settings ([TLS]); disabled unless ``enabled = true``."""
 
-    enabled: bool = False
-    certificate: Path | None = None
-    private_key: Path | None = None
-    ca_bundle: Path | None = None
-    require_client_cert: bool = True
-    min_version: str = "1.2"
+    enabled: bool = setting(False, "TLS", Kind.BOOL, "DICOM TLS for receiver and forwarder")
+    certificate: Path | None = setting(
+        None, "TLS", Kind.PATH, "PEM certificate of this node", allow_empty=True
+    )
+    private_key: Path | None = setting(None, "TLS", Kind.PATH, "PEM private key", allow_empty=True)
+    ca_bundle: Path | None = setting(
+        None,
+        "TLS",
+        Kind.PATH,
+        "PEM CA certificates that sign peers' certificates",
+        allow_empty=True,
+    )
+    require_client_cert: bool = setting(
+        True, "TLS", Kind.BOOL, "Receiver: refuse peers without a valid certificate"
+    )
+    min_version: str = setting(
+        "1.2", "TLS", Kind.CHOICE, "Oldest TLS version accepted", choices=("1.2", "1.3")
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    """Logging settings ([Logging]).
+    """Logging settings ([Logging])."""
 
-    Attributes
-    ----------
-    verbose : bool
-        DEBUG level for dicomnode when True, INFO otherwise.
-    log_file : Path or None
-        Optional rotating log file.
-    log_max_mb : int
-        Size at which the log file rotates (default 10).
-    log_backup_count : int
-        Rotated files kept (default 10).
-    pynetdicom_level : str
-        Level of the ``pynetdicom`` logger (default WARNING).
-    """
-
-    verbose: bool = False
-    log_file: Path | None = None
-    log_max_mb: int = 10
-    log_backup_count: int = 10
-    pynetdicom_level: str = "WARNING"
+    verbose: bool = setting(
+        False, "Logging", Kind.BOOL, "DEBUG level for dicomnode (else INFO)", site_specific=True
+    )
+    log_file: Path | None = setting(
+        None, "Logging", Kind.PATH, "Optional rotating log file", allow_empty=True
+    )
+    log_max_mb: int = setting(10, "Logging", Kind.INT, "Rotate at this size", lo=1, hi=10**6)
+    log_backup_count: int = setting(10, "Logging", Kind.INT, "Rotated files kept", lo=0, hi=1000)
+    pynetdicom_level: str = setting(
+        "WARNING",
+        "Logging",
+        Kind.SPECIAL,
+        "Level of the pynetdicom library's own log",
+        choices=("debug", "info", "warning", "error", "critical"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
-    """The event ledger ([Ledger]).
+    """The event ledger ([Ledger]): an embedded SQLite (WAL) record of every event."""
 
-    Attributes
-    ----------
-    enabled : bool
-        Record events in the SQLite ledger (default True).
-    location : Path or None
-        The ledger file; None means ``<destination_dir>/.ledger/ledger.sqlite``.
-    retention_days : int
-        Events older than this many days are deleted; 0 keeps them forever (default 365).
-    """
-
-    enabled: bool = True
-    location: Path | None = None
-    retention_days: int = 365
+    enabled: bool = setting(True, "Ledger", Kind.BOOL, "Record every event in the ledger")
+    location: Path | None = setting(
+        None,
+        "Ledger",
+        Kind.PATH,
+        "Ledger file (default: <destination_dir>/.ledger/ledger.sqlite)",
+        allow_empty=True,
+    )
+    retention_days: int = setting(
+        365, "Ledger", Kind.INT, "Events older than this are deleted (0 = keep)", lo=0, hi=100000
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class WebConfig:
-    """The operator console, /metrics and /healthz ([Web]).
+    """The operator console, /metrics and /healthz ([Web])."""
 
-    Attributes
-    ----------
-    enabled : bool
-        Serve the console (default False in files; the embedded default turns it on).
-    address : str
-        Address to bind (default ``127.0.0.1``); any other than loopback needs credentials.
-    port : int
-        TCP port (default 8080).
-    credentials_file : Path or None
-        Users and salted password hashes written by ``dicomnode web-passwd``;
-        None means ``web-users`` beside the ledger.
-    https : bool
-        Serve HTTPS (default False).
-    certificate, private_key : Path or None
-        PEM certificate and key for HTTPS; empty reuses [TLS] certificate/private_key.
-    session_timeout_s : float
-        A login expires after this many idle seconds (default 3600).
-    """
-
-    enabled: bool = False
-    address: str = "127.0.0.1"
-    port: int = 8080
-    credentials_file: Path | None = None
-    https: bool = False
-    certificate: Path | None = None
-    private_key: Path | None = None
-    session_timeout_s: float = 3600.0
+    enabled: bool = setting(
+        False, "Web", Kind.BOOL, "Serve the console (on in the embedded default)"
+    )
+    address: str = setting(
+        "127.0.0.1", "Web", Kind.HOST, "Console address; not loopback: credentials needed"
+    )
+    port: int = setting(8080, "Web", Kind.INT, "Console TCP port", lo=1, hi=65535)
+    credentials_file: Path | None = setting(
+        None,
+        "Web",
+        Kind.PATH,
+        "Users and salted password hashes (default: web-users beside the ledger)",
+        allow_empty=True,
+    )
+    https: bool = setting(False, "Web", Kind.BOOL, "Serve HTTPS")
+    certificate: Path | None = setting(
+        None,
+        "Web",
+        Kind.PATH,
+        "PEM certificate for HTTPS (empty: [TLS] certificate)",
+        allow_empty=True,
+    )
+    private_key: Path | None = setting(
+        None, "Web", Kind.PATH, "PEM key for HTTPS (empty: [TLS] private_key)", allow_empty=True
+    )
+    session_timeout_s: float = setting(
+        3600.0, "Web", Kind.SECONDS, "A login expires after this long idle", lo=10.0
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +565,9 @@ class NodeConfig:
     """The whole validated configuration of one node."""
 
     source: str = "embedded default"
-    window_title: str = "dicomnode"
+    window_title: str = setting(
+        "dicomnode", "General", Kind.TEXT, "Console window title", site_specific=True
+    )
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
@@ -349,6 +593,27 @@ class NodeConfig:
     def with_watch_folder(self, path: Path) -> NodeConfig:
         """Return a copy whose forwarder watches ``path`` (``--watch-folder``)."""
         return replace(self, forwarder=replace(self.forwarder, watch_folder=path))
+
+
+#: The config dataclasses and how to reach each one's instance from a NodeConfig.
+HOLDERS: Final[tuple[tuple[type, Callable[[NodeConfig], object]], ...]] = (
+    (ReceiverConfig, lambda c: c.receiver),
+    (NodeConfig, lambda c: c),
+    (ToolsConfig, lambda c: c.tools),
+    (ForwarderConfig, lambda c: c.forwarder),
+    (TlsConfig, lambda c: c.tls),
+    (LoggingConfig, lambda c: c.logging),
+    (LedgerConfig, lambda c: c.ledger),
+    (WebConfig, lambda c: c.web),
+)
+
+
+def all_keys() -> list[tuple[str, str, Field[Any], KeySpec, type]]:
+    """Return ``(section, key, field, spec, class)`` of every declared key, in section order."""
+    found = [
+        (spec.section, f.name, f, spec, cls) for cls, _ in HOLDERS for f, spec in declared_keys(cls)
+    ]
+    return sorted(found, key=lambda k: SECTIONS.index(k[0]))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -381,46 +646,85 @@ class _Section:
         except (ValueError, TypeError):
             raise self.error(key, value, accepted) from None
 
-    def text(self, key: str, default: str) -> str:
+    def read(self, key: str, spec: KeySpec, default: Any, base: Path) -> Any:
+        """Return the value of declared key ``key`` (``default`` when absent)."""
+        kind = spec.kind
+        if kind is Kind.TEXT:
+            value = self.raw(key)
+            return default if value is None else value
+        if kind is Kind.INT:
+            lo, hi = int(spec.lo or 0), int(spec.hi or 0)
+
+            def to_int(v: str) -> int:
+                n = int(v, 10)
+                if not lo <= n <= hi:
+                    raise ValueError(v)
+                return n
+
+            return self.get(key, default, to_int, spec.accepted())
+        if kind is Kind.SECONDS:
+            lo_s = spec.lo or 0.0
+
+            def to_seconds(v: str) -> float:
+                n = float(v)
+                if not (n >= lo_s and n < 1e9):
+                    raise ValueError(v)
+                return n
+
+            return self.get(key, default, to_seconds, spec.accepted())
+        if kind is Kind.BOOL:
+            return self.get(key, default, _to_bool, spec.accepted())
+        if kind is Kind.CHOICE:
+
+            def to_choice(v: str) -> str:
+                if v.lower() not in spec.choices:
+                    raise ValueError(v)
+                return v.lower()
+
+            return self.get(key, default, to_choice, spec.accepted())
+        if kind is Kind.PATH:
+            return self._path(key, spec, default, base)
+        if kind is Kind.AE:
+            return self._ae(key, spec, default)
+        if kind is Kind.HOST:
+            return self._host(key, spec, default)
+        raise AssertionError(f"{key}: SPECIAL keys are read by parse()")
+
+    def _path(self, key: str, spec: KeySpec, default: Path | None, base: Path) -> Path | None:
         value = self.raw(key)
-        return default if value is None else value
+        if value == "" and not spec.allow_empty:
+            raise self.error(key, value, spec.accepted())
+        if value is None or value == "":
+            return None if default is None else _resolve(base, str(default))
+        if "\x00" in value:
+            raise self.error(key, value, spec.accepted())
+        return _resolve(base, value)
 
-    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
-        def conv(v: str) -> int:
-            n = int(v, 10)
-            if not lo <= n <= hi:
-                raise ValueError(v)
-            return n
+    def _ae(self, key: str, spec: KeySpec, default: str) -> str:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if spec.allow_empty and value == "":
+            return ""
+        try:
+            return validate_ae_title(value)
+        except ValueError:
+            raise self.error(key, value, _AE_ACCEPTED) from None
 
-        return self.get(key, default, conv, f"a whole number from {lo} to {hi}")
-
-    def seconds(self, key: str, default: float, lo: float = 0.0) -> float:
-        def conv(v: str) -> float:
-            n = float(v)
-            if not (n >= lo and n < 1e9):
-                raise ValueError(v)
-            return n
-
-        return self.get(key, default, conv, f"a number of seconds >= {lo:g}")
-
-    def boolean(self, key: str, default: bool) -> bool:
-        def conv(v: str) -> bool:
-            low = v.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError(v)
-
-        return self.get(key, default, conv, "true or false (also yes/no, on/off, 1/0)")
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        def conv(v: str) -> str:
-            if v.lower() not in choices:
-                raise ValueError(v)
-            return v.lower()
-
-        return self.get(key, default, conv, " | ".join(choices))
+    def _host(self, key: str, spec: KeySpec, default: str) -> str:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if value == "" and spec.allow_empty:
+            return ""
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+            return value
+        raise self.error(key, value, spec.accepted())
 
     def check_unknown(self, known: set[str]) -> None:
         for key in self.items:
@@ -429,6 +733,15 @@ class _Section:
                     f"{self.source}: [{self.name}] unknown key {key!r}; "
                     f"accepted keys: {', '.join(sorted(known))}"
                 )
+
+
+def _to_bool(v: str) -> bool:
+    low = v.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(v)
 
 
 def validate_ae_title(value: str) -> str:
@@ -446,18 +759,6 @@ def validate_ae_title(value: str) -> str:
 _AE_ACCEPTED: Final = "1-16 characters, no backslash or control characters"
 
 
-def _ae(section: _Section, key: str, default: str, allow_empty: bool = False) -> str:
-    value = section.raw(key)
-    if value is None:
-        return default
-    if allow_empty and value == "":
-        return ""
-    try:
-        return validate_ae_title(value)
-    except ValueError:
-        raise section.error(key, value, _AE_ACCEPTED) from None
-
-
 def _resolve(base: Path, value: str) -> Path:
     """Turn a configured path into a Path, relative paths against ``base``.
 
@@ -469,49 +770,6 @@ def _resolve(base: Path, value: str) -> Path:
     if re.match(r"^[A-Za-z]:", value) or value.startswith("\\\\"):
         return Path(value)
     return base / value
-
-
-def _path(section: _Section, key: str, default: Path | None, base: Path) -> Path | None:
-    value = section.raw(key)
-    if value is None:
-        return default
-    if value == "":
-        return None
-    if "\x00" in value:
-        raise section.error(key, value, "a folder path")
-    return _resolve(base, value)
-
-
-def _host(section: _Section, key: str, default: str, allow_empty: bool) -> str:
-    value = section.raw(key)
-    if value is None:
-        return default
-    if value == "" and allow_empty:
-        return ""
-    try:
-        ipaddress.ip_address(value)
-        return value
-    except ValueError:
-        pass
-    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
-        return value
-    raise section.error(key, value, "an IP address or host name")
-
-
-_SECTIONS: Final = (
-    "General",
-    "Network",
-    "Directories",
-    "Security",
-    "AE_Mappings",
-    "AE_Hosts",
-    "Tools",
-    "FolderWatcher",
-    "TLS",
-    "Logging",
-    "Ledger",
-    "Web",
-)
 
 
 def _read_parser(text: str, source: str) -> configparser.ConfigParser:
@@ -528,11 +786,11 @@ def _read_parser(text: str, source: str) -> configparser.ConfigParser:
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not a valid INI file: {first}") from None
-    by_lower = {s.lower(): s for s in _SECTIONS}
+    by_lower = {s.lower(): s for s in SECTIONS}
     for name in parser.sections():
         if name.lower() not in by_lower:
             raise ConfigError(
-                f"{source}: unknown section [{name}]; accepted sections: {', '.join(_SECTIONS)}"
+                f"{source}: unknown section [{name}]; accepted sections: {', '.join(SECTIONS)}"
             )
         if name != by_lower[name.lower()]:
             raise ConfigError(
@@ -541,71 +799,37 @@ def _read_parser(text: str, source: str) -> configparser.ConfigParser:
     return parser
 
 
-def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
-    """Parse configuration text into a validated :class:`NodeConfig`.
+def _spec(cls: type, name: str) -> KeySpec:
+    return _declared(cls, name)[1]
 
-    Parameters
-    ----------
-    text : str
-        INI text.
-    source : str
-        Where the text came from, used in error messages and the start-up summary.
-    base_dir : Path
-        Folder against which relative paths are resolved.
 
-    Returns
-    -------
-    NodeConfig
-        The validated configuration; absent keys take their documented defaults.
+def _declared(cls: type, name: str) -> tuple[Field[Any], KeySpec]:
+    for f, spec in declared_keys(cls):
+        if f.name == name:
+            return f, spec
+    raise KeyError(name)
 
-    Raises
-    ------
-    ConfigError
-        On an unknown section or key, or a value outside its accepted range.
-    """
-    parser = _read_parser(text, source)
 
-    def section(name: str) -> _Section:
-        items = dict(parser.items(name)) if parser.has_section(name) else {}
-        return _Section(source, name, items)
+def _build(
+    cls: type[T],
+    sections: Mapping[str, _Section],
+    base: Path,
+    special: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+) -> T:
+    """Read every declared key of ``cls`` (SPECIAL ones come in ``special``) and build it."""
+    values: dict[str, Any] = dict(special)
+    for f, spec in declared_keys(cls):
+        if spec.kind is Kind.SPECIAL:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        values[f.name] = sections[spec.section].read(f.name, spec, default, base)
+    return cls(**values)
 
-    general = section("General")
-    ae_title = _ae(general, "ae_title", "DICOMNODE")
-    window_title = general.text("window_title", "dicomnode")
-    general.check_unknown({"ae_title", "window_title"})
 
-    net = section("Network")
-    network = {
-        "server_ip": _host(net, "server_ip", "127.0.0.1", allow_empty=False),
-        "receive_port": net.integer("receive_port", 11112, 1, 65535),
-        "max_pdu_bytes": net.integer("max_pdu_bytes", 1048576, 0, 2**32 - 1),
-        "max_associations": net.integer("max_associations", 16, 1, 1000),
-        "acse_timeout_s": net.seconds("acse_timeout_s", 30.0, lo=0.1),
-        "dimse_timeout_s": net.seconds("dimse_timeout_s", 60.0, lo=0.1),
-        "network_timeout_s": net.seconds("network_timeout_s", 120.0, lo=0.1),
-        "max_object_mb": net.integer("max_object_mb", 0, 0, 10**7),
-        "receiver_processes": 0
-        if (net.raw("receiver_processes") or "auto").lower() == "auto"
-        else net.integer("receiver_processes", 0, 1, 64),
-        "receiver_transport": net.choice("receiver_transport", "lean", ("lean", "pynetdicom")),
-    }
-    if 0 < network["max_pdu_bytes"] < 4096:  # type: ignore[operator]
-        raise net.error("max_pdu_bytes", str(network["max_pdu_bytes"]), "0 or at least 4096")
-    net.check_unknown(set(network))
-
-    dirs = section("Directories")
-    destination = _path(dirs, "destination_dir", base_dir / DEFAULT_DATA_DIR / "received", base_dir)
-    if destination is None:
-        raise dirs.error("destination_dir", "", "a folder path")
-    layout = dirs.text("folder_layout", DEFAULT_LAYOUT)
-    _check_layout(dirs, layout)
-    min_free = dirs.integer("min_free_space_mb", 100, 0, 10**9)
-    dirs.check_unknown({"destination_dir", "folder_layout", "min_free_space_mb"})
-
-    sec = section("Security")
-    trusted_raw = sec.raw("trusted_ae_titles")
+def _trusted_titles(sec: _Section, source: str) -> tuple[str, ...]:
     trusted: list[str] = []
-    for item in (trusted_raw or "").split(","):
+    for item in (sec.raw("trusted_ae_titles") or "").split(","):
         if not item.strip():
             continue
         if item.strip() == "*":
@@ -624,113 +848,140 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             f"{source}: [Security] trusted_ae_titles is empty or missing: no sender could connect; "
             "list the calling AE titles to accept, or * to accept any"
         )
-    require_called = sec.boolean("require_called_aet", False)
-    sec.check_unknown({"trusted_ae_titles", "require_called_aet"})
+    return tuple(trusted)
 
-    mapping_section = section("AE_Mappings")
-    mappings: list[tuple[str, Path]] = []
-    for key, value in parser.items("AE_Mappings") if parser.has_section("AE_Mappings") else []:
+
+def _ae_keyed(parser: configparser.ConfigParser, name: str, source: str) -> list[tuple[str, str]]:
+    """Return the (AE title, value) items of a free-form section, titles validated."""
+    found = []
+    for key, value in parser.items(name) if parser.has_section(name) else []:
         try:
-            aet = validate_ae_title(key)
+            found.append((validate_ae_title(key), value.strip()))
         except ValueError:
             raise ConfigError(
-                f"{source}: [AE_Mappings] {key!r} is not a valid AE title ({_AE_ACCEPTED})"
+                f"{source}: [{name}] {key!r} is not a valid AE title ({_AE_ACCEPTED})"
             ) from None
-        value = value.strip()
+    return found
+
+
+def _send_order(fw: _Section) -> tuple[str, ...]:
+    order_raw = fw.raw("send_order")
+    if not order_raw:
+        return DEFAULT_SEND_ORDER
+    tokens = tuple(t.strip().upper() for t in order_raw.split(",") if t.strip())
+    if (
+        not tokens
+        or any(t not in _SEND_ORDER_TOKENS for t in tokens)
+        or len(set(tokens)) != len(tokens)
+    ):
+        raise fw.error(
+            "send_order", order_raw, "a comma-separated order of " + ", ".join(DEFAULT_SEND_ORDER)
+        )
+    return tokens + tuple(t for t in DEFAULT_SEND_ORDER if t not in tokens)
+
+
+def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
+    """Parse configuration text into a validated :class:`NodeConfig`.
+
+    Parameters
+    ----------
+    text : str
+        INI text.
+    source : str
+        Where the text came from, used in error messages and the start-up summary.
+    base_dir : Path
+        Folder against which relative paths are resolved.
+
+    Returns
+    -------
+    NodeConfig
+        The validated configuration; absent keys take their declared defaults.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown section or key, or a value outside its accepted range.
+    """
+    parser = _read_parser(text, source)
+    sections = {
+        name: _Section(source, name, dict(parser.items(name)) if parser.has_section(name) else {})
+        for name in SECTIONS
+    }
+    net, dirs, sec = sections["Network"], sections["Directories"], sections["Security"]
+
+    processes_raw = net.raw("receiver_processes")
+    processes = (
+        0
+        if (processes_raw or "auto").lower() == "auto"
+        else net.get(
+            "receiver_processes",
+            0,
+            lambda v: _bounded_int(v, 1, 64),
+            "auto or a whole number from 1 to 64",
+        )
+    )
+    layout = dirs.raw("folder_layout")
+    layout = DEFAULT_LAYOUT if layout is None else layout
+    _check_layout(dirs, layout)
+    dest_field, dest_spec = _declared(ReceiverConfig, "destination_dir")
+    destination = dirs.read("destination_dir", dest_spec, dest_field.default, base_dir)
+    mappings = []
+    for aet, value in _ae_keyed(parser, "AE_Mappings", source):
         if not value or "\x00" in value:
-            raise mapping_section.error(
-                key, value, "a folder (absolute, UNC, or relative to destination_dir)"
+            raise sections["AE_Mappings"].error(
+                aet, value, "a folder (absolute, UNC, or relative to destination_dir)"
             )
         mappings.append((aet, _resolve(destination, value)))
-
-    hosts: list[tuple[str, tuple[str, ...]]] = []
-    for key, value in parser.items("AE_Hosts") if parser.has_section("AE_Hosts") else []:
-        try:
-            aet = validate_ae_title(key)
-        except ValueError:
-            raise ConfigError(
-                f"{source}: [AE_Hosts] {key!r} is not a valid AE title ({_AE_ACCEPTED})"
-            ) from None
+    hosts = []
+    for aet, value in _ae_keyed(parser, "AE_Hosts", source):
         names = tuple(h.strip() for h in value.split(",") if h.strip())
         if not names:
             raise ConfigError(
-                f"{source}: [AE_Hosts] {key} is empty; accepted: comma-separated host names or addresses"
+                f"{source}: [AE_Hosts] {aet} is empty; accepted: comma-separated host names or addresses"
             )
         hosts.append((aet, names))
-
-    receiver = ReceiverConfig(
-        ae_title=ae_title,
-        destination_dir=destination,
-        trusted_ae_titles=tuple(trusted),
-        require_called_aet=require_called,
-        ae_mappings=tuple(mappings),
-        ae_hosts=tuple(hosts),
-        folder_layout=layout,
-        min_free_space_mb=min_free,
-        **network,  # type: ignore[arg-type]
+    receiver = _build(
+        ReceiverConfig,
+        sections,
+        base_dir,
+        {
+            "trusted_ae_titles": _trusted_titles(sec, source),
+            "ae_mappings": tuple(mappings),
+            "ae_hosts": tuple(hosts),
+            "folder_layout": layout,
+            "receiver_processes": processes,
+        },
     )
+    if 0 < receiver.max_pdu_bytes < 4096:
+        raise net.error("max_pdu_bytes", str(receiver.max_pdu_bytes), "0 or at least 4096")
 
-    tools_sec = section("Tools")
-    emf2sf_path = _path(tools_sec, "emf2sf_path", None, base_dir)
+    tools_sec = sections["Tools"]
+    emf2sf_path = tools_sec.read("emf2sf_path", _spec(ToolsConfig, "emf2sf_path"), None, base_dir)
     conversion_raw = tools_sec.raw("enhanced_mr_conversion")
     if conversion_raw is None or conversion_raw == "":
         # The original's semantics: emf2sf when the path points at something usable.
         conversion = "emf2sf" if emf2sf_path is not None and emf2sf_path.exists() else "off"
     else:
-        conversion = tools_sec.choice("enhanced_mr_conversion", "off", ("native", "emf2sf", "off"))
-    tools = ToolsConfig(
-        emf2sf_path=emf2sf_path,
-        enhanced_mr_conversion=conversion,
-        keep_enhanced_original=tools_sec.boolean("keep_enhanced_original", True),
-        emf2sf_timeout_s=tools_sec.seconds("emf2sf_timeout_s", 300.0, lo=1.0),
-    )
+        conversion = tools_sec.read(
+            "enhanced_mr_conversion",
+            replace(_spec(ToolsConfig, "enhanced_mr_conversion"), kind=Kind.CHOICE),
+            "off",
+            base_dir,
+        )
     if conversion == "emf2sf" and emf2sf_path is None:
         raise tools_sec.error(
             "enhanced_mr_conversion", "emf2sf", "native or off when emf2sf_path is empty"
         )
-    tools_sec.check_unknown(
-        {"emf2sf_path", "enhanced_mr_conversion", "keep_enhanced_original", "emf2sf_timeout_s"}
-    )
+    tools = _build(ToolsConfig, sections, base_dir, {"enhanced_mr_conversion": conversion})
 
-    fw = section("FolderWatcher")
-    watch = _path(fw, "watch_folder", None, base_dir)
-    order_raw = fw.raw("send_order")
-    order: tuple[str, ...] = DEFAULT_SEND_ORDER
-    if order_raw:
-        tokens = tuple(t.strip().upper() for t in order_raw.split(",") if t.strip())
-        if (
-            not tokens
-            or any(t not in _SEND_ORDER_TOKENS for t in tokens)
-            or len(set(tokens)) != len(tokens)
-        ):
-            raise fw.error(
-                "send_order",
-                order_raw,
-                "a comma-separated order of " + ", ".join(DEFAULT_SEND_ORDER),
-            )
-        order = tokens + tuple(t for t in DEFAULT_SEND_ORDER if t not in tokens)
-    forwarder = ForwarderConfig(
-        watch_folder=watch if watch is not None else base_dir / DEFAULT_DATA_DIR / "outgoing",
-        target_aet=_ae(fw, "target_aet", "", allow_empty=True),
-        target_ip=_host(fw, "target_ip", "", allow_empty=True),
-        target_port=fw.integer("target_port", 104, 1, 65535),
-        calling_aet=_ae(fw, "calling_aet", ae_title),
-        max_workers=fw.integer("max_workers", 4, 1, 64),
-        heartbeat_interval=fw.seconds("heartbeat_interval", 120.0, lo=1.0),
-        process_timer_interval=fw.seconds("process_timer_interval", 10.0, lo=0.1),
-        inactivity_timeout=fw.seconds("inactivity_timeout", 5.0),
-        use_polling=fw.boolean("use_polling", False),
-        send_order=order,
-        retry_initial_delay_s=fw.seconds("retry_initial_delay_s", 30.0, lo=0.1),
-        retry_max_delay_s=fw.seconds("retry_max_delay_s", 600.0, lo=0.1),
-        give_up_after_s=fw.seconds("give_up_after_s", 86400.0),
-        acse_timeout_s=fw.seconds("acse_timeout_s", 30.0, lo=0.1),
-        dimse_timeout_s=fw.seconds("dimse_timeout_s", 60.0, lo=0.1),
-        network_timeout_s=fw.seconds("network_timeout_s", 120.0, lo=0.1),
-        max_pdu_bytes=fw.integer("max_pdu_bytes", 1048576, 0, 2**32 - 1),
-        transport=fw.choice("transport", "lean", ("lean", "pynetdicom")),
+    fw = sections["FolderWatcher"]
+    forwarder = _build(
+        ForwarderConfig,
+        sections,
+        base_dir,
+        {"send_order": _send_order(fw)},
+        defaults={"calling_aet": receiver.ae_title},
     )
-    fw.check_unknown({f.name for f in fields(ForwarderConfig)})
     if bool(forwarder.target_ip) != bool(forwarder.target_aet):
         missing = "target_aet" if forwarder.target_ip else "target_ip"
         raise ConfigError(
@@ -738,76 +989,60 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             "or neither to disable forwarding"
         )
 
-    tls_sec = section("TLS")
-    tls = TlsConfig(
-        enabled=tls_sec.boolean("enabled", False),
-        certificate=_path(tls_sec, "certificate", None, base_dir),
-        private_key=_path(tls_sec, "private_key", None, base_dir),
-        ca_bundle=_path(tls_sec, "ca_bundle", None, base_dir),
-        require_client_cert=tls_sec.boolean("require_client_cert", True),
-        min_version=tls_sec.choice("min_version", "1.2", ("1.2", "1.3")),
-    )
-    tls_sec.check_unknown({f.name for f in fields(TlsConfig)})
+    tls = _build(TlsConfig, sections, base_dir, {})
     if tls.enabled and (tls.certificate is None or tls.private_key is None):
         raise ConfigError(f"{source}: [TLS] enabled = true needs certificate and private_key")
 
-    log_sec = section("Logging")
-    logging_cfg = LoggingConfig(
-        verbose=log_sec.boolean("verbose", False),
-        log_file=_path(log_sec, "log_file", None, base_dir),
-        log_max_mb=log_sec.integer("log_max_mb", 10, 1, 10**6),
-        log_backup_count=log_sec.integer("log_backup_count", 10, 0, 1000),
-        pynetdicom_level=log_sec.choice(
-            "pynetdicom_level", "warning", ("debug", "info", "warning", "error", "critical")
-        ).upper(),
+    log_sec = sections["Logging"]
+    level = log_sec.read(
+        "pynetdicom_level",
+        replace(_spec(LoggingConfig, "pynetdicom_level"), kind=Kind.CHOICE),
+        "warning",
+        base_dir,
     )
-    log_sec.check_unknown({f.name for f in fields(LoggingConfig)})
+    logging_cfg = _build(LoggingConfig, sections, base_dir, {"pynetdicom_level": level.upper()})
 
-    return NodeConfig(
-        source=source,
-        window_title=window_title,
-        receiver=receiver,
-        forwarder=forwarder,
-        tools=tools,
-        tls=tls,
-        logging=logging_cfg,
-        ledger=_parse_ledger(section("Ledger"), base_dir),
-        web=_parse_web(section("Web"), base_dir, tls),
-    )
-
-
-def _parse_ledger(sec: _Section, base_dir: Path) -> LedgerConfig:
-    ledger = LedgerConfig(
-        enabled=sec.boolean("enabled", True),
-        location=_path(sec, "location", None, base_dir),
-        retention_days=sec.integer("retention_days", 365, 0, 100000),
-    )
-    sec.check_unknown({f.name for f in fields(LedgerConfig)})
-    return ledger
-
-
-def _parse_web(sec: _Section, base_dir: Path, tls: TlsConfig) -> WebConfig:
-    web = WebConfig(
-        enabled=sec.boolean("enabled", False),
-        address=_host(sec, "address", "127.0.0.1", allow_empty=False),
-        port=sec.integer("port", 8080, 1, 65535),
-        credentials_file=_path(sec, "credentials_file", None, base_dir),
-        https=sec.boolean("https", False),
-        certificate=_path(sec, "certificate", None, base_dir),
-        private_key=_path(sec, "private_key", None, base_dir),
-        session_timeout_s=sec.seconds("session_timeout_s", 3600.0, lo=10.0),
-    )
-    sec.check_unknown({f.name for f in fields(WebConfig)})
+    ledger = _build(LedgerConfig, sections, base_dir, {})
+    web = _build(WebConfig, sections, base_dir, {})
     if web.https:
-        cert = web.certificate or tls.certificate
-        key = web.private_key or tls.private_key
-        if cert is None or key is None:
+        web_cert = web.certificate or tls.certificate
+        web_key = web.private_key or tls.private_key
+        if web_cert is None or web_key is None:
             raise ConfigError(
-                f"{sec.source}: [Web] https = true needs certificate and private_key "
+                f"{source}: [Web] https = true needs certificate and private_key "
                 "(in [Web], or in [TLS] to reuse the DICOM TLS certificate)"
             )
-        web = replace(web, certificate=cert, private_key=key)
-    return web
+        web = replace(web, certificate=web_cert, private_key=web_key)
+
+    node = _build(
+        NodeConfig,
+        sections,
+        base_dir,
+        {
+            "source": source,
+            "receiver": receiver,
+            "forwarder": forwarder,
+            "tools": tools,
+            "tls": tls,
+            "logging": logging_cfg,
+            "ledger": ledger,
+            "web": web,
+        },
+    )
+    known: dict[str, set[str]] = {name: set() for name in SECTIONS}
+    for section, key, *_ in all_keys():
+        known[section].add(key)
+    for name, section_obj in sections.items():
+        if name not in FREE_FORM_SECTIONS:
+            section_obj.check_unknown(known[name])
+    return node
+
+
+def _bounded_int(value: str, lo: int, hi: int) -> int:
+    n = int(value, 10)
+    if not lo <= n <= hi:
+        raise ValueError(value)
+    return n
 
 
 def _check_layout(section: _Section, layout: str) -> None:
@@ -886,57 +1121,65 @@ def hosts_for(receiver: ReceiverConfig, calling_aet: str) -> tuple[str, ...] | N
     return None
 
 
-_RECEIVER_SECTIONS: Final = {
-    "Network": (
-        "server_ip",
-        "receive_port",
-        "max_pdu_bytes",
-        "max_associations",
-        "acse_timeout_s",
-        "dimse_timeout_s",
-        "network_timeout_s",
-        "max_object_mb",
-        "receiver_processes",
-        "receiver_transport",
-    ),
-    "Directories": ("destination_dir", "folder_layout", "min_free_space_mb"),
-    "Security": ("trusted_ae_titles", "require_called_aet"),
-}
+# --------------------------------------------------------------------------- showing
 
 
-def _show(value: object, key: str = "") -> str:
-    if key == "receiver_processes" and value == 0:
-        return "auto"
+def show_value(value: object, spec: KeySpec | None = None) -> str:
+    """Return ``value`` as it is written in an INI file."""
+    if spec is not None and spec.shown_default and spec.kind is Kind.SPECIAL and value == 0:
+        return spec.shown_default
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
 
 
 def describe(config: NodeConfig) -> list[str]:
     """Return the effective configuration as INI lines, in the original's sections."""
-    rc = config.receiver
-    lines = [f"# effective configuration, source: {config.source}", "[General]"]
-    lines += [f"ae_title = {rc.ae_title}", f"window_title = {config.window_title}"]
-    for title, keys in _RECEIVER_SECTIONS.items():
-        lines.append(f"[{title}]")
-        lines.extend(f"{k} = {_show(getattr(rc, k), k)}" for k in keys)
-    lines.append("[AE_Mappings]")
-    lines.extend(f"{aet} = {folder}" for aet, folder in rc.ae_mappings)
-    lines.append("[AE_Hosts]")
-    lines.extend(f"{aet} = {', '.join(names)}" for aet, names in rc.ae_hosts)
-    sections: tuple[tuple[str, object], ...] = (
-        ("Tools", config.tools),
-        ("FolderWatcher", config.forwarder),
-        ("TLS", config.tls),
-        ("Logging", config.logging),
-        ("Ledger", config.ledger),
-        ("Web", config.web),
-    )
-    for title, obj in sections:
-        lines.append(f"[{title}]")
-        lines.extend(f"{f.name} = {_show(getattr(obj, f.name))}" for f in fields(obj))  # type: ignore[arg-type]
+    values: dict[str, list[str]] = {name: [] for name in SECTIONS}
+    for cls, reach in HOLDERS:
+        obj = reach(config)
+        for f, spec in declared_keys(cls):
+            value = getattr(obj, f.name)
+            if spec.section == "AE_Mappings":
+                values[spec.section] += [f"{aet} = {folder}" for aet, folder in value]
+            elif spec.section == "AE_Hosts":
+                values[spec.section] += [f"{aet} = {', '.join(names)}" for aet, names in value]
+            else:
+                values[spec.section].append(f"{f.name} = {show_value(value, spec)}")
+    lines = [f"# effective configuration, source: {config.source}"]
+    for name in SECTIONS:
+        lines += [f"[{name}]", *values[name]]
     return lines
+
+
+def default_text(f: Field[Any], spec: KeySpec) -> str:
+    """Return a key's default as written in an INI file (or as documented)."""
+    if spec.shown_default is not None:
+        return spec.shown_default
+    if spec.section in FREE_FORM_SECTIONS:
+        return "(none)"
+    if isinstance(f.default, Path):
+        return f.default.as_posix()
+    return show_value(f.default, spec)
+
+
+def reference_table() -> list[str]:
+    """Return the README's Markdown table of every key: section, key, default, meaning."""
+    lines = ["| section | key | default | meaning |", "|---|---|---|---|"]
+    for section, key, f, spec, _cls in all_keys():
+        name = "*AE title*" if section in FREE_FORM_SECTIONS else f"`{key}`"
+        default = default_text(f, spec)
+        shown = f"`{default}`" if default and not default.startswith("(") else default or "(empty)"
+        meaning = spec.help.replace("|", "\\|")
+        lines.append(f"| [{section}] | {name} | {shown} | {meaning} |")
+    return lines
+
+
+if __name__ == "__main__":  # ``python -m dicomnode.config``: the README's key table
+    print("\n".join(reference_table()))

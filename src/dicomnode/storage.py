@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -243,15 +242,6 @@ def clean_stale_temp(folder: Path) -> int:
     if removed:
         logger.info("CLEANED %d unacknowledged partial transfer(s) in %s", removed, folder)
     return removed
-
-
-def use_temp_dir(folder: Path) -> None:
-    """Make ``folder`` the process temporary folder (pynetdicom streams objects there).
-
-    Keeping it on the destination volume makes the final rename atomic.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(folder)
 
 
 def check_writable(folder: Path) -> None:

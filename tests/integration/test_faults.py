@@ -236,7 +236,6 @@ def _forwarder_config(tmp_path: Path, watch: Path, target: Target, **extra: obje
         "dimse_timeout_s": 3,
         "network_timeout_s": 3,
         "acse_timeout_s": 3,
-        "transport": os.environ.get("DICOMNODE_TEST_TRANSPORT", "lean"),
     }
     folder_watcher.update(extra)
     return write_config(

@@ -45,9 +45,6 @@ pytestmark = [
 ]
 
 TARGET_AET = "TARGET"
-#: Sending transport under test: the default (lean); ``DICOMNODE_TEST_TRANSPORT=pynetdicom`` runs the
-#: suite on the pynetdicom sender (make test does both).
-TRANSPORT = os.environ.get("DICOMNODE_TEST_TRANSPORT", "lean")
 
 
 # --------------------------------------------------------------------------- peers
@@ -239,7 +236,6 @@ def fconfig(tmp_path: Path, port: int, **kw: object) -> ForwarderConfig:
         acse_timeout_s=5.0,
         dimse_timeout_s=10.0,
         network_timeout_s=10.0,
-        transport=TRANSPORT,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 
@@ -523,7 +519,7 @@ def test_forward_large_object_memory_is_bounded(tmp_path: Path, storescp: StoreS
         "from dicomnode.forwarder import send_paths;"
         f"rc = send_paths([Path({str(path)!r})], C(watch_folder=Path({str(cfg.watch_folder)!r}),"
         f"target_aet={TARGET_AET!r}, target_ip='127.0.0.1', target_port={storescp.port},"
-        f"transport={TRANSPORT!r}), False);"
+        "), False);"
         "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0];"
         "print(int(hwm) // 1024); sys.exit(rc)"
     )

@@ -62,7 +62,6 @@ def forwarder_ini(tmp_path: Path, watch: Path, port: int, **extra: object) -> Pa
         "retry_initial_delay_s": 0.2,
         "retry_max_delay_s": 0.4,
         "dimse_timeout_s": 10,
-        "transport": os.environ.get("DICOMNODE_TEST_TRANSPORT", "lean"),
     }
     fw.update(extra)
     sections: dict[str, dict[str, object]] = {

@@ -1,9 +1,8 @@
-"""The lean C-STORE SCU (``[FolderWatcher] transport = lean``) driven directly.
+"""The lean C-STORE SCU (the forwarder's one SCU) driven directly.
 
 Against DCMTK storescp (bit-preserving, so stored data sets are the bytes we
 sent), Orthanc, pynetdicom SCPs that answer chosen statuses, and raw-socket
-peers that abort, freeze or answer the wrong message. The whole forwarder
-suite also runs on this transport with ``DICOMNODE_TEST_TRANSPORT=lean``.
+peers that abort, freeze or answer the wrong message.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""Behaviour specific to the lean receiver transport (``[Network] receiver_transport = lean``).
+"""Behaviour the lean receiver (the node's one SCP) decides itself.
 
-The receiver, hardening, TLS and pool suites run on both transports (``make
-test`` repeats them with ``DICOMNODE_TEST_RECEIVER_TRANSPORT=pynetdicom``);
-these tests cover what only the lean SCP decides itself: requests it does not
+The receiver, hardening, TLS and pool suites cover the node's guarantees;
+these tests cover what only the SCP's own upper layer decides: requests it does not
 serve, protocol violations, the File Meta Information it writes, and its
 temp files. Peers are DCMTK and PDUs encoded by pynetdicom.
 """
@@ -168,7 +167,7 @@ def test_lean_temp_folder_is_empty_once_no_association_is_served(
     assert wait_until(lambda: not any(temp.iterdir()), 10), list(temp.iterdir())
 
 
-def test_pynetdicom_transport_is_selectable_and_stores(
+def test_receiver_retired_pynetdicom_transport_is_logged_and_stores(
     tmp_path: Path, port: int, start_node: StartNode
 ) -> None:
     network = {"receiver_transport": "pynetdicom", "receiver_processes": 1}
@@ -177,4 +176,4 @@ def test_pynetdicom_transport_is_selectable_and_stores(
     done = storescu(port, [path])
     assert done.returncode == 0, done.stderr
     assert [p.name for p in stored(dest)] == [f"CT_{ds.SOPInstanceUID}.dcm"]
-    assert_logged(node, "transport=pynetdicom")
+    assert_logged(node, "DEPRECATED [Network] receiver_transport = pynetdicom")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PureWindowsPath
 
 import pytest
@@ -203,3 +204,66 @@ def test_config_describe_lists_every_section() -> None:
     ):
         assert section in text
     assert "trusted_ae_titles = MRMULTI, TR_SEND" in text
+
+
+def _example_sections() -> dict[str, dict[str, str]]:
+    """Return config.example.ini's keys per section, commented-out ``# key = value`` lines included."""
+    found: dict[str, dict[str, str]] = {}
+    section = ""
+    for line in (REPO / "config.example.ini").read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
+            found[section] = {}
+            continue
+        body = stripped.lstrip("#").strip()
+        if "=" not in body or not section:
+            continue
+        key, _, value = body.partition("=")
+        key = key.strip()
+        if re.fullmatch(r"[a-z_0-9]+", key):
+            found[section].setdefault(key, value.split(" #")[0].strip())
+    return found
+
+
+def test_config_example_shows_every_declared_key_with_its_default() -> None:
+    example = _example_sections()
+    for section, key, field_, spec, _cls in config.all_keys():
+        if section in config.FREE_FORM_SECTIONS:
+            assert section in example, section
+            continue
+        assert key in example.get(section, {}), f"config.example.ini lacks [{section}] {key}"
+        if not spec.site_specific:
+            shown = example[section][key]
+            assert shown == config.default_text(field_, spec), (
+                f"config.example.ini shows [{section}] {key} = {shown!r}; "
+                f"declared default is {config.default_text(field_, spec)!r}"
+            )
+
+
+def test_config_readme_reference_table_matches_declarations() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index("<!-- config-reference:start -->")
+    end = readme.index("<!-- config-reference:end -->")
+    table = [line for line in readme[start:end].splitlines()[1:] if line.strip()]
+    expected = config.reference_table()
+    assert table == expected, "regenerate with: .venv/bin/python -m dicomnode.config\n" + "\n".join(
+        expected
+    )
+
+
+def test_config_check_config_lists_every_declared_key() -> None:
+    text = "\n".join(config.describe(config.load(REPO / "config.example.ini")))
+    for section, key, _f, _spec, _cls in config.all_keys():
+        assert f"[{section}]" in text
+        if section not in config.FREE_FORM_SECTIONS:
+            assert f"\n{key} = " in text, key
+
+
+def test_config_unknown_key_lists_the_declared_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.ini"
+    path.write_text(BASE + "[FolderWatcher]\nretry_delay = 5\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    declared = sorted(k for s, k, *_ in config.all_keys() if s == "FolderWatcher")
+    assert f"accepted keys: {', '.join(declared)}" in str(info.value)

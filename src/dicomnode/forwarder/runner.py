@@ -160,10 +160,8 @@ def _int_or_none(value: str) -> int | None:
 
 
 def make_sender(config: ForwarderConfig, ssl_context: ssl.SSLContext | None) -> AssociationSender:
-    """Return the sender of ``config.transport``: the lean SCU or pynetdicom's."""
-    if config.transport == "lean":
-        return LeanAssociationSender(config, ssl_context)
-    return AssociationSender(config, ssl_context)
+    """Return the forwarder's SCU (the lean one; ``transport = pynetdicom`` is retired)."""
+    return LeanAssociationSender(config, ssl_context)
 
 
 def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
@@ -406,6 +404,11 @@ class Forwarder:
     def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         if not config.has_target:
             raise ConfigError("[FolderWatcher] target_ip and target_aet are needed to forward")
+        if config.transport == "pynetdicom":
+            logger.warning(
+                "DEPRECATED [FolderWatcher] transport = pynetdicom: that transport was retired; "
+                "sending with the built-in one (same guarantees). Remove the key."
+            )
         self.config = config
         self.ssl_context = ssl_context
         self.watch_folder = config.watch_folder

@@ -1,9 +1,9 @@
-"""Build and run the receiving AE on the configured transport; graceful stop.
+"""Build and run the receiving AE; graceful stop.
 
-``[Network] receiver_transport = lean`` (default) serves with
-:class:`~dicomnode.receiver.lean.LeanServer`; ``pynetdicom`` with a pynetdicom
-AE configured here. Both accept every storage SOP class (including private and unknown ones) in the
-transfer syntax the sender proposes first, plus Verification. The listening
+The node's one receiver transport is :class:`~dicomnode.receiver.lean.LeanServer`
+(our own upper layer; pynetdicom is only a test peer). It accepts every storage
+SOP class (including private and unknown ones) in the transfer syntax the sender
+proposes first, plus Verification. The listening
 socket is non-blocking to the caller: :meth:`Receiver.start` returns once it
 listens, :meth:`Receiver.stop` stops accepting, lets running associations
 finish for a grace period, then aborts the rest (unacknowledged objects are
@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import Any
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
 from dicomnode.receiver.admission import SharedLoad
 from dicomnode.receiver.lean import LeanServer
 from dicomnode.receiver.store import PostStore, StoreHandler
-from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp, use_temp_dir
+from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class Receiver:
     Parameters
     ----------
     cfg : ReceiverConfig
-        Receiver settings (``receiver_transport`` picks the implementation).
+        Receiver settings.
     post_store : callable, optional
         Called after each object is durable (Enhanced MR conversion seam).
     ssl_context : ssl.SSLContext, optional
@@ -59,7 +58,6 @@ class Receiver:
         self.shared_load = shared_load
         self.handler = StoreHandler(cfg, post_store)
         self._lean: LeanServer | None = None
-        self._pyn: Any = None
 
     def prepare_storage(self) -> None:
         """Create the destination, its temp and errors folders; clear stale partial files.
@@ -71,15 +69,13 @@ class Receiver:
         """
         check_writable(self.cfg.destination_dir)
         check_writable(self.cfg.errors_dir)
-        tmp = self.cfg.destination_dir / INCOMING_TMP
-        clean_stale_temp(tmp)
-        use_temp_dir(tmp)
+        clean_stale_temp(self.cfg.destination_dir / INCOMING_TMP)
 
     def start(self, prepare: bool = True) -> None:
         """Start listening on ``server_ip:receive_port`` in background threads.
 
         ``prepare=False`` skips folder preparation (done once by the parent of
-        a process pool) but still routes temporary files to the destination volume.
+        a process pool).
 
         Raises
         ------
@@ -90,49 +86,43 @@ class Receiver:
         """
         if prepare:
             self.prepare_storage()
-        else:
-            use_temp_dir(self.cfg.destination_dir / INCOMING_TMP)
+        # Temp files live on the destination volume, so the final step is a rename.
+        (self.cfg.destination_dir / INCOMING_TMP).mkdir(parents=True, exist_ok=True)
         if self.cfg.receiver_transport == "pynetdicom":
-            from dicomnode.receiver.pynetdicom_server import PynetdicomServer
-
-            self._pyn = PynetdicomServer(
-                self.cfg, self.handler, self.ssl_context, self.listen_socket, self.shared_load
+            logger.warning(
+                "DEPRECATED [Network] receiver_transport = pynetdicom: that transport was retired; "
+                "serving with the built-in one (same guarantees). Remove the key."
             )
-            self._pyn.start()
-        else:
-            load = self.shared_load
-            room = None
-            if load is not None:
-                limit = self.cfg.max_associations
-                room = lambda active: load.admit(active, limit)  # noqa: E731
-            self._lean = LeanServer(
-                self.cfg,
-                self.handler,
-                self.ssl_context,
-                self.listen_socket,
-                room,
-                load.may_accept if load is not None else None,
-            )
-            self._lean.start()
+        load = self.shared_load
+        room = None
+        if load is not None:
+            limit = self.cfg.max_associations
+            room = lambda active: load.admit(active, limit)  # noqa: E731
+        self._lean = LeanServer(
+            self.cfg,
+            self.handler,
+            self.ssl_context,
+            self.listen_socket,
+            room,
+            load.may_accept if load is not None else None,
+        )
+        self._lean.start()
         logger.log(
             logging.INFO if self.listen_socket is None else logging.DEBUG,
-            "LISTENING ae_title=%s address=%s:%d tls=%s transport=%s",
+            "LISTENING ae_title=%s address=%s:%d tls=%s",
             self.cfg.ae_title,
             self.cfg.server_ip,
             self.cfg.receive_port,
             "on" if self.ssl_context else "off",
-            self.cfg.receiver_transport,
         )
 
     def active_associations(self) -> int:
         """Return the number of connections currently served."""
-        if self._lean is not None:
-            return self._lean.active()
-        return self._pyn.active_associations() if self._pyn is not None else 0
+        return self._lean.active() if self._lean is not None else 0
 
     def is_serving(self) -> bool:
         """Return True while the receiver accepts associations (console, /healthz)."""
-        return self._lean is not None or self._pyn is not None
+        return self._lean is not None
 
     def publish_load(self) -> None:
         """Refresh this process's slot in the pool's shared connection counts."""
@@ -142,13 +132,9 @@ class Receiver:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running associations finish for ``grace_s``, abort the rest."""
         lean, self._lean = self._lean, None
-        pyn, self._pyn = self._pyn, None
-        if lean is not None:
-            lean.stop(grace_s)
-        elif pyn is not None:
-            pyn.stop(grace_s)
-        else:
+        if lean is None:
             return
+        lean.stop(grace_s)
         logger.info("STOPPED receiver")
 
 
