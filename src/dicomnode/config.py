@@ -86,6 +86,7 @@ SECTIONS: Final = (
     "Logging",
     "Ledger",
     "Web",
+    "Audit",
 )
 #: Sections whose keys are AE titles chosen by the site, not declared names.
 FREE_FORM_SECTIONS: Final = frozenset({"AE_Mappings", "AE_Hosts"})
@@ -561,6 +562,18 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """DICOM audit messages to an audit repository ([Audit])."""
+
+    syslog: str = setting(
+        "",
+        "Audit",
+        Kind.TEXT,
+        "udp://host:port or tcp+tls://host:port: PS3.15 audit messages over syslog (empty: off)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """The whole validated configuration of one node."""
 
@@ -575,6 +588,7 @@ class NodeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def ledger_path(self) -> Path:
@@ -605,6 +619,7 @@ HOLDERS: Final[tuple[tuple[type, Callable[[NodeConfig], object]], ...]] = (
     (LoggingConfig, lambda c: c.logging),
     (LedgerConfig, lambda c: c.ledger),
     (WebConfig, lambda c: c.web),
+    (AuditConfig, lambda c: c.audit),
 )
 
 
@@ -1014,6 +1029,14 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             )
         web = replace(web, certificate=web_cert, private_key=web_key)
 
+    audit = _build(AuditConfig, sections, base_dir, {})
+    if audit.syslog and not re.fullmatch(
+        r"(udp|tcp\+tls)://[A-Za-z0-9.:\[\]-]+:\d{1,5}", audit.syslog
+    ):
+        raise sections["Audit"].error(
+            "syslog", audit.syslog, "udp://host:port or tcp+tls://host:port"
+        )
+
     node = _build(
         NodeConfig,
         sections,
@@ -1027,6 +1050,7 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             "logging": logging_cfg,
             "ledger": ledger,
             "web": web,
+            "audit": audit,
         },
     )
     known: dict[str, set[str]] = {name: set() for name in SECTIONS}

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -122,6 +122,7 @@ class Node:
         self.converter: Any = None
         self.ledger: Any = None
         self.console: Any = None
+        self.audit: Any = None
         self._log_handlers: list[logging.Handler] = []
 
     def _start_ledger(self, forwarding: bool) -> None:
@@ -136,11 +137,23 @@ class Node:
             roots += [rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)]
         if forwarding:
             roots.append(self.config.forwarder.watch_folder)
+        on_written = None
+        if self.config.audit.syslog:
+            from dicomnode.ledger.atna import AuditSender, parse_target
+
+            tls_cfg = self.config.tls
+            context = None
+            if tls_cfg.ca_bundle is not None or tls_cfg.certificate is not None:
+                context = tls.client_context(replace(tls_cfg, enabled=True))
+            self.audit = AuditSender(parse_target(self.config.audit.syslog), rc.ae_title, context)
+            self.audit.start()
+            on_written = self.audit.submit
         self.ledger = LedgerWriter(
             self.config.ledger_path,
             self.config.ledger.retention_days,
             roots,
             skip_dirs=[rc.errors_dir, rc.destination_dir / INCOMING_TMP],
+            on_written=on_written,
         )
         self.ledger.start()
         self._attach(LedgerHandler(self.ledger))
@@ -236,6 +249,8 @@ class Node:
         self._log_handlers.clear()
         if self.ledger is not None:
             self.ledger.stop()
+        if self.audit is not None:
+            self.audit.stop()
 
 
 class SignalCatcher:

@@ -390,3 +390,90 @@ def test_console_over_https_reusing_the_tls_certificate(tmp_path: Path, start_no
         urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=20)
     status = cli("status", "--config", str(cfg), cwd=tmp_path)
     assert status.returncode == 0, status.stdout
+
+
+def test_audit_messages_over_syslog_udp(tmp_path: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import xml.etree.ElementTree as ET
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(1.0)
+    messages: list[bytes] = []
+
+    def collect() -> bool:
+        try:
+            messages.append(listener.recvfrom(65536)[0])
+        except TimeoutError:
+            pass
+        return False
+
+    try:
+        port, web_port = free_port(), free_port()
+        cfg = node_config(
+            tmp_path,
+            port,
+            web_port,
+            free_port(),
+            Network={"receiver_processes": 1},
+            Audit={"syslog": f"udp://127.0.0.1:{listener.getsockname()[1]}"},
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dicomnode",
+                "web-passwd",
+                "ops",
+                "--config",
+                str(cfg),
+                "--password-stdin",
+            ],
+            input="long-enough-pw\n",
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        start_node(["--config", str(cfg)], port=port)
+        wait_for_port(web_port)
+        storescu(port, write_series(tmp_path / "send", 2))
+        subprocess.run(
+            [require_tool("echoscu"), "-aet", "INTRUDER", "-aec", "NODE", "127.0.0.1", str(port)],
+            env=peer_env(),
+            capture_output=True,
+            timeout=60,
+        )
+        Browser(f"http://127.0.0.1:{web_port}").request(
+            "/login", {"user": "ops", "password": "nope"}
+        )
+
+        def event_ids() -> set[str]:
+            found = set()
+            for raw in messages:
+                xml = raw[raw.index(b"\xef\xbb\xbf") + 3 :]
+                code = ET.fromstring(xml).find("EventIdentification/EventID")
+                assert code is not None
+                found.add(code.get("csd_code", ""))
+            return found
+
+        wait_until(lambda: collect() or {"110104", "110113", "110114"} <= event_ids(), 60)
+        assert {"110104", "110113", "110114"} <= event_ids(), messages
+        assert all(m.startswith(b"<85>1 ") and b" DICOM+RFC3881 " in m for m in messages)
+        transferred = next(
+            ET.fromstring(m[m.index(b"\xef\xbb\xbf") + 3 :])
+            for m in messages
+            if b'csd_code="110104"' in m
+        )
+        objects = {
+            o.get("ParticipantObjectTypeCode"): o.get("ParticipantObjectID")
+            for o in transferred.iter("ParticipantObjectIdentification")
+        }
+        assert objects == {"1": PATIENT, "2": "1.2.826.0.1.3680043.8.498.4242"}
+        counts = [c.get("NumberOfInstances") for c in transferred.iter("SOPClass")]
+        assert counts == ["2"]
+        users = {a.get("UserID") for a in transferred.iter("ActiveParticipant")}
+        assert users == {"STORESCU", "NODE"}
+    finally:
+        listener.close()

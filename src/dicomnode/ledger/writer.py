@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -107,6 +107,9 @@ class LedgerWriter:
         Folders whose objects must be in the ledger (AE folders, watch folder).
     skip_dirs : sequence of Path
         Folders below those roots that hold no objects to reconcile (``errors/``).
+    on_written : callable, optional
+        Given each batch of rows once it is committed (the audit-message sender);
+        must not block.
     """
 
     def __init__(
@@ -115,11 +118,13 @@ class LedgerWriter:
         retention_days: int = 0,
         reconcile_roots: Sequence[Path] = (),
         skip_dirs: Sequence[Path] = (),
+        on_written: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.path = path
         self.retention_days = retention_days
         self.reconcile_roots = tuple(reconcile_roots)
         self.skip_dirs = {str(p) for p in skip_dirs}
+        self.on_written = on_written
         self._queue: queue.Queue[tuple[float, dict[str, Any]] | threading.Event | None] = (
             queue.Queue(_QUEUE_MAX)
         )
@@ -313,6 +318,11 @@ class LedgerWriter:
         with self._lock:
             for key, amount in staged.items():
                 self._counters[key] = self._counters.get(key, 0.0) + amount
+        if self.on_written is not None:
+            try:
+                self.on_written(rows)
+            except Exception:
+                logger.exception("LEDGER on_written hook failed (continuing)")
 
     def _complete(
         self, conn: sqlite3.Connection, event: dict[str, Any], batch: dict[str, dict[str, Any]]

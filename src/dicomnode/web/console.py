@@ -427,17 +427,26 @@ class Console:
         stored = self.users.get(user)
         if stored is None or not auth.verify_password(req.form.get("password", ""), stored):
             failures = self.limiter.failed(req.client, now)
+            shown = user if auth.is_valid_user(user) else "(invalid)"
             access.warning(
                 "WEB-LOGIN-FAILED user=%s client=%s failures=%d",
-                user if auth.is_valid_user(user) else "(invalid)",
+                shown,
                 req.client,
                 failures,
+                extra=ledger_extra(
+                    EventKind.CONSOLE, actor=shown, peer=req.client, status="login-failed"
+                ),
             )
             body = self._render("login.html", req, {"error": "Wrong user name or password."})
             return 401, "text/html; charset=utf-8", body
         self.limiter.succeeded(req.client)
         token, _ = self.sessions.create(user, now)
-        access.info("WEB-LOGIN user=%s client=%s", user, req.client)
+        access.info(
+            "WEB-LOGIN user=%s client=%s",
+            user,
+            req.client,
+            extra=ledger_extra(EventKind.CONSOLE, actor=user, peer=req.client, status="login"),
+        )
         raise _Response(303, headers={"Location": "/", "Set-Cookie": self._cookie(token)})
 
     # -- pages ---------------------------------------------------------------------------
