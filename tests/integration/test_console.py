@@ -477,3 +477,32 @@ def test_audit_messages_over_syslog_udp(tmp_path: Path, start_node) -> None:  # 
         assert users == {"STORESCU", "NODE"}
     finally:
         listener.close()
+
+
+def test_queue_log_and_configuration_pages(tmp_path: Path, start_node) -> None:  # type: ignore[no-untyped-def]
+    port, web_port = free_port(), free_port()
+    key = tmp_path / "secret-node.key"
+    cfg = node_config(
+        tmp_path,
+        port,
+        web_port,
+        free_port(),  # the target is down: the group backs off
+        Network={"receiver_processes": 1},
+        FolderWatcher={"give_up_after_s": 3600, "retry_initial_delay_s": 60},
+        TLS={"private_key": str(key)},
+    )
+    node = start_node(["--config", str(cfg)], port=port)
+    wait_for_port(web_port)
+    storescu(port, write_series(tmp_path / "send", 2))
+    assert wait_until(lambda: "RETRY-SCHEDULED" in node.output(), 60), node.output()
+    code, page = get(f"http://127.0.0.1:{web_port}/queue")
+    assert code == 200 and "backing off after a network failure (attempt 1)" in page
+    assert "connection refused" in page.lower() and PATIENT in page
+    code, page = get(f"http://127.0.0.1:{web_port}/log?verb=STORED")
+    assert code == 200 and page.count("STORED calling_ae=STORESCU") == 2
+    assert "RETRY-SCHEDULED" not in page.split('id="log"')[1]
+    code, page = get(f"http://127.0.0.1:{web_port}/config")
+    assert code == 200 and "private_key = (hidden)" in page and str(key) not in page
+    assert "trusted_ae_titles = STORESCU" in page
+    code, page = get(f"http://127.0.0.1:{web_port}/")
+    assert code == 200 and "backing off: 1" in page and "STORESCU" in page

@@ -121,3 +121,76 @@ https = true
         config.parse("[Security]\ntrusted_ae_titles = A\n[Web]\npassword = x\n", "x.ini", tmp_path)
     lines = config.describe(cfg)
     assert "[Ledger]" in lines and "[Web]" in lines
+
+
+def test_audit_messages_built_per_study_and_event() -> None:
+    import xml.etree.ElementTree as ET
+
+    from dicomnode.ledger.atna import build_messages, frame, parse_target
+
+    rows = [
+        {
+            "ts": 1.0,
+            "kind": "stored",
+            "calling_ae": "CT1",
+            "peer": "10.0.0.5:4000",
+            "patient_id": "P1",
+            "study_uid": "1.2.3",
+            "sop_class": "1.2.840.10008.5.1.4.1.1.2",
+        },
+        {
+            "ts": 2.0,
+            "kind": "stored",
+            "calling_ae": "CT1",
+            "peer": "10.0.0.5:4000",
+            "patient_id": "P1",
+            "study_uid": "1.2.3",
+            "sop_class": "1.2.840.10008.5.1.4.1.1.2",
+        },
+        {
+            "ts": 3.0,
+            "kind": "forwarded",
+            "destination": "TPS@10.0.0.9:104",
+            "patient_id": "P1",
+            "study_uid": "1.2.3",
+            "sop_class": "1.2.840.10008.5.1.4.1.1.2",
+        },
+        {
+            "ts": 4.0,
+            "kind": "association_rejected",
+            "calling_ae": "EVIL",
+            "peer": "10.6.6.6:1",
+            "reason": "calling AE title not in trusted_ae_titles",
+        },
+        {
+            "ts": 5.0,
+            "kind": "console",
+            "status": "login-failed",
+            "actor": "ops",
+            "peer": "10.0.0.7",
+        },
+        {"ts": 6.0, "kind": "association_accepted", "calling_ae": "CT1"},
+    ]
+    messages = [ET.fromstring(m) for m in build_messages(rows, "NODE", "host1")]
+    by_event = {
+        (
+            m.find("EventIdentification/EventID").get("csd_code"),  # type: ignore[union-attr]
+            m.find("EventIdentification").get("EventActionCode"),
+        ): m  # type: ignore[union-attr]
+        for m in messages
+    }
+    assert set(by_event) == {("110104", "C"), ("110104", "R"), ("110113", "E"), ("110114", "E")}
+    received = by_event[("110104", "C")]
+    assert [c.get("NumberOfInstances") for c in received.iter("SOPClass")] == ["2"]
+    sources = [a.get("UserID") for a in received.iter("ActiveParticipant")]
+    assert sources == ["CT1", "NODE"]
+    login = by_event[("110114", "E")]
+    assert login.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # type: ignore[union-attr]
+    framed = frame(b"<x/>", 0.0, "host1")
+    assert framed.startswith(
+        b"<85>1 1970-01-01T00:00:00.000+00:00 host1 dicomnode - DICOM+RFC3881 - "
+    )
+    assert framed.endswith(b"\xef\xbb\xbf<x/>")
+    assert parse_target("tcp+tls://audit.example:6514").port == 6514
+    with pytest.raises(ValueError):
+        parse_target("http://audit:80")
