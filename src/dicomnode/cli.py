@@ -224,8 +224,11 @@ def _dispatch(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 @contextlib.contextmanager
 def _ledger(cfg: NodeConfig) -> Iterator[None]:
-    """Record the events of a one-shot command (``send``, ``retry-failed``) in the ledger."""
-    if not cfg.ledger.enabled:
+    """Record the events of a one-shot command (``send``, ``retry-failed``) in the ledger.
+
+    Only where a node already keeps its ledger: a one-shot command creates none.
+    """
+    if not cfg.ledger.enabled or not cfg.ledger_path.is_file():
         yield
         return
     from dicomnode.ledger.handler import LedgerHandler
