@@ -401,6 +401,14 @@ class ForwarderConfig:
     give_up_after_s: float = setting(
         86400.0, "FolderWatcher", Kind.SECONDS, "After this long failing, files are parked"
     )
+    max_object_refusals: int = setting(
+        3,
+        "FolderWatcher",
+        Kind.INT,
+        "Park an object the target refused temporarily (0xA7xx) this often while accepting others",
+        lo=1,
+        hi=1000,
+    )
     acse_timeout_s: float = setting(
         30.0, "FolderWatcher", Kind.SECONDS, "Time allowed for the association", lo=0.1
     )

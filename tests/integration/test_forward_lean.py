@@ -299,15 +299,32 @@ def test_lean_failure_status_refuses_only_that_object(tmp_path: Path) -> None:
     assert [r[2] for r in results] == [0x0000, 0xC000, 0xB000]
 
 
-def test_lean_transient_status_retries_that_and_the_rest(tmp_path: Path) -> None:
-    scp = PySCP([CTImageStorage], statuses=[0x0000, 0xA700]).start()
+def test_lean_transient_status_of_one_object_defers_it_and_goes_on(tmp_path: Path) -> None:
+    scp = PySCP([CTImageStorage], statuses=[0x0000, 0xA701]).start()
     try:
         paths = [save(make_image("CT", instance=i), tmp_path / f"{i}.dcm") for i in (1, 2, 3)]
         end, results = run_lean(lean_config(tmp_path, scp.port), paths)
     finally:
         scp.stop()
+    assert end.network_error is None
+    assert outcomes(results) == [SendOutcome.SENT, SendOutcome.DEFERRED, SendOutcome.SENT]
+    assert results[1][2] == 0xA701 and "0xA701" in results[1][3]
+
+
+def test_lean_transient_status_twice_in_a_row_retries_that_and_the_rest(tmp_path: Path) -> None:
+    scp = PySCP([CTImageStorage], statuses=[0x0000, 0xA700, 0xA700]).start()
+    try:
+        paths = [save(make_image("CT", instance=i), tmp_path / f"{i}.dcm") for i in (1, 2, 3, 4)]
+        end, results = run_lean(lean_config(tmp_path, scp.port), paths)
+    finally:
+        scp.stop()
     assert end.network_error is not None and "0xA700" in end.network_error
-    assert outcomes(results) == [SendOutcome.SENT, SendOutcome.RETRY, SendOutcome.RETRY]
+    assert outcomes(results) == [
+        SendOutcome.SENT,
+        SendOutcome.DEFERRED,
+        SendOutcome.RETRY,
+        SendOutcome.RETRY,
+    ]
 
 
 def test_lean_converts_when_target_accepts_only_implicit(tmp_path: Path) -> None:

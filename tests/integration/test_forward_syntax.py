@@ -41,4 +41,4 @@ def test_forward_implicit_vr_file_is_sent_unconverted(
     # DCMTK storescp prefers Explicit VR; offered Implicit VR in a context of its own it keeps it.
     assert dcmread(received).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     assert dataset_bytes(received) == original
-    assert "CONVERTING" not in caplog.text
+    assert "CONVERTED" not in caplog.text

@@ -206,3 +206,18 @@ def test_batching_transient_statuses() -> None:
     assert not is_transient_status(0xC000)
     assert not is_transient_status(0x0122)
     assert not is_transient_status(0xA900)
+
+
+def test_judge_refusal_counts_only_refusals_of_one_object() -> None:
+    from dicomnode.forwarder.batching import RefusalVerdict, judge_refusal
+
+    # the target answered a later object: the refusal was this object's own
+    assert judge_refusal(0, True, 3) == (RefusalVerdict.COUNTED, 1)
+    assert judge_refusal(2, True, 3) == (RefusalVerdict.PARK, 3)
+    assert judge_refusal(0, True, 1) == (RefusalVerdict.PARK, 1)
+    # the target refused the next object too, or the network failed: nothing counted
+    assert judge_refusal(2, False, 3) == (RefusalVerdict.TARGET_WIDE, 2)
+    # nothing else tried: counts only for an object singled out before
+    assert judge_refusal(0, None, 3) == (RefusalVerdict.TARGET_WIDE, 0)
+    assert judge_refusal(1, None, 3) == (RefusalVerdict.COUNTED, 2)
+    assert judge_refusal(2, None, 3) == (RefusalVerdict.PARK, 3)

@@ -273,6 +273,12 @@ def object_category(modality: str, sop_class_uid: str) -> str:
     return "OTHER"
 
 
+def category_rank(obj: ObjectInfo, send_order: Sequence[str]) -> int:
+    """Return the position of ``obj``'s :func:`object_category` in ``send_order`` (unknown: last)."""
+    category = object_category(obj.modality, obj.sop_class_uid)
+    return send_order.index(category) if category in send_order else len(send_order)
+
+
 def order_objects(objects: Iterable[ObjectInfo], send_order: Sequence[str]) -> list[ObjectInfo]:
     """Return ``objects`` in clinical send order.
 
@@ -389,6 +395,10 @@ class SendOutcome(Enum):
     REFUSED = "refused"
     #: Not delivered because of network trouble or a temporary refusal: keep, retry.
     RETRY = "retry"
+    #: The target refused this object with a transient status (0xA7xx, 0xFE00) and the
+    #: association went on with the next object: whether the target refuses only this
+    #: object or everything is decided by what it answers next.
+    DEFERRED = "deferred"
     #: Not attempted (stop requested, or the file changed): keep, decide later.
     SKIPPED = "skipped"
 
@@ -397,6 +407,42 @@ class SendOutcome(Enum):
 def is_transient_status(status: int) -> bool:
     """Return True for statuses that do not condemn the object (out of resources, cancel)."""
     return 0xA700 <= status <= 0xA7FF or status == 0xFE00
+
+
+class RefusalVerdict(Enum):
+    """What a transient refusal (0xA7xx, 0xFE00) of one object means for that object."""
+
+    #: The target refuses everything (down, out of space): retry the group, count nothing.
+    TARGET_WIDE = "target-wide"
+    #: The target refuses this object while it accepts others: counted, retried.
+    COUNTED = "counted"
+    #: Counted, and the count reached ``max_object_refusals``: park the object.
+    PARK = "park"
+
+
+def judge_refusal(
+    previous: int, singled_out: bool | None, max_refusals: int
+) -> tuple[RefusalVerdict, int]:
+    """Decide a transient refusal of one object and return its new refusal count.
+
+    Parameters
+    ----------
+    previous : int
+        How often the target refused this object before while accepting others.
+    singled_out : bool or None
+        True when the target answered a later object of the same attempt (it
+        accepts others), False when it refused that one too or the network failed,
+        None when nothing else was tried (last object, or the next is of a later
+        kind): then the refusal counts only for an object refused alone before.
+    max_refusals : int
+        ``max_object_refusals``.
+    """
+    if singled_out is None:
+        singled_out = previous > 0
+    if not singled_out:
+        return RefusalVerdict.TARGET_WIDE, previous
+    count = previous + 1
+    return (RefusalVerdict.PARK if count >= max_refusals else RefusalVerdict.COUNTED), count
 
 
 def backoff_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
@@ -430,13 +476,16 @@ __all__ = [
     "GroupSnapshot",
     "ObjectInfo",
     "ReadinessTracker",
+    "RefusalVerdict",
     "SendOutcome",
     "backoff_delay_s",
+    "category_rank",
     "contexts_for",
     "group_entries",
     "group_key_of",
     "group_label",
     "is_transient_status",
+    "judge_refusal",
     "object_category",
     "order_objects",
     "pending_summary",

@@ -16,12 +16,17 @@ benchmark machine). One association per :meth:`~LeanAssociationSender.run`:
   One reusable buffer of about 1 MiB holds the PDUs of one write (small PDUs
   are batched: their data is read in place between the headers with one
   ``preadv``), so memory stays bounded for objects of any size (forwarding a
-  1 GB object peaks at about 55 MB RSS); the bytes are never decoded. Only
-  when the target did not accept the file's transfer syntax is the object decoded
-  (:func:`~dicomnode.forwarder.sender._converted`) and encoded for an accepted
-  uncompressed syntax.
+  1 GB object peaks at about 55 MB RSS); the bytes are never decoded. A
+  deflated data set of odd length gets the trailing NULL byte PS3.5 A.5
+  requires. Only when the target did not accept the file's transfer syntax is
+  the object converted (:mod:`~dicomnode.forwarder.transcode`: inflated,
+  byte-swapped or decompressed, pixel values checked) into an accepted
+  uncompressed syntax; if that is impossible it is refused (parked).
 * The C-STORE-RSP is read before the next object (like storescu); its Status
-  decides SENT / REFUSED / RETRY exactly as in the pynetdicom sender.
+  decides SENT / REFUSED. A transient refusal (0xA7xx, 0xFE00) of one object is
+  reported ``DEFERRED`` and the next object is tried; a second one in a row
+  means the target refuses everything (down, out of space): the association
+  ends and the rest is reported ``RETRY``.
 * A-RELEASE-RQ at the end, waiting for A-RELEASE-RP at most ``acse_timeout_s``.
 
 TCP_NODELAY is always on. Timeouts: connect and negotiation ``acse_timeout_s``,
@@ -45,12 +50,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from pynetdicom.dsutils import encode
-
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder.batching import (
-    EXPLICIT_VR_LE,
-    IMPLICIT_VR_LE,
     MAX_CONTEXTS,
     ContextSpec,
     ObjectInfo,
@@ -63,7 +64,13 @@ from dicomnode.forwarder.sender import (
     CheckCallback,
     ResultCallback,
     RunEnd,
-    _converted,
+)
+from dicomnode.forwarder.transcode import (
+    DEFLATED_EXPLICIT_VR_LE,
+    TranscodeError,
+    choose_syntax,
+    syntax_name,
+    transcode,
 )
 from dicomnode.status import describe_status, is_success_or_warning
 from dicomnode.upperlayer import (
@@ -102,8 +109,6 @@ from dicomnode.upperlayer import (
 
 logger = logging.getLogger(__name__)
 
-EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
-
 #: P-DATA-TF header (type, reserved, PDU length) + PDV header (item length, context, control).
 _PDATA_HEAD: Final = struct.Struct(">BBIIBB")
 _PDATA_HEAD_LEN: Final = 12
@@ -117,12 +122,6 @@ _MAX_RECV_PDU: Final = 16 * 1024 * 1024
 #: First read of a file: preamble + File Meta Information fit in here in practice.
 _HEAD_BYTES: Final = 4096
 _MAX_META_BYTES: Final = 1024 * 1024
-#: Preferred encodings when an object has to be converted: (syntax, implicit VR, little endian).
-_CONVERSION_TARGETS: Final = (
-    (EXPLICIT_VR_LE, False, True),
-    (IMPLICIT_VR_LE, True, True),
-    (EXPLICIT_VR_BE, False, False),
-)
 
 _REJECT_SOURCES: Final = {1: "service user", 2: "service provider (ACSE)", 3: "service provider"}
 _REJECT_REASONS: Final = {
@@ -595,6 +594,7 @@ class LeanAssociationSender(AssociationSender):
         if len(self._buffer) < size:
             self._buffer = bytearray(size)
         message_id = 0
+        deferred_last = False  # the previous object got a transient refusal
         for index, obj in enumerate(objects):
             if should_stop() or not check(obj):
                 self._release(conn)
@@ -620,13 +620,19 @@ class LeanAssociationSender(AssociationSender):
                 return RunEnd(network_error=reason)
             if is_success_or_warning(status):
                 on_result(obj, SendOutcome.SENT, status, describe_status(status))
+                deferred_last = False
             elif is_transient_status(status):
                 reason = f"target refused temporarily: 0x{status:04X} {describe_status(status)}"
-                self._report_rest(objects, index, on_result, reason)
-                self._release(conn)
-                return RunEnd(network_error=reason)
+                if deferred_last:
+                    # two in a row: the target refuses everything (down, out of space)
+                    self._report_rest(objects, index, on_result, reason)
+                    self._release(conn)
+                    return RunEnd(network_error=reason)
+                on_result(obj, SendOutcome.DEFERRED, status, reason)
+                deferred_last = True
             else:
                 on_result(obj, SendOutcome.REFUSED, status, describe_status(status))
+                deferred_last = False
         self._release(conn)
         return RunEnd()
 
@@ -650,9 +656,6 @@ class LeanAssociationSender(AssociationSender):
         _NetworkTrouble
             The association cannot go on.
         """
-        cid = by_syntax.get(obj.transfer_syntax_uid)
-        if cid is None:
-            return self._send_converted(conn, path, obj, by_syntax, message_id, chunk)
         try:
             fh = path.open("rb", buffering=0)
         except FileNotFoundError:
@@ -665,8 +668,17 @@ class LeanAssociationSender(AssociationSender):
             except (_Unsendable, OSError) as exc:
                 return f"cannot send this file: {exc}"
             command = store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
+            syntax = obj.transfer_syntax_uid
+            cid = by_syntax.get(syntax)
+            if cid is None:
+                return self._send_converted(conn, path, obj, by_syntax, command, data_start, chunk)
+            length = size - data_start
             fill = _file_reader(fh.fileno(), data_start)
-            self._send_message(conn, cid, command, size - data_start, fill, chunk)
+            if syntax == DEFLATED_EXPLICIT_VR_LE and length % 2:
+                # PS3.5 A.5: an odd-length deflate stream gets one trailing NULL byte
+                fill = _zero_padded(fill, length)
+                length += 1
+            self._send_message(conn, cid, command, length, fill, chunk)
         return None
 
     def _send_converted(
@@ -675,34 +687,44 @@ class LeanAssociationSender(AssociationSender):
         path: Path,
         obj: ObjectInfo,
         by_syntax: dict[str, int],
-        message_id: int,
+        command: bytes,
+        data_start: int,
         chunk: int,
     ) -> str | None:
+        """Convert the object into a syntax the target accepted and send it, or say why not."""
         offered = set(by_syntax)
-        try:
-            ds = _converted(path, obj, offered)
-            target = next(t for t in _CONVERSION_TARGETS if t[0] in offered)
-            encoded = encode(ds, target[1], target[2])
-            if encoded is None:
-                raise ValueError(f"pydicom could not encode the data set as {target[0]}")
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # pydicom raises many types on decoding
+        target = choose_syntax(obj.transfer_syntax_uid, offered)
+        names = ", ".join(sorted(syntax_name(ts) for ts in offered))
+        if target is None:
             return (
-                f"target accepts {obj.sop_class_uid} only as "
-                f"{', '.join(sorted(offered))}; conversion from "
-                f"{obj.transfer_syntax_uid} failed: {exc}"
+                f"target accepts {obj.sop_class_uid} only as {names}; "
+                f"no conversion from {syntax_name(obj.transfer_syntax_uid)} into these"
             )
-        del ds
-        source = memoryview(encoded)
+        try:
+            converted = transcode(path, obj.transfer_syntax_uid, target, data_start)
+        except TranscodeError as exc:
+            return (
+                f"target accepts {obj.sop_class_uid} only as {names}; conversion from "
+                f"{syntax_name(obj.transfer_syntax_uid)} failed: {exc}"
+            )
+        (logger.warning if converted.lossy else logger.info)(
+            "CONVERTED file=%s sop_instance_uid=%s from=%s to=%s: %s",
+            obj.rel_path,
+            obj.sop_instance_uid,
+            syntax_name(obj.transfer_syntax_uid),
+            syntax_name(converted.transfer_syntax),
+            converted.how,
+        )
+        source = memoryview(converted.data)
 
         def fill(views: list[memoryview], position: int) -> None:
             for into in views:
                 into[:] = source[position : position + len(into)]
                 position += len(into)
 
-        command = store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
-        self._send_message(conn, by_syntax[target[0]], command, len(source), fill, chunk)
+        self._send_message(
+            conn, by_syntax[converted.transfer_syntax], command, len(source), fill, chunk
+        )
         return None
 
     def _send_message(
@@ -840,6 +862,27 @@ class LeanAssociationSender(AssociationSender):
         return status
 
 
+def _zero_padded(
+    fill: Callable[[list[memoryview], int], None], real_length: int
+) -> Callable[[list[memoryview], int], None]:
+    """Return ``fill`` with the bytes from ``real_length`` on given as zeros (padding)."""
+
+    def padded(views: list[memoryview], position: int) -> None:
+        inner: list[memoryview] = []
+        at = position
+        for into in views:
+            real = max(0, min(len(into), real_length - at))
+            if real:
+                inner.append(into[:real])
+            if real < len(into):
+                into[real:] = bytes(len(into) - real)
+            at += len(into)
+        if inner:
+            fill(inner, position)
+
+    return padded
+
+
 class _SourceEnded(Exception):
     """The file ended before the announced data set length."""
 
@@ -886,32 +929,23 @@ def _after(views: list[memoryview], offset: int, got: int) -> tuple[int, list[me
 def _locate_data_set(fh: io.FileIO) -> tuple[int, int]:
     """Return (offset of the data set, file size) of an open Part 10 file.
 
-    Mirrors pynetdicom's chunked send: the File Meta Information must hold the
-    Media Storage SOP Class / Instance UIDs and the Transfer Syntax UID.
+    A file without preamble and ``DICM`` is a bare data set starting at byte 0.
+    The SOP Class and Instance UIDs of the C-STORE come from the data set and the
+    transfer syntax from the forwarder's header read, so the File Meta
+    Information need not hold them.
     """
     size = os.fstat(fh.fileno()).st_size
     want = min(size, _HEAD_BYTES)
     while True:
         fh.seek(0)
         head = fh.read(want)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            return 0, size  # a bare data set (the forwarder read its encoding from the data)
         try:
-            values, offset = read_meta(head, whole=len(head) >= size)
+            _values, offset = read_meta(head, whole=len(head) >= size)
             break
         except EOFError:
             if want >= min(size, _MAX_META_BYTES):
                 raise _Unsendable("File Meta Information too large or truncated") from None
             want = min(size, want * 16, _MAX_META_BYTES)
-    missing = [
-        name
-        for elem, name in (
-            (0x0002, "MediaStorageSOPClassUID"),
-            (0x0003, "MediaStorageSOPInstanceUID"),
-            (0x0010, "TransferSyntaxUID"),
-        )
-        if elem not in values
-    ]
-    if missing:
-        raise _Unsendable(
-            "one or more required file meta information elements are missing: " + ", ".join(missing)
-        )
     return offset, size

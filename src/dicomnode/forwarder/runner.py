@@ -18,31 +18,38 @@ import contextlib
 import logging
 import os
 import ssl
+import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Final
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import ForwarderConfig
-from dicomnode.dicomtags import read_header, text_of
+from dicomnode.dicomtags import HEADER_TAGS, read_header, text_of
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
+    EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     TOPLEVEL_GROUP,
     FileEntry,
     GroupSnapshot,
     ObjectInfo,
     ReadinessTracker,
+    RefusalVerdict,
     SendOutcome,
     backoff_delay_s,
+    category_rank,
     group_entries,
     group_label,
+    judge_refusal,
     order_objects,
     plan_associations,
     should_give_up,
@@ -57,8 +64,9 @@ from dicomnode.forwarder.outcome import (
 )
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
+from dicomnode.forwarder.transcode import EXPLICIT_VR_BE
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
-from dicomnode.integrity import find_defect
+from dicomnode.integrity import examine, find_defect
 from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.status import ExitStatus
 
@@ -117,7 +125,12 @@ class GroupJob:
 
 @dataclass(slots=True)
 class GroupResult:
-    """Counts and end state of one :func:`send_group` call."""
+    """Counts and end state of one :func:`send_group` call.
+
+    ``deferred`` counts the kept objects the target refused temporarily while it
+    accepted others; ``held`` says later objects waited for them (clinical
+    order); ``refusals`` holds the refusal counts of the kept files by display name.
+    """
 
     sent: int = 0
     parked: int = 0
@@ -125,6 +138,9 @@ class GroupResult:
     network_error: str | None = None
     changed: bool = False
     stopped: bool = False
+    deferred: int = 0
+    held: bool = False
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
 def job_from_snapshot(watch_folder: Path, snap: GroupSnapshot) -> GroupJob:
@@ -182,23 +198,45 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     """
     if jf.size == 0:
         return ParkReason(None, "empty file (0 bytes)")
+    bare = False
     try:
         ds = read_header(jf.path)
     except (InvalidDicomError, EOFError) as exc:
-        return ParkReason(None, f"not a DICOM file: {exc}")
+        found = read_bare_header(jf.path)
+        if found is None:
+            return ParkReason(None, f"not a DICOM file: {exc}")
+        ds, bare = found, True
     except OSError as exc:
         return ParkReason(None, f"unreadable: {exc.strerror or exc}")
     except Exception as exc:  # pydicom raises many types on corrupt headers
         return ParkReason(None, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
     meta = getattr(ds, "file_meta", None)
-    sop_class = text_of(meta, "MediaStorageSOPClassUID") if meta is not None else ""
-    sop_class = sop_class or text_of(ds, "SOPClassUID")
-    sop_uid = text_of(meta, "MediaStorageSOPInstanceUID") if meta is not None else ""
-    sop_uid = sop_uid or text_of(ds, "SOPInstanceUID")
-    ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or IMPLICIT_VR_LE
+    meta_class = text_of(meta, "MediaStorageSOPClassUID") if meta is not None else ""
+    meta_uid = text_of(meta, "MediaStorageSOPInstanceUID") if meta is not None else ""
+    # The C-STORE carries the data set's own UIDs; the File Meta header may disagree.
+    sop_class = text_of(ds, "SOPClassUID") or meta_class
+    sop_uid = text_of(ds, "SOPInstanceUID") or meta_uid
+    ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or syntax_of_encoding(
+        ds.original_encoding
+    )
     if not sop_class or not sop_uid:
-        return ParkReason(None, "DICOM file without SOP Class UID or SOP Instance UID", sop_uid)
-    defect = find_defect(jf.path)
+        return ParkReason(
+            None, "DICOM file without SOP Class UID or SOP Instance UID", escaped(sop_uid)
+        )
+    for name, uid in (("SOP Class UID", sop_class), ("SOP Instance UID", sop_uid)):
+        if not is_sendable_uid(uid):
+            return ParkReason(None, f"invalid {name} {escaped(uid)!r}", escaped(sop_uid))
+    if (meta_class and meta_class != sop_class) or (meta_uid and meta_uid != sop_uid):
+        logger.warning(
+            "UID-MISMATCH file=%s: File Meta says sop_class_uid=%s sop_instance_uid=%s, "
+            "the data set says sop_class_uid=%s sop_instance_uid=%s; the data set's are sent",
+            escaped(jf.display),
+            escaped(meta_class),
+            escaped(meta_uid),
+            sop_class,
+            sop_uid,
+        )
+    defect = bare_data_set_defect(jf.path, ts) if bare else find_defect(jf.path)
     if defect is not None:
         return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
     return ObjectInfo(
@@ -212,12 +250,62 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     )
 
 
+def syntax_of_encoding(encoding: tuple[bool | None, bool | None]) -> str:
+    """Return the uncompressed transfer syntax of pydicom's ``(implicit VR, little endian)``."""
+    implicit, little = encoding
+    if implicit is not False:
+        return IMPLICIT_VR_LE
+    return EXPLICIT_VR_LE if little is not False else EXPLICIT_VR_BE
+
+
+def read_bare_header(path: Path) -> Dataset | None:
+    """Read the header of a data set stored without File Meta Information, or None.
+
+    DCMTK's storescu sends such files (e.g. pydicom's ``rtstruct.dcm``); they count
+    as DICOM only when their SOP Class and SOP Instance UIDs read as UIDs.
+    """
+    try:
+        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    except Exception:  # anything that is not a data set
+        return None
+    sop_class, sop_uid = text_of(ds, "SOPClassUID"), text_of(ds, "SOPInstanceUID")
+    if not (is_sendable_uid(sop_class) and is_sendable_uid(sop_uid)):
+        return None
+    return ds
+
+
+def bare_data_set_defect(path: Path, syntax: str) -> str | None:
+    """Return the structural defect of a data set without File Meta Information, or None."""
+    uid = syntax.encode("ascii")
+    if len(uid) % 2:
+        uid += b"\0"
+    meta = b"\x02\x00\x10\x00UI" + struct.pack("<H", len(uid)) + uid
+    return examine(b"\0" * 128 + b"DICM" + meta + path.read_bytes()).defect
+
+
+def escaped(text: str) -> str:
+    """Return ``text`` with everything but printable ASCII written as escapes (for log lines)."""
+    return "".join(
+        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
+def is_sendable_uid(uid: str) -> bool:
+    """Return True for a UID a C-STORE command can carry: printable ASCII without spaces.
+
+    Deliberately lenient (like DCMTK's storescu): a UID that breaks the letter of
+    PS3.5 9.1 (a letter, a leading zero, 65 characters) is the target's to judge.
+    """
+    return bool(uid) and all("!" <= c <= "~" and c != "\\" for c in uid)
+
+
 def send_group(
     job: GroupJob,
     config: ForwarderConfig,
     sender: AssociationSender,
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
+    refusals: Mapping[str, int] | None = None,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -278,11 +366,84 @@ def send_group(
             config.target_port,
         )
 
+    counts = dict(refusals or {})
+    decided: set[PurePosixPath] = set()
+    # a transient refusal whose meaning the next answer of the target decides
+    pending: tuple[ObjectInfo, int | None, str] | None = None
+    # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
+    unsettled_rank: int | None = None
+
+    def rank(obj: ObjectInfo) -> int:
+        return category_rank(obj, config.send_order)
+
+    def settle(obj: ObjectInfo, status: int | None, reason: str, singled_out: bool | None) -> None:
+        """Apply the verdict on a transient refusal (see :func:`judge_refusal`)."""
+        nonlocal unsettled_rank
+        jf = by_key[obj.rel_path]
+        verdict, count = judge_refusal(
+            counts.get(jf.display, 0), singled_out, config.max_object_refusals
+        )
+        if verdict is RefusalVerdict.TARGET_WIDE:
+            # like network trouble: the group is retried with backoff
+            result.network_error = result.network_error or reason
+        else:
+            counts[jf.display] = count
+            result.deferred += 1
+        if verdict is RefusalVerdict.PARK:
+            why = ParkReason(
+                status,
+                f"refused {count} time(s) while the target accepted other objects "
+                f"(max_object_refusals={config.max_object_refusals}): {reason}",
+                obj.sop_instance_uid,
+            )
+            logger.warning(
+                "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                why.describe(),
+            )
+            if _is_unchanged(jf) and _park(job, jf, why, stamp):
+                result.parked += 1
+                result.deferred -= 1
+                counts.pop(jf.display, None)
+                if on_file_done:
+                    on_file_done()
+                return
+        elif verdict is RefusalVerdict.COUNTED:
+            logger.warning(
+                "DEFERRED group=%s file=%s sop_instance_uid=%s refusal=%d/%d: %s",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                count,
+                config.max_object_refusals,
+                reason,
+            )
+        result.retry.append((jf, obj))  # kept: later kinds wait for it (clinical order)
+        here = rank(obj)
+        unsettled_rank = here if unsettled_rank is None else min(unsettled_rank, here)
+
+    def resolve(singled_out: bool | None) -> None:
+        """Settle the pending refusal, if any."""
+        nonlocal pending
+        if pending is not None:
+            obj, status, reason = pending
+            pending = None
+            settle(obj, status, reason, singled_out)
+
     def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
+        nonlocal pending
         jf = by_key[obj.rel_path]
         now = time.monotonic()
         took_ms, last_result[0] = (now - last_result[0]) * 1000, now
+        decided.add(obj.rel_path)
+        if outcome is SendOutcome.SENT or (outcome is SendOutcome.REFUSED and status is not None):
+            resolve(True)  # the target answered another object: the refusal was that object's
+        elif outcome is SendOutcome.RETRY:
+            resolve(False)  # the target (or the network) fails for everything
         if outcome is SendOutcome.SENT:
+            counts.pop(jf.display, None)
             if not _is_unchanged(jf):
                 logger.warning(
                     "CHANGED-DURING-SEND group=%s file=%s: kept, will be sent again",
@@ -328,17 +489,37 @@ def send_group(
             )
             if _is_unchanged(jf) and _park(job, jf, why, stamp):
                 result.parked += 1
+                counts.pop(jf.display, None)
         elif outcome is SendOutcome.RETRY:
             result.retry.append((jf, obj))
+        elif outcome is SendOutcome.DEFERRED:
+            resolve(False)
+            pending = (obj, status, reason)
+            return  # reported when settled
         if on_file_done:
             on_file_done()
 
     def check(obj: ObjectInfo) -> bool:
-        if _is_unchanged(by_key[obj.rel_path]):
-            return True
-        result.changed = True
-        logger.info("GROUP-CHANGED group=%s: %s changed, waiting for quiet", label, obj.rel_path)
-        return False
+        if not _is_unchanged(by_key[obj.rel_path]):
+            result.changed = True
+            logger.info(
+                "GROUP-CHANGED group=%s: %s changed, waiting for quiet", label, obj.rel_path
+            )
+            return False
+        if pending is not None and rank(obj) > rank(pending[0]):
+            resolve(None)  # nothing else of its kind is left to tell
+        if unsettled_rank is not None and rank(obj) > unsettled_rank:
+            # clinical order: nothing of a later kind before the earlier objects are
+            # acknowledged or parked
+            result.held = True
+            logger.info(
+                "HELD group=%s: %s waits until the object(s) the target refused are "
+                "delivered or parked",
+                label,
+                obj.rel_path,
+            )
+            return False
+        return True
 
     def locate(obj: ObjectInfo) -> Path:
         return by_key[obj.rel_path].path
@@ -353,8 +534,18 @@ def send_group(
                     result.retry.append((by_key[obj.rel_path], obj))
             break
         if end.stopped:
-            result.stopped = not result.changed
+            result.stopped = not result.changed and not result.held
             break
+    resolve(None)
+    if result.held:
+        kept = {id(jf) for jf, _ in result.retry}
+        for obj in ordered:
+            jf = by_key[obj.rel_path]
+            if obj.rel_path not in decided and id(jf) not in kept:
+                result.retry.append((jf, obj))
+    result.refusals = {
+        jf.display: counts[jf.display] for jf, _ in result.retry if jf.display in counts
+    }
     if result.network_error:
         logger.warning(
             "SEND-FAILED group=%s: %s (%d file(s) kept for retry)",
@@ -582,7 +773,14 @@ class Forwarder:
         with self._lock:
             self._senders.add(sender)
         try:
-            result = send_group(job, self.config, sender, self._stop.is_set)
+            previous = self._retry.get(job.key)
+            result = send_group(
+                job,
+                self.config,
+                sender,
+                self._stop.is_set,
+                refusals=previous.refusals if previous is not None else None,
+            )
             self._after(job, result)
         except Exception:
             logger.exception(
@@ -600,7 +798,13 @@ class Forwarder:
         label = group_label(key)
         if result.sent:
             self._last_success = time.time()
-        if result.network_error is None:
+        reason = result.network_error
+        if reason is None and (result.deferred or result.held):
+            reason = (
+                f"the target refused {result.deferred} object(s) temporarily while accepting "
+                "others; they are retried (and parked after max_object_refusals refusals)"
+            )
+        if reason is None:
             if key in self._retry and not result.stopped:
                 self._retry.pop(key, None)
                 self._store.clear(key)
@@ -615,7 +819,7 @@ class Forwarder:
             return
         wall = time.time()
         previous = self._retry.get(key)
-        if previous is not None and result.sent == 0:
+        if previous is not None and result.sent == 0 and result.parked == 0:
             first, attempts = previous.first_failure, previous.attempts + 1
         else:
             first, attempts = wall, 1
@@ -623,7 +827,7 @@ class Forwarder:
         if should_give_up(first, wall, cfg.give_up_after_s):
             reason = (
                 f"network trouble for {wall - first:.0f} s over {attempts} attempt(s), "
-                f"gave up after give_up_after_s={cfg.give_up_after_s:g}: {result.network_error}"
+                f"gave up after give_up_after_s={cfg.give_up_after_s:g}: {reason}"
             )
             stamp = park_stamp(wall)
             for jf, obj in result.retry:
@@ -634,7 +838,7 @@ class Forwarder:
             self._store.clear(key)
             return
         delay = backoff_delay_s(attempts, cfg.retry_initial_delay_s, cfg.retry_max_delay_s)
-        state = RetryState(key, first, attempts, wall + delay, result.network_error)
+        state = RetryState(key, first, attempts, wall + delay, reason, dict(result.refusals))
         self._retry[key] = state
         self._store.save(state)
         logger.warning(
@@ -644,12 +848,12 @@ class Forwarder:
             attempts,
             delay,
             max(0.0, first + cfg.give_up_after_s - wall),
-            result.network_error,
+            reason,
             extra=ledger_extra(
                 EventKind.RETRIED,
                 destination=f"{cfg.target_aet}@{cfg.target_ip}:{cfg.target_port}",
                 path=str(self.watch_folder / key) if key else str(self.watch_folder),
-                reason=f"attempt {attempts}, next in {delay:g} s: {result.network_error}",
+                reason=f"attempt {attempts}, next in {delay:g} s: {reason}",
                 size=len(result.retry),
             ),
         )

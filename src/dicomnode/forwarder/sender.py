@@ -4,8 +4,7 @@
 :meth:`~AssociationSender.abort` from another thread and the reporting of the
 rest of a run; :class:`~dicomnode.forwarder.lean.LeanAssociationSender` is the
 one implementation (the pynetdicom-based sender was retired: its patches of
-pynetdicom internals broke silently on upgrades). :func:`_converted` decodes a
-file whose transfer syntax the target did not accept. Imports no network code.
+pynetdicom internals broke silently on upgrades). Imports no network code.
 """
 
 from __future__ import annotations
@@ -18,12 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder.batching import (
-    UNCOMPRESSED_SYNTAXES,
     ContextSpec,
     ObjectInfo,
     SendOutcome,
@@ -120,28 +115,3 @@ class AssociationSender:
     ) -> None:
         for obj in objects[start:]:
             on_result(obj, SendOutcome.RETRY, None, reason)
-
-
-def _converted(path: Path, obj: ObjectInfo, offered: set[str]) -> Dataset:
-    """Decode ``path`` into a data set pynetdicom can encode in one of ``offered``.
-
-    Uncompressed objects convert between uncompressed syntaxes inside pynetdicom;
-    compressed ones are decompressed first (needs a pixel-data decoder).
-
-    Raises
-    ------
-    ValueError
-        When no offered syntax can be reached.
-    """
-    if not offered & UNCOMPRESSED_SYNTAXES:
-        raise ValueError("no uncompressed transfer syntax accepted")
-    ds = dcmread(path)
-    if obj.transfer_syntax_uid not in UNCOMPRESSED_SYNTAXES:
-        ds.decompress(generate_instance_uid=False)  # the object keeps its identity
-    logger.info(
-        "CONVERTING %s from %s for the target (accepted: %s)",
-        obj.rel_path,
-        obj.transfer_syntax_uid,
-        ", ".join(sorted(offered)),
-    )
-    return ds

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -42,6 +42,9 @@ class RetryState:
         Wall-clock time (epoch s) before which the group is not tried again.
     last_error : str
         Reason of the latest failure.
+    refusals : dict of str to int
+        Per file of the group (as logs name it): how often the target refused it
+        temporarily while accepting other objects.
     """
 
     group: str
@@ -49,6 +52,7 @@ class RetryState:
     attempts: int
     next_attempt: float
     last_error: str = ""
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
 class StateStore:
@@ -78,6 +82,7 @@ class StateStore:
                 attempts=int(raw["attempts"]),
                 next_attempt=float(raw["next_attempt"]),
                 last_error=str(raw.get("last_error", "")),
+                refusals={str(k): int(v) for k, v in dict(raw.get("refusals", {})).items()},
             )
         except FileNotFoundError:
             return None
