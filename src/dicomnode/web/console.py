@@ -16,9 +16,11 @@ import contextlib
 import hmac
 import html
 import http.server
+import ipaddress
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import ssl
 import threading
@@ -59,8 +61,6 @@ _PARKED_LIMIT: Final = 500
 
 def is_loopback(address: str) -> bool:
     """Return True for a loopback IP or ``localhost``."""
-    import ipaddress
-
     if address.lower() == "localhost":
         return True
     try:
@@ -110,7 +110,7 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
-def _disk_free(paths: Iterable[Path]) -> dict[str, int]:
+def disk_free(paths: Iterable[Path]) -> dict[str, int]:
     """Return free bytes of each path's volume (the nearest existing parent), by path."""
     out: dict[str, int] = {}
     for path in paths:
@@ -233,7 +233,7 @@ class Console:
         if ":" in self.web.address:
 
             class V6(http.server.ThreadingHTTPServer):
-                address_family = __import__("socket").AF_INET6
+                address_family = socket.AF_INET6
 
             server_cls = V6
         server = server_cls((self.web.address, self.web.port), Handler)
@@ -305,7 +305,7 @@ class Console:
         return Gauges(
             forward_pending_files=pending,
             parked_files=len(self._parked_files()),
-            disk_free_bytes=_disk_free(self._data_folders()),
+            disk_free_bytes=disk_free(self._data_folders()),
             active_associations=active,
             ledger_available=bool(self.probe.ledger_available and self.probe.ledger_available()),
         )
@@ -322,7 +322,7 @@ class Console:
             receiver_listening=self.probe.receiver_listening()
             if self.probe.receiver_listening
             else None,
-            disk_free_bytes=_disk_free(self._data_folders()),
+            disk_free_bytes=disk_free(self._data_folders()),
             guard_bytes=self.config.receiver.min_free_space_mb * 1_000_000,
             forwarder_running=bool(status["running"]) if status is not None else None,
             failing_groups=failing,

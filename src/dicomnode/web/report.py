@@ -19,7 +19,7 @@ from dicomnode.forwarder.batching import FAILED_DIR_NAME
 from dicomnode.forwarder.outcome import ERROR_LOG_NAME
 from dicomnode.ledger import queries
 from dicomnode.ledger.schema import LedgerUnavailable, open_reader
-from dicomnode.web.console import _disk_free
+from dicomnode.web.console import disk_free
 
 
 def _healthz(cfg: NodeConfig) -> tuple[bool, str]:
@@ -52,9 +52,7 @@ def status_report(cfg: NodeConfig) -> tuple[bool, list[str]]:
     else:
         lines.append("Health: node not asked ([Web] enabled = false); disk checked here")
     guard = cfg.receiver.min_free_space_mb * 1_000_000
-    for path, free in _disk_free(
-        [cfg.receiver.destination_dir, cfg.forwarder.watch_folder]
-    ).items():
+    for path, free in disk_free([cfg.receiver.destination_dir, cfg.forwarder.watch_folder]).items():
         low = guard and free < guard
         healthy = healthy and not low
         lines.append(f"Disk free: {path}: {free / 1e9:.1f} GB{' BELOW GUARD' if low else ''}")
