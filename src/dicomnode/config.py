@@ -273,8 +273,36 @@ class ReceiverConfig:
         lo=1,
         hi=1000,
     )
+    max_pending_associations: int = setting(
+        128,
+        "Network",
+        Kind.INT,
+        "Connections still negotiating (no whole A-ASSOCIATE-RQ yet), node-wide; beyond it "
+        "the oldest such connection is closed for the new one",
+        lo=1,
+        hi=100000,
+    )
+    max_pending_per_peer: int = setting(
+        16,
+        "Network",
+        Kind.INT,
+        "Connections still negotiating per peer IP address (same rule)",
+        lo=1,
+        hi=100000,
+    )
+    refusal_log_interval_s: float = setting(
+        60.0,
+        "Network",
+        Kind.SECONDS,
+        "Log a refusal from one peer address at most once per interval, with a count of "
+        "the repeats (0 = every refusal)",
+    )
     acse_timeout_s: float = setting(
-        30.0, "Network", Kind.SECONDS, "Time allowed for the association request", lo=0.1
+        30.0,
+        "Network",
+        Kind.SECONDS,
+        "Time from connect to a whole association request, TLS handshake included",
+        lo=0.1,
     )
     dimse_timeout_s: float = setting(
         60.0, "Network", Kind.SECONDS, "Not used by the receiver (kept for old files)", lo=0.1
@@ -1134,13 +1162,11 @@ def find_config(explicit: Path | None, cwd: Path) -> Path | None:
 def route_for(receiver: ReceiverConfig, calling_aet: str) -> Path:
     """Return the folder for objects from ``calling_aet`` ([AE_Mappings] or ``incoming``).
 
-    An exact AE title match wins; otherwise a case-insensitive match is used.
+    The AE title must match exactly (padding removed), as for trusted_ae_titles
+    and [AE_Hosts]: ``bound`` is not ``BOUND``.
     """
     for aet, folder in receiver.ae_mappings:
         if aet == calling_aet:
-            return folder
-    for aet, folder in receiver.ae_mappings:
-        if aet.upper() == calling_aet.upper():
             return folder
     return receiver.destination_dir / "incoming"
 

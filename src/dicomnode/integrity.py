@@ -9,8 +9,17 @@ memory stays flat for any object size) and names the first defect.
 It decodes no values and never raises for bad input. :func:`examine` does the
 same walk and also hands back the raw values of chosen top-level elements, so
 the receiver gets the header it files by from the same pass (and, for objects
-it still holds in memory, without reading the file again). Imports the
-standard library only.
+it still holds in memory, without reading the file again).
+
+Deflated data sets (Deflated Explicit VR Little Endian) are inflated as a
+stream, a bounded piece at a time: the header is walked from the first
+:data:`MAX_DEFLATED_HEADER_BYTES` of inflated data (the whole data set is
+walked when it fits), the rest is only counted, and an object that inflates
+more than :data:`MAX_INFLATION_RATIO` times its compressed size beyond
+:data:`INFLATION_FLOOR_BYTES` is a defect (a deflate bomb). Memory stays flat
+whatever the object claims. :func:`read_header_bounded` gives the forwarder
+and others the same bounded header read. Imports the standard library, and
+:mod:`dicomnode.dicomtags` for :func:`read_header_bounded`.
 """
 
 from __future__ import annotations
@@ -18,14 +27,29 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 _EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
-#: Deflated transfer syntaxes: the data set is zlib data, not walkable element by element.
-_DEFLATED: Final = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
+#: Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate, A.7).
+#: (Deflated Image Frame Compression, 1.2.840.10008.1.2.8.1, deflates frames only.)
+DEFLATED_SYNTAXES: Final = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
+#: Inflated bytes kept in memory to walk a deflated data set's header (all of it if it fits).
+MAX_DEFLATED_HEADER_BYTES: Final = 4 * 1024 * 1024
+#: A deflated data set may inflate to more than this many times its compressed size ...
+MAX_INFLATION_RATIO: Final = 100
+#: ... only while it is below this size (an all-black image inflates ~1000:1).
+INFLATION_FLOOR_BYTES: Final = 64 * 1024 * 1024
+#: Compressed bytes fed to the inflater at a time, and inflated bytes taken at a time.
+_INFLATE_IN_BYTES: Final = 64 * 1024
+_INFLATE_OUT_BYTES: Final = 256 * 1024
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS: Final = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -42,6 +66,18 @@ MAX_DEPTH: Final = 32
 
 class _Defect(Exception):
     """Internal: the structure is broken; the message says where."""
+
+
+class _Stop(Exception):
+    """Internal: every wanted top-level element has been passed."""
+
+
+class DeflatedDataSetError(ValueError):
+    """A deflated data set is a bomb, cut off or corrupt: its header cannot be read safely.
+
+    Not an ``InvalidDicomError`` on purpose: callers that retry a file pydicom
+    calls "not DICOM" with ``force=True`` would then inflate the bomb whole.
+    """
 
 
 class _FileView:
@@ -86,6 +122,8 @@ class _Walker:
         self.short_length = struct.Struct(order + "H")
         self.long_length = struct.Struct(order + "L")
         self.wanted = wanted
+        #: Stop the walk (:class:`_Stop`) at the first top-level tag above this (0 = never).
+        self.stop_after = 0
         #: Wanted values are taken only before the pixel data, as pydicom's
         #: ``stop_before_pixels`` reads them (an element after it is out of order).
         self.collecting = bool(wanted)
@@ -161,6 +199,8 @@ class _Walker:
                 raise _Defect(f"item tag outside a sequence at byte {pos}")
             if depth == 0 and tag in _PIXEL_TAGS:
                 self.collecting = False
+            if depth == 0 and self.stop_after and (tag > self.stop_after or tag in _PIXEL_TAGS):
+                raise _Stop
             if length != _UNDEFINED:
                 value_at = self.pos
                 self._skip(length, end, tag)
@@ -226,7 +266,8 @@ class Examination:
         The encoding the data set was walked with (see :func:`examine`).
     elements : dict
         ``tag -> (VR or b"" when implicit, raw value)`` of the wanted top-level
-        elements present with a defined length (empty for deflated data sets).
+        elements present with a defined length (of the inflated data set when
+        the object is deflated).
     """
 
     defect: str | None
@@ -234,6 +275,11 @@ class Examination:
     implicit: bool = False
     little: bool = True
     elements: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    @property
+    def deflated(self) -> bool:
+        """Return True when the data set is deflated (``elements`` come from bounded inflation)."""
+        return self.syntax in DEFLATED_SYNTAXES
 
 
 def examine(
@@ -259,7 +305,9 @@ def examine(
     Examination
         ``defect`` is a one-line reason (e.g. an element claiming more bytes than
         remain) or None when every element fits and the data set ends at the end.
-        Deflated data sets are not walked (no defect, no elements).
+        A deflated data set is inflated as a bounded stream (see the module
+        notes); a deflate bomb, a cut-off zlib stream or a header beyond
+        :data:`MAX_DEFLATED_HEADER_BYTES` is a defect.
 
     Raises
     ------
@@ -284,8 +332,8 @@ def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
     implicit, little = False, True
     try:
         syntax, start = _read_meta(buf, size)
-        if syntax in _DEFLATED:
-            return Examination(None, syntax)
+        if syntax in DEFLATED_SYNTAXES:
+            return _examine_deflated(buf, start, size, syntax, wanted)
         implicit = syntax == _IMPLICIT_LE
         little = syntax != _EXPLICIT_BE
         if not implicit and start + 6 <= size:
@@ -303,6 +351,148 @@ def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
     return Examination(None, syntax, implicit, little, walker.found)
 
 
+def _inflated(buf: _Buffer, start: int, size: int) -> Iterator[bytes]:
+    """Yield the inflated data set of ``buf[start:size]`` in pieces; enforce the ratio limit.
+
+    Raises
+    ------
+    _Defect
+        When the stream is cut off or corrupt, or inflates like a bomb.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pos = start
+    data = b""
+    total = 0
+    while not inflater.eof:
+        if not data and pos < size:
+            data = bytes(buf[pos : min(size, pos + _INFLATE_IN_BYTES)])
+            pos += len(data)
+        try:
+            out = inflater.decompress(data, _INFLATE_OUT_BYTES)
+        except zlib.error as exc:
+            raise _Defect(f"deflated data set is corrupt: {exc}") from None
+        data = inflater.unconsumed_tail
+        if not out and not data and pos >= size and not inflater.eof:
+            raise _Defect("deflated data set is cut off (its zlib stream does not end)")
+        total += len(out)
+        compressed = pos - start - len(data)
+        if total > INFLATION_FLOOR_BYTES and total > MAX_INFLATION_RATIO * max(compressed, 1):
+            raise _Defect(
+                f"deflated data set inflates to more than {MAX_INFLATION_RATIO} times its "
+                f"{compressed} compressed bytes ({total} bytes so far): refused as a deflate bomb"
+            )
+        if out:
+            yield out
+
+
+def _walk_inflated(
+    head: bytes, wanted: frozenset[int], stop_after: int
+) -> tuple[dict[int, tuple[bytes, bytes]], bool]:
+    """Walk inflated data; return (wanted values, whether the walk reached its end or stop)."""
+    implicit = False
+    if len(head) >= 6:
+        vr = head[4:6]
+        implicit = not (vr.isalpha() and vr.isupper())
+    walker = _Walker(head, implicit, True, wanted)
+    walker.stop_after = stop_after
+    try:
+        walker.walk_dataset(len(head), 0, implicit, until_item_end=False)
+    except _Stop:
+        return walker.found, True
+    return walker.found, not stop_after
+
+
+def _examine_deflated(
+    buf: _Buffer, start: int, size: int, syntax: str, wanted: frozenset[int]
+) -> Examination:
+    """Examine a deflated data set by bounded, streaming inflation.
+
+    The first :data:`MAX_DEFLATED_HEADER_BYTES` inflated bytes are kept: if the
+    whole data set fits, it is walked like any other (defects, wanted values);
+    otherwise the wanted values are taken from that prefix (the walk stops past
+    the highest wanted tag) and the rest is inflated only to be counted.
+    """
+    head = bytearray()
+    keeping = True
+    found: dict[int, tuple[bytes, bytes]] | None = None
+    stop_after = max(wanted) if wanted else 0
+    next_try = 64 * 1024
+    try:
+        for piece in _inflated(buf, start, size):
+            if not keeping:
+                continue
+            head += piece
+            if stop_after and found is None and len(head) >= next_try:
+                next_try *= 2
+                try:
+                    values, done = _walk_inflated(bytes(head), wanted, stop_after)
+                except _Defect:
+                    done = False  # the piece ends mid-element: inflate more
+                if done:
+                    found = values
+            if len(head) > MAX_DEFLATED_HEADER_BYTES:
+                if stop_after and found is None:
+                    try:
+                        values, done = _walk_inflated(bytes(head), wanted, stop_after)
+                    except _Defect as defect:
+                        raise _Defect(f"deflated data set: {defect}") from None
+                    if not done:
+                        raise _Defect(
+                            "the header of the deflated data set does not end within its first "
+                            f"{MAX_DEFLATED_HEADER_BYTES} inflated bytes"
+                        )
+                    found = values
+                keeping = False
+                head = bytearray()
+        if keeping:  # the whole data set is in memory: walk all of it
+            try:
+                values, _ = _walk_inflated(bytes(head), wanted, 0)
+            except _Defect as defect:
+                return Examination(f"deflated data set: {defect}", syntax)
+            found = values
+    except _Defect as defect:
+        return Examination(str(defect), syntax)
+    except (struct.error, ValueError, OverflowError) as exc:
+        return Examination(f"malformed deflated data set: {exc}", syntax)
+    return Examination(None, syntax, False, True, found or {})
+
+
+def read_header_bounded(path: Path) -> Dataset:
+    """Read the header of a DICOM file like :func:`dicomnode.dicomtags.read_header`, bounded.
+
+    Deflated data sets are not inflated whole (pydicom would): the header comes
+    from :func:`examine`'s streaming inflation, and a deflate bomb or a corrupt
+    stream raises. Other files are read by pydicom without pixel data.
+
+    Raises
+    ------
+    InvalidDicomError
+        When the file is not DICOM.
+    DeflatedDataSetError
+        When its deflated data set is a bomb, cut off or corrupt.
+    OSError
+        When it cannot be read.
+    """
+    from pydicom.filereader import read_file_meta_info
+
+    from dicomnode.dicomtags import HEADER_TAG_NUMBERS, header_from_elements, read_header
+
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            syntax, _ = _read_meta(_FileView(fh), size)
+        except (_Defect, struct.error, ValueError):
+            syntax = ""
+    if syntax not in DEFLATED_SYNTAXES:
+        return read_header(path)
+    exam = examine(path, HEADER_TAG_NUMBERS)
+    if exam.defect is not None:
+        raise DeflatedDataSetError(exam.defect)
+    ds = header_from_elements(exam.elements, False, True)
+    ds.file_meta = read_file_meta_info(path)
+    return ds
+
+
 def find_defect(path: Path) -> str | None:
     """Return why the object in ``path`` is structurally incomplete, or None when it is whole.
 
@@ -317,7 +507,7 @@ def find_defect(path: Path) -> str | None:
     str or None
         A one-line reason (e.g. an element claiming more bytes than remain), or
         None when every element fits and the data set ends at the end of the file.
-        Deflated data sets are not walked and give None.
+        Deflated data sets are inflated as a bounded stream (see :func:`examine`).
 
     Raises
     ------

@@ -10,8 +10,23 @@ import logging.handlers
 import sys
 
 from dicomnode.config import LoggingConfig
+from dicomnode.logsafe import escape_message
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Format records with any control character of the message escaped.
+
+    Call sites escape peer-supplied values with :func:`dicomnode.logsafe.escape`;
+    this catches the rest (an exception text quoting peer data, a library's
+    message), so a record is always one line. Tracebacks stay multi-line.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """Return the formatted line, the message part escaped."""
+        record.message = escape_message(record.message)
+        return super().formatMessage(record)
 
 
 def configure(cfg: LoggingConfig, verbose: bool = False) -> None:
@@ -29,7 +44,7 @@ def configure(cfg: LoggingConfig, verbose: bool = False) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    formatter = logging.Formatter(_FORMAT)
+    formatter = OneLineFormatter(_FORMAT)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)
     root.addHandler(console)

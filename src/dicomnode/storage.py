@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from dicomnode.errors import StorageError
+from dicomnode.logsafe import escape
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -35,6 +37,8 @@ INCOMING_TMP: Final = ".incoming-tmp"
 #: written by the receiver's conversion worker, honoured by the forwarder.
 CONVERT_PENDING_DIR: Final = ".convert-pending"
 _IS_WINDOWS: Final = sys.platform == "win32"
+#: Names :func:`part_path` gives: ``.<final name>.<8 hex digits>.part``.
+_PART_NAME: Final = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(PART_SUFFIX))
 
 
 def fsync_dir(path: Path) -> None:
@@ -200,7 +204,7 @@ def quarantine(src: Path | None, errors_dir: Path, name_hint: str, reason: str) 
             target = errors_dir / f"{base}.dcm"
             place_file(src, target)
         write_bytes_atomic(
-            f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\nreason: {reason}\n".encode(),
+            f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\nreason: {escape(reason)}\n".encode(),
             errors_dir / f"{base}.log",
         )
     except OSError as exc:
@@ -225,22 +229,77 @@ def free_space_mb(path: Path) -> float:
             probe = probe.parent
 
 
-def clean_stale_temp(folder: Path) -> int:
+def clean_stale_temp(folder: Path, prefix: str = "") -> int:
     """Delete temporary files left in ``folder`` by an interrupted process.
 
     Such files were never acknowledged to a sender (the sender resends them),
-    so deleting them loses nothing. Returns the number removed.
+    so deleting them loses nothing. With ``prefix``, only files whose names
+    start with it (one receiver process's, see :func:`worker_temp_prefix`) are
+    deleted. Returns the number removed.
     """
     removed = 0
     if not folder.is_dir():
         return 0
     for entry in folder.iterdir():
-        if entry.is_file():
+        if entry.name.startswith(prefix) and entry.is_file():
             with contextlib.suppress(OSError):
                 entry.unlink()
                 removed += 1
     if removed:
         logger.info("CLEANED %d unacknowledged partial transfer(s) in %s", removed, folder)
+    return removed
+
+
+def worker_temp_prefix(index: int) -> str:
+    """Return the name prefix of the temp files of receiver process ``index``.
+
+    Each process of a pool names its temp files with its own prefix, so the
+    files of a process that died can be removed when it is restarted while the
+    others keep writing theirs.
+    """
+    return f"w{index}-"
+
+
+def clean_stale_parts(roots: list[Path], older_than: float) -> int:
+    """Delete ``.part`` files (:func:`part_path` names) older than ``older_than`` below ``roots``.
+
+    A process killed while copying an object to a folder on another volume
+    (or writing a note or a converted object) leaves such a hidden file beside
+    the final name; nothing was acknowledged for it. Only files whose last
+    change is before ``older_than`` (epoch seconds: when this node started)
+    are removed, so copies in progress are left alone. Hidden folders are not
+    entered. Returns the number removed.
+
+    Parameters
+    ----------
+    roots : list of Path
+        AE folders and the errors folder.
+    older_than : float
+        Epoch seconds; newer files are kept.
+    """
+    removed = 0
+    for root in dict.fromkeys(roots):
+        if not root.is_dir():
+            continue
+        for folder, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not _PART_NAME.fullmatch(name):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    if os.lstat(path).st_mtime < older_than:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:
+                    continue
+    if removed:
+        logger.info(
+            "CLEANED %d stale partial copies (%s files) below %s",
+            removed,
+            PART_SUFFIX,
+            ", ".join(str(r) for r in roots),
+        )
     return removed
 
 

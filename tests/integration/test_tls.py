@@ -248,3 +248,48 @@ def test_tls_min_version_refuses_older_protocol(
     ):
         assert tls.version() == "TLSv1.3"
     assert wait_until(lambda: "REJECTED TLS connection" in node.output()), node.output()
+
+
+def test_tls_handshake_trickled_byte_by_byte_is_cut_at_acse_deadline(
+    tmp_path: Path, port: int, start_node: StartNode, pki: Pki
+) -> None:
+    """The handshake and the request share one deadline from accept (issue 13), not a per-read timeout."""
+    import select
+
+    node, dest = _start_tls_node(
+        tmp_path, port, start_node, pki, network={"acse_timeout_s": 2, "network_timeout_s": 30}
+    )
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    try:
+        client.wrap_bio(incoming, outgoing).do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    assert len(hello) > 40
+    closed_after = None
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for byte in hello:  # one byte every 0.25 s: each read is well within 30 s
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            readable, _, _ = select.select([sock], [], [], 0.25)
+            if readable:
+                try:
+                    if sock.recv(4096, socket.MSG_PEEK) == b"":
+                        closed_after = time.monotonic() - started
+                        break
+                except OSError:
+                    closed_after = time.monotonic() - started
+                    break
+    assert closed_after is not None and closed_after < 12, closed_after
+    assert wait_until(lambda: "TLS handshake not completed within acse_timeout_s" in node.output())
+    path = save(make_image(), tmp_path / "send" / "a.dcm")
+    done = _dcmtk("storescu", port, _client_tls(pki), [path])
+    assert done.returncode == 0, done.stderr
+    assert len(_stored(dest)) == 1

@@ -67,6 +67,8 @@ def test_counter_increments_per_kind() -> None:
     net = counter_increments({"kind": "retried", "destination": "T@h:1"})
     assert net == [("forward_failures", (("destination", "T@h:1"), ("kind", "network")), 1.0)]
     assert counter_increments({"kind": "association_accepted"}) == []
+    summary = counter_increments({"kind": "association_rejected", "status": "x", "size": 5})
+    assert summary == [("rejected_associations", (("reason", "x"),), 5.0)]  # rate-limited lines
 
 
 def test_decode_elements_strips_padding_and_honours_utf8() -> None:
@@ -213,3 +215,24 @@ def test_export_filters_and_formats(tmp_path: Path) -> None:
     assert rows[0]["kind"] == "stored" and "sop_uid" in rows[0]
     with pytest.raises(ValueError):
         export(conn, io.StringIO(), "xml")
+
+
+def test_rate_limited_refusals_keep_their_ledger_count(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from dicomnode.receiver.admission import RefusalLog
+
+    refusals = RefusalLog(interval_s=3600)
+    event = ledger_extra(
+        EventKind.ASSOCIATION_REJECTED, calling_ae="X", status="untrusted_calling_ae"
+    )
+    with caplog.at_level(logging.WARNING, logger="dicomnode.receiver.admission"):
+        for _ in range(4):
+            refusals.warning(
+                "10.0.0.9", "untrusted", "REJECTED association calling_ae=%s", "X", extra=event
+            )
+        for line in refusals._flush_locked(float("inf"), force=False):
+            refusals._log_summary(*line)
+    events = [r.ledger for r in caplog.records if hasattr(r, "ledger")]
+    assert [e.get("size") for e in events] == [None, 3]
+    assert sum(counter_increments(e)[0][2] for e in events) == 4.0

@@ -26,6 +26,7 @@ from typing import Final
 
 from dicomnode.forwarder.batching import FAILED_DIR_NAME, TOPLEVEL_GROUP, group_label
 from dicomnode.ledger.events import EventKind, ledger_extra
+from dicomnode.logsafe import escape
 from dicomnode.status import describe_status
 from dicomnode.storage import fsync_dir
 
@@ -68,7 +69,13 @@ class ParkReason:
 
 
 def _one_line(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    """Return ``text`` as one line of printable text (whitespace runs become one space).
+
+    Folder and file names, UIDs and reasons come from files the node did not
+    write: any control character left is escaped (:func:`dicomnode.logsafe.escape`),
+    so a name cannot forge a line or a tab-separated field of ``send_errors.log``.
+    """
+    return escape(re.sub(r"\s+", " ", text).strip())
 
 
 def remove_empty_parents(path: Path, stop_at: Path) -> None:
@@ -188,9 +195,9 @@ def park_file(
     line = "\t".join(
         [
             when,
-            f"group={group_label(group)}",
+            f"group={_one_line(group_label(group))}",
             f"file={_one_line(display)}",
-            f"sop_instance_uid={why.sop_instance_uid or '-'}",
+            f"sop_instance_uid={_one_line(why.sop_instance_uid or '-')}",
             why.describe(),
         ]
     )
@@ -200,7 +207,7 @@ def park_file(
         dest = _unique(folder.joinpath(*inside.parts))
         dest.parent.mkdir(parents=True, exist_ok=True)
         parked = dest.relative_to(park_root).as_posix()
-        append_error_log(park_root, f"{line}\tparked={parked}")
+        append_error_log(park_root, f"{line}\tparked={_one_line(parked)}")
         shutil.move(str(src), str(dest))
         fsync_dir(dest.parent)
     except FileNotFoundError:

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.config import ForwarderConfig
-from dicomnode.dicomtags import HEADER_TAGS, read_header, text_of
+from dicomnode.dicomtags import HEADER_TAGS, text_of
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
     EXPLICIT_VR_LE,
@@ -66,8 +66,9 @@ from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.transcode import EXPLICIT_VR_BE
 from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
-from dicomnode.integrity import examine, find_defect
+from dicomnode.integrity import examine, find_defect, read_header_bounded
 from dicomnode.ledger.events import EventKind, ledger_extra
+from dicomnode.logsafe import escape
 from dicomnode.status import ExitStatus
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         return ParkReason(None, "empty file (0 bytes)")
     bare = False
     try:
-        ds = read_header(jf.path)
+        ds = read_header_bounded(jf.path)  # a deflated data set is never inflated whole
     except (InvalidDicomError, EOFError) as exc:
         found = read_bare_header(jf.path)
         if found is None:
@@ -284,10 +285,8 @@ def bare_data_set_defect(path: Path, syntax: str) -> str | None:
 
 
 def escaped(text: str) -> str:
-    """Return ``text`` with everything but printable ASCII written as escapes (for log lines)."""
-    return "".join(
-        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text
-    )
+    """Return ``text`` safe for one log line: :func:`dicomnode.logsafe.escape` (the one rule)."""
+    return escape(text)
 
 
 def is_sendable_uid(uid: str) -> bool:

@@ -64,7 +64,9 @@ def counter_increments(row: Mapping[str, Any]) -> list[Increment]:
     elif kind == EventKind.STORE_REFUSED.value:
         out.append(("store_failures", (("status", str(row.get("status") or "")),), 1.0))
     elif kind == EventKind.ASSOCIATION_REJECTED.value:
-        out.append(("rejected_associations", (("reason", str(row.get("status") or "")),), 1.0))
+        # a summary of rate-limited refusal lines stands for ``size`` rejections
+        amount = float(row.get("size") or 1)
+        out.append(("rejected_associations", (("reason", str(row.get("status") or "")),), amount))
     elif kind == EventKind.FORWARDED.value:
         out.append(
             ("forwarded_objects", (("destination", str(row.get("destination") or "")),), 1.0)

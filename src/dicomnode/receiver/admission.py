@@ -1,20 +1,28 @@
-"""Admission of association requests, shared by both receiver transports.
+"""Admission of association requests.
 
 Turns the pure decision of :mod:`dicomnode.receiver.policy` into an answer
 (accept, or the A-ASSOCIATE-RJ result/source/reason) and the operator's log
-line: ``ASSOC-ACCEPTED`` or ``REJECTED association ... reason=...``.
+line: ``ASSOC-ACCEPTED`` or ``REJECTED association ... reason=...``. Refusals
+of unauthenticated peers go through :class:`RefusalLog`, which writes one line
+per peer address and kind of refusal per interval and counts the rest, so a
+flood of refused connections cannot flood the log. Every peer-supplied value
+is escaped with :func:`dicomnode.logsafe.escape`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.ledger.events import EventKind, ledger_extra
+from dicomnode.logsafe import escape
 from dicomnode.receiver.policy import decide_association
 
 logger = logging.getLogger(__name__)
@@ -74,17 +82,149 @@ def _reason_code(diagnostic: int, reason: str) -> str:
     return "other"
 
 
+#: How long a resolved [AE_Hosts] name is remembered (seconds).
+_RESOLVE_CACHE_S: Final = 60.0
+#: Most refusal keys remembered by a RefusalLog (peers beyond are logged, then forgotten).
+_MAX_REFUSAL_KEYS: Final = 4096
+
+_resolved: dict[str, tuple[float, frozenset[str]]] = {}
+_resolved_lock = threading.Lock()
+
+
+def _addresses_of(name: str) -> frozenset[str]:
+    """Return the addresses ``name`` resolves to, remembered for :data:`_RESOLVE_CACHE_S`.
+
+    A peer claiming a trusted AE title from another address makes admission
+    resolve that title's host names; the cache keeps a flood of such claims
+    from resolving (and waiting for DNS) once per connection.
+    """
+    now = time.monotonic()
+    with _resolved_lock:
+        hit = _resolved.get(name)
+        if hit is not None and now - hit[0] < _RESOLVE_CACHE_S:
+            return hit[1]
+    try:
+        found = frozenset(str(info[4][0]) for info in socket.getaddrinfo(name, None))
+    except OSError:
+        found = frozenset()
+    with _resolved_lock:
+        if len(_resolved) > 1024:
+            _resolved.clear()
+        _resolved[name] = (now, found)
+    return found
+
+
+def _is_address_or_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve_names(ip: str, names: tuple[str, ...]) -> frozenset[str]:
     """Return ``{ip}`` plus every configured host name that resolves to ``ip``."""
     found = {ip}
     for name in names:
-        try:
-            infos = socket.getaddrinfo(name, None)
-        except OSError:
-            continue
-        if any(info[4][0] == ip for info in infos):
+        if not _is_address_or_network(name) and ip in _addresses_of(name):
             found.add(name)
     return frozenset(found)
+
+
+def _summarised(extra: dict[str, Any] | None, count: int) -> dict[str, Any] | None:
+    """Return a copy of a refusal's ledger event standing for ``count`` refusals (``size``)."""
+    if extra is None or "ledger" not in extra:
+        return None
+    event = dict(extra["ledger"])
+    event["size"] = count
+    event["reason"] = f"{count} more like this (not logged one by one): {event.get('reason') or ''}"
+    return {"ledger": event}
+
+
+class RefusalLog:
+    """Log refusals of unauthenticated peers once per peer and kind per interval.
+
+    The first refusal of a (peer address, kind) pair is logged at once; later
+    ones within ``interval_s`` are counted, and :meth:`flush` (called
+    periodically) writes one summary line per pair with the count. Thread-safe.
+
+    Parameters
+    ----------
+    interval_s : float
+        Seconds between two lines for the same peer address and kind; 0 logs every refusal.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        #: (ip, kind) -> [time of the last line, refusals not logged, kind, last ledger event]
+        self._seen: dict[tuple[str, str], list[Any]] = {}
+
+    def warning(
+        self, ip: str, kind: str, msg: str, *args: object, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Log ``msg % args`` at WARNING unless (``ip``, ``kind``) was logged within the interval.
+
+        ``extra`` (a ledger event) goes with the line; the events of refusals not
+        logged one by one go, counted, with the summary line (``size`` = how many).
+        """
+        if self.interval_s <= 0:
+            logger.warning(msg, *args, extra=extra)
+            return
+        now = time.monotonic()
+        key = (ip, kind)
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is not None and now - entry[0] < self.interval_s:
+                entry[1] += 1
+                entry[3] = extra if extra is not None else entry[3]
+                return
+            suppressed = entry[1] if entry is not None else 0
+            last_event = entry[3] if entry is not None else None
+            if len(self._seen) >= _MAX_REFUSAL_KEYS:
+                for line in self._flush_locked(now, force=True):
+                    self._log_summary(*line)
+            self._seen[key] = [now, 0, kind, None]
+        if suppressed:
+            logger.warning(
+                "REJECTED %d more connection(s) like this from peer %s in the last %g s",
+                suppressed,
+                ip,
+                self.interval_s,
+                extra=_summarised(last_event, suppressed),
+            )
+        logger.warning(msg, *args, extra=extra)
+
+    def _log_summary(self, ip: str, kind: str, count: int, event: dict[str, Any] | None) -> None:
+        logger.warning(
+            "REJECTED %d more connection(s) from peer %s in the last %g s (%s; not logged "
+            "one by one)",
+            count,
+            ip,
+            self.interval_s,
+            kind,
+            extra=_summarised(event, count),
+        )
+
+    def flush(self) -> None:
+        """Write the counts of refusals not logged whose interval has passed; forget idle peers."""
+        if self.interval_s <= 0:
+            return
+        with self._lock:
+            lines = self._flush_locked(time.monotonic(), force=False)
+        for line in lines:
+            self._log_summary(*line)
+
+    def _flush_locked(
+        self, now: float, force: bool
+    ) -> list[tuple[str, str, int, dict[str, Any] | None]]:
+        lines = []
+        for key, entry in list(self._seen.items()):
+            if force or now - entry[0] >= self.interval_s:
+                if entry[1]:
+                    lines.append((key[0], key[1], int(entry[1]), entry[3]))
+                del self._seen[key]
+        return lines
 
 
 def admit(
@@ -94,6 +234,7 @@ def admit(
     ip: str,
     port: int,
     node_has_room: Callable[[], bool],
+    refusals: RefusalLog | None = None,
 ) -> tuple[int, int, int] | None:
     """Decide an A-ASSOCIATE-RQ and log the outcome.
 
@@ -108,6 +249,8 @@ def admit(
     node_has_room : callable
         Returns False when the node already serves ``max_associations``
         (only asked once the peer itself is admissible).
+    refusals : RefusalLog, optional
+        Rate-limits the ``REJECTED`` lines; None logs each refusal.
 
     Returns
     -------
@@ -116,15 +259,27 @@ def admit(
         Never raises: an unexpected error refuses the association (transient).
     """
     where = f"{ip}:{port}"
+    warn = (
+        refusals.warning
+        if refusals is not None
+        else lambda _ip, _kind, *a, **kw: logger.warning(*a, **kw)
+    )
     try:
-        allowed = cfgmod.hosts_for(cfg, calling) or ()
-        peers = resolve_names(ip, allowed) if allowed else frozenset({ip})
+        peers = frozenset({ip})
         decision = decide_association(cfg, calling, called, peers)
+        allowed = cfgmod.hosts_for(cfg, calling) or ()
+        if not decision.accept and allowed and decision.reason.startswith("peer address"):
+            # Host names in [AE_Hosts] are resolved only when the address alone does not match.
+            peers = resolve_names(ip, allowed)
+            if len(peers) > 1:
+                decision = decide_association(cfg, calling, called, peers)
         if not decision.accept:
-            logger.warning(
+            warn(
+                ip,
+                decision.reason,
                 "REJECTED association calling_ae=%s called_ae=%s peer=%s reason=%s",
-                calling,
-                called,
+                escape(calling),
+                escape(called),
                 where,
                 decision.reason,
                 extra=ledger_extra(
@@ -137,11 +292,13 @@ def admit(
             )
             return (0x01, 0x01, decision.diagnostic)
         if not node_has_room():
-            logger.warning(
+            warn(
+                ip,
+                "max_associations",
                 "REJECTED association calling_ae=%s called_ae=%s peer=%s "
                 "reason=max_associations=%d reached",
-                calling,
-                called,
+                escape(calling),
+                escape(called),
                 where,
                 cfg.max_associations,
                 extra=ledger_extra(
@@ -158,8 +315,8 @@ def admit(
         return REJECT_INTERNAL_ERROR
     logger.info(
         "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s",
-        calling,
-        called,
+        escape(calling),
+        escape(called),
         where,
         extra=ledger_extra(EventKind.ASSOCIATION_ACCEPTED, calling_ae=calling, peer=where),
     )

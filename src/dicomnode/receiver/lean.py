@@ -4,13 +4,17 @@ The default receiver transport (``[Network] receiver_transport = lean``).
 pynetdicom's acceptor runs a reactor thread per association that polls its
 socket, decodes each PDU into primitives and passes them through queues; on
 the benchmark machine that machinery is about two thirds of the receiver's CPU.
-Here each accepted connection gets one thread that reads PDUs straight from
+Here connections are accepted, TLS-handshaken and read to a whole
+A-ASSOCIATE-RQ by one selector thread (:mod:`~dicomnode.receiver.pending`:
+a deadline of ``acse_timeout_s`` from accept, bounded numbers of
+connections negotiating, no thread or buffer per unauthenticated peer); each
+*admitted* association then gets one thread that reads PDUs straight from
 the socket into a reusable buffer and writes data-set fragments straight to
 the object's temp file. What the node promises does not change:
 
-* admission through :func:`~dicomnode.receiver.admission.admit` (trusted AE,
-  called AE, [AE_Hosts], ``max_associations`` across all receiver processes),
-  with a real A-ASSOCIATE-RJ; presentation contexts by
+* admission through :func:`~dicomnode.receiver.admission.admit` (AE title
+  rule, trusted AE, called AE, [AE_Hosts], ``max_associations`` across all
+  receiver processes), with a real A-ASSOCIATE-RJ; presentation contexts by
   :mod:`~dicomnode.receiver.negotiation`;
 * each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
   Information header, bytes as received; fsynced and closed, then filed by
@@ -21,11 +25,11 @@ the object's temp file. What the node promises does not change:
   the object discarded so the peer gets 0xA700, and ``max_object_mb`` stops
   writing as soon as it is exceeded;
 * PDUs longer than ``max_pdu_bytes`` allows are refused from their header,
-  never buffered; timeouts: ``acse_timeout_s`` for the association request,
-  ``network_timeout_s`` for every read and write after it;
+  never buffered; timeouts: ``acse_timeout_s`` for the TLS handshake and the
+  whole association request, ``network_timeout_s`` for every read and write after it;
 * an object whose transfer did not complete (closed connection, A-ABORT,
   timeout, protocol error) is deleted and never acknowledged (``DISCARDED``);
-* TLS handshakes run on the association's thread, bounded by the network timeout.
+* peer-supplied values in log lines are escaped (:func:`dicomnode.logsafe.escape`).
 
 Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
 ``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store).
@@ -48,18 +52,19 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from dicomnode.config import ReceiverConfig
-from dicomnode.receiver.admission import admit
+from dicomnode.logsafe import escape
+from dicomnode.receiver.admission import REJECT_LOCAL_LIMIT, RefusalLog, admit
 from dicomnode.receiver.negotiation import (
     ACCEPTANCE,
     AssociateRequest,
     associate_ac,
     associate_rj,
     negotiate,
-    parse_associate_rq,
 )
+from dicomnode.receiver.pending import Negotiator
 from dicomnode.receiver.store import StoreHandler
 from dicomnode.upperlayer import (
     ABORT,
@@ -68,7 +73,6 @@ from dicomnode.upperlayer import (
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
     APPLICATION_CONTEXT,
-    ASSOCIATE_RQ,
     C_CANCEL_RQ,
     C_ECHO_RQ,
     C_STORE_RQ,
@@ -102,10 +106,8 @@ _MAX_COMMAND_BYTES: Final = 65536
 _IN_MEMORY_BYTES: Final = 256 * 1024
 #: Read/write timeouts enforced by the kernel (no poll() per read); Linux only.
 _KERNEL_TIMEOUTS: Final = sys.platform.startswith("linux")
-#: How long accept() waits before checking the stop flag.
-_ACCEPT_POLL_S: Final = 0.5
-#: How long a busier process of a pool leaves a new connection to the others.
-_YIELD_S: Final = 0.02
+#: How long sending an A-ASSOCIATE-RJ may take before the connection is just closed.
+_REJECT_SEND_S: Final = 1.0
 #: Status 0x0211: unrecognized operation (PS3.7 C).
 _UNRECOGNIZED_OPERATION: Final = 0x0211
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
@@ -282,7 +284,7 @@ class _TempFiles:
     are only held ready while associations are served: :meth:`release` (no
     association left) and :meth:`close` delete the unused ones, so an idle
     node's temp folder is empty (a crash leaves a few empty files, removed at
-    the next start).
+    the next start, or when the pool restarts the process).
 
     Parameters
     ----------
@@ -290,11 +292,14 @@ class _TempFiles:
         The temp folder on the destination volume.
     keep : int
         How many files to hold ready.
+    prefix : str
+        Start of every file name (this process's, in a pool).
     """
 
-    def __init__(self, folder: Path, keep: int = 8) -> None:
+    def __init__(self, folder: Path, keep: int = 8, prefix: str = "") -> None:
         self.folder = folder
         self.keep = keep
+        self.prefix = prefix
         self._ready: collections.deque[tuple[Path, int]] = collections.deque()
         self._lock = threading.Lock()
         self._wanted = False
@@ -304,9 +309,9 @@ class _TempFiles:
         self._thread.start()
 
     @staticmethod
-    def create(folder: Path) -> tuple[Path, int]:
+    def create(folder: Path, prefix: str = "") -> tuple[Path, int]:
         """Create a uniquely named empty file in ``folder``; return path and descriptor."""
-        path = folder / f"{uuid.uuid4().hex}.dcm"
+        path = folder / f"{prefix}{uuid.uuid4().hex}.dcm"
         return path, create_temp(path)
 
     def take(self) -> tuple[Path, int]:
@@ -323,7 +328,7 @@ class _TempFiles:
             low = len(self._ready) <= self.keep // 2
         if low:
             self._wake.set()  # refilled in batches: fewer thread switches per object
-        return ready if ready is not None else self.create(self.folder)
+        return ready if ready is not None else self.create(self.folder, self.prefix)
 
     def _fill(self) -> None:
         while not self._closed:
@@ -331,7 +336,7 @@ class _TempFiles:
             self._wake.clear()
             while self._wanted and not self._closed and len(self._ready) < self.keep:
                 try:
-                    made = self.create(self.folder)
+                    made = self.create(self.folder, self.prefix)
                 except OSError:
                     break  # take() creates (and reports) on demand
                 with self._lock:
@@ -359,15 +364,24 @@ class _TempFiles:
 
 
 class _Association:
-    """One accepted connection, served on its own thread from request to close."""
+    """One admitted association, served on its own thread from A-ASSOCIATE-AC to close."""
 
-    def __init__(self, server: LeanServer, sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        server: LeanServer,
+        sock: socket.socket,
+        address: tuple[str, int],
+        request: AssociateRequest,
+    ) -> None:
         self.server = server
         self.cfg = server.cfg
         self.sock = sock
         self.ip, self.port = str(address[0]), int(address[1])
         self.where = f"{self.ip}:{self.port}"
-        self.calling = ""
+        self.request = request
+        #: The calling AE title, as admitted: admission lets through only printable
+        #: ASCII without backslash (policy.is_valid_peer_ae), so it routes and logs as is.
+        self.calling = request.calling_ae
         self.established = False
         self._send_lock = threading.Lock()
         self._closed = False
@@ -399,20 +413,13 @@ class _Association:
             self._discard("association aborted")
             self._send_quietly(exc.abort_pdu)
         except TimeoutError:
-            if self.established or self.transfer is not None:
-                logger.warning(
-                    "ABORTED association calling_ae=%s peer=%s reason=no data for "
-                    "network_timeout_s=%g s",
-                    self.calling or "-",
-                    self.where,
-                    self.cfg.network_timeout_s,
-                )
-            else:
-                logger.warning(
-                    "ABORTED connection peer=%s reason=no A-ASSOCIATE-RQ within acse_timeout_s=%g s",
-                    self.where,
-                    self.cfg.acse_timeout_s,
-                )
+            logger.warning(
+                "ABORTED association calling_ae=%s peer=%s reason=no data for "
+                "network_timeout_s=%g s",
+                self.calling or "-",
+                self.where,
+                self.cfg.network_timeout_s,
+            )
             self._discard("timed out mid-object")
             self._send_quietly(ABORT_PDU)
         except (OSError, ValueError) as exc:
@@ -495,30 +502,9 @@ class _Association:
     # ----------------------------------------------------------------- association
 
     def _run(self) -> None:
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.server.ssl_context is not None and not self._handshake():
-            return
-        self._timeout(self.cfg.acse_timeout_s)
-        reader = _Reader(self.sock)
-        try:
-            pdu_type, length = self._pdu_header(
-                reader, max(self.pdu_limit, 2 * _MIN_PDU_LIMIT_BYTES)
-            )
-        except _Closed:
-            if not reader.got_data:
-                logger.debug("connection from %s closed before an association request", self.where)
-                return
-            raise
-        if pdu_type != ASSOCIATE_RQ:
-            raise _Drop(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
-        try:
-            request = parse_associate_rq(reader.exact(length))
-        except ValueError as exc:
-            raise _Drop(str(exc)) from None
-        self.calling = request.calling_ae
-        if not self._admit(request):
-            return
+        request = self.request
         self._timeout(self.cfg.network_timeout_s)
+        reader = _Reader(self.sock)  # the read buffer exists only for admitted peers
         results = negotiate(request.contexts)
         self._send(associate_ac(request, results, self.cfg.max_pdu_bytes))
         self.established = True
@@ -532,55 +518,12 @@ class _Association:
                 "REJECTED presentation contexts calling_ae=%s called_ae=%s peer=%s "
                 "reason=none supported (proposed %s)",
                 self.calling,
-                request.called_ae,
+                escape(request.called_ae),
                 self.where,
-                ", ".join(sorted({cx.abstract_syntax for cx in request.contexts})) or "nothing",
+                escape(", ".join(sorted({cx.abstract_syntax for cx in request.contexts})))
+                or "nothing",
             )
         self._serve(reader)
-
-    def _handshake(self) -> bool:
-        """Complete the TLS handshake, bounded by the network timeout; False if it failed."""
-        assert self.server.ssl_context is not None
-        self.sock.settimeout(self.cfg.network_timeout_s)
-        try:
-            wrapped = self.server.ssl_context.wrap_socket(
-                self.sock, server_side=True, do_handshake_on_connect=False
-            )
-            self.sock = wrapped
-            wrapped.do_handshake()
-        except (OSError, ValueError) as exc:
-            logger.warning(
-                "REJECTED TLS connection peer=%s reason=%s",
-                self.where,
-                getattr(exc, "reason", None) or exc,
-            )
-            return False
-        return True
-
-    def _admit(self, request: AssociateRequest) -> bool:
-        if request.application_context != APPLICATION_CONTEXT:
-            logger.warning(
-                "REJECTED association calling_ae=%s called_ae=%s peer=%s "
-                "reason=application context %r is not DICOM's",
-                request.calling_ae,
-                request.called_ae,
-                self.where,
-                request.application_context,
-            )
-            self._send(associate_rj(0x01, 0x01, 0x02))
-            return False
-        rejection = admit(
-            self.cfg,
-            request.calling_ae,
-            request.called_ae,
-            self.ip,
-            self.port,
-            self.server.has_room,
-        )
-        if rejection is None:
-            return True
-        self._send(associate_rj(*rejection))
-        return False
 
     def _pdu_header(self, reader: _Reader, limit: int) -> tuple[int, int]:
         head = reader.exact(6)
@@ -679,7 +622,7 @@ class _Association:
             return
         transfer.complete()
         reports: list[Callable[[], None]] = []
-        affected = uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b""))
+        affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
         error = transfer.write_error
         if transfer.path is None and error is None:
             error = OSError(errno.EIO, "no temp file")
@@ -721,7 +664,7 @@ class _Association:
 
 
 class LeanServer:
-    """Accepts connections and serves each association on its own thread.
+    """Accepts connections, admits association requests, serves each association on its own thread.
 
     Parameters
     ----------
@@ -742,6 +685,8 @@ class LeanServer:
         Given this process's connection count (including a new one), returns
         False when the node as a whole is at ``max_associations``; by default
         the count is compared with ``max_associations``.
+    tmp_prefix : str, optional
+        Name prefix of this process's temp files (one per process of a pool).
     """
 
     def __init__(
@@ -752,11 +697,13 @@ class LeanServer:
         listen_socket: socket.socket | None = None,
         node_has_room: Callable[[int], bool] | None = None,
         may_accept: Callable[[int], bool] | None = None,
+        tmp_prefix: str = "",
     ) -> None:
         self.cfg = cfg
         self.handler = handler
         self.ssl_context = ssl_context
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
+        self.tmp_prefix = tmp_prefix
         self.temp_files: _TempFiles | None = None
         self._shared = listen_socket is not None
         self._listen = listen_socket
@@ -765,7 +712,8 @@ class LeanServer:
         self._lock = threading.Lock()
         self._active: set[_Association] = set()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._negotiator: Negotiator | None = None
+        self.refusals = RefusalLog(cfg.refusal_log_interval_s)
 
     def start(self) -> None:
         """Bind (unless sharing a socket) and accept in a background thread.
@@ -787,14 +735,26 @@ class LeanServer:
                 sock.close()
                 raise
             self._listen = sock
-        # Several processes may wait on a shared socket: accept() must time out to see stop().
-        self._listen.settimeout(_ACCEPT_POLL_S)
-        self.temp_files = _TempFiles(self.tmp_dir)
-        self._thread = threading.Thread(target=self._accept_loop, name="LeanAcceptor", daemon=True)
-        self._thread.start()
+        self.temp_files = _TempFiles(self.tmp_dir, prefix=self.tmp_prefix)
+        self._negotiator = Negotiator(
+            self._listen,
+            self.cfg.acse_timeout_s,
+            self.cfg.max_pending_associations,
+            self.cfg.max_pending_per_peer,
+            self._on_request,
+            self.refusals,
+            self.ssl_context,
+            self._may_accept,
+            self.active,
+        )
+        self._negotiator.start()
+
+    def pending(self) -> int:
+        """Return the number of connections still negotiating (not yet admitted)."""
+        return self._negotiator.pending() if self._negotiator is not None else 0
 
     def active(self) -> int:
-        """Return the number of connections served now."""
+        """Return the number of admitted associations served now."""
         with self._lock:
             return len(self._active)
 
@@ -826,37 +786,50 @@ class LeanServer:
                 return _Transfer(None, b"", 0, reason)
         try:
             path, fd = (
-                self.temp_files.take() if self.temp_files else _TempFiles.create(self.tmp_dir)
+                self.temp_files.take()
+                if self.temp_files
+                else _TempFiles.create(self.tmp_dir, self.tmp_prefix)
             )
         except OSError as exc:
             return _Transfer(None, b"", 0, exc)
         return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
 
-    def _accept_loop(self) -> None:
-        listen = self._listen
-        assert listen is not None
-        while not self._stopping.is_set():
-            try:
-                if self._may_accept is None or self._may_accept(self.active()):
-                    sock, address = listen.accept()
-                else:
-                    sock, address = self._accept_left_over(listen)
-            except (TimeoutError, BlockingIOError):
-                continue
-            except OSError as exc:
-                if self._stopping.is_set():
-                    return
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.error("cannot accept connections: %s (retrying)", exc)
-                    time.sleep(0.5)
-                    continue
-                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
-                    return
-                continue
-            sock.settimeout(self.cfg.acse_timeout_s)
-            assoc = _Association(self, sock, address)
-            with self._lock:
-                self._active.add(assoc)
+    def _on_request(
+        self, sock: socket.socket, address: tuple[str, int], request: AssociateRequest
+    ) -> None:
+        """Admit a complete A-ASSOCIATE-RQ (on the acceptor thread); serve it on a new thread."""
+        ip, port = address
+        if request.application_context != APPLICATION_CONTEXT:
+            self.refusals.warning(
+                ip,
+                "application context",
+                "REJECTED association calling_ae=%s called_ae=%s peer=%s:%d "
+                "reason=application context %r is not DICOM's",
+                escape(request.calling_ae),
+                escape(request.called_ae),
+                ip,
+                port,
+                escape(request.application_context),
+            )
+            self._reject(sock, (0x01, 0x01, 0x02))
+            return
+        assoc = _Association(self, sock, address, request)
+        with self._lock:
+            self._active.add(assoc)  # counted by has_room() during admission
+        served = False
+        try:
+            rejection = admit(
+                self.cfg,
+                request.calling_ae,
+                request.called_ae,
+                ip,
+                port,
+                self.has_room,
+                self.refusals,
+            )
+            if rejection is not None:
+                self._reject(sock, rejection)
+                return
             try:
                 threading.Thread(
                     target=self._serve,
@@ -868,27 +841,22 @@ class LeanServer:
                 logger.error(
                     "ABORTED connection peer=%s reason=cannot start a thread: %s", assoc.where, exc
                 )
+                self._reject(sock, REJECT_LOCAL_LIMIT)
+                return
+            served = True  # its thread owns it now
+        finally:
+            if not served:
                 with self._lock:
                     self._active.discard(assoc)
-                assoc.close()
 
-    def _accept_left_over(self, listen: socket.socket) -> tuple[socket.socket, Any]:
-        """Let less busy processes take new connections; take one still waiting after a pause.
-
-        A connection nobody took within :data:`_YIELD_S` means the other
-        processes cannot (restarting, stuck): serving it here beats leaving it.
-
-        Raises
-        ------
-        BlockingIOError
-            When no connection is waiting.
-        """
-        self._stopping.wait(_YIELD_S)
-        listen.settimeout(0.0)
-        try:
-            return listen.accept()
-        finally:
-            listen.settimeout(_ACCEPT_POLL_S)
+    @staticmethod
+    def _reject(sock: socket.socket, rejection: tuple[int, int, int]) -> None:
+        """Send A-ASSOCIATE-RJ (bounded wait) and close."""
+        with contextlib.suppress(OSError, ValueError):
+            sock.settimeout(_REJECT_SEND_S)
+            sock.sendall(associate_rj(*rejection))
+        with contextlib.suppress(OSError):
+            sock.close()
 
     def _serve(self, assoc: _Association) -> None:
         try:
@@ -905,8 +873,8 @@ class LeanServer:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let associations finish for ``grace_s``, abort the rest."""
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
+        if self._negotiator is not None:
+            self._negotiator.stop()
         if self._listen is not None:
             with contextlib.suppress(OSError):
                 self._listen.close()

@@ -54,7 +54,7 @@ class AssociateRequest:
     Attributes
     ----------
     called_ae, calling_ae : str
-        AE titles without padding.
+        AE titles without padding (:func:`ae_text`), otherwise as sent.
     application_context : str
         Application context name (the DICOM one is 1.2.840.10008.3.1.1.1).
     contexts : tuple of ProposedContext
@@ -83,6 +83,16 @@ class ContextResult:
     transfer_syntax: str
 
 
+def ae_text(raw: bytes) -> str:
+    """Decode an AE title field, removing only DICOM's padding.
+
+    Leading and trailing spaces are padding (PS3.8 9.3.2), and so are trailing
+    NULs some implementations write; nothing else is changed. Bytes outside
+    ASCII are kept (as Latin-1) so admission sees and refuses them.
+    """
+    return raw.rstrip(b"\x00").strip(b" ").decode("latin-1")
+
+
 def parse_associate_rq(body: bytes | bytearray | memoryview) -> AssociateRequest:
     """Decode the body of an A-ASSOCIATE-RQ PDU (everything after its 6-byte header).
 
@@ -94,8 +104,8 @@ def parse_associate_rq(body: bytes | bytearray | memoryview) -> AssociateRequest
     if len(body) < _FIXED_PART:
         raise ValueError(f"A-ASSOCIATE-RQ of {len(body)} bytes is too short")
     raw = bytes(body)
-    called = uid_text(raw[4:20])
-    calling = uid_text(raw[20:36])
+    called = ae_text(raw[4:20])
+    calling = ae_text(raw[20:36])
     app_context = ""
     contexts: list[ProposedContext] = []
     max_pdu = 0

@@ -6,9 +6,15 @@ No I/O, no sockets, no clock. Imports config only.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
+from typing import Final
 
 from dicomnode.config import ReceiverConfig, hosts_for
+
+#: An AE title on the wire holds 1-16 characters of DICOM's default repertoire
+#: (printable ASCII) and no backslash (PS3.5 6.2, VR AE).
+_PEER_AE: Final = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +36,23 @@ class Decision:
     diagnostic: int = 0x01
 
 
+def is_valid_peer_ae(title: str) -> bool:
+    """Return True when ``title`` (padding already removed) may be used by a peer.
+
+    One rule for every AE title a peer sends: 1 to 16 printable ASCII characters,
+    no backslash. Control characters (tab, CR, LF, VT, NUL inside the title ...)
+    and anything outside ASCII are refused, never normalised.
+    """
+    return _PEER_AE.fullmatch(title) is not None
+
+
 def is_trusted(cfg: ReceiverConfig, calling_aet: str) -> bool:
-    """Return True when ``calling_aet`` is in the trusted list (exact match) or ``*`` is."""
-    return cfg.trusts_any_ae or calling_aet.strip() in cfg.trusted_ae_titles
+    """Return True when ``calling_aet`` is in the trusted list (exact match) or ``*`` is.
+
+    ``calling_aet`` is compared as given (padding removed by the caller): the
+    same exact rule as [AE_Mappings] and [AE_Hosts].
+    """
+    return cfg.trusts_any_ae or calling_aet in cfg.trusted_ae_titles
 
 
 def decide_association(
@@ -48,7 +68,8 @@ def decide_association(
     cfg : ReceiverConfig
         Receiver settings (trusted list, called-AE rule, AE host bindings).
     calling_aet, called_aet : str
-        AE titles from the A-ASSOCIATE-RQ.
+        AE titles from the A-ASSOCIATE-RQ, DICOM's space padding removed
+        (:func:`dicomnode.receiver.negotiation.ae_text`), nothing else.
     peer_addresses : frozenset of str
         The peer's IP address plus any names it resolves to (resolved by the caller).
 
@@ -57,14 +78,22 @@ def decide_association(
     Decision
         Accept, or refuse with a reason and an A-ASSOCIATE-RJ diagnostic.
     """
-    calling = calling_aet.strip()
+    calling = calling_aet
+    if not is_valid_peer_ae(calling):
+        return Decision(
+            False, "calling AE title is empty or holds control characters or a backslash", 0x03
+        )
+    if not is_valid_peer_ae(called_aet):
+        return Decision(
+            False, "called AE title is empty or holds control characters or a backslash", 0x07
+        )
     if not is_trusted(cfg, calling):
         hint = ""
         folded = [t for t in cfg.trusted_ae_titles if t.upper() == calling.upper()]
         if folded:
             hint = f" (AE titles are case-sensitive; {folded[0]!r} is trusted)"
         return Decision(False, f"calling AE title not in trusted_ae_titles{hint}", 0x03)
-    if cfg.require_called_aet and called_aet.strip() != cfg.ae_title:
+    if cfg.require_called_aet and called_aet != cfg.ae_title:
         return Decision(False, f"called AE title is not {cfg.ae_title!r}", 0x07)
     allowed = hosts_for(cfg, calling)
     if allowed is not None and not _host_matches(allowed, peer_addresses):

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -153,6 +153,7 @@ def _worker_main(
     from dicomnode import tls
     from dicomnode.receiver.admission import SharedLoad
     from dicomnode.receiver.server import Receiver
+    from dicomnode.storage import worker_temp_prefix
 
     # Every (re)started worker resumes: jobs of live workers are skipped by the converter.
     converter, post_store = start_converter(cfg, resume=True)
@@ -162,6 +163,7 @@ def _worker_main(
         tls.server_context(cfg.tls),
         listen_socket=sock,
         shared_load=SharedLoad(load, index),
+        temp_prefix=worker_temp_prefix(index),
     )
     receiver.start(prepare=False)
     conn.send("ready")
@@ -253,6 +255,18 @@ def _pump_logs(log_pipe: Any) -> None:
             logging.getLogger(record.name).handle(record)
 
 
+def _worker_config(cfg: NodeConfig, processes: int) -> NodeConfig:
+    """Return ``cfg`` with the node-wide pending-connection bounds shared among ``processes``."""
+    rc = cfg.receiver
+    share = max(1, processes)
+    pending = max(1, -(-rc.max_pending_associations // share))
+    per_peer = max(1, -(-rc.max_pending_per_peer // share))
+    return replace(
+        cfg,
+        receiver=replace(rc, max_pending_associations=pending, max_pending_per_peer=per_peer),
+    )
+
+
 @dataclass(slots=True)
 class _Worker:
     process: SpawnProcess
@@ -295,12 +309,14 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
+        from dicomnode.receiver.server import sweep_stale_parts
         from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
         rc = self.cfg.receiver
         check_writable(rc.destination_dir)
         check_writable(rc.errors_dir)
         clean_stale_temp(rc.destination_dir / INCOMING_TMP)
+        sweep_stale_parts(rc)
         self._sock = bind_listening_socket(self.cfg.receiver)
         for index in range(self.processes):
             self._spawn(index)
@@ -332,6 +348,13 @@ class ReceiverPool:
         return False
 
     def _spawn(self, index: int) -> None:
+        from dicomnode.storage import INCOMING_TMP, clean_stale_temp, worker_temp_prefix
+
+        # A (re)started process begins without temp files: what a crashed
+        # predecessor left was never acknowledged.
+        clean_stale_temp(
+            self.cfg.receiver.destination_dir / INCOMING_TMP, worker_temp_prefix(index)
+        )
         parent_conn, child_conn = self._ctx.Pipe()
         log_recv, log_send = self._ctx.Pipe(duplex=False)
         pump = threading.Thread(
@@ -341,7 +364,14 @@ class ReceiverPool:
         self._load[index] = 0  # a restarted worker starts with no connections
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self.cfg, index, self._sock, log_send, child_conn, self._load),
+            args=(
+                _worker_config(self.cfg, self.processes),
+                index,
+                self._sock,
+                log_send,
+                child_conn,
+                self._load,
+            ),
             name=f"dicomnode-receiver-{index}",
             daemon=False,
         )

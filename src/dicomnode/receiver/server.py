@@ -15,15 +15,40 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
+import time
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
 from dicomnode.receiver.admission import SharedLoad
 from dicomnode.receiver.lean import LeanServer
 from dicomnode.receiver.store import PostStore, StoreHandler
-from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
+from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_parts, clean_stale_temp
 
 logger = logging.getLogger(__name__)
+
+
+def sweep_stale_parts(cfg: ReceiverConfig) -> threading.Thread:
+    """Remove ``.part`` files a killed node left in its AE folders and errors folder.
+
+    Runs once at start; only files older than the start are removed (see
+    :func:`dicomnode.storage.clean_stale_parts`), so copies begun since are
+    left alone. AE folders outside ``destination_dir`` (where copies across
+    volumes go, typically a drained watch folder) are swept before this
+    returns; the destination's own tree, which may be a large archive, in a
+    background thread.
+    """
+    started = time.time()
+    mapped = [folder for _, folder in cfg.ae_mappings]
+    outside = [f for f in mapped if not f.is_relative_to(cfg.destination_dir)]
+    clean_stale_parts(outside, started)
+    inside = [cfg.destination_dir / "incoming", cfg.errors_dir]
+    inside += [f for f in mapped if f.is_relative_to(cfg.destination_dir)]
+    thread = threading.Thread(
+        target=clean_stale_parts, args=(inside, started), name="PartSweep", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 class Receiver:
@@ -42,6 +67,8 @@ class Receiver:
         (see :mod:`dicomnode.receiver.pool`); when None the receiver binds itself.
     shared_load : SharedLoad, optional
         The pool's shared connection counts, so max_associations is node-wide.
+    temp_prefix : str, optional
+        Name prefix of this process's temp files (a pool gives each process its own).
     """
 
     def __init__(
@@ -51,8 +78,10 @@ class Receiver:
         ssl_context: ssl.SSLContext | None = None,
         listen_socket: socket.socket | None = None,
         shared_load: SharedLoad | None = None,
+        temp_prefix: str = "",
     ) -> None:
         self.cfg = cfg
+        self.temp_prefix = temp_prefix
         self.ssl_context = ssl_context
         self.listen_socket = listen_socket
         self.shared_load = shared_load
@@ -70,6 +99,7 @@ class Receiver:
         check_writable(self.cfg.destination_dir)
         check_writable(self.cfg.errors_dir)
         clean_stale_temp(self.cfg.destination_dir / INCOMING_TMP)
+        sweep_stale_parts(self.cfg)
 
     def start(self, prepare: bool = True) -> None:
         """Start listening on ``server_ip:receive_port`` in background threads.
@@ -105,6 +135,7 @@ class Receiver:
             self.listen_socket,
             room,
             load.may_accept if load is not None else None,
+            self.temp_prefix,
         )
         self._lean.start()
         logger.log(

@@ -110,7 +110,7 @@ class _Header:
             When pydicom cannot read the file.
         """
         if self._ds is None:
-            if self.exam.elements:
+            if self.exam.elements or self.exam.deflated:  # never inflate a whole data set
                 self._ds = header_from_elements(
                     self.exam.elements, self.exam.implicit, self.exam.little
                 )
@@ -268,7 +268,7 @@ class StoreHandler:
             return header, f"malformed object: {exam.defect}"
         if not exam.elements:
             try:
-                header.get()  # deflated (or no header at all): pydicom reads it now
+                header.get()  # no header values in the walk: pydicom reads it now
             except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
                 return header, f"unreadable object: {exc}"
         return header, None
