@@ -142,6 +142,11 @@ class LedgerWriter:
 
     def start(self) -> None:
         """Start the writer thread (it opens the ledger and reconciles in the background)."""
+        if self.reconcile_roots:
+            # Reconciliation reads headers with pydicom: import it here, in the caller's
+            # thread, not while the caller may be importing it too (a package imported by
+            # two threads at once can fail half-initialised).
+            import dicomnode.dicomtags  # noqa: F401
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="dicomnode-ledger", daemon=True)
             self._thread.start()
@@ -443,8 +448,7 @@ class LedgerWriter:
                 if path in known or path in seen or os.path.dirname(path) in folders:
                     continue
                 seen.add(path)
-                # pydicom is imported only when there is something to recover (memory).
-                from dicomnode.dicomtags import read_header, text_of
+                from dicomnode.dicomtags import read_header, text_of  # imported by start()
 
                 try:
                     ds = read_header(Path(path))
