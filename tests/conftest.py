@@ -15,6 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+#: Every bounded wait for something to *happen* (wait_until, wait_for_port) lasts up to this
+#: many times its nominal timeout. Such waits return as soon as the condition holds, so this
+#: costs nothing on a quiet machine and keeps a loaded one (other jobs, a CPU hog) from
+#: failing tests by timing alone. ``DICOMNODE_TEST_TIME_FACTOR`` overrides it.
+TIME_FACTOR = float(os.environ.get("DICOMNODE_TEST_TIME_FACTOR", "5"))
 
 
 def free_port() -> int:
@@ -47,8 +52,8 @@ def peer_env() -> dict[str, str]:
 def wait_for_port(
     port: int, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Poll until something listens on 127.0.0.1:port (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout_s
+    """Poll until something listens on 127.0.0.1:port (no fixed sleeps; timeout x TIME_FACTOR)."""
+    deadline = time.monotonic() + timeout_s * TIME_FACTOR
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
@@ -58,17 +63,31 @@ def wait_for_port(
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
+    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout_s * TIME_FACTOR} s")
 
 
 def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it is true or the timeout passes; return its last value."""
-    deadline = time.monotonic() + timeout_s
+    """Poll ``predicate`` until it is true or ``timeout_s`` x TIME_FACTOR passes; return its last value.
+
+    For waiting until something happens. To check that something does *not*
+    happen within a period use :func:`stays_false` (that period is not stretched).
+    """
+    deadline = time.monotonic() + timeout_s * TIME_FACTOR
     while True:
         value = predicate()
         if value or time.monotonic() > deadline:
             return bool(value)
         time.sleep(interval_s)
+
+
+def stays_false(predicate, period_s: float, interval_s: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    """Return True when ``predicate`` stays false for the whole ``period_s`` (not stretched)."""
+    deadline = time.monotonic() + period_s
+    while time.monotonic() <= deadline:
+        if predicate():
+            return False
+        time.sleep(interval_s)
+    return not predicate()
 
 
 def python_cmd() -> list[str]:

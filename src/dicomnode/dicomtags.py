@@ -28,6 +28,10 @@ WINDOWS_RESERVED: Final = frozenset(
     | {f"COM{c}" for c in "¹²³"}
     | {f"LPT{c}" for c in "¹²³"}
 )
+#: Names the forwarder never sends (see :func:`is_forwarder_reserved`): its parking folder
+#: and the suffixes of files still being written. Hidden names (leading dot) are reserved too.
+FORWARDER_RESERVED_NAMES: Final = frozenset({"failed"})
+FORWARDER_RESERVED_SUFFIXES: Final = (".part", ".tmp")
 _UNSAFE: Final = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
 _SPACES: Final = re.compile(r"[\s_]+")
 #: Names made only of ASCII letters, digits, inner dots and hyphens need no change.
@@ -75,7 +79,10 @@ def safe_component(text: str, fallback: str = "UNKNOWN", max_len: int = MAX_COMP
 
     The result contains no path separators, no control characters, none of
     ``<>:"/\\|?*``, is not ``.``/``..`` or a Windows device name, does not end in
-    a dot or space, and has at most ``max_len`` characters. It is never empty.
+    a dot or space, and has at most ``max_len`` characters. It is never empty, and
+    never a name the forwarder reserves (``failed``, a hidden name, ``*.part``,
+    ``*.tmp``, in any case): such a name gets a trailing ``_``, so a chained
+    forwarder sends what the receiver filed.
 
     Parameters
     ----------
@@ -90,9 +97,24 @@ def safe_component(text: str, fallback: str = "UNKNOWN", max_len: int = MAX_COMP
         len(text) <= min(max_len, MAX_COMPONENT_BYTES)
         and _PLAIN.fullmatch(text)
         and text.split(".")[0].upper() not in WINDOWS_RESERVED
+        and not is_forwarder_reserved(text)
     ):
         return text  # already safe (UIDs, most codes): _sanitise would return it unchanged
     return _sanitise(text, fallback, max_len)
+
+
+def is_forwarder_reserved(name: str) -> bool:
+    """Return True for a file or folder name the forwarder skips (never sends).
+
+    ``failed`` (its parking folder, any case: Windows folders ignore case),
+    hidden names (a leading ``.``) and ``*.part`` / ``*.tmp`` (files still being written).
+    """
+    lowered = name.lower()
+    return (
+        lowered in FORWARDER_RESERVED_NAMES
+        or lowered.startswith(".")
+        or lowered.endswith(FORWARDER_RESERVED_SUFFIXES)
+    )
 
 
 def _sanitise(text: str, fallback: str, max_len: int) -> str:
@@ -109,6 +131,10 @@ def _sanitise(text: str, fallback: str, max_len: int) -> str:
         text = fallback[:max_len]
     if text.split(".")[0].upper().rstrip(" ") in WINDOWS_RESERVED:
         text = "_" + text[: max_len - 1]
+    if is_forwarder_reserved(text):
+        text = text[: max_len - 1] + "_"
+        while len(text.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+            text = text[:-2] + "_"
     return text
 
 
@@ -197,6 +223,7 @@ __all__ = [
     "header_from_elements",
     "is_convertible_enhanced",
     "is_dicom_file",
+    "is_forwarder_reserved",
     "is_valid_uid",
     "read_header",
     "safe_component",

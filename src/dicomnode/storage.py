@@ -16,10 +16,12 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, Protocol
 
 from dicomnode.errors import StorageError
 from dicomnode.logsafe import escape
@@ -36,9 +38,47 @@ INCOMING_TMP: Final = ".incoming-tmp"
 #: Hidden folder below an AE folder holding markers of pending Enhanced MR conversions;
 #: written by the receiver's conversion worker, honoured by the forwarder.
 CONVERT_PENDING_DIR: Final = ".convert-pending"
+#: Hidden folder below an AE folder where converted series are built before their rename.
+CONVERT_STAGING_DIR: Final = ".convert-tmp"
+#: Windows only: the lock file (in the lock folder's ``.incoming-tmp``) held while a
+#: patient/study/series folder is created. POSIX locks the folder itself: no file at all.
+FOLDERS_LOCK: Final = ".folders.lock"
 _IS_WINDOWS: Final = sys.platform == "win32"
 #: Names :func:`part_path` gives: ``.<final name>.<8 hex digits>.part``.
 _PART_NAME: Final = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(PART_SUFFIX))
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _open_lock(folder: Path) -> int:
+        (folder / INCOMING_TMP).mkdir(parents=True, exist_ok=True)
+        path = folder / INCOMING_TMP / FOLDERS_LOCK
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0))
+
+    def _lock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+                return
+            except OSError:  # LK_LOCK gives up after ~10 s: keep waiting
+                continue
+
+    def _unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _open_lock(folder: Path) -> int:
+        return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def _unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def fsync_dir(path: Path) -> None:
@@ -68,7 +108,7 @@ def part_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
 
 
-def place_file(src: Path, final: Path) -> None:
+def place_file(src: Path, final: Path, create_folders: bool = True) -> None:
     """Move the complete, closed file ``src`` to ``final`` atomically.
 
     ``src`` must already be fsynced. If ``final`` exists it is replaced in one
@@ -76,6 +116,9 @@ def place_file(src: Path, final: Path) -> None:
     copied to a ``.part`` file beside ``final``, fsynced and renamed. The folder
     of ``final`` is fsynced, and so is the parent of every folder created for it,
     so the new name survives a power loss once this returns.
+
+    With ``create_folders=False`` a missing folder raises FileNotFoundError
+    (the caller resolves folders itself, see :class:`FolderResolver`).
 
     Raises
     ------
@@ -90,7 +133,7 @@ def place_file(src: Path, final: Path) -> None:
         except FileNotFoundError:
             # The folder is new, or a forwarder watching this tree removed it as
             # emptied between mkdir and rename: create it (src itself still exists).
-            if attempt == 3 or not src.exists():
+            if attempt == 3 or not create_folders or not src.exists():
                 raise
             created += make_folders(final.parent)
         except OSError as exc:
@@ -126,6 +169,197 @@ def make_folders(folder: Path) -> list[Path]:
             if not path.is_dir():
                 raise
     return created
+
+
+class FolderLevel(Protocol):
+    """One level of a folder plan (:class:`dicomnode.organise.FolderLevel`)."""
+
+    @property
+    def name(self) -> str:
+        """The folder name this object gives the level when it creates it."""
+
+    @property
+    def tag(self) -> str | None:
+        """The identity tag the folder name ends with (``_<tag>``), or None."""
+
+
+class FolderResolver:
+    """Find or create the folders that stand for an object's patient, study and series.
+
+    A level with an identity tag is the folder of the parent whose name ends
+    with ``_<tag>``, whatever the rest of its name says: the first object of an
+    identity names the folder, later ones join it, also after a restart. New
+    folders are created only while holding an exclusive lock, after looking
+    again, so receiver processes and threads that file objects of one study at
+    the same moment create one folder. The lock is ``flock`` on the lock folder
+    itself (POSIX: no file is created; where the file system refuses it, e.g.
+    some network shares, only the threads of this process are excluded and a
+    warning is logged once) or, on Windows, a lock file in its ``.incoming-tmp``.
+    Folders found are remembered (one entry per series); a caller whose folder
+    has vanished (a forwarder removed it once empty) calls :meth:`forget` and
+    resolves again.
+
+    Parameters
+    ----------
+    lock_dir : Path, optional
+        The folder whose lock every process of the node shares (the receiver's
+        ``destination_dir``: it is never removed); None locks the root given to
+        each call.
+    """
+
+    def __init__(self, lock_dir: Path | None = None, cache_size: int = 512) -> None:
+        self._cache: dict[tuple[Path, tuple[str, ...]], Path] = {}
+        self._cache_size = cache_size
+        self._thread_lock = threading.Lock()
+        self._lock_dir = lock_dir
+        self._warned = False
+
+    def resolve(self, root: Path, plan: Sequence[FolderLevel]) -> Path:
+        """Return the existing or newly created folder of ``plan`` below ``root``.
+
+        Folders created are fsynced into their parents before this returns.
+
+        Raises
+        ------
+        FileNotFoundError
+            When a folder found on the way was removed meanwhile (a forwarder
+            removes emptied folders): call :meth:`forget` and resolve again.
+        OSError
+            When a folder cannot be created.
+        """
+        key = (root, tuple(level.tag or "/" + level.name for level in plan))
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        folder = root
+        created: list[Path] = [] if root.is_dir() else make_folders(root)
+        for level in plan:
+            folder = self._level(folder, level, root, created)
+        for parent in dict.fromkeys(c.parent for c in created):
+            fsync_dir(parent)
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[key] = folder
+        return folder
+
+    def forget(self) -> None:
+        """Drop every remembered folder (one of them no longer exists)."""
+        self._cache.clear()
+
+    def place_folder(
+        self, staged: Path, root: Path, plan: Sequence[FolderLevel]
+    ) -> tuple[Path, bool]:
+        """Make the complete folder ``staged`` the last level of ``plan``, unless it exists.
+
+        Returns
+        -------
+        tuple
+            ``(folder, True)`` when ``staged`` was renamed into place (a new folder,
+            fsynced into its parent); ``(existing folder, False)`` when the level
+            already exists: the caller moves the files in.
+
+        Raises
+        ------
+        OSError
+            When a folder cannot be created or renamed.
+        """
+        if not plan:
+            return root, False
+        try:
+            return self._place_folder(staged, root, plan)
+        except FileNotFoundError:
+            if not staged.is_dir():
+                raise
+            self.forget()  # a remembered parent was removed since (emptied by a forwarder)
+            return self._place_folder(staged, root, plan)
+
+    def _place_folder(
+        self, staged: Path, root: Path, plan: Sequence[FolderLevel]
+    ) -> tuple[Path, bool]:
+        parent = self.resolve(root, plan[:-1])
+        last = plan[-1]
+        if last.tag is not None:
+            existing = find_tagged(parent, last.tag)
+            if existing is not None:
+                return existing, False
+        with self._locked(root):
+            if last.tag is not None:
+                existing = find_tagged(parent, last.tag)
+                if existing is not None:
+                    return existing, False
+            target = parent / last.name
+            if target.is_dir():
+                return target, False
+            os.rename(staged, target)
+        fsync_dir(parent)
+        return target, True
+
+    def _level(self, parent: Path, level: FolderLevel, root: Path, created: list[Path]) -> Path:
+        tag = level.tag
+        if tag is None:
+            target = parent / level.name
+            if not target.is_dir():
+                created += make_folders(target)
+            return target
+        existing = find_tagged(parent, tag)
+        if existing is not None:
+            return existing
+        with self._locked(root):
+            existing = find_tagged(parent, tag)
+            if existing is not None:
+                return existing
+            target = parent / level.name
+            # The parent was found a moment ago; if a forwarder has removed it since,
+            # it must be found or created again by identity (the caller retries).
+            target.mkdir()
+            created.append(target)
+            return target
+
+    @contextlib.contextmanager
+    def _locked(self, root: Path) -> Iterator[None]:
+        """Hold the folder lock: against other threads, then other processes."""
+        folder = self._lock_dir or root
+        with self._thread_lock:
+            fd = _open_lock(folder)
+            try:
+                locked = self._lock(fd, folder)
+                try:
+                    yield
+                finally:
+                    if locked:
+                        _unlock_fd(fd)
+            finally:
+                os.close(fd)
+
+    def _lock(self, fd: int, folder: Path) -> bool:
+        """Take the inter-process lock; False (warned once) where the file system refuses it."""
+        try:
+            _lock_fd(fd)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "cannot lock %s (%s): new patient/study/series folders are coordinated "
+                    "within this process only",
+                    folder,
+                    exc.strerror or exc,
+                )
+            return False
+        return True
+
+
+def find_tagged(parent: Path, tag: str) -> Path | None:
+    """Return the folder of ``parent`` whose name ends with ``_<tag>`` (the first by name)."""
+    suffix = "_" + tag
+    matches: list[str] = []
+    try:
+        with os.scandir(parent) as entries:
+            for entry in entries:
+                if entry.name.endswith(suffix) and entry.is_dir(follow_symlinks=True):
+                    matches.append(entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return parent / min(matches) if matches else None
 
 
 def _copy_across_volumes(src: Path, final: Path) -> None:

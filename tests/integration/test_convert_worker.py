@@ -75,7 +75,7 @@ def test_worker_converts_submitted_object_and_removes_marker(
     with caplog.at_level(logging.INFO, logger="dicomnode"):
         worker.submit(stored, root, ENHANCED_MR)
         assert wait_until(lambda: len(_classic_files(root)) == 4, 20)
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(60)
     assert not marker_path(stored, root).exists()
     assert not any((root / PENDING_DIR).glob("*.json"))
     assert stored.is_file()  # keep_enhanced_original defaults to true
@@ -107,7 +107,7 @@ def test_worker_resumes_marker_left_by_a_crash(
     worker = _worker(workers)
     assert worker.resume([root, tmp_path / "no-such-root"]) == 1
     assert wait_until(lambda: len(_classic_files(root)) == 4, 20)
-    assert worker.wait_idle(10)
+    assert worker.wait_idle(60)
     assert not marker_path(stored, root).exists()
     assert not any((root / STAGING_DIR).iterdir())  # the crashed run's staging is gone
 
@@ -161,7 +161,7 @@ def test_worker_submit_never_raises(tmp_path: Path, workers: list[ConversionWork
     blocker.write_bytes(b"")
     worker = _worker(workers)
     worker.submit(blocker / "x.dcm", blocker, ENHANCED_MR)  # marker folder cannot be made
-    assert worker.wait_idle(10)
+    assert worker.wait_idle(60)
 
 
 def test_worker_failed_conversion_keeps_original_and_drops_marker(
@@ -175,7 +175,7 @@ def test_worker_failed_conversion_keeps_original_and_drops_marker(
     with caplog.at_level(logging.INFO, logger="dicomnode"):
         worker.submit(stored, root, ENHANCED_MR)
         assert wait_until(lambda: "CONVERT-FAILED" in caplog.text, 20)
-        assert worker.wait_idle(10)
+        assert worker.wait_idle(60)
     assert stored.is_file()
     assert _classic_files(root) == []
     assert not marker_path(stored, root).exists()

@@ -34,7 +34,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder import Forwarder, retry_failed, send_paths
-from tests.conftest import free_port, peer_env, require_tool, wait_for_port, wait_until
+from tests.conftest import (
+    free_port,
+    peer_env,
+    require_tool,
+    stays_false,
+    wait_for_port,
+    wait_until,
+)
 from tests.factories import make_image, rt_set, save
 
 pytestmark = [
@@ -181,7 +188,7 @@ class Orthanc:
         wait_for_port(self.http_port, proc=self.proc)
 
     def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as rsp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as rsp:
             return json.loads(rsp.read())
 
     def sop_instance_uids(self) -> set[str]:
@@ -722,7 +729,7 @@ def test_forward_waits_while_receiver_conversion_is_pending(
     marker.parent.mkdir(parents=True)
     marker.write_text("{}")
     start_forwarder(forwarders, cfg)
-    assert not wait_until(lambda: storescp.order(), 2.0)  # 4x the quiet period
+    assert stays_false(lambda: storescp.order(), 2.0)  # 4x the quiet period
     marker.unlink()
     assert wait_until(lambda: len(storescp.order()) == 1, 20)
 
@@ -739,7 +746,7 @@ def test_forward_waits_for_marker_of_ae_folder_mapped_onto_watch_folder(
     marker.write_text(json.dumps({"path": "PATA/study/series/mr.dcm", "sop_class_uid": "1.2"}))
     start_forwarder(forwarders, cfg)
     assert wait_until(lambda: len(storescp.order()) == 1, 20)  # PATB goes
-    assert not wait_until(lambda: len(storescp.order()) > 1, 2.0)  # PATA waits
+    assert stays_false(lambda: len(storescp.order()) > 1, 2.0)  # PATA waits
     marker.unlink()
     assert wait_until(lambda: len(storescp.order()) == 2, 20)
 

@@ -31,7 +31,7 @@ def test_node_embedded_default_answers_echoscu(tmp_path: Path, start_node) -> No
     assert (tmp_path / "dicomnode-data" / "received").is_dir()
     assert (tmp_path / "dicomnode-data" / "outgoing").is_dir()
     node.proc.send_signal(signal.SIGTERM)
-    assert node.proc.wait(10) == 0
+    assert node.proc.wait(60) == 0  # a clean stop takes seconds; a loaded machine is slower
     assert "STOPPED" in node.output()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import peer_env, require_tool, wait_until, write_config
+from tests.conftest import peer_env, python_cmd, require_tool, wait_until, write_config
 from tests.factories import make_image, save
 
 pytestmark = pytest.mark.interop
@@ -100,3 +100,57 @@ def test_pool_second_node_on_same_port_fails(
     second = start_node(["--config", str(cfg), "--no-watcher"])
     assert second.proc.wait(30) == 3
     assert "cannot listen" in second.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_pool_stop_by_signal_prints_no_traceback_and_keeps_worker_lines(
+    pool_node, port: int, tmp_path: Path, signum: int
+) -> None:  # type: ignore[no-untyped-def]
+    assert send(port, tmp_path, 10, "s") == 0
+    assert wait_until(lambda: pool_node.output().count("STORED calling_ae=SCANNER") == 10, 60)
+    pool_node.proc.send_signal(signum)
+    assert pool_node.proc.wait(60) == 0
+    out = pool_node.output()
+    assert "Traceback" not in out, out
+    assert "Error" not in out.replace("STORE-FAILED", ""), out
+    # each worker's own last line (sent while it stops) reaches the parent's log
+    assert out.count("STOPPED receiver\n") == 2, out
+    assert "STOPPED receiver processes" in out
+
+
+def test_pool_ctrl_c_to_the_process_group_prints_no_traceback(
+    tmp_path: Path, port: int, node_env: dict[str, str]
+) -> None:
+    """Ctrl+C in a terminal signals the node and its worker processes together."""
+    cfg = write_config(
+        tmp_path / "c.ini",
+        {
+            "Network": {"receive_port": port, "receiver_processes": 2},
+            "Directories": {"destination_dir": tmp_path / "dest", "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "SCANNER"},
+            "Tools": {"enhanced_mr_conversion": "off"},
+        },
+    )
+    log = tmp_path / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*python_cmd(), "--config", str(cfg), "--no-watcher"],
+            cwd=tmp_path,
+            env=node_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, like a terminal's foreground job
+        )
+        try:
+            assert wait_until(lambda: "processes=2" in log.read_text(), 60), log.read_text()
+            assert send(port, tmp_path, 5, "c") == 0
+            assert wait_until(lambda: log.read_text().count("STORED calling_ae=") == 5, 60)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.count("STOPPED receiver\n") == 2, text

@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom.dimse_messages import C_FIND_RQ
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import decode
@@ -39,7 +40,9 @@ from tests.integration.test_hardening import (
     StartNode,
     assert_logged,
     echoscu,
+    errors_entries,
     ok_object,
+    path_uid,
     start,
     stored,
     storescu,
@@ -177,3 +180,38 @@ def test_receiver_retired_pynetdicom_transport_is_logged_and_stores(
     assert done.returncode == 0, done.stderr
     assert [p.name for p in stored(dest)] == [f"CT_{ds.SOPInstanceUID}.dcm"]
     assert_logged(node, "DEPRECATED [Network] receiver_transport = pynetdicom")
+
+
+@pytest.mark.parametrize("what", ["instance", "class"])
+def test_lean_command_uid_differing_from_data_set_gets_a900_and_errors_entry(
+    tmp_path: Path, port: int, start_node: StartNode, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """pynetdicom sends a file's UIDs from its File Meta: a meta contradicting the data set."""
+    from pynetdicom import AE, _config
+
+    node, dest = start(tmp_path, port, start_node, network=LEAN)
+    path, ds = ok_object(tmp_path, "mismatch")
+    good, _ = ok_object(tmp_path, "good", instance=2)
+    if what == "instance":
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    else:
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR, data set is CT
+    ds.preamble = b"\0" * 128
+    ds.save_as(path)  # the File Meta as set here (pydicom would otherwise correct it)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(f).Status) for f in (path, good)]
+    finally:
+        assoc.release()
+    assert statuses == [0xA900, 0x0000]
+    assert [path_uid(p) for p in stored(dest)] == [pydicom.dcmread(good).SOPInstanceUID]
+    [note] = errors_entries(dest)
+    assert "differs from the data set's SOP" in note.read_text()
+    kept = pydicom.dcmread(note.with_suffix(".dcm"))
+    assert (kept.SOPInstanceUID, kept.SOPClassUID) == (ds.SOPInstanceUID, ds.SOPClassUID)
+    assert_logged(node, "STORE-FAILED calling_ae=SENDER", "status=0xA900")

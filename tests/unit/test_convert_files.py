@@ -20,7 +20,7 @@ from dicomnode.convert.worker import (
     place_series,
 )
 from dicomnode.errors import ConversionError
-from dicomnode.organise import relative_dir, relative_path
+from dicomnode.organise import FolderLevel, relative_dir, relative_path
 from tests.conftest import require_tool
 from tests.enhanced_factory import (
     ENHANCED_MR_COLOR,
@@ -100,13 +100,19 @@ def test_place_series_merges_into_existing_folder(tmp_path: Path) -> None:
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "a.dcm").write_bytes(b"new")
-    final = tmp_path / "final"
-    final.mkdir()
+    final = tmp_path / "P_1234" / "final_abcd"
+    final.mkdir(parents=True)
     (final / "a.dcm").write_bytes(b"old")
     (final / "b.dcm").write_bytes(b"other")
-    place_series(staged, final)
+    # The existing folders of these identities are joined whatever their descriptive names.
+    plan = (FolderLevel("Q_1234", "1234"), FolderLevel("other name_abcd", "abcd"))
+    assert place_series(staged, tmp_path, plan) == final
     assert (final / "a.dcm").read_bytes() == b"new"
     assert (final / "b.dcm").read_bytes() == b"other"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "P_1234",
+        "staged",
+    ]
 
 
 def test_marker_path_is_hidden_and_stable(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import struct
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from hypothesis import example, given
@@ -41,7 +41,7 @@ from dicomnode.dicomtags import (
     text_of,
 )
 from dicomnode.integrity import examine, find_defect
-from dicomnode.organise import relative_path
+from dicomnode.organise import file_name, folder_plan, relative_path
 from dicomnode.receiver import store as storemod
 from dicomnode.receiver.store import StoreHandler
 from tests.factories import ROOT, bundled, make_image, rt_set, save
@@ -357,6 +357,17 @@ def _store_objects(folder: Path) -> list[Path]:
     return paths
 
 
+def _first_named_path(
+    header: Dataset, layout: str, first_names: dict[tuple[PurePosixPath, str], str]
+) -> PurePosixPath:
+    """The reference model of filing: each folder level keeps the name its first object gave it."""
+    folder = PurePosixPath()
+    for level in folder_plan(header, layout):
+        name = first_names.setdefault((folder, level.tag or "/" + level.name), level.name)
+        folder = folder / name
+    return folder / file_name(header)
+
+
 def _feed(root: Path, layout: str, content_mode: str) -> tuple[StoreHandler, list[str]]:
     """Store every object; return the handler and a list of misplaced objects."""
     dest = root / "dest"
@@ -367,8 +378,11 @@ def _feed(root: Path, layout: str, content_mode: str) -> tuple[StoreHandler, lis
     incoming = dest / "incoming"
     problems: list[str] = []
     expected_all: set[Path] = set()
+    first_names: dict[tuple[PurePosixPath, str], str] = {}
     for original in _store_objects(root / "src"):
-        expected = incoming / relative_path(_old_header(original), cfg.folder_layout)
+        expected = incoming / _first_named_path(
+            _old_header(original), cfg.folder_layout, first_names
+        )
         expected_all.add(expected)
         received = tmp / f"{original.stem}.part"
         shutil.copyfile(original, received)
@@ -404,7 +418,7 @@ def test_single_pass_store_folder_cache_files_where_the_old_path_did(
 ) -> None:
     handler, problems = _feed(tmp_path, layout, content_mode)
     assert problems == []
-    assert handler._folders, "the folder cache was never used"
+    assert handler._plans, "the folder cache was never used"
 
 
 def test_single_pass_store_folder_cache_is_hit_within_a_series(tmp_path: Path) -> None:
@@ -418,7 +432,7 @@ def test_single_pass_store_folder_cache_is_hit_within_a_series(tmp_path: Path) -
             dest / ".incoming-tmp" / f"{instance}.part",
         )
         assert handler.finish(received, "SCANNER", "127.0.0.1:1", time.monotonic(), "") == 0
-    assert len(handler._folders) == 1
+    assert len(handler._plans) == 1
     assert len(list((dest / "incoming").rglob("*.dcm"))) == 3
 
 
@@ -438,12 +452,11 @@ def test_single_pass_store_fixture_objects_differ_only_in_the_varied_value(tmp_p
     assert folders["utf8-name"] != folders["latin1-name"]
 
 
+# Descriptive values (PatientName, SeriesDescription, their character set) only name a
+# folder that does not exist yet; the identity values decide where an object goes.
 @pytest.mark.parametrize(
     "ignored_tag",
     [
-        pytest.param(0x00100010, id="PatientName"),
-        pytest.param(0x00080005, id="SpecificCharacterSet"),
-        pytest.param(0x0008103E, id="SeriesDescription"),
         pytest.param(0x00100020, id="PatientID"),
     ],
 )

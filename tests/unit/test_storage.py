@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from dicomnode import storage
+from dicomnode.organise import FolderLevel
 
 
 def _spy_fsync_dir(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
@@ -66,3 +68,60 @@ def test_make_folders_refuses_a_file_in_the_way(tmp_path: Path) -> None:
     (tmp_path / "x").write_bytes(b"not a folder")
     with pytest.raises(OSError):
         storage.make_folders(tmp_path / "x" / "y")
+
+
+# --------------------------------------------------------------------------- folders by identity
+
+PLAN_A = (
+    FolderLevel("P1_DOE^JOHN_aaaaaaaaaaaa", "aaaaaaaaaaaa"),
+    FolderLevel("20260101_Pelvis_bbbbbbbb", "bbbbbbbb"),
+    FolderLevel("CT_1_Planning_cccccccc", "cccccccc"),
+)
+#: The same identities described by another system.
+PLAN_B = (
+    FolderLevel("P1_Doe^John_aaaaaaaaaaaa", "aaaaaaaaaaaa"),
+    FolderLevel("NODATE_bbbbbbbb", "bbbbbbbb"),
+    FolderLevel("CT_cccccccc", "cccccccc"),
+)
+
+
+def test_resolver_joins_folders_named_by_the_first_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed = _spy_fsync_dir(monkeypatch)
+    first = storage.FolderResolver().resolve(tmp_path, PLAN_A)
+    assert first == tmp_path.joinpath(*(level.name for level in PLAN_A))
+    assert first.is_dir()
+    # every new folder's name is flushed into its parent
+    assert {tmp_path, first.parent.parent, first.parent} <= set(flushed)
+    # another process (a fresh resolver), later objects with other descriptions
+    assert storage.FolderResolver().resolve(tmp_path, PLAN_B) == first
+    visible = [p for p in tmp_path.rglob("*") if not p.name.startswith(".")]
+    assert len(visible) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PLAN_A[0].name]  # no lock file
+
+
+def test_store_refiles_when_a_forwarder_removed_the_emptied_folders(tmp_path: Path) -> None:
+    resolver = storage.FolderResolver()
+    folder = resolver.resolve(tmp_path, PLAN_A)  # remembered
+    shutil.rmtree(tmp_path / PLAN_A[0].name)  # sent and emptied by a forwarder
+    src = tmp_path / "obj.tmp"
+    src.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError):
+        storage.place_file(src, folder / "CT_1.dcm", create_folders=False)
+    resolver.forget()
+    again = resolver.resolve(tmp_path, PLAN_B)  # now a later object names it
+    assert again == tmp_path.joinpath(*(level.name for level in PLAN_B))
+    storage.place_file(src, again / "CT_1.dcm", create_folders=False)
+    assert (again / "CT_1.dcm").read_bytes() == b"x"
+
+
+def test_place_folder_renames_staged_series_or_reports_the_existing_one(tmp_path: Path) -> None:
+    staged = tmp_path / ".convert-tmp" / "s"
+    staged.mkdir(parents=True)
+    (staged / "a.dcm").write_bytes(b"a")
+    folder, moved = storage.FolderResolver().place_folder(staged, tmp_path, PLAN_A)
+    assert moved and (folder / "a.dcm").is_file() and not staged.exists()
+    staged.mkdir()
+    folder2, moved2 = storage.FolderResolver().place_folder(staged, tmp_path, PLAN_B)
+    assert (folder2, moved2) == (folder, False)

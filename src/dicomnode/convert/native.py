@@ -168,6 +168,28 @@ ENHANCED_ONLY: Final = frozenset(
     }
 )
 
+#: The Supplemental Palette Color Lookup Table module of Enhanced CT/MR/PET (a colour
+#: display hint, used with Pixel Presentation COLOR or MIXED). A classic CT, MR or PET image
+#: has no Pixel Presentation, so in it these are only allowed with Photometric
+#: Interpretation PALETTE COLOR: otherwise dciodvfy reports each as an error.
+SUPPLEMENTAL_PALETTE: Final = frozenset(
+    {
+        "RedPaletteColorLookupTableDescriptor",
+        "GreenPaletteColorLookupTableDescriptor",
+        "BluePaletteColorLookupTableDescriptor",
+        "AlphaPaletteColorLookupTableDescriptor",
+        "RedPaletteColorLookupTableData",
+        "GreenPaletteColorLookupTableData",
+        "BluePaletteColorLookupTableData",
+        "AlphaPaletteColorLookupTableData",
+        "SegmentedRedPaletteColorLookupTableData",
+        "SegmentedGreenPaletteColorLookupTableData",
+        "SegmentedBluePaletteColorLookupTableData",
+        "SegmentedAlphaPaletteColorLookupTableData",
+        "PaletteColorLookupTableUID",
+    }
+)
+
 #: Classic attributes whose value the MR derivations compute.
 _MR_DERIVED: Final = ("ScanningSequence", "SequenceVariant", "ScanOptions")
 
@@ -449,10 +471,16 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
 
 
 def _base_dataset(src: Dataset) -> Dataset:
-    """Return the top-level attributes every frame shares (enhanced-only ones removed)."""
+    """Return the top-level attributes every frame shares (enhanced-only ones removed).
+
+    The Supplemental Palette Color LUT is removed too unless the image is PALETTE COLOR.
+    """
     base = Dataset()
+    palette = _text(src.get("PhotometricInterpretation")) == "PALETTE COLOR"
     for elem in src:  # iterating converts raw elements, so the encoding can change
         if elem.keyword in ENHANCED_ONLY or elem.tag.group in (0x0002, 0xFFFC, 0xFFFE):
+            continue
+        if not palette and elem.keyword in SUPPLEMENTAL_PALETTE:
             continue
         base.add(copy.deepcopy(elem))
     _walk_convert(base)

@@ -4,7 +4,7 @@ The receiver calls :meth:`ConversionWorker.submit` after an object is durable. T
 worker records a pending-job marker (``<ae_root>/.convert-pending/<hash>.json``),
 converts on one background thread (native or emf2sf), writes the classic series into a
 hidden staging folder on the same volume (``<ae_root>/.convert-tmp/``) and renames it
-into ``<ae_root>/<relative_dir>``, so a crash leaves the complete series or none; the
+into the series folder below ``<ae_root>``, so a crash leaves the complete series or none; the
 marker makes an interrupted job run again after a restart. :func:`convert_paths` is
 the offline ``dicomnode convert`` command. Log verbs: ``CONVERTED``, ``CONVERT-FAILED``.
 Imports pydicom, :mod:`dicomnode.config`, :mod:`dicomnode.organise`,
@@ -26,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from struct import error as struct_error
 from typing import Final
 
@@ -40,15 +40,22 @@ from dicomnode.convert.native import CLASSIC_SOP_CLASS, NO_CLASSIC_TARGET, conve
 from dicomnode.dicomtags import read_header, text_of
 from dicomnode.errors import ConversionError
 from dicomnode.ledger.events import EventKind, ledger_extra
-from dicomnode.organise import file_name, relative_dir
-from dicomnode.storage import CONVERT_PENDING_DIR, fsync_dir, fsync_file, write_bytes_atomic
+from dicomnode.organise import FolderLevel, file_name, folder_plan
+from dicomnode.storage import (
+    CONVERT_PENDING_DIR,
+    CONVERT_STAGING_DIR,
+    FolderResolver,
+    fsync_dir,
+    fsync_file,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Hidden folder below an AE root holding one JSON marker per pending conversion.
 PENDING_DIR: Final = CONVERT_PENDING_DIR
 #: Hidden folder below an AE root where converted series are staged before the rename.
-STAGING_DIR: Final = ".convert-tmp"
+STAGING_DIR: Final = CONVERT_STAGING_DIR
 _NO_TARGET_LINE: Final = "stored unconverted: no classic target"
 
 Cancel = Callable[[], bool]
@@ -94,10 +101,12 @@ def convert_file(
     layout: str,
     cancel: Cancel | None = None,
     staging_token: str = "",
+    resolver: FolderResolver | None = None,
 ) -> ConversionResult:
     """Convert one stored Enhanced object and place its classic series under ``ae_root``.
 
-    The series goes to ``ae_root / relative_dir(first, layout) / file_name(ds)``; it is
+    The series goes to ``ae_root / <folders of folder_plan(first, layout)> / file_name(ds)``,
+    into the patient and study folders that already exist for its identity; it is
     written into ``ae_root/.convert-tmp`` first and renamed into place as a whole. If
     the series folder already exists (a re-send, or another object of the same
     series) the files are moved in one by one, each replacing its namesake.
@@ -118,6 +127,8 @@ def convert_file(
     staging_token : str
         Prefix of the staging folder, ``<pid>-<random>`` (lets a worker recognise
         its own and those of live sibling processes).
+    resolver : FolderResolver, optional
+        Finds the folders of an identity (a worker keeps one: it remembers them).
 
     Returns
     -------
@@ -140,21 +151,20 @@ def convert_file(
             source_uid, headers = _stage_emf2sf(source, staging, series_tmp, tools, cancel)
         else:
             source_uid, headers = _stage_native(source, series_tmp, cancel)
-        groups: dict[PurePosixPath, list[Path]] = {}
+        groups: dict[tuple[FolderLevel, ...], list[Path]] = {}
         for path, header in headers:
-            groups.setdefault(relative_dir(header, layout), []).append(path)
+            groups.setdefault(folder_plan(header, layout), []).append(path)
         if cancel is not None and cancel():
             raise ConversionCancelled("cancelled")
         folders = []
-        for index, (rel, files) in enumerate(sorted(groups.items())):
+        ordered = sorted(groups.items(), key=lambda item: [level.name for level in item[0]])
+        for index, (plan, files) in enumerate(ordered):
             group_dir = series_tmp if len(groups) == 1 else staging / f"group{index}"
             if group_dir != series_tmp:
                 group_dir.mkdir()
                 for f in files:
                     os.replace(f, group_dir / f.name)
-            final_dir = ae_root / rel
-            place_series(group_dir, final_dir)
-            folders.append(final_dir)
+            folders.append(place_series(group_dir, ae_root, plan, resolver))
     finally:
         # The (hidden) staging and marker folders themselves stay: removing them
         # would race with sibling receiver processes creating entries in them.
@@ -263,30 +273,31 @@ def _stage_emf2sf(
     return source_uid, staged
 
 
-def place_series(staged: Path, final_dir: Path) -> None:
-    """Move the complete staged series folder to ``final_dir`` in one rename.
+def place_series(
+    staged: Path,
+    ae_root: Path,
+    plan: tuple[FolderLevel, ...],
+    resolver: FolderResolver | None = None,
+) -> Path:
+    """Move the complete staged series folder into the folder of ``plan`` below ``ae_root``.
 
-    When ``final_dir`` already exists each file is moved in with ``os.replace``
-    (same names for the same instances, so a re-send replaces its files).
+    The patient and study folders are the existing ones of the same identity
+    (:class:`~dicomnode.storage.FolderResolver`); a new series folder is the
+    staged folder renamed in one step. When the series folder already exists
+    each file is moved in with ``os.replace`` (same names for the same
+    instances, so a re-send replaces its files). Returns the series folder.
 
     Raises
     ------
     OSError
         When the folder cannot be created or renamed.
     """
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not final_dir.exists():
-        try:
-            os.rename(staged, final_dir)
-        except OSError:
-            if not final_dir.is_dir():
-                raise
-        else:
-            fsync_dir(final_dir.parent)
-            return
-    for f in sorted(staged.iterdir()):
-        os.replace(f, final_dir / f.name)
-    fsync_dir(final_dir)
+    final_dir, moved = (resolver or FolderResolver()).place_folder(staged, ae_root, plan)
+    if not moved:
+        for f in sorted(staged.iterdir()):
+            os.replace(f, final_dir / f.name)
+        fsync_dir(final_dir)
+    return final_dir
 
 
 # --------------------------------------------------------------------------- background worker
@@ -344,9 +355,12 @@ class ConversionWorker:
         ``keep_enhanced_original``, ``emf2sf_path`` and ``emf2sf_timeout_s``.
     layout : str
         Folder layout template below the AE folder.
+    lock_dir : Path, optional
+        The folder lock shared with the receiver (its ``destination_dir``), so a
+        converted series joins the patient and study folders the receiver files into.
     """
 
-    def __init__(self, tools: ToolsConfig, layout: str) -> None:
+    def __init__(self, tools: ToolsConfig, layout: str, lock_dir: Path | None = None) -> None:
         self.tools = tools
         self.layout = layout
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -355,6 +369,7 @@ class ConversionWorker:
         self._queued: set[Path] = set()
         self._thread: threading.Thread | None = None
         self._token = _staging_token()
+        self._resolver = FolderResolver(lock_dir)
         self._started_at = time.time()
         self.idle = threading.Event()
         self.idle.set()
@@ -548,6 +563,7 @@ class ConversionWorker:
                 self.layout,
                 cancel=self._stop.is_set,
                 staging_token=self._token,
+                resolver=self._resolver,
             )
         except ConversionCancelled:
             logger.info("CONVERT-INTERRUPTED path=%s (resumes after restart)", job.stored_path)
@@ -650,6 +666,7 @@ def convert_paths(inputs: Sequence[Path], out_dir: Path, tools: ToolsConfig, lay
     for item in missing:
         logger.error("CONVERT-FAILED path=%s reason=no such file or folder", item)
     token = uuid.uuid4().hex[:12]
+    resolver = FolderResolver()
     for path in files:
         try:
             sop_class = text_of(_header(path), "SOPClassUID")
@@ -665,7 +682,7 @@ def convert_paths(inputs: Sequence[Path], out_dir: Path, tools: ToolsConfig, lay
             logger.info("SKIPPED path=%s reason=%s", path, reason)
             continue
         try:
-            convert_file(path, out_dir, tools, layout, staging_token=token)
+            convert_file(path, out_dir, tools, layout, staging_token=token, resolver=resolver)
         except (ConversionError, OSError) as exc:
             failures += 1
             logger.error("CONVERT-FAILED path=%s reason=%s", path, exc)

@@ -65,7 +65,13 @@ from dicomnode.forwarder.outcome import (
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.transcode import EXPLICIT_VR_BE
-from dicomnode.forwarder.watcher import EventSource, has_pending_conversion, scan_folder
+from dicomnode.forwarder.watcher import (
+    EventSource,
+    Skipped,
+    SkipReport,
+    has_pending_conversion,
+    scan_folder,
+)
 from dicomnode.integrity import examine, find_defect, read_header_bounded
 from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
@@ -610,6 +616,7 @@ class Forwarder:
         self._senders: set[AssociationSender] = set()
         self._tracker = ReadinessTracker(config.inactivity_timeout)
         self._store = StateStore(config.watch_folder)
+        self._skips = SkipReport(config.watch_folder)
         self._retry: dict[str, RetryState] = {}
         self._events: EventSource | None = None
         self._scheduler: threading.Thread | None = None
@@ -719,7 +726,9 @@ class Forwarder:
             logger.debug("group %s changed (%d files)", group_label(key), len(snap.files))
 
     def _full_scan(self, now: float) -> None:
-        groups = group_entries(scan_folder(self.watch_folder))
+        skipped: list[Skipped] = []
+        groups = group_entries(scan_folder(self.watch_folder, skipped=skipped))
+        self._skips.report(skipped)
         with self._lock:
             busy = set(self._inflight)
         for key in self._tracker.group_keys():

@@ -14,25 +14,82 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Final
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from dicomnode.forwarder.batching import (
+    FAILED_DIR_NAME,
+    TEMP_SUFFIXES,
     TOPLEVEL_GROUP,
     FileEntry,
     group_key_of,
     should_ignore,
 )
-from dicomnode.storage import CONVERT_PENDING_DIR
+from dicomnode.forwarder.state import STATE_DIR_NAME
+from dicomnode.logsafe import escape
+from dicomnode.storage import (
+    CONVERT_PENDING_DIR,
+    CONVERT_STAGING_DIR,
+    FOLDERS_LOCK,
+    INCOMING_TMP,
+)
 
 logger = logging.getLogger(__name__)
 
+#: Hidden names of dicomnode's own bookkeeping: skipped without a log line.
+_OWN_HIDDEN: Final = frozenset(
+    {STATE_DIR_NAME, CONVERT_PENDING_DIR, CONVERT_STAGING_DIR, FOLDERS_LOCK, INCOMING_TMP}
+)
+#: dicomnode's own in-progress copies (``storage.part_path``): ``.<name>.<8 hex>.part``.
+_OWN_PART: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")
 
-def _walk(root: Path, rel: PurePosixPath) -> Iterator[FileEntry]:
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A file or folder in the watch folder that the forwarder will never send.
+
+    Attributes
+    ----------
+    rel_path : PurePosixPath
+        Path relative to the watch folder.
+    reason : str
+        Why it is not sent.
+    """
+
+    rel_path: PurePosixPath
+    reason: str
+
+
+def skip_reason(rel_path: PurePosixPath, is_dir: bool) -> str | None:
+    """Return why the forwarder skips this entry and must say so, or None.
+
+    None for entries that are sent (or descended into), for the parking folder
+    ``failed/`` (its files were reported when parked) and for dicomnode's own
+    hidden bookkeeping (state, conversion markers, folder lock, in-progress copies).
+    """
+    name = rel_path.name
+    if len(rel_path.parts) == 1 and name == FAILED_DIR_NAME:
+        return None if is_dir else f"a top-level entry named {FAILED_DIR_NAME!r} is never sent"
+    if name.startswith("."):
+        if name in _OWN_HIDDEN or _OWN_PART.fullmatch(name):
+            return None
+        what = "hidden folder (nothing inside is sent)" if is_dir else "hidden file name"
+        return f"{what}: names starting with '.' are never sent"
+    if not is_dir and name.lower().endswith(TEMP_SUFFIXES):
+        return "temporary file name (*.part, *.tmp): never sent"
+    return None
+
+
+def _walk(
+    root: Path, rel: PurePosixPath, skipped: list[Skipped] | None = None
+) -> Iterator[FileEntry]:
     try:
         with os.scandir(root.joinpath(*rel.parts)) as it:
             entries = list(it)
@@ -43,10 +100,14 @@ def _walk(root: Path, rel: PurePosixPath) -> Iterator[FileEntry]:
         try:
             if entry.is_dir(follow_symlinks=False):
                 if not _skip_dir(child):
-                    yield from _walk(root, child)
+                    yield from _walk(root, child, skipped)
+                elif skipped is not None and (reason := skip_reason(child, True)):
+                    skipped.append(Skipped(child, reason))
             elif not should_ignore(child) and entry.is_file(follow_symlinks=True):
                 st = entry.stat(follow_symlinks=True)
                 yield FileEntry(child, st.st_size, st.st_mtime_ns)
+            elif skipped is not None and (reason := skip_reason(child, False)):
+                skipped.append(Skipped(child, reason))
         except OSError:
             continue
 
@@ -57,7 +118,9 @@ def _skip_dir(rel: PurePosixPath) -> bool:
     return parts[0] == "failed" or any(p.startswith(".") for p in parts)
 
 
-def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]:
+def scan_folder(
+    watch_folder: Path, group: str | None = None, skipped: list[Skipped] | None = None
+) -> list[FileEntry]:
     """Return the visible files below the watch folder, or below one group.
 
     Parameters
@@ -67,6 +130,9 @@ def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]
     group : str or None
         Only scan this group (the top-level folder name, or
         :data:`~dicomnode.forwarder.batching.TOPLEVEL_GROUP` for loose files).
+    skipped : list, optional
+        With a full scan (``group`` None), receives the entries that will never be
+        sent and why (see :func:`skip_reason`); hand it to :class:`SkipReport`.
 
     Returns
     -------
@@ -74,7 +140,11 @@ def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]
         Files with their size and mtime; ignored files and unreadable entries are left out.
     """
     if group is None:
-        return [e for e in _walk(watch_folder, PurePosixPath()) if not should_ignore(e.rel_path)]
+        return [
+            e
+            for e in _walk(watch_folder, PurePosixPath(), skipped)
+            if not should_ignore(e.rel_path)
+        ]
     if group == TOPLEVEL_GROUP:
         found: list[FileEntry] = []
         try:
@@ -96,6 +166,34 @@ def scan_folder(watch_folder: Path, group: str | None = None) -> list[FileEntry]
     if _skip_dir(top) or not watch_folder.joinpath(group).is_dir():
         return []
     return [e for e in _walk(watch_folder, top) if not should_ignore(e.rel_path)]
+
+
+class SkipReport:
+    """Log each entry the forwarder will never send once, with the reason.
+
+    Fed with the :class:`Skipped` entries of every full scan; an entry is logged
+    again only after it disappeared and came back.
+
+    Parameters
+    ----------
+    watch_folder : Path
+        The watch folder (log lines show full paths).
+    """
+
+    def __init__(self, watch_folder: Path) -> None:
+        self.watch_folder = watch_folder
+        self._logged: set[PurePosixPath] = set()
+
+    def report(self, skipped: list[Skipped]) -> None:
+        """Log the entries not logged before; forget those no longer present."""
+        for entry in skipped:
+            if entry.rel_path not in self._logged:
+                logger.warning(
+                    "SKIPPED path=%s reason=%s",
+                    escape(str(self.watch_folder.joinpath(*entry.rel_path.parts))),
+                    entry.reason,
+                )
+        self._logged = {entry.rel_path for entry in skipped}
 
 
 #: Hidden folder where the receiver's conversion worker keeps one marker per pending

@@ -636,6 +636,7 @@ class _Association:
             transfer.too_large,
             transfer.content if error is None else None,
             reports,
+            command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
         )
         self._respond(status)
         for report in reports:

@@ -35,6 +35,8 @@ _MAX_AUTO_PROCESSES = 4
 _LOG_BATCH_S = 0.05
 #: ... or when this many are pending; WARNING and above go at once.
 _LOG_BATCH_RECORDS = 64
+#: Longest wait for a stopped worker's last log lines to be handled (a busy machine is slow).
+_PUMP_DRAIN_S = 30.0
 
 
 def effective_processes(cfg: ReceiverConfig) -> int:
@@ -112,7 +114,7 @@ def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
         logger.warning("Enhanced MR conversion is not available in this build; storing unconverted")
         return None, None
     rc = cfg.receiver
-    worker = ConversionWorker(cfg.tools, rc.folder_layout)
+    worker = ConversionWorker(cfg.tools, rc.folder_layout, rc.destination_dir)
     worker.start()
     if resume:
         roots = {rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)}
@@ -189,7 +191,10 @@ class _PipeLogHandler(logging.Handler):
     :data:`_LOG_BATCH_RECORDS` records. One pipe write and one wake-up of the
     parent per record cost a busy receiver more CPU than filing the object
     (measured: ~0.16 ms per object across both processes). At most
-    :data:`_LOG_BATCH_S` of INFO lines is lost if the worker is killed.
+    :data:`_LOG_BATCH_S` of INFO lines is lost if the worker is killed. After
+    :meth:`close` every record is sent at once (nothing waits for a batch that
+    would never be sent). The batching thread's stop flag must not be named
+    ``_closed``: :class:`logging.Handler` uses that name for its own bool.
     """
 
     _FIELDS = ("name", "levelno", "levelname", "created", "msecs")
@@ -199,7 +204,7 @@ class _PipeLogHandler(logging.Handler):
         self.conn = conn
         self.setFormatter(logging.Formatter("%(message)s"))
         self._pending: list[dict[str, Any]] = []
-        self._closed = threading.Event()
+        self._batching_stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="LogBatches", daemon=True)
         self._thread.start()
 
@@ -212,7 +217,11 @@ class _PipeLogHandler(logging.Handler):
             if event is not None:
                 fields["ledger"] = event
             self._pending.append(fields)
-            if record.levelno >= logging.WARNING or len(self._pending) >= _LOG_BATCH_RECORDS:
+            if (
+                record.levelno >= logging.WARNING
+                or len(self._pending) >= _LOG_BATCH_RECORDS
+                or self._batching_stopped.is_set()
+            ):
                 self._send()
         except Exception:
             self.handleError(record)
@@ -224,7 +233,7 @@ class _PipeLogHandler(logging.Handler):
             self.conn.send(batch)
 
     def _run(self) -> None:
-        while not self._closed.wait(_LOG_BATCH_S):
+        while not self._batching_stopped.wait(_LOG_BATCH_S):
             self.flush()
 
     def flush(self) -> None:
@@ -237,8 +246,8 @@ class _PipeLogHandler(logging.Handler):
                 self.release()
 
     def close(self) -> None:
-        """Send what is pending and stop the batching thread."""
-        self._closed.set()
+        """Send what is pending and stop the batching thread (may be called again, e.g. at exit)."""
+        self._batching_stopped.set()
         self.flush()
         super().close()
 
@@ -409,7 +418,8 @@ class ReceiverPool:
     def _retire(worker: _Worker) -> None:
         with contextlib.suppress(Exception):
             worker.conn.close()
-        worker.pump.join(1.0)  # ends at end-of-file: the worker has exited
+        # Ends at end-of-file (the worker has exited) once the worker's last lines are handled.
+        worker.pump.join(_PUMP_DRAIN_S)
         with contextlib.suppress(Exception):
             worker.log_pipe.close()
 

@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Final
 
 from pydicom.dataset import Dataset
@@ -34,9 +34,16 @@ from dicomnode.dicomtags import (
 )
 from dicomnode.integrity import Examination, examine
 from dicomnode.ledger.events import EventKind, ledger_extra
-from dicomnode.organise import instance_file_name, modality_prefix, relative_dir, relative_path
+from dicomnode.logsafe import escape
+from dicomnode.organise import (
+    FolderLevel,
+    file_name,
+    folder_plan,
+    instance_file_name,
+    modality_prefix,
+)
 from dicomnode.status import StoreStatus
-from dicomnode.storage import free_space_mb, place_file, quarantine
+from dicomnode.storage import FolderResolver, free_space_mb, place_file, quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +141,8 @@ class StoreHandler:
         self.cfg = cfg
         self.post_store = post_store
         self._max_bytes = cfg.max_object_mb * 1_000_000
-        self._folders: dict[object, tuple[PurePosixPath, str]] = {}
+        self._plans: dict[object, tuple[tuple[FolderLevel, ...], str]] = {}
+        self._resolver = FolderResolver(lock_dir=cfg.destination_dir)
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -156,6 +164,7 @@ class StoreHandler:
         too_large: bool = False,
         content: bytes | bytearray | None = None,
         reports: list[Callable[[], None]] | None = None,
+        command_uids: tuple[str, str] | None = None,
     ) -> int:
         """File one completely received object and return its C-STORE status.
 
@@ -180,6 +189,13 @@ class StoreHandler:
         reports : list, optional
             When given, the ``STORED`` log line is appended here as a callable
             instead of being logged, so the transport can send the response first.
+        command_uids : tuple of str, optional
+            ``(Affected SOP Class UID, Affected SOP Instance UID)`` of the request
+            command. When given, they must equal the data set's SOP Class and SOP
+            Instance UID: the File Meta Information is built from the command, and
+            a file whose header contradicts its data set would later be refused by
+            the forwarding target.
+
         Returns
         -------
         int
@@ -190,6 +206,9 @@ class StoreHandler:
             0xC000 Error, cannot understand: the object is structurally incomplete
             (an element runs past the end: truncated), cannot be parsed, or has no
             valid SOP Instance UID.
+            0xA900 Error, data set does not match SOP class: the command's Affected
+            SOP Class or Instance UID differs from the data set's (PS3.4 B.2.3;
+            only checked when ``command_uids`` is given).
             0x0110 Processing failure: an unexpected error in the node.
             Never raises; ``tmp`` is filed, kept in errors/ or deleted.
         """
@@ -201,7 +220,9 @@ class StoreHandler:
                 else:
                     status = self._refuse_too_large(calling, where, affected_uid, None)
             else:
-                status = self._store(tmp, calling, where, started, affected_uid, content, reports)
+                status = self._store(
+                    tmp, calling, where, started, affected_uid, content, reports, command_uids
+                )
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
             self._keep(tmp, affected_uid, f"unexpected error: {exc!r}")
@@ -228,31 +249,53 @@ class StoreHandler:
         )
         return int(StoreStatus.OUT_OF_RESOURCES)
 
-    def _relative_path(self, header: _Header, sop_uid: str) -> PurePosixPath:
-        """Return the object's path below its AE folder; the folder is computed once per series.
+    def _plan(self, header: _Header, sop_uid: str) -> tuple[tuple[FolderLevel, ...], str]:
+        """Return the object's folder plan and file name; the plan is computed once per series.
 
-        The folder (and the modality part of the file name) depend only on header
+        The plan (and the modality part of the file name) depend only on header
         values other than the per-instance ones, so they are remembered under
         their raw bytes and encoding: later objects of the series need neither
         the decoded header nor name cleaning, only their (valid) SOP Instance UID.
         """
         exam = header.exam
         if not exam.elements:
-            return relative_path(header.get(), self.cfg.folder_layout)
+            ds = header.get()
+            return folder_plan(ds, self.cfg.folder_layout), file_name(ds)
         key = (
             exam.implicit,
             exam.little,
             tuple(sorted(i for i in exam.elements.items() if i[0] not in _PER_INSTANCE_TAGS)),
         )
-        known = self._folders.get(key)
+        known = self._plans.get(key)
         if known is None:
             ds = header.get()
-            known = (relative_dir(ds, self.cfg.folder_layout), modality_prefix(ds))
-            if len(self._folders) >= _FOLDER_CACHE_SIZE:
-                self._folders.clear()
-            self._folders[key] = known
-        folder, prefix = known
-        return folder / instance_file_name(prefix, sop_uid)
+            known = (folder_plan(ds, self.cfg.folder_layout), modality_prefix(ds))
+            if len(self._plans) >= _FOLDER_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = known
+        plan, prefix = known
+        return plan, instance_file_name(prefix, sop_uid)
+
+    def _place(self, tmp: Path, ae_root: Path, plan: tuple[FolderLevel, ...], name: str) -> Path:
+        """Rename ``tmp`` into the folder of ``plan`` (found or created by identity).
+
+        Raises
+        ------
+        OSError
+            When the folder cannot be created or the file not moved.
+        """
+        for attempt in range(4):
+            try:
+                final = self._resolver.resolve(ae_root, plan) / name
+                place_file(tmp, final, create_folders=False)
+                return final
+            except FileNotFoundError:
+                # A forwarder removed the (emptied) folder since it was found: find
+                # or create it again, under the folder lock.
+                if attempt == 3 or not tmp.exists():
+                    raise
+                self._resolver.forget()
+        raise AssertionError("unreachable")
 
     def _judge(self, tmp: Path, content: bytes | bytearray | None) -> tuple[_Header, str | None]:
         """Walk the object once; return its (lazy) header and why it cannot be filed, or None."""
@@ -282,6 +325,7 @@ class StoreHandler:
         affected_uid: str,
         content: bytes | bytearray | None,
         reports: list[Callable[[], None]] | None,
+        command_uids: tuple[str, str] | None = None,
     ) -> int:
         if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
             logger.error(
@@ -307,6 +351,12 @@ class StoreHandler:
                 problem = f"missing or invalid SOP Instance UID {sop_uid!r}"
         if problem is not None:
             return self._fail(tmp, calling, where, StoreStatus.CANNOT_UNDERSTAND, problem)
+        if command_uids is not None:
+            mismatch = self._command_mismatch(header, sop_uid, command_uids)
+            if mismatch is not None:
+                return self._fail(
+                    tmp, calling, where, StoreStatus.DATASET_MISMATCH, mismatch, sop_uid
+                )
         ae_root = cfgmod.route_for(self.cfg, calling)
         if (
             self.cfg.min_free_space_mb
@@ -324,9 +374,10 @@ class StoreHandler:
                 extra=_refused(calling, where, sop_uid, 0xA700, "free space below guard"),
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
-        final = ae_root / self._relative_path(header, sop_uid)
+        plan, name = self._plan(header, sop_uid)
+        final = ae_root.joinpath(*(level.name for level in plan), name)
         try:
-            place_file(tmp, final)
+            final = self._place(tmp, ae_root, plan, name)
         except OSError as exc:
             return self._fail(
                 tmp,
@@ -368,6 +419,27 @@ class StoreHandler:
             except Exception:
                 logger.exception("post-store step failed for %s (object is stored)", final)
         return int(StoreStatus.SUCCESS)
+
+    @staticmethod
+    def _command_mismatch(
+        header: _Header, sop_uid: str, command_uids: tuple[str, str]
+    ) -> str | None:
+        """Return why the request command contradicts the data set's UIDs, or None."""
+        affected_class, affected_instance = command_uids
+        if affected_instance != sop_uid:
+            return (
+                f"Affected SOP Instance UID '{escape(affected_instance)}' of the command "
+                f"differs from the data set's SOP Instance UID '{sop_uid}'"
+            )
+        sop_class = _plain_uid(header.exam.elements.get(_SOP_CLASS_UID))
+        if not sop_class:
+            sop_class = text_of(header.get(), "SOPClassUID")
+        if affected_class != sop_class:
+            return (
+                f"Affected SOP Class UID '{escape(affected_class)}' of the command differs "
+                f"from the data set's SOP Class UID '{escape(sop_class)}'"
+            )
+        return None
 
     def _refuse_unwritable(
         self, tmp: Path, calling: str, where: str, affected_uid: str, exc: OSError
