@@ -192,12 +192,13 @@ def dicomnode_storer(out: Path) -> Storer:
     import time
 
     from dicomnode.config import ReceiverConfig
-    from dicomnode.receiver.store import StoreHandler
+    from dicomnode.receiver.store import ReceivedObject, StoreHandler
 
     handler = StoreHandler(ReceiverConfig(destination_dir=out, min_free_space_mb=100))
 
     def store(tmp: Path, sop_instance: str) -> int:
-        return handler.finish(tmp, "BENCHSCU", "127.0.0.1", time.monotonic(), sop_instance)
+        received = ReceivedObject(tmp, "BENCHSCU", "127.0.0.1", time.monotonic(), sop_instance)
+        return handler.finish(received).status
 
     return store
 

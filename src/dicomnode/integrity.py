@@ -18,8 +18,12 @@ walked when it fits), the rest is only counted, and an object that inflates
 more than :data:`MAX_INFLATION_RATIO` times its compressed size beyond
 :data:`INFLATION_FLOOR_BYTES` is a defect (a deflate bomb). Memory stays flat
 whatever the object claims. :func:`read_header_bounded` gives the forwarder
-and others the same bounded header read. Imports the standard library, and
-:mod:`dicomnode.dicomtags` for :func:`read_header_bounded`.
+and others the same bounded header read. Imports the standard library,
+pydicom's UID constants, :mod:`dicomnode.dul.meta` (the one File Meta reader)
+and :mod:`dicomnode.dicomtags` for :func:`read_header_bounded`.
+
+Length: a little over 500 lines: the element walker and the bounded inflation
+it walks deflated data sets through are one check with one defect vocabulary.
 """
 
 from __future__ import annotations
@@ -36,11 +40,19 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-_IMPLICIT_LE: Final = "1.2.840.10008.1.2"
-_EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
+
+from dicomnode.dul.meta import LONG_VRS, TRANSFER_SYNTAX_ELEMENT, MetaError, read_file_meta
+from dicomnode.dul.pdu import uid_text
+
 #: Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate, A.7).
 #: (Deflated Image Frame Compression, 1.2.840.10008.1.2.8.1, deflates frames only.)
-DEFLATED_SYNTAXES: Final = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"})
+#: (JPIP Referenced Deflate has no constant in pydicom.uid.)
+DEFLATED_SYNTAXES: Final = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"})
 #: Inflated bytes kept in memory to walk a deflated data set's header (all of it if it fits).
 MAX_DEFLATED_HEADER_BYTES: Final = 4 * 1024 * 1024
 #: A deflated data set may inflate to more than this many times its compressed size ...
@@ -50,10 +62,8 @@ INFLATION_FLOOR_BYTES: Final = 64 * 1024 * 1024
 #: Compressed bytes fed to the inflater at a time, and inflated bytes taken at a time.
 _INFLATE_IN_BYTES: Final = 64 * 1024
 _INFLATE_OUT_BYTES: Final = 256 * 1024
-#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS: Final = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
+#: First read of the File Meta Information (read again 16 times larger while it does not fit).
+_META_HEAD_BYTES: Final = 4096
 _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
@@ -157,7 +167,7 @@ class _Walker:
         vr = self.buf[at + 4 : at + 6]
         if not (vr.isalpha() and vr.isupper()):
             raise _Defect(f"element ({group:04X},{elem:04X}) has no valid VR {vr!r}")
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             at = self._need(4, end, "element length")
             (length,) = self.long_length.unpack(self.buf[at : at + 4])
         else:
@@ -185,7 +195,7 @@ class _Walker:
                 head = self.buf[pos : pos + 8]
                 group, elem, length = self.tag_length.unpack(head)
                 vr = head[4:6]
-                if group == 0xFFFE or vr in _LONG_VRS or not (vr.isalpha() and vr.isupper()):
+                if group == 0xFFFE or vr in LONG_VRS or not (vr.isalpha() and vr.isupper()):
                     tag, vr, length = self._tag_length(end, implicit)
                 else:
                     tag = (group << 16) | elem
@@ -234,22 +244,20 @@ class _Walker:
 
 def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
     """Return (transfer syntax UID, offset of the data set) of a Part 10 object."""
-    if size < 132 or buf[128:132] != b"DICM":
-        raise _Defect("no DICOM preamble and DICM marker")
-    walker = _Walker(buf, implicit=False, little=True)
-    walker.pos = 132
-    syntax = ""
+    want = _META_HEAD_BYTES
     while True:
-        pos = walker.pos
-        if pos + 2 > size or buf[pos : pos + 2] != b"\x02\x00":
-            return syntax, pos
-        tag, _, length = walker._tag_length(size, implicit=False)
-        if length == _UNDEFINED:
-            raise _Defect("file meta element of undefined length")
-        at = walker.pos
-        walker._skip(length, size, tag)
-        if tag == 0x00020010:
-            syntax = buf[at : at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        head = buf[0 : min(size, want)]
+        whole = len(head) >= size
+        try:
+            values, start = read_file_meta(head, whole)
+        except MetaError as exc:
+            raise _Defect(str(exc)) from None
+        except EOFError:
+            if whole:
+                raise _Defect("File Meta Information runs past the end of the file") from None
+            want *= 16
+            continue
+        return uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b"")), start
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,8 +342,8 @@ def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
         syntax, start = _read_meta(buf, size)
         if syntax in DEFLATED_SYNTAXES:
             return _examine_deflated(buf, start, size, syntax, wanted)
-        implicit = syntax == _IMPLICIT_LE
-        little = syntax != _EXPLICIT_BE
+        implicit = syntax == ImplicitVRLittleEndian
+        little = syntax != ExplicitVRBigEndian
         if not implicit and start + 6 <= size:
             # Some senders write implicit VR under an explicit transfer syntax;
             # pydicom reads those, so judge them by what they really are.

@@ -5,6 +5,11 @@ complete, fsynced temporary file in the same folder (or, across volumes, a
 fsynced ``.part`` copy in the destination folder). Log verbs: ``STORED``,
 ``QUARANTINED``. Imports the standard library, pydicom types and
 :mod:`dicomnode.errors`.
+
+Length: a little over 500 lines, on purpose: it is the one home of
+durability (rename, fsync, folder creation and lookup by identity under the
+folder lock, stale-temp cleanup); every write the node makes visible goes
+through it, so its rules are read in one place.
 """
 
 from __future__ import annotations

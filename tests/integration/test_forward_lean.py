@@ -22,9 +22,10 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian
 
 from dicomnode.config import ForwarderConfig
-from dicomnode.forwarder import lean
+from dicomnode.dul.dimse import parse_command
+from dicomnode.forwarder import source
 from dicomnode.forwarder.batching import ObjectInfo, SendOutcome, plan_associations
-from dicomnode.forwarder.lean import LeanAssociationSender, parse_command
+from dicomnode.forwarder.lean import LeanAssociationSender
 from dicomnode.forwarder.sender import RunEnd
 from tests.conftest import free_port, require_tool, wait_until, write_config
 from tests.factories import make_image, rt_set, save
@@ -213,7 +214,7 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
 def test_lean_delivers_byte_identical_data_sets_to_storescp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preadv: bool
 ) -> None:
-    monkeypatch.setattr(lean, "_HAS_PREADV", preadv and lean._HAS_PREADV)
+    monkeypatch.setattr(source, "_HAS_PREADV", preadv and source._HAS_PREADV)
     scp = StoreSCP(tmp_path)
     scp.extra_args = ["--bit-preserving"]  # store the received data set bytes as they are
     scp.start()

@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation
 
-from dicomnode.upperlayer import IMPLEMENTATION_UID
+from dicomnode.dul.pdu import IMPLEMENTATION_UID
 from tests.conftest import wait_until
 from tests.integration.rawpeer import (
     PDU_ASSOCIATE_AC,

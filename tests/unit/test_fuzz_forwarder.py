@@ -1,7 +1,7 @@
 """Fuzz the forwarder's header inspection of files dropped into the watch folder.
 
 Anything can land in a watch folder: random bytes, truncated or bit-flipped
-objects, zero-byte files. :func:`~dicomnode.forwarder.runner.inspect_file` must
+objects, zero-byte files. :func:`~dicomnode.forwarder.header.inspect_file` must
 answer every one with either the object's facts or a reason to park it, and
 never raise (an exception would stall the whole group).
 """
@@ -18,8 +18,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.forwarder.batching import ObjectInfo
+from dicomnode.forwarder.header import inspect_file
+from dicomnode.forwarder.job import JobFile
 from dicomnode.forwarder.outcome import ParkReason
-from dicomnode.forwarder.runner import JobFile, inspect_file
 from tests.factories import make_image, rt_set
 
 FUZZ = settings(

@@ -25,7 +25,7 @@ from pydicom.filewriter import write_file_meta_info
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.integrity import MAX_DEPTH, find_defect
-from dicomnode.receiver.store import StoreHandler
+from dicomnode.receiver.store import ReceivedObject, StoreHandler
 from tests.factories import make_image, rt_set
 from tests.integration.rawpeer import encode_dataset
 
@@ -71,7 +71,9 @@ class Harness:
         with warnings.catch_warnings():
             # pydicom warns about odd values; in production these are log lines.
             warnings.simplefilter("ignore")
-            status = self.handler.finish(path, "FUZZER", "127.0.0.1:1", time.monotonic(), "1.2.3.4")
+            status = self.handler.finish(
+                ReceivedObject(path, "FUZZER", "127.0.0.1:1", time.monotonic(), "1.2.3.4")
+            ).status
         path.unlink(missing_ok=True)
         return status
 

@@ -27,19 +27,21 @@ from pynetdicom.sop_class import (
     _STORAGE_COMMITMENT_CLASSES,
 )
 
-from dicomnode import upperlayer
-from dicomnode.receiver.negotiation import (
+from dicomnode.dul import dimse
+from dicomnode.dul import pdu as dul
+from dicomnode.dul.meta import LONG_VRS, file_meta
+from dicomnode.dul.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTANCE,
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
     TRANSFER_SYNTAXES_NOT_SUPPORTED,
     ContextResult,
+    PduType,
     ProposedContext,
-    associate_ac,
-    associate_rj,
-    is_storage_like,
-    negotiate,
-    parse_associate_rq,
+    p_data_tf,
 )
+from dicomnode.receiver.negotiation import is_storage_like, negotiate
 from tests.integration.rawpeer import associate_rq_contexts, encode_dataset
 
 CT = "1.2.840.10008.5.1.4.1.1.2"  # 25 characters: odd length
@@ -82,8 +84,8 @@ def test_parse_associate_rq_of_pynetdicom_request() -> None:
         ],
         max_pdu=32768,
     )
-    assert pdu[0] == upperlayer.ASSOCIATE_RQ
-    request = parse_associate_rq(pdu[6:])
+    assert pdu[0] == PduType.A_ASSOCIATE_RQ
+    request = dul.A_ASSOCIATE_RQ.decode(pdu[6:])
     assert request.calling_ae == "SENDER"
     assert request.called_ae == "DICOMNODE"
     assert request.application_context == "1.2.840.10008.3.1.1.1"
@@ -100,7 +102,7 @@ def test_parse_associate_rq_of_pynetdicom_request() -> None:
 
 def test_parse_associate_rq_accepts_memoryview_and_unlimited_max_pdu() -> None:
     pdu = rq_pdu("A", "BB", [(7, MR, [EXPLICIT_LE])], max_pdu=0)
-    request = parse_associate_rq(memoryview(pdu)[6:])
+    request = dul.A_ASSOCIATE_RQ.decode(memoryview(pdu)[6:])
     assert (request.calling_ae, request.called_ae) == ("A", "BB")
     assert request.contexts == (ProposedContext(7, MR, (EXPLICIT_LE,)),)
     assert request.max_pdu == 0
@@ -110,7 +112,7 @@ def test_parse_associate_rq_accepts_memoryview_and_unlimited_max_pdu() -> None:
 def test_parse_associate_rq_too_short(length: int) -> None:
     pdu = rq_pdu("A", "B", [(1, CT, [EXPLICIT_LE])], max_pdu=16384)
     with pytest.raises(ValueError, match="too short"):
-        parse_associate_rq(pdu[6 : 6 + length])
+        dul.A_ASSOCIATE_RQ.decode(pdu[6 : 6 + length])
 
 
 # --- 2. is_storage_like ---------------------------------------------------------------
@@ -219,9 +221,9 @@ def test_associate_ac_decoded_by_pynetdicom() -> None:
         ],
         max_pdu=16384,
     )
-    request = parse_associate_rq(pdu[6:])
-    raw = associate_ac(request, negotiate(request.contexts), 65536)
-    assert raw[0] == upperlayer.ASSOCIATE_AC
+    request = dul.A_ASSOCIATE_RQ.decode(pdu[6:])
+    raw = dul.A_ASSOCIATE_AC(request.fixed_part, tuple(negotiate(request.contexts)), 65536).encode()
+    assert raw[0] == PduType.A_ASSOCIATE_AC
     assert struct.unpack(">I", raw[2:6])[0] == len(raw) - 6
 
     ac = A_ASSOCIATE_AC()
@@ -239,15 +241,17 @@ def test_associate_ac_decoded_by_pynetdicom() -> None:
     user = ac.user_information
     assert user is not None
     assert user.maximum_length == 65536
-    assert user.implementation_class_uid == upperlayer.IMPLEMENTATION_UID
-    assert user.implementation_version_name == upperlayer.IMPLEMENTATION_VERSION
-    assert 1 <= len(upperlayer.IMPLEMENTATION_VERSION) <= 16
+    assert user.implementation_class_uid == IMPLEMENTATION_UID
+    assert user.implementation_version_name == IMPLEMENTATION_VERSION
+    assert 1 <= len(IMPLEMENTATION_VERSION) <= 16
 
 
 def test_associate_ac_unlimited_max_pdu() -> None:
-    request = parse_associate_rq(rq_pdu("A", "B", [(1, CT, [EXPLICIT_LE])], 0)[6:])
+    request = dul.A_ASSOCIATE_RQ.decode(rq_pdu("A", "B", [(1, CT, [EXPLICIT_LE])], 0)[6:])
     ac = A_ASSOCIATE_AC()
-    ac.decode(associate_ac(request, negotiate(request.contexts), 0))
+    ac.decode(
+        dul.A_ASSOCIATE_AC(request.fixed_part, tuple(negotiate(request.contexts)), 0).encode()
+    )
     assert ac.user_information is not None
     assert ac.user_information.maximum_length == 0
     (context,) = ac.presentation_context
@@ -258,7 +262,7 @@ def test_associate_ac_unlimited_max_pdu() -> None:
 
 
 def test_associate_rj_decoded_by_pynetdicom() -> None:
-    raw = associate_rj(1, 1, 3)
+    raw = dul.A_ASSOCIATE_RJ(1, 1, 3).encode()
     assert raw == b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x03"
     rj = A_ASSOCIATE_RJ()
     rj.decode(raw)
@@ -270,7 +274,7 @@ def test_associate_rj_decoded_by_pynetdicom() -> None:
 
 
 def test_store_response_decoded_by_pynetdicom() -> None:
-    raw = upperlayer.response_command(0x0001, 7, CT, "1.2.3.4", 0xA700)
+    raw = dimse.response_command(0x0001, 7, CT, "1.2.3.4", 0xA700)
     ds = decode(BytesIO(raw), True, True)
     assert ds.CommandField == 0x8001
     assert ds.MessageIDBeingRespondedTo == 7
@@ -281,7 +285,7 @@ def test_store_response_decoded_by_pynetdicom() -> None:
     # Group length element: tag (4) + length (4) + value (4) = 12 bytes.
     assert ds.CommandGroupLength == len(raw) - 12
     # Elements in ascending tag order (PS3.5 7.1), read in wire order.
-    tags = list(upperlayer.parse_command(raw))
+    tags = list(dimse.parse_command(raw))
     assert tags == [0x0, 0x2, 0x100, 0x120, 0x800, 0x900, 0x1000]
 
 
@@ -296,11 +300,11 @@ def test_store_response_matches_pynetdicom_encoding() -> None:
     msg.primitive_to_message(prim)
     expected = encode(msg.command_set, True, True)
     assert expected is not None
-    assert upperlayer.response_command(0x0001, 7, CT, sop_instance, 0xA700) == expected
+    assert dimse.response_command(0x0001, 7, CT, sop_instance, 0xA700) == expected
 
 
 def test_echo_response_has_no_instance_uid() -> None:
-    raw = upperlayer.response_command(0x0030, 3, VERIFICATION, "", 0x0000)
+    raw = dimse.response_command(0x0030, 3, VERIFICATION, "", 0x0000)
     ds = decode(BytesIO(raw), True, True)
     assert ds.CommandField == 0x8030
     assert ds.MessageIDBeingRespondedTo == 3
@@ -319,7 +323,7 @@ def test_echo_response_has_no_instance_uid() -> None:
 
 
 def test_response_without_sop_class() -> None:
-    raw = upperlayer.response_command(0x0001, 2, "", "1.2.3", 0x0000)
+    raw = dimse.response_command(0x0001, 2, "", "1.2.3", 0x0000)
     ds = decode(BytesIO(raw), True, True)
     assert "AffectedSOPClassUID" not in ds
     assert ds.AffectedSOPInstanceUID == "1.2.3"
@@ -354,7 +358,7 @@ def walk_meta(meta: bytes) -> list[tuple[int, bytes, int]]:
     while pos < len(meta):
         group, elem, vr = struct.unpack_from("<HH2s", meta, pos)
         assert group == 0x0002
-        if vr in upperlayer.LONG_VRS:
+        if vr in LONG_VRS:
             (length,) = struct.unpack_from("<I", meta, pos + 8)
             pos += 12 + length
         else:
@@ -368,7 +372,7 @@ def walk_meta(meta: bytes) -> list[tuple[int, bytes, int]]:
 @pytest.mark.parametrize("source_ae", ["SCANNER", "ABC"])
 def test_file_meta_read_by_pydicom(tmp_path: Path, source_ae: str) -> None:
     sop_instance = "1.2.826.0.1.3680043.8.498.12345"  # 31 characters: odd length
-    meta = upperlayer.file_meta(CT, sop_instance, EXPLICIT_LE, source_ae)
+    meta = file_meta(CT, sop_instance, EXPLICIT_LE, source_ae)
     assert meta[:132] == bytes(128) + b"DICM"
     assert len(meta) % 2 == 0
     # Group length counts the bytes after itself up to the data set.
@@ -388,8 +392,8 @@ def test_file_meta_read_by_pydicom(tmp_path: Path, source_ae: str) -> None:
     assert fm.MediaStorageSOPClassUID == CT
     assert fm.MediaStorageSOPInstanceUID == sop_instance
     assert fm.TransferSyntaxUID == EXPLICIT_LE
-    assert fm.ImplementationClassUID == upperlayer.IMPLEMENTATION_UID
-    assert fm.ImplementationVersionName == upperlayer.IMPLEMENTATION_VERSION
+    assert fm.ImplementationClassUID == IMPLEMENTATION_UID
+    assert fm.ImplementationVersionName == IMPLEMENTATION_VERSION
     assert fm.SourceApplicationEntityTitle == source_ae
     assert fm.FileMetaInformationGroupLength == len(meta) - 144
 
@@ -401,12 +405,12 @@ def test_file_meta_read_by_pydicom(tmp_path: Path, source_ae: str) -> None:
 
 
 def test_file_meta_odd_ae_is_space_padded() -> None:
-    meta = upperlayer.file_meta(CT, "1.2.3", EXPLICIT_LE, "ABC")
+    meta = file_meta(CT, "1.2.3", EXPLICIT_LE, "ABC")
     assert meta.endswith(b"\x02\x00\x16\x00AE\x04\x00ABC ")
 
 
 def test_file_meta_odd_uid_is_nul_padded() -> None:
-    meta = upperlayer.file_meta(CT, "1.2.3", EXPLICIT_LE, "")
+    meta = file_meta(CT, "1.2.3", EXPLICIT_LE, "")
     assert b"\x02\x00\x02\x00UI\x1a\x00" + CT.encode() + b"\x00" in meta
     assert b"\x02\x00\x03\x00UI\x06\x001.2.3\x00" in meta
     # No source AE: the element is left out.
@@ -418,21 +422,21 @@ def test_file_meta_odd_uid_is_nul_padded() -> None:
 
 def test_command_set_round_trip() -> None:
     elements = [
-        (upperlayer.AFFECTED_SOP_CLASS, CT.encode()),
-        (upperlayer.COMMAND_FIELD, upperlayer.us(upperlayer.C_STORE_RQ)),
-        (upperlayer.MESSAGE_ID, upperlayer.us(42)),
-        (upperlayer.DATA_SET_TYPE, upperlayer.us(0x0000)),
-        (upperlayer.AFFECTED_SOP_INSTANCE, b"1.2.3"),
+        (dimse.AFFECTED_SOP_CLASS, CT.encode()),
+        (dimse.COMMAND_FIELD, dimse.us(dimse.C_STORE_RQ)),
+        (dimse.MESSAGE_ID, dimse.us(42)),
+        (dimse.DATA_SET_TYPE, dimse.us(0x0000)),
+        (dimse.AFFECTED_SOP_INSTANCE, b"1.2.3"),
     ]
-    raw = upperlayer.command_set(elements)
-    parsed = upperlayer.parse_command(raw)
+    raw = dimse.command_set(elements)
+    parsed = dimse.parse_command(raw)
     assert list(parsed) == [0x00000000] + [tag for tag, _ in elements]
     assert struct.unpack("<I", parsed[0])[0] == len(raw) - 12
-    assert parsed[upperlayer.AFFECTED_SOP_CLASS] == CT.encode() + b"\x00"
-    assert parsed[upperlayer.AFFECTED_SOP_INSTANCE] == b"1.2.3\x00"
-    assert upperlayer.command_us(parsed, upperlayer.COMMAND_FIELD) == 0x0001
-    assert upperlayer.command_us(parsed, upperlayer.MESSAGE_ID) == 42
-    assert upperlayer.command_us(parsed, upperlayer.DATA_SET_TYPE) == 0
+    assert parsed[dimse.AFFECTED_SOP_CLASS] == CT.encode() + b"\x00"
+    assert parsed[dimse.AFFECTED_SOP_INSTANCE] == b"1.2.3\x00"
+    assert dimse.command_us(parsed, dimse.COMMAND_FIELD) == 0x0001
+    assert dimse.command_us(parsed, dimse.MESSAGE_ID) == 42
+    assert dimse.command_us(parsed, dimse.DATA_SET_TYPE) == 0
     # pydicom reads the same bytes identically.
     ds = decode(BytesIO(raw), True, True)
     assert ds.MessageID == 42
@@ -440,24 +444,22 @@ def test_command_set_round_trip() -> None:
 
 
 def test_parse_command_truncated() -> None:
-    raw = upperlayer.command_set([(upperlayer.MESSAGE_ID, upperlayer.us(1))])
+    raw = dimse.command_set([(dimse.MESSAGE_ID, dimse.us(1))])
     with pytest.raises(ValueError, match="truncated"):
-        upperlayer.parse_command(raw[:-1])
+        dimse.parse_command(raw[:-1])
 
 
 def test_command_us_missing_tag() -> None:
-    parsed = upperlayer.parse_command(
-        upperlayer.command_set([(upperlayer.MESSAGE_ID, upperlayer.us(5))])
-    )
-    assert upperlayer.command_us(parsed, upperlayer.STATUS) is None
-    assert upperlayer.command_us(parsed, upperlayer.MESSAGE_ID) == 5
+    parsed = dimse.parse_command(dimse.command_set([(dimse.MESSAGE_ID, dimse.us(5))]))
+    assert dimse.command_us(parsed, dimse.STATUS) is None
+    assert dimse.command_us(parsed, dimse.MESSAGE_ID) == 5
 
 
 # --- 9. p_data_pdu --------------------------------------------------------------------
 
 
 def test_p_data_pdu_decoded_by_pynetdicom() -> None:
-    raw = upperlayer.p_data_pdu(3, 0x03, b"abcd")
+    raw = p_data_tf(3, 0x03, b"abcd")
     assert raw[0] == 0x04
     assert raw[1] == 0x00
     assert struct.unpack(">I", raw[2:6])[0] == 10 == len(raw) - 6

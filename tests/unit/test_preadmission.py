@@ -13,10 +13,10 @@ import pytest
 from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import HEADER_TAG_NUMBERS, header_from_elements, read_header, text_of
+from dicomnode.dul.pdu import ae_text
 from dicomnode.integrity import DeflatedDataSetError, examine, find_defect, read_header_bounded
 from dicomnode.logsafe import escape, escape_message
 from dicomnode.receiver.admission import RefusalLog
-from dicomnode.receiver.negotiation import ae_text
 from dicomnode.receiver.policy import decide_association, is_valid_peer_ae
 from tests.deflate_factory import save_deflated
 from tests.factories import make_image
@@ -178,8 +178,9 @@ def test_preadmission_cut_off_deflated_stream_is_a_defect(tmp_path: Path) -> Non
 def test_preadmission_forwarder_parks_a_deflate_bomb_without_inflating_it(tmp_path: Path) -> None:
     from pathlib import PurePosixPath
 
+    from dicomnode.forwarder.header import inspect_file
+    from dicomnode.forwarder.job import JobFile
     from dicomnode.forwarder.outcome import ParkReason
-    from dicomnode.forwarder.runner import JobFile, inspect_file
 
     path = save_deflated(make_image("CT"), 400 * 1024 * 1024, tmp_path / "g" / "bomb.dcm")
     st = path.stat()

@@ -43,7 +43,7 @@ from dicomnode.dicomtags import (
 from dicomnode.integrity import examine, find_defect
 from dicomnode.organise import file_name, folder_plan, relative_path
 from dicomnode.receiver import store as storemod
-from dicomnode.receiver.store import StoreHandler
+from dicomnode.receiver.store import ReceivedObject, StoreHandler
 from tests.factories import ROOT, bundled, make_image, rt_set, save
 from tests.integration.rawpeer import encode_dataset
 
@@ -392,8 +392,10 @@ def _feed(root: Path, layout: str, content_mode: str) -> tuple[StoreHandler, lis
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             status = handler.finish(
-                received, "SCANNER", "127.0.0.1:1", time.monotonic(), uid, content=content
-            )
+                ReceivedObject(
+                    received, "SCANNER", "127.0.0.1:1", time.monotonic(), uid, content=content
+                )
+            ).status
         assert status == 0x0000, f"{original.name}: 0x{status:04X}"
         if not expected.is_file():
             found = sorted(str(p.relative_to(incoming)) for p in incoming.rglob(expected.name))
@@ -431,7 +433,12 @@ def test_single_pass_store_folder_cache_is_hit_within_a_series(tmp_path: Path) -
             make_image(study_uid=study, series_uid=series, instance=instance),
             dest / ".incoming-tmp" / f"{instance}.part",
         )
-        assert handler.finish(received, "SCANNER", "127.0.0.1:1", time.monotonic(), "") == 0
+        assert (
+            handler.finish(
+                ReceivedObject(received, "SCANNER", "127.0.0.1:1", time.monotonic(), "")
+            ).status
+            == 0
+        )
     assert len(handler._plans) == 1
     assert len(list((dest / "incoming").rglob("*.dcm"))) == 3
 

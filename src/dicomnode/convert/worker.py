@@ -9,6 +9,10 @@ marker makes an interrupted job run again after a restart. :func:`convert_paths`
 the offline ``dicomnode convert`` command. Log verbs: ``CONVERTED``, ``CONVERT-FAILED``.
 Imports pydicom, :mod:`dicomnode.config`, :mod:`dicomnode.organise`,
 :mod:`dicomnode.dicomtags`, :mod:`dicomnode.storage` and its own package.
+
+Length: about 670 lines: one crash-safe pipeline (stage, place, marker,
+resume) and the offline command that runs the same steps; split, the
+command would import every private step of the worker.
 """
 
 from __future__ import annotations

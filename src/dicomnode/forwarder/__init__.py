@@ -8,6 +8,7 @@ meet only through the file system.
 
 from __future__ import annotations
 
-from dicomnode.forwarder.runner import Forwarder, retry_failed, send_paths
+from dicomnode.forwarder.oneshot import retry_failed, send_paths
+from dicomnode.forwarder.scheduler import Forwarder
 
 __all__ = ["Forwarder", "retry_failed", "send_paths"]

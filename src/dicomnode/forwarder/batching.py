@@ -16,7 +16,9 @@ from enum import Enum
 from pathlib import PurePosixPath
 from typing import Final
 
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicomnode.dul.pdu import MAX_PRESENTATION_CONTEXTS
 
 #: Name of the parked-files folder directly below the watch folder.
 FAILED_DIR_NAME: Final = "failed"
@@ -27,15 +29,13 @@ TOPLEVEL_LABEL: Final = "_toplevel"
 #: File name suffixes that mark files still being written.
 TEMP_SUFFIXES: Final = (".part", ".tmp")
 #: Largest number of presentation contexts one association may propose (PS3.8 9.3.2.2).
-MAX_CONTEXTS: Final = 128
+MAX_CONTEXTS: Final = MAX_PRESENTATION_CONTEXTS
 
-EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE: Final = ExplicitVRLittleEndian
+IMPLICIT_VR_LE: Final = ImplicitVRLittleEndian
 #: Transfer syntaxes proposed for every SOP class so the object can be converted.
 FALLBACK_SYNTAXES: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
-UNCOMPRESSED_SYNTAXES: Final = frozenset(
-    {EXPLICIT_VR_LE, IMPLICIT_VR_LE, "1.2.840.10008.1.2.2"}  # + explicit VR big endian
-)
+UNCOMPRESSED_SYNTAXES: Final = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE, ExplicitVRBigEndian})
 
 _RT_BY_MODALITY: Final = {
     "RTSTRUCT": "RTSTRUCT",

@@ -2,9 +2,9 @@
 
 :class:`LeanAssociationSender` has the interface and the per-file outcome rules
 of :class:`~dicomnode.forwarder.sender.AssociationSender` but speaks the DICOM
-upper layer itself, on the calling thread, without pynetdicom's reactor
-threads, polling and queues (which cost about 4-5 ms of CPU per C-STORE on the
-benchmark machine). One association per :meth:`~LeanAssociationSender.run`:
+upper layer itself (:mod:`dicomnode.dul`), on the calling thread, with no
+reactor threads, polling or queues (bench/README.md has the measurements that
+made this choice). One association per :meth:`~LeanAssociationSender.run`:
 
 * A-ASSOCIATE-RQ with one presentation context per :class:`ContextSpec`
   (ids 1, 3, 5, ...), our maximum PDU length, implementation class UID and
@@ -15,8 +15,8 @@ benchmark machine). One association per :meth:`~LeanAssociationSender.run`:
   unlimited peer is capped at :data:`~dicomnode.forwarder.sender.MAX_SEND_PDU_BYTES`).
   One reusable buffer of about 1 MiB holds the PDUs of one write (small PDUs
   are batched: their data is read in place between the headers with one
-  ``preadv``), so memory stays bounded for objects of any size (forwarding a
-  1 GB object peaks at about 55 MB RSS); the bytes are never decoded. A
+  ``preadv``, :mod:`.source`), so memory stays bounded for objects of any
+  size; the bytes are never decoded. A
   deflated data set of odd length gets the trailing NULL byte PS3.5 A.5
   requires. Only when the target did not accept the file's transfer syntax is
   the object converted (:mod:`~dicomnode.forwarder.transcode`: inflated,
@@ -34,25 +34,59 @@ waiting for a response ``dimse_timeout_s``, sending ``network_timeout_s``.
 Anything unexpected from the peer (A-ABORT, A-RELEASE-RQ, a closed connection,
 a response to another message, a malformed PDU) ends the association as
 network trouble: the current object and all later ones are reported ``RETRY``.
+
+Length: about 600 lines, on purpose: negotiation, the send loop that writes
+PDUs in place and the reading of each response are one exchange of one
+association with one set of failure rules; split, each half would need the
+other to be read. The protocol encoding lives in :mod:`dicomnode.dul`, the
+data set source in :mod:`.source`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import select
 import socket
 import ssl
 import struct
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
 from dicomnode.config import ForwarderConfig
+from dicomnode.dul.dimse import (
+    C_STORE_RSP,
+    COMMAND_FIELD,
+    ERROR_COMMENT,
+    MESSAGE_ID_RESPONDED,
+    STATUS,
+    c_store_rq,
+    command_us,
+    parse_command,
+)
+from dicomnode.dul.link import LinkError, LinkTimeout, PduLink
+from dicomnode.dul.meta import MetaError
+from dicomnode.dul.pdu import (
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP_PDU,
+    A_RELEASE_RQ_PDU,
+    ACCEPTANCE,
+    APPLICATION_CONTEXT,
+    PDU_HEADER,
+    PDU_HEADER_LEN,
+    PDV_COMMAND,
+    PDV_HEADER,
+    PDV_LAST,
+    PduType,
+    ProposedContext,
+    iter_pdvs,
+    p_data_tf,
+    uid_text,
+)
 from dicomnode.forwarder.batching import (
-    MAX_CONTEXTS,
     ContextSpec,
     ObjectInfo,
     SendOutcome,
@@ -65,358 +99,32 @@ from dicomnode.forwarder.sender import (
     ResultCallback,
     RunEnd,
 )
+from dicomnode.forwarder.source import (
+    Fill,
+    SourceEnded,
+    UnreadableFile,
+    file_reader,
+    locate_data_set,
+    memory_reader,
+    zero_padded,
+)
 from dicomnode.forwarder.transcode import (
-    DEFLATED_EXPLICIT_VR_LE,
     TranscodeError,
     choose_syntax,
     syntax_name,
     transcode,
 )
 from dicomnode.status import describe_status, is_success_or_warning
-from dicomnode.upperlayer import (
-    ABORT,
-    ABORT_PDU,
-    AFFECTED_SOP_CLASS,
-    AFFECTED_SOP_INSTANCE,
-    APPLICATION_CONTEXT,
-    ASSOCIATE_AC,
-    ASSOCIATE_RJ,
-    ASSOCIATE_RQ,
-    C_STORE_RQ,
-    COMMAND_FIELD,
-    DATA_SET_TYPE,
-    IMPLEMENTATION_UID,
-    IMPLEMENTATION_VERSION,
-    LONG_VRS,
-    MESSAGE_ID,
-    MESSAGE_ID_RESPONDED,
-    P_DATA_TF,
-    RELEASE_RP,
-    RELEASE_RP_PDU,
-    RELEASE_RQ,
-    RELEASE_RQ_PDU,
-    STATUS,
-    ae_title_field,
-    command_set,
-    command_us,
-    item,
-    p_data_pdu,
-    parse_command,
-    sub_items,
-    uid_text,
-    us,
-)
 
 logger = logging.getLogger(__name__)
 
-#: P-DATA-TF header (type, reserved, PDU length) + PDV header (item length, context, control).
-_PDATA_HEAD: Final = struct.Struct(">BBIIBB")
-_PDATA_HEAD_LEN: Final = 12
+#: P-DATA-TF header followed by its (single) PDV header, as written in place before each fragment.
+_PDATA_HEAD: Final = struct.Struct(">" + PDU_HEADER.format[1:] + PDV_HEADER.format[1:])
+_PDATA_HEAD_LEN: Final = PDU_HEADER_LEN + PDV_HEADER.size
 #: Room in front of the first data fragment for the C-STORE-RQ PDU (sent in the same write).
 _COMMAND_ROOM: Final = 512
 #: Data set bytes (plus PDU headers) sent per write when the peer's PDUs are small.
 _BATCH_BYTES: Final = 1024 * 1024
-_HAS_PREADV: Final = hasattr(os, "preadv")
-#: Largest PDU we accept from the peer (responses are a few hundred bytes).
-_MAX_RECV_PDU: Final = 16 * 1024 * 1024
-#: First read of a file: preamble + File Meta Information fit in here in practice.
-_HEAD_BYTES: Final = 4096
-_MAX_META_BYTES: Final = 1024 * 1024
-
-_REJECT_SOURCES: Final = {1: "service user", 2: "service provider (ACSE)", 3: "service provider"}
-_REJECT_REASONS: Final = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognized",
-    (1, 7): "called AE title not recognized",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
-
-
-class _NetworkTrouble(Exception):
-    """The association cannot go on; every object not yet decided is reported RETRY."""
-
-
-class _Unsendable(Exception):
-    """This object cannot be sent (nothing of it went out); it is reported REFUSED."""
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def associate_rq(called: str, calling: str, contexts: Sequence[ContextSpec], max_pdu: int) -> bytes:
-    """Encode an A-ASSOCIATE-RQ proposing ``contexts`` with ids 1, 3, 5, ...
-
-    Raises
-    ------
-    ValueError
-        For an invalid AE title or more than 128 contexts.
-    """
-    if len(contexts) > MAX_CONTEXTS:
-        raise ValueError(f"{len(contexts)} presentation contexts (at most {MAX_CONTEXTS})")
-    items = [item(0x10, APPLICATION_CONTEXT.encode("ascii"))]
-    for index, spec in enumerate(contexts):
-        body = bytes((2 * index + 1, 0, 0, 0)) + item(0x30, spec.sop_class_uid.encode("ascii"))
-        body += b"".join(item(0x40, ts.encode("ascii")) for ts in spec.transfer_syntaxes)
-        items.append(item(0x20, body))
-    user = (
-        item(0x51, struct.pack(">I", max_pdu))
-        + item(0x52, IMPLEMENTATION_UID.encode("ascii"))
-        + item(0x55, IMPLEMENTATION_VERSION.encode("ascii"))
-    )
-    items.append(item(0x50, user))
-    body = (
-        struct.pack(">HH", 1, 0)
-        + ae_title_field(called)
-        + ae_title_field(calling)
-        + bytes(32)
-        + b"".join(items)
-    )
-    return struct.pack(">BBI", ASSOCIATE_RQ, 0, len(body)) + body
-
-
-def store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """Encode a C-STORE-RQ command set (Implicit VR Little Endian, priority medium)."""
-    return command_set(
-        [
-            (AFFECTED_SOP_CLASS, sop_class_uid.encode("ascii")),
-            (COMMAND_FIELD, us(C_STORE_RQ)),
-            (MESSAGE_ID, us(message_id)),
-            (0x00000700, us(0x0000)),  # Priority: medium
-            (DATA_SET_TYPE, us(0x0000)),
-            (AFFECTED_SOP_INSTANCE, sop_instance_uid.encode("ascii")),
-        ]
-    )
-
-
-def parse_ac(
-    body: bytes, proposed: dict[int, ContextSpec]
-) -> tuple[dict[str, dict[str, int]], int]:
-    """Return the accepted contexts ``{SOP class: {syntax: context id}}`` and the peer max PDU.
-
-    Only syntaxes we proposed for that context count; a peer maximum of 0
-    (unlimited) is returned as 0.
-    """
-    accepted: dict[str, dict[str, int]] = {}
-    peer_max = 0
-    pos = 68
-    while pos + 4 <= len(body):
-        item_type = body[pos]
-        length = struct.unpack_from(">H", body, pos + 2)[0]
-        value = body[pos + 4 : pos + 4 + length]
-        pos += 4 + length
-        if item_type == 0x21 and len(value) >= 4:
-            cid, result = value[0], value[2]
-            spec = proposed.get(cid)
-            if result != 0 or spec is None:
-                continue
-            for sub_type, sub in sub_items(value[4:]):
-                syntax = uid_text(sub)
-                if sub_type == 0x40 and syntax in spec.transfer_syntaxes:
-                    accepted.setdefault(spec.sop_class_uid, {}).setdefault(syntax, cid)
-        elif item_type == 0x50:
-            for sub_type, sub in sub_items(value):
-                if sub_type == 0x51 and len(sub) >= 4:
-                    peer_max = int(struct.unpack_from(">I", sub)[0])
-    return accepted, peer_max
-
-
-def _describe_reject(body: bytes) -> str:
-    if len(body) < 4:
-        return ""
-    result, source, reason = body[1], body[2], body[3]
-    kind = "permanent" if result == 1 else "transient"
-    why = _REJECT_REASONS.get((source, reason), f"reason {reason}")
-    return f"{kind}, {_REJECT_SOURCES.get(source, f'source {source}')}: {why}"
-
-
-def read_meta(head: bytes | bytearray | memoryview, whole: bool) -> tuple[dict[int, bytes], int]:
-    """Parse the File Meta Information at the start of a Part 10 file.
-
-    Parameters
-    ----------
-    head : bytes-like
-        The first bytes of the file.
-    whole : bool
-        True when ``head`` is the complete file.
-
-    Returns
-    -------
-    dict, int
-        ``{element number of group 0002: raw value}`` and the offset of the data set.
-
-    Raises
-    ------
-    _Unsendable
-        When the file has no File Meta Information or it is malformed.
-    EOFError
-        When ``head`` ends inside the File Meta Information (read more and retry).
-    """
-    if len(head) < 132 or bytes(head[128:132]) != b"DICM":
-        if not whole and len(head) < 132:
-            raise EOFError
-        raise _Unsendable("no DICOM File Meta Information (no 'DICM' prefix)")
-    values: dict[int, bytes] = {}
-    pos = 132
-    while True:
-        if pos + 8 > len(head):
-            if whole:
-                return values, pos
-            raise EOFError
-        group, elem = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            return values, pos
-        vr = bytes(head[pos + 4 : pos + 6])
-        if vr in LONG_VRS:
-            if pos + 12 > len(head):
-                raise EOFError
-            length = int(struct.unpack_from("<I", head, pos + 8)[0])
-            start = pos + 12
-        else:
-            length = int(struct.unpack_from("<H", head, pos + 6)[0])
-            start = pos + 8
-        if length == 0xFFFFFFFF:
-            raise _Unsendable("undefined length in the File Meta Information")
-        if start + length > len(head):
-            if whole:
-                raise _Unsendable("File Meta Information runs past the end of the file")
-            raise EOFError
-        values[elem] = bytes(head[start : start + length])
-        pos = start + length
-
-
-# --------------------------------------------------------------------------- connection
-
-
-class _Connection:
-    """One association's socket: sends and reads whole PDUs; abortable from another thread.
-
-    A lock serialises writes (and, with TLS, every use of the SSL object), so
-    :meth:`abort` never interleaves its A-ABORT with a PDU being written. When
-    the socket is busy, :meth:`abort` only shuts the connection down, which
-    wakes the sending thread at once.
-    """
-
-    def __init__(self, sock: socket.socket, where: str, tls: bool) -> None:
-        self.sock = sock
-        self.where = where
-        self.tls = tls
-        self.aborted = False
-        self._io_lock = threading.Lock()
-        self._pending = bytearray()
-        self._timeout: float | None = None
-
-    def set_timeout(self, seconds: float) -> None:
-        if seconds != self._timeout:
-            self._timeout = seconds
-            self.sock.settimeout(seconds)
-
-    def send(self, data: bytes | bytearray | memoryview, what: str = "sending") -> None:
-        """Write ``data`` completely.
-
-        Raises
-        ------
-        _NetworkTrouble
-            When the peer accepts no data within the timeout or the connection is gone.
-        """
-        try:
-            with self._io_lock:
-                if self.aborted:
-                    raise _NetworkTrouble("association aborted locally")
-                self.sock.sendall(data)
-        except TimeoutError as exc:
-            raise _NetworkTrouble(f"peer accepted no data for {self._timeout:g} s") from exc
-        except OSError as exc:
-            raise self._trouble(f"connection to {self.where} lost while {what}", exc) from exc
-
-    def _trouble(self, message: str, exc: BaseException | None = None) -> _NetworkTrouble:
-        if self.aborted:
-            return _NetworkTrouble("association aborted locally (forced stop)")
-        return _NetworkTrouble(f"{message}: {exc}" if exc is not None else message)
-
-    def _fill(self, count: int, what: str) -> None:
-        while len(self._pending) < count:
-            try:
-                if self.tls:
-                    with self._io_lock:
-                        chunk = self.sock.recv(max(65536, count - len(self._pending)))
-                else:
-                    chunk = self.sock.recv(max(65536, count - len(self._pending)))
-            except TimeoutError as exc:
-                raise _Timeout(what) from exc
-            except OSError as exc:
-                raise self._trouble(f"connection to {self.where} lost while {what}", exc) from exc
-            if not chunk:
-                raise self._trouble(f"connection closed by {self.where} while {what}")
-            self._pending += chunk
-
-    def read_pdu(self, what: str) -> tuple[int, bytes]:
-        """Return (PDU type, body) of the next PDU.
-
-        Raises
-        ------
-        _Timeout
-            When nothing complete arrives within the current timeout.
-        _NetworkTrouble
-            When the connection is lost or the PDU is too large.
-        """
-        self._fill(6, what)
-        pdu_type = self._pending[0]
-        length = int(struct.unpack_from(">I", self._pending, 2)[0])
-        if length > _MAX_RECV_PDU:
-            raise _NetworkTrouble(f"{self.where} sent a PDU of {length} bytes (protocol error)")
-        self._fill(6 + length, what)
-        body = bytes(self._pending[6 : 6 + length])
-        del self._pending[: 6 + length]
-        return pdu_type, body
-
-    def abort(self) -> None:
-        """Send A-ABORT if the socket is idle, then shut the connection down (any thread).
-
-        Never blocks: the A-ABORT is written only when no PDU is being written
-        (and, with TLS, no read is in progress) and the socket can take it at
-        once; otherwise the peer just sees the connection close.
-        """
-        if self._io_lock.acquire(blocking=False):
-            try:
-                if not self.aborted:
-                    self.aborted = True
-                    if self.tls:
-                        _r, writable, _x = select.select([], [self.sock], [], 0)
-                        if writable:
-                            self.sock.send(ABORT_PDU)
-                    else:
-                        # the descriptor is non-blocking (the socket has a timeout), so
-                        # this write cannot wait for a peer that stopped reading
-                        os.write(self.sock.fileno(), ABORT_PDU)
-            except (OSError, ValueError) as exc:
-                logger.debug("A-ABORT not sent: %s", exc)
-            finally:
-                self._io_lock.release()
-        self.aborted = True
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        try:
-            # socket.socket's shutdown, not SSLSocket's: that one drops the SSL object,
-            # which a concurrent read on another thread may still be using.
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.shutdown()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class _Timeout(Exception):
-    """Nothing arrived within the socket timeout."""
 
 
 # --------------------------------------------------------------------------- sender
@@ -433,7 +141,7 @@ class LeanAssociationSender(AssociationSender):
 
     def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(config, ssl_context)
-        self._conn: _Connection | None = None
+        self._conn: PduLink | None = None
         self._buffer = bytearray()
 
     def abort(self) -> None:
@@ -450,8 +158,8 @@ class LeanAssociationSender(AssociationSender):
         cfg = self.config
         return f"{cfg.target_aet}@{cfg.target_ip}:{cfg.target_port}"
 
-    def _connect(self) -> _Connection:
-        """Open the TCP (and TLS) connection; raise _NetworkTrouble with the sender's wording."""
+    def _connect(self) -> PduLink:
+        """Open the TCP (and TLS) connection; raise LinkError with the sender's wording."""
         cfg = self.config
         where = self._where()
         try:
@@ -459,7 +167,7 @@ class LeanAssociationSender(AssociationSender):
                 (cfg.target_ip, cfg.target_port), timeout=cfg.acse_timeout_s
             )
         except OSError as exc:
-            raise _NetworkTrouble(
+            raise LinkError(
                 f"cannot connect to {where} (connection refused or timed out): {exc}"
             ) from exc
         try:
@@ -468,57 +176,67 @@ class LeanAssociationSender(AssociationSender):
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=cfg.target_ip)
         except OSError as exc:
             sock.close()
-            raise _NetworkTrouble(
-                f"association to {where} failed: TLS handshake failed: {exc}"
-            ) from exc
-        conn = _Connection(sock, where, self.ssl_context is not None)
-        conn._timeout = cfg.acse_timeout_s
-        return conn
+            raise LinkError(f"association to {where} failed: TLS handshake failed: {exc}") from exc
+        return PduLink(sock, where, self.ssl_context is not None, cfg.acse_timeout_s)
 
     def _negotiate(
-        self, conn: _Connection, contexts: Sequence[ContextSpec]
+        self, conn: PduLink, contexts: Sequence[ContextSpec]
     ) -> tuple[dict[str, dict[str, int]], int]:
         cfg = self.config
         where = conn.where
         proposed = {2 * i + 1: spec for i, spec in enumerate(contexts)}
+        request = A_ASSOCIATE_RQ(
+            cfg.target_aet,
+            cfg.calling_aet,
+            APPLICATION_CONTEXT,
+            tuple(
+                ProposedContext(cid, spec.sop_class_uid, tuple(spec.transfer_syntaxes))
+                for cid, spec in proposed.items()
+            ),
+            cfg.max_pdu_bytes,
+        )
         try:
-            rq = associate_rq(cfg.target_aet, cfg.calling_aet, contexts, cfg.max_pdu_bytes)
+            rq = request.encode()
         except (ValueError, UnicodeEncodeError) as exc:
-            raise _NetworkTrouble(f"association to {where} failed: {exc}") from exc
+            raise LinkError(f"association to {where} failed: {exc}") from exc
         conn.set_timeout(cfg.acse_timeout_s)
         conn.send(rq, "requesting the association")
         try:
             pdu_type, body = conn.read_pdu("negotiating the association")
-        except _Timeout as exc:
-            raise _NetworkTrouble(
+        except LinkTimeout as exc:
+            raise LinkError(
                 f"no association with {where} (no answer within acse_timeout_s)"
             ) from exc
-        if pdu_type == ASSOCIATE_AC:
-            return parse_ac(body, proposed)
-        if pdu_type == ASSOCIATE_RJ:
-            raise _NetworkTrouble(f"association rejected by {where} ({_describe_reject(body)})")
-        if pdu_type == ABORT:
-            raise _NetworkTrouble(f"association aborted by {where}")
+        if pdu_type == PduType.A_ASSOCIATE_AC:
+            return _accepted(A_ASSOCIATE_AC.decode(body), proposed)
+        if pdu_type == PduType.A_ASSOCIATE_RJ:
+            try:
+                why = A_ASSOCIATE_RJ.decode(body).describe()
+            except ValueError:
+                why = ""
+            raise LinkError(f"association rejected by {where} ({why})")
+        if pdu_type == PduType.A_ABORT:
+            raise LinkError(f"association aborted by {where}")
         conn.abort()
-        raise _NetworkTrouble(
+        raise LinkError(
             f"no association with {where} (unexpected PDU 0x{pdu_type:02X}, protocol error)"
         )
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: PduLink) -> None:
         """A-RELEASE-RQ and wait for A-RELEASE-RP (at most acse_timeout_s); never raises."""
         try:
-            conn.send(RELEASE_RQ_PDU, "releasing the association")
+            conn.send(A_RELEASE_RQ_PDU, "releasing the association")
             conn.set_timeout(self.config.acse_timeout_s)
             while True:
                 pdu_type, _body = conn.read_pdu("releasing the association")
-                if pdu_type == RELEASE_RP:
+                if pdu_type == PduType.A_RELEASE_RP:
                     return
-                if pdu_type == RELEASE_RQ:  # release collision (PS3.8 7.2.2): we are requestor
-                    conn.send(RELEASE_RP_PDU, "releasing the association")
+                if pdu_type == PduType.A_RELEASE_RQ:  # release collision (PS3.8 7.2.2)
+                    conn.send(A_RELEASE_RP_PDU, "releasing the association")
                     continue
-                if pdu_type == ABORT:
+                if pdu_type == PduType.A_ABORT:
                     return
-        except (_NetworkTrouble, _Timeout) as exc:
+        except (LinkError, LinkTimeout) as exc:
             logger.debug("release of the association to %s incomplete: %s", conn.where, exc)
 
     # -- run ----------------------------------------------------------------------
@@ -540,7 +258,7 @@ class LeanAssociationSender(AssociationSender):
         """
         try:
             conn = self._connect()
-        except _NetworkTrouble as exc:
+        except LinkError as exc:
             reason = str(exc)
             self._report_rest(objects, 0, on_result, reason)
             return RunEnd(network_error=reason)
@@ -549,7 +267,7 @@ class LeanAssociationSender(AssociationSender):
         try:
             try:
                 accepted, peer_max = self._negotiate(conn, contexts)
-            except _NetworkTrouble as exc:
+            except LinkError as exc:
                 reason = str(exc)
                 self._report_rest(objects, 0, on_result, reason)
                 return RunEnd(network_error=reason)
@@ -579,7 +297,7 @@ class LeanAssociationSender(AssociationSender):
 
     def _send_objects(
         self,
-        conn: _Connection,
+        conn: PduLink,
         accepted: dict[str, dict[str, int]],
         peer_max: int,
         locate: Callable[[ObjectInfo], Path],
@@ -613,7 +331,7 @@ class LeanAssociationSender(AssociationSender):
             except FileNotFoundError:
                 logger.warning("VANISHED %s before it could be sent", obj.rel_path)
                 continue
-            except _NetworkTrouble as exc:
+            except LinkError as exc:
                 reason = str(exc)
                 self._report_rest(objects, index, on_result, reason)
                 conn.abort()
@@ -640,7 +358,7 @@ class LeanAssociationSender(AssociationSender):
 
     def _send_object(
         self,
-        conn: _Connection,
+        conn: PduLink,
         path: Path,
         obj: ObjectInfo,
         by_syntax: dict[str, int],
@@ -653,7 +371,7 @@ class LeanAssociationSender(AssociationSender):
         ------
         FileNotFoundError
             The file vanished before anything of it was sent.
-        _NetworkTrouble
+        LinkError
             The association cannot go on.
         """
         try:
@@ -664,26 +382,26 @@ class LeanAssociationSender(AssociationSender):
             return f"cannot send this file: {exc}"
         with fh:
             try:
-                data_start, size = _locate_data_set(fh)
-            except (_Unsendable, OSError) as exc:
+                data_start, size = locate_data_set(fh)
+            except (UnreadableFile, MetaError, OSError) as exc:
                 return f"cannot send this file: {exc}"
-            command = store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
+            command = c_store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
             syntax = obj.transfer_syntax_uid
             cid = by_syntax.get(syntax)
             if cid is None:
                 return self._send_converted(conn, path, obj, by_syntax, command, data_start, chunk)
             length = size - data_start
-            fill = _file_reader(fh.fileno(), data_start)
-            if syntax == DEFLATED_EXPLICIT_VR_LE and length % 2:
+            fill = file_reader(fh.fileno(), data_start)
+            if syntax == DeflatedExplicitVRLittleEndian and length % 2:
                 # PS3.5 A.5: an odd-length deflate stream gets one trailing NULL byte
-                fill = _zero_padded(fill, length)
+                fill = zero_padded(fill, length)
                 length += 1
             self._send_message(conn, cid, command, length, fill, chunk)
         return None
 
     def _send_converted(
         self,
-        conn: _Connection,
+        conn: PduLink,
         path: Path,
         obj: ObjectInfo,
         by_syntax: dict[str, int],
@@ -715,25 +433,23 @@ class LeanAssociationSender(AssociationSender):
             syntax_name(converted.transfer_syntax),
             converted.how,
         )
-        source = memoryview(converted.data)
-
-        def fill(views: list[memoryview], position: int) -> None:
-            for into in views:
-                into[:] = source[position : position + len(into)]
-                position += len(into)
-
         self._send_message(
-            conn, by_syntax[converted.transfer_syntax], command, len(source), fill, chunk
+            conn,
+            by_syntax[converted.transfer_syntax],
+            command,
+            len(converted.data),
+            memory_reader(converted.data),
+            chunk,
         )
         return None
 
     def _send_message(
         self,
-        conn: _Connection,
+        conn: PduLink,
         cid: int,
         command: bytes,
         length: int,
-        fill: Callable[[list[memoryview], int], None],
+        fill: Fill,
         chunk: int,
     ) -> None:
         """Send the command PDU and ``length`` data set bytes produced by ``fill``.
@@ -750,13 +466,14 @@ class LeanAssociationSender(AssociationSender):
         per_write = max(1, (len(buf) - _COMMAND_ROOM) // (_PDATA_HEAD_LEN + chunk))
         conn.set_timeout(self.config.network_timeout_s)
         command_pdu: bytes | None = (
-            p_data_pdu(cid, 0x03, command) if len(command) <= chunk else None
+            p_data_tf(cid, PDV_COMMAND | PDV_LAST, command) if len(command) <= chunk else None
         )
         if command_pdu is None:
             for offset in range(0, len(command), chunk):
                 piece = command[offset : offset + chunk]
                 last = offset + chunk >= len(command)
-                conn.send(p_data_pdu(cid, 0x03 if last else 0x01, piece), "sending a command")
+                control = PDV_COMMAND | PDV_LAST if last else PDV_COMMAND
+                conn.send(p_data_tf(cid, control, piece), "sending a command")
         elif len(command_pdu) > _COMMAND_ROOM:
             conn.send(command_pdu, "sending a command")
             command_pdu = None
@@ -770,7 +487,14 @@ class LeanAssociationSender(AssociationSender):
                 end += want
                 last = end >= length
                 _PDATA_HEAD.pack_into(
-                    buf, head, P_DATA_TF, 0, want + 6, want + 2, cid, 0x02 if last else 0x00
+                    buf,
+                    head,
+                    PduType.P_DATA_TF,
+                    0,
+                    want + 6,
+                    want + 2,
+                    cid,
+                    PDV_LAST if last else 0x00,
                 )
                 head += _PDATA_HEAD_LEN
                 views.append(view[head : head + want])
@@ -779,10 +503,10 @@ class LeanAssociationSender(AssociationSender):
                     break
             try:
                 fill(views, position)
-            except _SourceEnded as exc:
-                raise _NetworkTrouble(f"file shrank while being sent: {exc}") from exc
+            except SourceEnded as exc:
+                raise LinkError(f"file shrank while being sent: {exc}") from exc
             except OSError as exc:
-                raise _NetworkTrouble(f"reading the file failed while sending it: {exc}") from exc
+                raise LinkError(f"reading the file failed while sending it: {exc}") from exc
             position = end
             start = _COMMAND_ROOM
             if command_pdu is not None:
@@ -793,12 +517,12 @@ class LeanAssociationSender(AssociationSender):
             if position >= length:
                 return
 
-    def _read_status(self, conn: _Connection, message_id: int) -> int:
+    def _read_status(self, conn: PduLink, message_id: int) -> int:
         """Wait for the C-STORE-RSP to ``message_id`` and return its Status.
 
         Raises
         ------
-        _NetworkTrouble
+        LinkError
             No (valid) response: timeout, abort, release request, closed connection,
             a data set fragment or a response to another message.
         """
@@ -807,35 +531,32 @@ class LeanAssociationSender(AssociationSender):
         while True:
             try:
                 pdu_type, body = conn.read_pdu("waiting for the C-STORE response")
-            except _Timeout as exc:
-                raise _NetworkTrouble(
+            except LinkTimeout as exc:
+                raise LinkError(
                     "no C-STORE response within dimse_timeout_s "
                     f"({self.config.dimse_timeout_s:g} s)"
                 ) from exc
-            except _NetworkTrouble as exc:
-                raise _NetworkTrouble(f"no C-STORE response ({exc})") from exc
-            if pdu_type == ABORT:
-                raise _NetworkTrouble(f"no C-STORE response (association aborted by {conn.where})")
-            if pdu_type == RELEASE_RQ:
-                raise _NetworkTrouble(
+            except LinkError as exc:
+                raise LinkError(f"no C-STORE response ({exc})") from exc
+            if pdu_type == PduType.A_ABORT:
+                raise LinkError(f"no C-STORE response (association aborted by {conn.where})")
+            if pdu_type == PduType.A_RELEASE_RQ:
+                raise LinkError(
                     f"no C-STORE response ({conn.where} asked to release the association)"
                 )
-            if pdu_type != P_DATA_TF:
-                raise _NetworkTrouble(
+            if pdu_type != PduType.P_DATA_TF:
+                raise LinkError(
                     f"no C-STORE response (unexpected PDU 0x{pdu_type:02X} from {conn.where})"
                 )
-            pos = 0
-            while pos + 6 <= len(body):
-                item_length = int(struct.unpack_from(">I", body, pos)[0])
-                end = pos + 4 + item_length
-                if item_length < 2 or end > len(body):
-                    raise _NetworkTrouble("no C-STORE response (malformed P-DATA-TF)")
-                control = body[pos + 5]
-                if not control & 0x01:
-                    raise _NetworkTrouble("no C-STORE response (unexpected data set fragment)")
-                fragments += body[pos + 6 : end]
-                pos = end
-                if control & 0x02:
+            try:
+                pdvs = list(iter_pdvs(body))
+            except ValueError:
+                raise LinkError("no C-STORE response (malformed P-DATA-TF)") from None
+            for _cid, control, fragment in pdvs:
+                if not control & PDV_COMMAND:
+                    raise LinkError("no C-STORE response (unexpected data set fragment)")
+                fragments += fragment
+                if control & PDV_LAST:
                     return self._status_of_command(fragments, message_id, conn.where)
 
     @staticmethod
@@ -843,18 +564,18 @@ class LeanAssociationSender(AssociationSender):
         try:
             command = parse_command(raw)
         except ValueError as exc:
-            raise _NetworkTrouble(f"no C-STORE response ({exc})") from exc
+            raise LinkError(f"no C-STORE response ({exc})") from exc
         field = command_us(command, COMMAND_FIELD)
         answered = command_us(command, MESSAGE_ID_RESPONDED)
-        if field != 0x8001 or answered != message_id:
-            raise _NetworkTrouble(
+        if field != C_STORE_RSP or answered != message_id:
+            raise LinkError(
                 f"no C-STORE response ({where} answered message {answered} "
                 f"with command 0x{field or 0:04X} while message {message_id} was waiting)"
             )
         status = command_us(command, STATUS)
         if status is None:
-            raise _NetworkTrouble("no C-STORE response (response without a Status)")
-        comment = command.get(0x00000902)
+            raise LinkError("no C-STORE response (response without a Status)")
+        comment = command.get(ERROR_COMMENT)
         if comment and not is_success_or_warning(status):
             logger.info(
                 "C-STORE status 0x%04X comment from %s: %s", status, where, uid_text(comment)
@@ -862,90 +583,21 @@ class LeanAssociationSender(AssociationSender):
         return status
 
 
-def _zero_padded(
-    fill: Callable[[list[memoryview], int], None], real_length: int
-) -> Callable[[list[memoryview], int], None]:
-    """Return ``fill`` with the bytes from ``real_length`` on given as zeros (padding)."""
+def _accepted(
+    answer: A_ASSOCIATE_AC, proposed: dict[int, ContextSpec]
+) -> tuple[dict[str, dict[str, int]], int]:
+    """Return the accepted contexts ``{SOP class: {syntax: context id}}`` and the peer max PDU.
 
-    def padded(views: list[memoryview], position: int) -> None:
-        inner: list[memoryview] = []
-        at = position
-        for into in views:
-            real = max(0, min(len(into), real_length - at))
-            if real:
-                inner.append(into[:real])
-            if real < len(into):
-                into[real:] = bytes(len(into) - real)
-            at += len(into)
-        if inner:
-            fill(inner, position)
-
-    return padded
-
-
-class _SourceEnded(Exception):
-    """The file ended before the announced data set length."""
-
-
-def _file_reader(fd: int, data_start: int) -> Callable[[list[memoryview], int], None]:
-    """Return a ``fill(views, position)`` reading the data set of the open file ``fd``.
-
-    One ``preadv`` per write fills every fragment at once where the platform has it.
+    Only a syntax we proposed for that context counts; a peer maximum of 0
+    (unlimited) is returned as 0.
     """
-
-    def fill(views: list[memoryview], position: int) -> None:
-        offset = data_start + position
-        pending = views
-        if _HAS_PREADV:
-            got = os.preadv(fd, views, offset)
-            if got == sum(len(v) for v in views):
-                return
-            offset, pending = _after(views, offset, got)
-        for into in pending:
-            while len(into):
-                count = os.pread(fd, len(into), offset)
-                if not count:
-                    raise _SourceEnded(f"end of file at byte {offset}")
-                into[: len(count)] = count
-                into = into[len(count) :]
-                offset += len(count)
-
-    return fill
-
-
-def _after(views: list[memoryview], offset: int, got: int) -> tuple[int, list[memoryview]]:
-    """Return the file offset and the parts of ``views`` still to fill after ``got`` bytes."""
-    rest: list[memoryview] = []
-    skip = got
-    for into in views:
-        if skip >= len(into):
-            skip -= len(into)
+    accepted: dict[str, dict[str, int]] = {}
+    for res in answer.results:
+        spec = proposed.get(res.context_id)
+        if res.result != ACCEPTANCE or spec is None:
             continue
-        rest.append(into[skip:])
-        skip = 0
-    return offset + got, rest
-
-
-def _locate_data_set(fh: io.FileIO) -> tuple[int, int]:
-    """Return (offset of the data set, file size) of an open Part 10 file.
-
-    A file without preamble and ``DICM`` is a bare data set starting at byte 0.
-    The SOP Class and Instance UIDs of the C-STORE come from the data set and the
-    transfer syntax from the forwarder's header read, so the File Meta
-    Information need not hold them.
-    """
-    size = os.fstat(fh.fileno()).st_size
-    want = min(size, _HEAD_BYTES)
-    while True:
-        fh.seek(0)
-        head = fh.read(want)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            return 0, size  # a bare data set (the forwarder read its encoding from the data)
-        try:
-            _values, offset = read_meta(head, whole=len(head) >= size)
-            break
-        except EOFError:
-            if want >= min(size, _MAX_META_BYTES):
-                raise _Unsendable("File Meta Information too large or truncated") from None
-            want = min(size, want * 16, _MAX_META_BYTES)
-    return offset, size
+        if res.transfer_syntax in spec.transfer_syntaxes:
+            accepted.setdefault(spec.sop_class_uid, {}).setdefault(
+                res.transfer_syntax, res.context_id
+            )
+    return accepted, answer.max_pdu

@@ -42,24 +42,27 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
 
 logger = logging.getLogger(__name__)
 
-EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
-EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
-DEFLATED_EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1.99"
-
 #: What a conversion can produce, in order of preference (Explicit VR keeps every VR).
-CONVERSION_TARGETS: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+CONVERSION_TARGETS: Final = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 #: Transfer syntaxes that are always lossy (JPEG baseline, extended and the retired
 #: lossy processes). Pixel data decompressed from them gets Lossy Image Compression 01.
 LOSSY_SYNTAXES: Final = frozenset(
     {
-        "1.2.840.10008.1.2.4.50",
-        "1.2.840.10008.1.2.4.51",
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
         "1.2.840.10008.1.2.4.52",
         "1.2.840.10008.1.2.4.53",
         "1.2.840.10008.1.2.4.54",
@@ -75,7 +78,7 @@ LOSSY_SYNTAXES: Final = frozenset(
 )
 
 #: Lossy JPEG processes preferably decoded by GDCM (IJG libjpeg, as DCMTK).
-_IJG_DECODED: Final = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+_IJG_DECODED: Final = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 #: Bytes per word of the VRs whose values pydicom keeps as raw bytes.
 _WORD_BYTES: Final = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 #: Elements that only describe encapsulated pixel data.
@@ -167,7 +170,7 @@ def transcode(path: Path, source: str, target: str, data_start: int) -> Transcod
     if target not in CONVERSION_TARGETS:
         raise TranscodeError(f"cannot convert into {syntax_name(target)}")
     try:
-        if source == DEFLATED_EXPLICIT_VR_LE:
+        if source == DeflatedExplicitVRLittleEndian:
             return _from_deflated(path, target, data_start)
         return _reencoded(path, source, target)
     except (TranscodeError, FileNotFoundError):
@@ -205,11 +208,11 @@ def _from_deflated(path: Path, target: str, data_start: int) -> Transcoded:
         data = inflate_data_set(fh.read())
     if len(data) % 2:
         raise TranscodeError(f"inflated data set has an odd length ({len(data)} bytes)")
-    if target == EXPLICIT_VR_LE:
+    if target == ExplicitVRLittleEndian:
         return Transcoded(data, target, False, "inflated")
     ds = read_dataset(io.BytesIO(data), is_implicit_VR=False, is_little_endian=True)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
+    ds.file_meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
     return Transcoded(_encode_checked(ds, target), target, False, "inflated, implicit VR")
 
 
@@ -245,7 +248,7 @@ def _reencoded(path: Path, source: str, target: str) -> Transcoded:
     elif uid.is_encapsulated:
         expected = None  # no pixel data to decode (e.g. a compressed syntax on a non-image)
         how = "re-encoded (no pixel data)"
-    elif source == EXPLICIT_VR_BE:
+    elif source == ExplicitVRBigEndian:
         expected = _pixels(ds) if has_pixels else None
         _swap_raw_words(ds)
         how = "byte order changed to little endian"
@@ -317,7 +320,7 @@ def _decompress_with_gdcm(ds: Dataset, path: Path) -> np.ndarray:
     elem = ds["PixelData"]
     elem.VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
     elem.is_undefined_length = False
-    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
+    ds.file_meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian)
     ds.PhotometricInterpretation = str(image.GetPhotometricInterpretation().GetString()).strip()
     if int(ds.SamplesPerPixel) > 1:
         ds.PlanarConfiguration = int(image.GetPlanarConfiguration())
@@ -376,7 +379,7 @@ def _encode_checked(ds: Dataset, target: str, expected: np.ndarray | None = None
     The pixel data elements must come back byte for byte as they are in ``ds``,
     and, when ``expected`` is given, decode to exactly those values.
     """
-    implicit = target == IMPLICIT_VR_LE
+    implicit = target == ImplicitVRLittleEndian
     for _elem in ds.iterall():
         pass  # decode every raw element now: each gets its VR (implicit VR sources)
     out = DicomBytesIO()

@@ -1,16 +1,15 @@
 """Lean C-STORE/C-ECHO SCP: the DICOM upper layer on one blocking socket per association.
 
-The default receiver transport (``[Network] receiver_transport = lean``).
-pynetdicom's acceptor runs a reactor thread per association that polls its
-socket, decodes each PDU into primitives and passes them through queues; on
-the benchmark machine that machinery is about two thirds of the receiver's CPU.
-Here connections are accepted, TLS-handshaken and read to a whole
-A-ASSOCIATE-RQ by one selector thread (:mod:`~dicomnode.receiver.pending`:
-a deadline of ``acse_timeout_s`` from accept, bounded numbers of
-connections negotiating, no thread or buffer per unauthenticated peer); each
-*admitted* association then gets one thread that reads PDUs straight from
-the socket into a reusable buffer and writes data-set fragments straight to
-the object's temp file. What the node promises does not change:
+The receiver's one transport, speaking :mod:`dicomnode.dul` itself: no
+reactor thread, polling, primitives or queues per association
+(bench/README.md has the measurements behind that). Connections are
+accepted, TLS-handshaken and read to a whole A-ASSOCIATE-RQ by one selector
+thread (:mod:`~dicomnode.receiver.pending`: a deadline of ``acse_timeout_s``
+from accept, bounded numbers of connections negotiating, no thread or buffer
+per unauthenticated peer); each *admitted* association then gets one thread
+that reads PDUs straight from the socket into a reusable buffer and writes
+data-set fragments straight to the object's temp file. What the node
+promises does not change:
 
 * admission through :func:`~dicomnode.receiver.admission.admit` (AE title
   rule, trusted AE, called AE, [AE_Hosts], ``max_associations`` across all
@@ -33,6 +32,13 @@ the object's temp file. What the node promises does not change:
 
 Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
 ``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store).
+
+Length: over 800 lines, on purpose: the admitted association's exchange
+(data set streaming into the temp file, filing, response), the temp files
+held ready and the server that starts and stops associations are one hot
+path with one set of failure rules. The protocol encoding lives in
+:mod:`dicomnode.dul`, the connections not yet admitted in :mod:`.pending`,
+the decisions in :mod:`.admission`, :mod:`.negotiation` and :mod:`.store`.
 """
 
 from __future__ import annotations
@@ -55,24 +61,9 @@ from pathlib import Path
 from typing import Final
 
 from dicomnode.config import ReceiverConfig
-from dicomnode.logsafe import escape
-from dicomnode.receiver.admission import REJECT_LOCAL_LIMIT, RefusalLog, admit
-from dicomnode.receiver.negotiation import (
-    ACCEPTANCE,
-    AssociateRequest,
-    associate_ac,
-    associate_rj,
-    negotiate,
-)
-from dicomnode.receiver.pending import Negotiator
-from dicomnode.receiver.store import StoreHandler
-from dicomnode.upperlayer import (
-    ABORT,
-    ABORT_PDU,
-    ABORT_UNEXPECTED_PDU,
+from dicomnode.dul.dimse import (
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
-    APPLICATION_CONTEXT,
     C_CANCEL_RQ,
     C_ECHO_RQ,
     C_STORE_RQ,
@@ -80,21 +71,36 @@ from dicomnode.upperlayer import (
     DATA_SET_TYPE,
     MESSAGE_ID,
     NO_DATA_SET,
-    P_DATA_TF,
-    RELEASE_RP_PDU,
-    RELEASE_RQ,
     command_us,
-    file_meta,
-    p_data_pdu,
     parse_command,
     response_command,
+)
+from dicomnode.dul.link import PduReader, PduTooLarge, PeerClosed
+from dicomnode.dul.meta import file_meta
+from dicomnode.dul.pdu import (
+    A_ABORT_PDU,
+    A_ABORT_UNEXPECTED_PDU,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP_PDU,
+    ACCEPTANCE,
+    APPLICATION_CONTEXT,
+    PDV_COMMAND,
+    PDV_HEADER,
+    PDV_LAST,
+    PduType,
+    p_data_tf,
     uid_text,
 )
+from dicomnode.logsafe import escape
+from dicomnode.receiver.admission import REJECT_LOCAL_LIMIT, RefusalLog, admit
+from dicomnode.receiver.negotiation import negotiate
+from dicomnode.receiver.pending import Negotiator
+from dicomnode.receiver.store import ReceivedObject, StoreHandler
 
 logger = logging.getLogger(__name__)
 
-#: Socket read buffer of one association.
-_BUFFER_BYTES: Final = 256 * 1024
 #: PDU length limit for association requests and when max_pdu_bytes is small.
 _MIN_PDU_LIMIT_BYTES: Final = 65536
 #: Tolerance above the announced maximum PDU length before a PDU is refused.
@@ -113,67 +119,12 @@ _UNRECOGNIZED_OPERATION: Final = 0x0211
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
 
 
-class _Closed(Exception):
-    """The peer closed the connection."""
-
-
 class _Drop(Exception):
     """The peer broke the protocol: log ``reason``, send A-ABORT, close."""
 
-    def __init__(self, reason: str, abort_pdu: bytes = ABORT_UNEXPECTED_PDU) -> None:
+    def __init__(self, reason: str, abort_pdu: bytes = A_ABORT_UNEXPECTED_PDU) -> None:
         super().__init__(reason)
         self.abort_pdu = abort_pdu
-
-
-class _Reader:
-    """Buffered reads from a socket: exact small reads and streamed large ones."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray(_BUFFER_BYTES)
-        self.view = memoryview(self.buf)
-        self.start = 0
-        self.end = 0
-        #: True once any byte has arrived (a connection that sends nothing is a probe).
-        self.got_data = False
-
-    def _receive(self) -> None:
-        if self.start == self.end:
-            self.start = self.end = 0
-        elif self.end == len(self.buf):
-            kept = self.end - self.start
-            self.buf[:kept] = self.buf[self.start : self.end]
-            self.start, self.end = 0, kept
-        try:
-            count = self.sock.recv_into(self.view[self.end :])
-        except BlockingIOError:  # SO_RCVTIMEO expired (see _Association._timeout)
-            raise TimeoutError("no data within the timeout") from None
-        if count == 0:
-            raise _Closed
-        self.got_data = True
-        self.end += count
-
-    def exact(self, count: int) -> bytes:
-        """Return the next ``count`` bytes (``count`` at most the buffer size)."""
-        while self.end - self.start < count:
-            if self.start + count > len(self.buf):
-                kept = self.end - self.start
-                self.buf[:kept] = self.buf[self.start : self.end]
-                self.start, self.end = 0, kept
-            self._receive()
-        out = bytes(self.view[self.start : self.start + count])
-        self.start += count
-        return out
-
-    def stream(self, count: int, sink: Callable[[memoryview], None]) -> None:
-        """Pass the next ``count`` bytes to ``sink`` in pieces, without holding them all."""
-        while count:
-            if self.start == self.end:
-                self._receive()
-            piece = min(count, self.end - self.start)
-            sink(self.view[self.start : self.start + piece])
-            self.start += piece
-            count -= piece
 
 
 class _Transfer:
@@ -371,7 +322,7 @@ class _Association:
         server: LeanServer,
         sock: socket.socket,
         address: tuple[str, int],
-        request: AssociateRequest,
+        request: A_ASSOCIATE_RQ,
     ) -> None:
         self.server = server
         self.cfg = server.cfg
@@ -400,7 +351,7 @@ class _Association:
         """Serve the connection until it ends; never raises."""
         try:
             self._run()
-        except _Closed:
+        except PeerClosed:
             if self.transfer is not None:
                 self._discard("connection closed mid-object")
         except _Drop as exc:
@@ -421,7 +372,7 @@ class _Association:
                 self.cfg.network_timeout_s,
             )
             self._discard("timed out mid-object")
-            self._send_quietly(ABORT_PDU)
+            self._send_quietly(A_ABORT_PDU)
         except (OSError, ValueError) as exc:
             if not self._closed:
                 logger.warning(
@@ -434,7 +385,7 @@ class _Association:
         except Exception:
             logger.exception("ABORTED association peer=%s: unexpected error", self.where)
             self._discard("unexpected error")
-            self._send_quietly(ABORT_PDU)
+            self._send_quietly(A_ABORT_PDU)
         finally:
             self.close()
 
@@ -448,7 +399,7 @@ class _Association:
 
     def abort(self) -> None:
         """Send A-ABORT and close: used at shutdown after the grace period."""
-        self._send_quietly(ABORT_PDU, wait_s=1.0)
+        self._send_quietly(A_ABORT_PDU, wait_s=1.0)
         self.close()
 
     def _timeout(self, seconds: float) -> None:
@@ -504,9 +455,11 @@ class _Association:
     def _run(self) -> None:
         request = self.request
         self._timeout(self.cfg.network_timeout_s)
-        reader = _Reader(self.sock)  # the read buffer exists only for admitted peers
+        reader = PduReader(self.sock)  # the read buffer exists only for admitted peers
         results = negotiate(request.contexts)
-        self._send(associate_ac(request, results, self.cfg.max_pdu_bytes))
+        self._send(
+            A_ASSOCIATE_AC(request.fixed_part, tuple(results), self.cfg.max_pdu_bytes).encode()
+        )
         self.established = True
         self.contexts = {
             r.context_id: (r.abstract_syntax, r.transfer_syntax)
@@ -525,61 +478,59 @@ class _Association:
             )
         self._serve(reader)
 
-    def _pdu_header(self, reader: _Reader, limit: int) -> tuple[int, int]:
-        head = reader.exact(6)
-        pdu_type = head[0]
-        length = int(struct.unpack_from(">I", head, 2)[0])
-        if limit and length > limit:
+    def _pdu_header(self, reader: PduReader, limit: int) -> tuple[int, int]:
+        try:
+            return reader.pdu_header(limit)
+        except PduTooLarge as exc:
             logger.warning(
                 "REJECTED PDU of %d bytes from peer %s: larger than max_pdu_bytes=%d "
                 "allows; closing the connection",
-                length,
+                exc.length,
                 self.where,
                 self.cfg.max_pdu_bytes,
             )
-            raise _Drop("PDU longer than max_pdu_bytes")
-        return pdu_type, length
+            raise _Drop("PDU longer than max_pdu_bytes") from None
 
     # ----------------------------------------------------------------- DIMSE
 
-    def _serve(self, reader: _Reader) -> None:
+    def _serve(self, reader: PduReader) -> None:
         command = bytearray()
         while True:
             pdu_type, length = self._pdu_header(reader, self.pdu_limit)
-            if pdu_type == P_DATA_TF:
+            if pdu_type == PduType.P_DATA_TF:
                 self._p_data(reader, length, command)
-            elif pdu_type == RELEASE_RQ:
+            elif pdu_type == PduType.A_RELEASE_RQ:
                 if length > _MIN_PDU_LIMIT_BYTES:
                     raise _Drop(f"A-RELEASE-RQ of {length} bytes")
                 reader.exact(length)
                 self._discard("released mid-object")
-                self._send(RELEASE_RP_PDU)
+                self._send(A_RELEASE_RP_PDU)
                 return
-            elif pdu_type == ABORT:
+            elif pdu_type == PduType.A_ABORT:
                 self._discard("peer sent A-ABORT mid-object")
                 return
             else:
                 raise _Drop(f"unexpected PDU type 0x{pdu_type:02X} during the association")
 
-    def _p_data(self, reader: _Reader, length: int, command: bytearray) -> None:
+    def _p_data(self, reader: PduReader, length: int, command: bytearray) -> None:
         remaining = length
         while remaining:
             if remaining < 6:
                 raise _Drop("malformed P-DATA-TF (PDV header cut off)")
-            item_length, cid, control = struct.unpack(">IBB", reader.exact(6))
+            item_length, cid, control = PDV_HEADER.unpack(reader.exact(PDV_HEADER.size))
             remaining -= 4 + item_length
             if item_length < 2 or remaining < 0:
                 raise _Drop("malformed P-DATA-TF (PDV longer than its PDU)")
             size = item_length - 2
             if cid not in self.contexts:
                 raise _Drop(f"P-DATA on presentation context {cid}, which was not accepted")
-            if control & 0x01:
+            if control & PDV_COMMAND:
                 if self.transfer is not None:
                     raise _Drop("command fragment while a data set was expected")
                 if len(command) + size > _MAX_COMMAND_BYTES:
                     raise _Drop("command set longer than 64 KiB")
                 reader.stream(size, command.extend)
-                if control & 0x02:
+                if control & PDV_LAST:
                     self._command(bytes(command), cid)
                     command.clear()
             else:
@@ -589,7 +540,7 @@ class _Association:
                 if cid != self._request_cid:
                     raise _Drop("data set on another presentation context than its command")
                 reader.stream(size, transfer.write)
-                if control & 0x02:
+                if control & PDV_LAST:
                     self._data_set_done(transfer)
 
     def _request_field(self) -> int | None:
@@ -621,25 +572,24 @@ class _Association:
             self._refuse_operation(self._request_field())
             return
         transfer.complete()
-        reports: list[Callable[[], None]] = []
         affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
         error = transfer.write_error
         if transfer.path is None and error is None:
             error = OSError(errno.EIO, "no temp file")
-        status = self.server.handler.finish(
-            transfer.path or self.server.tmp_dir / "unwritten.dcm",
-            self.calling,
-            self.where,
-            self._started,
-            affected,
-            error,
-            transfer.too_large,
-            transfer.content if error is None else None,
-            reports,
+        received = ReceivedObject(
+            tmp=transfer.path or self.server.tmp_dir / "unwritten.dcm",
+            calling=self.calling,
+            where=self.where,
+            started=self._started,
+            affected_uid=affected,
+            write_error=error,
+            too_large=transfer.too_large,
+            content=transfer.content if error is None else None,
             command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
         )
-        self._respond(status)
-        for report in reports:
+        filing = self.server.handler.finish(received, defer_report=True)
+        self._respond(filing.status)
+        for report in filing.reports:
             report()  # the log line after the response: it is not part of the guarantee
 
     def _refuse_operation(self, field: int | None) -> None:
@@ -661,7 +611,7 @@ class _Association:
             uid_text(request.get(AFFECTED_SOP_INSTANCE, b"")),
             status,
         )
-        self._send(p_data_pdu(self._request_cid, 0x03, rsp))
+        self._send(p_data_tf(self._request_cid, PDV_COMMAND | PDV_LAST, rsp))
 
 
 class LeanServer:
@@ -796,7 +746,7 @@ class LeanServer:
         return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
 
     def _on_request(
-        self, sock: socket.socket, address: tuple[str, int], request: AssociateRequest
+        self, sock: socket.socket, address: tuple[str, int], request: A_ASSOCIATE_RQ
     ) -> None:
         """Admit a complete A-ASSOCIATE-RQ (on the acceptor thread); serve it on a new thread."""
         ip, port = address
@@ -855,7 +805,7 @@ class LeanServer:
         """Send A-ASSOCIATE-RJ (bounded wait) and close."""
         with contextlib.suppress(OSError, ValueError):
             sock.settimeout(_REJECT_SEND_S)
-            sock.sendall(associate_rj(*rejection))
+            sock.sendall(A_ASSOCIATE_RJ(*rejection).encode())
         with contextlib.suppress(OSError):
             sock.close()
 

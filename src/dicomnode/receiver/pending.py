@@ -32,9 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from dicomnode.dul.pdu import A_ABORT_UNEXPECTED_PDU, A_ASSOCIATE_RQ, PduType
 from dicomnode.receiver.admission import RefusalLog
-from dicomnode.receiver.negotiation import AssociateRequest, parse_associate_rq
-from dicomnode.upperlayer import ABORT_UNEXPECTED_PDU, ASSOCIATE_RQ
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ ABORT_INVALID_PARAMETER: Final = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
 
 #: Called with (socket, (ip, port), request) once a whole A-ASSOCIATE-RQ has arrived;
 #: the socket is blocking again and belongs to the callee.
-OnRequest = Callable[[socket.socket, tuple[str, int], AssociateRequest], None]
+OnRequest = Callable[[socket.socket, tuple[str, int], A_ASSOCIATE_RQ], None]
 
 
 class _Pending:
@@ -361,7 +360,7 @@ class Negotiator:
         """Judge the PDU header; set how much to read, or refuse. True to read on."""
         pdu_type = pending.raw[0]
         length = int(struct.unpack_from(">I", pending.raw, 2)[0])
-        if pdu_type != ASSOCIATE_RQ:
+        if pdu_type != PduType.A_ASSOCIATE_RQ:
             self.refusals.warning(
                 pending.ip,
                 "protocol",
@@ -369,7 +368,7 @@ class Negotiator:
                 pending.where,
                 pdu_type,
             )
-            self._answer_and_close(pending, ABORT_UNEXPECTED_PDU)
+            self._answer_and_close(pending, A_ABORT_UNEXPECTED_PDU)
             return False
         if length > MAX_ASSOCIATE_RQ_BYTES:
             self.refusals.warning(
@@ -394,7 +393,7 @@ class Negotiator:
 
     def _complete(self, pending: _Pending) -> None:
         try:
-            request = parse_associate_rq(memoryview(pending.raw)[6:])
+            request = A_ASSOCIATE_RQ.decode(memoryview(pending.raw)[6:])
         except (ValueError, IndexError, struct.error) as exc:
             self.refusals.warning(
                 pending.ip,
@@ -403,7 +402,7 @@ class Negotiator:
                 pending.where,
                 exc,
             )
-            self._answer_and_close(pending, ABORT_UNEXPECTED_PDU)
+            self._answer_and_close(pending, A_ABORT_UNEXPECTED_PDU)
             return
         # Hand over: the connection leaves the selector and the pending bounds.
         self._pending.pop(id(pending), None)

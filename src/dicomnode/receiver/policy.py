@@ -69,7 +69,7 @@ def decide_association(
         Receiver settings (trusted list, called-AE rule, AE host bindings).
     calling_aet, called_aet : str
         AE titles from the A-ASSOCIATE-RQ, DICOM's space padding removed
-        (:func:`dicomnode.receiver.negotiation.ae_text`), nothing else.
+        (:func:`dicomnode.dul.pdu.ae_text`), nothing else.
     peer_addresses : frozenset of str
         The peer's IP address plus any names it resolves to (resolved by the caller).
 

@@ -1,10 +1,9 @@
 """Run the receiver in several processes that share one listening socket (pre-fork).
 
-Python's GIL lets one process use about one core (the pynetdicom transport
-spends several milliseconds of CPU per C-STORE, the lean one about half a
-millisecond plus two fsyncs). The parent binds the port once (a second node on
-the same port still fails with "address in use"), then spawns worker processes
-that accept on the inherited socket; the kernel hands each new connection to
+Python's GIL lets one process use about one core (bench/README.md has the
+CPU cost per C-STORE that makes more processes worth it). The parent binds
+the port once (a second node on the same port still fails with "address in
+use"), then spawns worker processes that accept on the inherited socket; the kernel hands each new connection to
 whichever worker is waiting. Workers log through a pipe to the parent's
 handlers (one writer per log file), stop when the parent asks or dies
 (Linux: ``PR_SET_PDEATHSIG``), and are restarted if they crash.
@@ -190,7 +189,7 @@ class _PipeLogHandler(logging.Handler):
     INFO lines before them), otherwise every :data:`_LOG_BATCH_S` or every
     :data:`_LOG_BATCH_RECORDS` records. One pipe write and one wake-up of the
     parent per record cost a busy receiver more CPU than filing the object
-    (measured: ~0.16 ms per object across both processes). At most
+    (bench/README.md). At most
     :data:`_LOG_BATCH_S` of INFO lines is lost if the worker is killed. After
     :meth:`close` every record is sent at once (nothing waits for a batch that
     would never be sent). The batching thread's stop flag must not be named

@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -100,6 +101,59 @@ def _header_fields(header: _Header) -> dict[int, tuple[bytes, bytes]]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ReceivedObject:
+    """One completely received object, as a transport hands it to :meth:`StoreHandler.finish`.
+
+    Attributes
+    ----------
+    tmp : Path
+        The received object (File Meta Information + data set as received),
+        already fsynced and closed, in the temp folder of the destination volume.
+    calling, where : str
+        Calling AE title and "ip:port" of the peer, for routing and logs.
+    started : float
+        ``time.monotonic()`` when the request arrived.
+    affected_uid : str
+        Affected SOP Instance UID of the request (for logs before parsing).
+    write_error : OSError or None
+        The error that stopped writing ``tmp`` (disk full, disk guard).
+    too_large : bool
+        True when the transport stopped writing at ``max_object_mb``.
+    content : bytes-like or None
+        The complete content of ``tmp`` when the transport still holds it
+        (small objects): checked and parsed without reading the file back.
+    command_uids : tuple of str or None
+        ``(Affected SOP Class UID, Affected SOP Instance UID)`` of the request
+        command. When given, they must equal the data set's SOP Class and SOP
+        Instance UID: the File Meta Information is built from the command, and
+        a file whose header contradicts its data set would later be refused by
+        the forwarding target.
+    """
+
+    tmp: Path
+    calling: str
+    where: str
+    started: float
+    affected_uid: str
+    write_error: OSError | None = None
+    too_large: bool = False
+    content: bytes | bytearray | None = None
+    command_uids: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Filing:
+    """What :meth:`StoreHandler.finish` decided: the C-STORE status and the deferred log lines.
+
+    ``reports`` holds the ``STORED`` line when ``defer_report`` was asked for;
+    the transport calls each after it sent the response.
+    """
+
+    status: int
+    reports: tuple[Callable[[], None], ...] = ()
+
+
 class _Header:
     """The header of one received object, decoded from the walk only when it is needed."""
 
@@ -153,52 +207,21 @@ class StoreHandler:
         logger.info("ECHO calling_ae=%s peer=%s", calling, where)
         return int(StoreStatus.SUCCESS)
 
-    def finish(
-        self,
-        tmp: Path,
-        calling: str,
-        where: str,
-        started: float,
-        affected_uid: str,
-        write_error: OSError | None = None,
-        too_large: bool = False,
-        content: bytes | bytearray | None = None,
-        reports: list[Callable[[], None]] | None = None,
-        command_uids: tuple[str, str] | None = None,
-    ) -> int:
+    def finish(self, received: ReceivedObject, defer_report: bool = False) -> Filing:
         """File one completely received object and return its C-STORE status.
 
         Parameters
         ----------
-        tmp : Path
-            The received object (File Meta Information + data set as received),
-            already fsynced and closed, in the temp folder of the destination volume.
-        calling, where : str
-            Calling AE title and "ip:port" of the peer, for routing and logs.
-        started : float
-            ``time.monotonic()`` when the request arrived.
-        affected_uid : str
-            Affected SOP Instance UID of the request (for logs before parsing).
-        write_error : OSError, optional
-            The error that stopped writing ``tmp`` (disk full, disk guard).
-        too_large : bool
-            True when the transport stopped writing at ``max_object_mb``.
-        content : bytes-like, optional
-            The complete content of ``tmp`` when the transport still holds it
-            (small objects): checked and parsed without reading the file back.
-        reports : list, optional
-            When given, the ``STORED`` log line is appended here as a callable
-            instead of being logged, so the transport can send the response first.
-        command_uids : tuple of str, optional
-            ``(Affected SOP Class UID, Affected SOP Instance UID)`` of the request
-            command. When given, they must equal the data set's SOP Class and SOP
-            Instance UID: the File Meta Information is built from the command, and
-            a file whose header contradicts its data set would later be refused by
-            the forwarding target.
+        received : ReceivedObject
+            The object as the transport received it (see :class:`ReceivedObject`).
+        defer_report : bool
+            When True the ``STORED`` log line is not logged but returned in
+            :attr:`Filing.reports`, so the transport can send the response first.
 
         Returns
         -------
-        int
+        Filing
+            ``status`` is one of:
             0x0000 Success: the object is fsynced and renamed into its final place.
             0xA700 Refused, out of resources: disk guard, object too large, the
             received data could not be written to the temp file (disk full), or an
@@ -212,16 +235,26 @@ class StoreHandler:
             0x0110 Processing failure: an unexpected error in the node.
             Never raises; ``tmp`` is filed, kept in errors/ or deleted.
         """
+        tmp, calling, where = received.tmp, received.calling, received.where
+        affected_uid, write_error = received.affected_uid, received.write_error
+        reports: list[Callable[[], None]] | None = [] if defer_report else None
         status = int(StoreStatus.PROCESSING_FAILURE)
         try:
-            if write_error is not None or too_large:
+            if write_error is not None or received.too_large:
                 if write_error is not None:
                     status = self._refuse_unwritable(tmp, calling, where, affected_uid, write_error)
                 else:
                     status = self._refuse_too_large(calling, where, affected_uid, None)
             else:
                 status = self._store(
-                    tmp, calling, where, started, affected_uid, content, reports, command_uids
+                    tmp,
+                    calling,
+                    where,
+                    received.started,
+                    affected_uid,
+                    received.content,
+                    reports,
+                    received.command_uids,
                 )
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
@@ -231,7 +264,7 @@ class StoreHandler:
                 # A refused object is not kept in the temp folder (its sender still has it).
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
-        return status
+        return Filing(status, tuple(reports or ()))
 
     def _refuse_too_large(
         self, calling: str, where: str, affected_uid: str, size: int | None

@@ -1,0 +1,314 @@
+"""Delivery of one group: send in clinical order, then apply each file's outcome on disk at once.
+
+:func:`send_group` plans the associations of a claimed group
+(:func:`~.batching.plan_associations`), sends them with the SCU
+(:func:`make_sender`: the lean SCU of :mod:`.lean`) and applies every per-file
+decision immediately: delivered files are deleted, refused ones parked under
+``failed/`` with a ``send_errors.log`` line (:func:`park_job_file`), files kept
+by network trouble or a temporary refusal are returned for a retry. A kill at
+any moment loses nothing. Used by the long-running :mod:`.scheduler` and the
+one-shot :mod:`.oneshot`. Log verbs: ``SENT``, ``SEND-FAILED``, ``QUARANTINED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+
+from dicomnode.config import ForwarderConfig
+from dicomnode.forwarder.batching import (
+    ObjectInfo,
+    RefusalVerdict,
+    SendOutcome,
+    category_rank,
+    group_label,
+    judge_refusal,
+    order_objects,
+    plan_associations,
+)
+from dicomnode.forwarder.header import inspect_file
+from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
+from dicomnode.forwarder.lean import LeanAssociationSender
+from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
+from dicomnode.forwarder.sender import AssociationSender
+from dicomnode.ledger.events import EventKind, ledger_extra
+
+logger = logging.getLogger(__name__)
+
+
+def make_sender(config: ForwarderConfig, ssl_context: ssl.SSLContext | None) -> AssociationSender:
+    """Return the forwarder's SCU (the lean one; ``transport = pynetdicom`` is retired)."""
+    return LeanAssociationSender(config, ssl_context)
+
+
+def send_group(
+    job: GroupJob,
+    config: ForwarderConfig,
+    sender: AssociationSender,
+    should_stop: Callable[[], bool],
+    on_file_done: Callable[[], None] | None = None,
+    refusals: Mapping[str, int] | None = None,
+) -> GroupResult:
+    """Send one group in clinical order and apply each file's outcome on disk at once.
+
+    Delivered files (success or warning) are deleted; refused ones (failure
+    status, SOP class or transfer syntax not accepted, empty, unreadable or
+    non-DICOM) are parked with a ``send_errors.log`` line; files that were not
+    delivered because of network trouble stay and are listed in
+    ``GroupResult.retry``. A file whose size or mtime differs from the claim is
+    neither sent nor deleted (``changed``).
+
+    Parameters
+    ----------
+    job : GroupJob
+        The claimed group.
+    config : ForwarderConfig
+        Send order and target.
+    sender : AssociationSender
+        Opens the associations.
+    should_stop : callable
+        True stops between files (files stay).
+    on_file_done : callable, optional
+        Called after each file reached an outcome (progress bars).
+    """
+    result = GroupResult()
+    stamp = park_stamp(time.time())
+    label = group_label(job.key)
+    by_key: dict[PurePosixPath, JobFile] = {}
+    infos: list[ObjectInfo] = []
+    for index, jf in enumerate(job.files):
+        if should_stop():
+            result.stopped = True
+            return result
+        key = PurePosixPath(str(index), *jf.inside.parts)
+        found = inspect_file(jf, key)
+        if isinstance(found, ParkReason):
+            if not is_unchanged(jf):
+                result.changed = True
+                continue
+            if park_job_file(job, jf, found, stamp):
+                result.parked += 1
+            if on_file_done:
+                on_file_done()
+            continue
+        by_key[key] = jf
+        infos.append(found)
+
+    ordered = order_objects(infos, config.send_order)
+    if ordered:
+        logger.info(
+            "BATCH-READY group=%s files=%d objects=%d target=%s@%s:%d",
+            label,
+            len(job.files),
+            len(ordered),
+            config.target_aet,
+            config.target_ip,
+            config.target_port,
+        )
+
+    destination = f"{config.target_aet}@{config.target_ip}:{config.target_port}"
+    last_result = [time.monotonic()]  # per-object duration for the ledger
+    counts = dict(refusals or {})
+    decided: set[PurePosixPath] = set()
+    # a transient refusal whose meaning the next answer of the target decides
+    pending: tuple[ObjectInfo, int | None, str] | None = None
+    # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
+    unsettled_rank: int | None = None
+
+    def rank(obj: ObjectInfo) -> int:
+        return category_rank(obj, config.send_order)
+
+    def refuse(jf: JobFile, obj: ObjectInfo, why: ParkReason) -> bool:
+        """Log ``SEND-FAILED`` and park ``jf`` unless it changed; True when it was parked."""
+        logger.warning(
+            "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
+            label,
+            jf.display,
+            obj.sop_instance_uid,
+            why.describe(),
+            extra=ledger_extra(
+                EventKind.FORWARD_REFUSED,
+                sop_uid=obj.sop_instance_uid or None,
+                path=str(jf.path),
+                destination=destination,
+                status=f"0x{why.status:04X}" if why.status is not None else None,
+                reason=why.describe(),
+            ),
+        )
+        if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
+            result.parked += 1
+            counts.pop(jf.display, None)
+            return True
+        return False
+
+    def settle(obj: ObjectInfo, status: int | None, reason: str, singled_out: bool | None) -> None:
+        """Apply the verdict on a transient refusal (see :func:`judge_refusal`)."""
+        nonlocal unsettled_rank
+        jf = by_key[obj.rel_path]
+        verdict, count = judge_refusal(
+            counts.get(jf.display, 0), singled_out, config.max_object_refusals
+        )
+        if verdict is RefusalVerdict.TARGET_WIDE:
+            # like network trouble: the group is retried with backoff
+            result.network_error = result.network_error or reason
+        else:
+            counts[jf.display] = count
+            result.deferred += 1
+        if verdict is RefusalVerdict.PARK:
+            why = ParkReason(
+                status,
+                f"refused {count} time(s) while the target accepted other objects "
+                f"(max_object_refusals={config.max_object_refusals}): {reason}",
+                obj.sop_instance_uid,
+            )
+            if refuse(jf, obj, why):
+                result.deferred -= 1
+                if on_file_done:
+                    on_file_done()
+                return
+        elif verdict is RefusalVerdict.COUNTED:
+            logger.warning(
+                "DEFERRED group=%s file=%s sop_instance_uid=%s refusal=%d/%d: %s",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                count,
+                config.max_object_refusals,
+                reason,
+            )
+        result.retry.append((jf, obj))  # kept: later kinds wait for it (clinical order)
+        here = rank(obj)
+        unsettled_rank = here if unsettled_rank is None else min(unsettled_rank, here)
+
+    def resolve(singled_out: bool | None) -> None:
+        """Settle the pending refusal, if any."""
+        nonlocal pending
+        if pending is not None:
+            obj, status, reason = pending
+            pending = None
+            settle(obj, status, reason, singled_out)
+
+    def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
+        nonlocal pending
+        jf = by_key[obj.rel_path]
+        now = time.monotonic()
+        took_ms, last_result[0] = (now - last_result[0]) * 1000, now
+        decided.add(obj.rel_path)
+        if outcome is SendOutcome.SENT or (outcome is SendOutcome.REFUSED and status is not None):
+            resolve(True)  # the target answered another object: the refusal was that object's
+        elif outcome is SendOutcome.RETRY:
+            resolve(False)  # the target (or the network) fails for everything
+        if outcome is SendOutcome.SENT:
+            counts.pop(jf.display, None)
+            if not is_unchanged(jf):
+                logger.warning(
+                    "CHANGED-DURING-SEND group=%s file=%s: kept, will be sent again",
+                    label,
+                    jf.display,
+                )
+                result.changed = True
+                return
+            delete_delivered(jf.path, job.prune_root)
+            result.sent += 1
+            logger.info(
+                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                status if status is not None else 0,
+                extra=ledger_extra(
+                    EventKind.FORWARDED,
+                    sop_uid=obj.sop_instance_uid or None,
+                    path=str(jf.path),
+                    destination=destination,
+                    status=f"0x{status or 0:04X}",
+                    duration_ms=took_ms,
+                ),
+            )
+        elif outcome is SendOutcome.REFUSED:
+            refuse(jf, obj, ParkReason(status, reason, obj.sop_instance_uid))
+        elif outcome is SendOutcome.RETRY:
+            result.retry.append((jf, obj))
+        elif outcome is SendOutcome.DEFERRED:
+            resolve(False)
+            pending = (obj, status, reason)
+            return  # reported when settled
+        if on_file_done:
+            on_file_done()
+
+    def check(obj: ObjectInfo) -> bool:
+        if not is_unchanged(by_key[obj.rel_path]):
+            result.changed = True
+            logger.info(
+                "GROUP-CHANGED group=%s: %s changed, waiting for quiet", label, obj.rel_path
+            )
+            return False
+        if pending is not None and rank(obj) > rank(pending[0]):
+            resolve(None)  # nothing else of its kind is left to tell
+        if unsettled_rank is not None and rank(obj) > unsettled_rank:
+            # clinical order: nothing of a later kind before the earlier objects are
+            # acknowledged or parked
+            result.held = True
+            logger.info(
+                "HELD group=%s: %s waits until the object(s) the target refused are "
+                "delivered or parked",
+                label,
+                obj.rel_path,
+            )
+            return False
+        return True
+
+    def locate(obj: ObjectInfo) -> Path:
+        return by_key[obj.rel_path].path
+
+    plans = plan_associations(ordered)
+    for n, (objects, contexts) in enumerate(plans):
+        end = sender.run(locate, objects, contexts, on_result, check, should_stop)
+        if end.network_error is not None:
+            result.network_error = end.network_error
+            for later, _ in plans[n + 1 :]:
+                for obj in later:
+                    result.retry.append((by_key[obj.rel_path], obj))
+            break
+        if end.stopped:
+            result.stopped = not result.changed and not result.held
+            break
+    resolve(None)
+    if result.held:
+        kept = {id(jf) for jf, _ in result.retry}
+        for obj in ordered:
+            jf = by_key[obj.rel_path]
+            if obj.rel_path not in decided and id(jf) not in kept:
+                result.retry.append((jf, obj))
+    result.refusals = {
+        jf.display: counts[jf.display] for jf, _ in result.retry if jf.display in counts
+    }
+    if result.network_error:
+        logger.warning(
+            "SEND-FAILED group=%s: %s (%d file(s) kept for retry)",
+            label,
+            result.network_error,
+            len(result.retry),
+        )
+    return result
+
+
+def park_job_file(job: GroupJob, jf: JobFile, why: ParkReason, stamp: str) -> bool:
+    """Park ``jf`` of ``job`` under ``failed/`` with ``why``; True when it was moved."""
+    return (
+        park_file(
+            jf.path,
+            park_root=job.park_root,
+            group=job.key,
+            inside=jf.inside,
+            display=jf.display,
+            stamp=stamp,
+            why=why,
+            wall_time=time.time(),
+            prune_root=job.prune_root,
+        )
+        is not None
+    )
