@@ -1164,26 +1164,6 @@ def find_config(explicit: Path | None, cwd: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def route_for(receiver: ReceiverConfig, calling_aet: str) -> Path:
-    """Return the folder for objects from ``calling_aet`` ([AE_Mappings] or ``incoming``).
-
-    The AE title must match exactly (padding removed), as for trusted_ae_titles
-    and [AE_Hosts]: ``bound`` is not ``BOUND``.
-    """
-    for aet, folder in receiver.ae_mappings:
-        if aet == calling_aet:
-            return folder
-    return receiver.destination_dir / "incoming"
-
-
-def hosts_for(receiver: ReceiverConfig, calling_aet: str) -> tuple[str, ...] | None:
-    """Return the hosts ``calling_aet`` may connect from, or None when unrestricted."""
-    for aet, names in receiver.ae_hosts:
-        if aet == calling_aet:
-            return names
-    return None
-
-
 # --------------------------------------------------------------------------- showing
 
 

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
+from dicomnode.receiver import policy
 from dicomnode.receiver.policy import decide_association
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ def admit(
     try:
         peers = frozenset({ip})
         decision = decide_association(cfg, calling, called, peers)
-        allowed = cfgmod.hosts_for(cfg, calling) or ()
+        allowed = policy.hosts_for(cfg, calling) or ()
         if not decision.accept and allowed and decision.reason.startswith("peer address"):
             # Host names in [AE_Hosts] are resolved only when the address alone does not match.
             peers = resolve_names(ip, allowed)

@@ -23,7 +23,6 @@ from typing import Final
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import (
     HEADER_TAG_NUMBERS,
@@ -43,6 +42,7 @@ from dicomnode.organise import (
     instance_file_name,
     modality_prefix,
 )
+from dicomnode.receiver import policy
 from dicomnode.status import StoreStatus
 from dicomnode.storage import FolderResolver, free_space_mb, place_file, quarantine
 
@@ -390,7 +390,7 @@ class StoreHandler:
                 return self._fail(
                     tmp, calling, where, StoreStatus.DATASET_MISMATCH, mismatch, sop_uid
                 )
-        ae_root = cfgmod.route_for(self.cfg, calling)
+        ae_root = policy.route_for(self.cfg, calling)
         if (
             self.cfg.min_free_space_mb
             and ae_root not in self._local_roots
