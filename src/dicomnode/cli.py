@@ -9,9 +9,10 @@ Exit codes (:class:`~dicomnode.status.ExitStatus`): 0 ok, 1 runtime failure,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dicomnode import __version__, config, logsetup, service, tls
@@ -28,6 +29,9 @@ EPILOG = """commands:
   send            send files or folders to the target now (same order and outcome rules)
   retry-failed    move files parked in <watch_folder>/failed back into the watch folder
   convert         convert Enhanced multi-frame objects to single-frame offline
+  status          print the node's summary; exit 0 when healthy, 1 when not
+  audit           export ledger events (date range, patient ID, AE) as CSV or JSON
+  web-passwd      set a console user's password (stored as a salted scrypt hash)
 
 Without --config, ./config.ini is used if it exists, else the embedded default
 (AE DICOMNODE on 127.0.0.1:11112, data under ./dicomnode-data/).
@@ -119,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("inputs", nargs="+", type=Path, metavar="IN")
     convert.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+
+    sub.add_parser("status", parents=[common], help="summary and health (exit 0 healthy, 1 not)")
+
+    audit = sub.add_parser("audit", parents=[common], help="export ledger events")
+    audit.add_argument("--since", metavar="DATE", help="first day (YYYY-MM-DD) or ISO date-time")
+    audit.add_argument(
+        "--until", metavar="DATE", help="last day (YYYY-MM-DD, inclusive) or ISO time"
+    )
+    audit.add_argument("--patient-id", default="", help="only events of this patient ID")
+    audit.add_argument("--ae", default="", help="only events of this calling AE title")
+    audit.add_argument(
+        "--kind", action="append", default=[], help="only this event kind (repeatable)"
+    )
+    audit.add_argument("--format", choices=("csv", "json"), default="csv")
+    audit.add_argument("--output", type=Path, metavar="FILE", help="write here instead of stdout")
+
+    passwd = sub.add_parser(
+        "web-passwd", parents=[common], help="set a console user's password (salted hash)"
+    )
+    passwd.add_argument("user")
+    passwd.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
     return parser
 
 
@@ -176,12 +203,101 @@ def _dispatch(args: argparse.Namespace, cfg: NodeConfig) -> int:
     if command == "retry-failed":
         from dicomnode.forwarder import retry_failed
 
-        return int(retry_failed(cfg.forwarder))
+        with _ledger(cfg):
+            return int(retry_failed(cfg.forwarder))
+    if command == "status":
+        from dicomnode.web.report import status_report
+
+        healthy, lines = status_report(cfg)
+        print("\n".join(lines))
+        return int(ExitStatus.OK if healthy else ExitStatus.FAILURE)
+    if command == "audit":
+        return _audit(args, cfg)
+    if command == "web-passwd":
+        return _web_passwd(args, cfg)
     if command == "convert":
         from dicomnode.convert.worker import convert_paths
 
         return int(convert_paths(args.inputs, args.out, cfg.tools, cfg.receiver.folder_layout))
     return _run(args, cfg)
+
+
+@contextlib.contextmanager
+def _ledger(cfg: NodeConfig) -> Iterator[None]:
+    """Record the events of a one-shot command (``send``, ``retry-failed``) in the ledger.
+
+    Only where a node already keeps its ledger: a one-shot command creates none.
+    """
+    if not cfg.ledger.enabled or not cfg.ledger_path.is_file():
+        yield
+        return
+    from dicomnode.ledger.handler import LedgerHandler
+    from dicomnode.ledger.writer import LedgerWriter
+
+    writer = LedgerWriter(cfg.ledger_path, 0)
+    writer.start()
+    handler = LedgerHandler(writer)
+    logging.getLogger("dicomnode").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("dicomnode").removeHandler(handler)
+        writer.stop()
+
+
+def _audit(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from dicomnode.ledger.export import export, parse_day
+    from dicomnode.ledger.schema import LedgerUnavailable, open_reader
+
+    try:
+        since = parse_day(args.since) if args.since else None
+        until = parse_day(args.until, end=True) if args.until else None
+    except ValueError as exc:
+        print(f"dicomnode: audit: bad date: {exc}", file=sys.stderr)
+        return int(ExitStatus.CONFIG_ERROR)
+    try:
+        conn = open_reader(cfg.ledger_path)
+    except LedgerUnavailable as exc:
+        print(f"dicomnode: audit: {exc}", file=sys.stderr)
+        return int(ExitStatus.FAILURE)
+    try:
+        if args.output is not None:
+            with args.output.open("w", encoding="utf-8", newline="") as out:
+                count = export(
+                    conn, out, args.format, since, until, args.patient_id, args.ae, args.kind
+                )
+        else:
+            count = export(
+                conn, sys.stdout, args.format, since, until, args.patient_id, args.ae, args.kind
+            )
+    finally:
+        conn.close()
+    print(f"dicomnode: audit: {count} event(s)", file=sys.stderr)
+    return int(ExitStatus.OK)
+
+
+def _web_passwd(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    import getpass
+
+    from dicomnode.web.auth import set_password
+
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"New console password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            print("dicomnode: web-passwd: the passwords differ", file=sys.stderr)
+            return int(ExitStatus.FAILURE)
+    try:
+        set_password(cfg.web_credentials, args.user, password)
+    except ValueError as exc:
+        print(f"dicomnode: web-passwd: {exc}", file=sys.stderr)
+        return int(ExitStatus.CONFIG_ERROR)
+    except OSError as exc:
+        print(f"dicomnode: web-passwd: cannot write {cfg.web_credentials}: {exc}", file=sys.stderr)
+        return int(ExitStatus.FAILURE)
+    print(f"console password of {args.user} stored (salted scrypt hash) in {cfg.web_credentials}")
+    return int(ExitStatus.OK)
 
 
 def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -204,11 +320,15 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
             file=sys.stderr,
         )
         return int(ExitStatus.CONFIG_ERROR)
-    return int(
-        send_paths(
-            args.paths, fw, progress=sys.stderr.isatty(), ssl_context=tls.client_context(cfg.tls)
+    with _ledger(cfg):
+        return int(
+            send_paths(
+                args.paths,
+                fw,
+                progress=sys.stderr.isatty(),
+                ssl_context=tls.client_context(cfg.tls),
+            )
         )
-    )
 
 
 def _run(args: argparse.Namespace, cfg: NodeConfig) -> int:
@@ -241,6 +361,9 @@ def _run(args: argparse.Namespace, cfg: NodeConfig) -> int:
         )
     try:
         service.run(cfg, options)
+    except ConfigError as exc:
+        print(f"dicomnode: configuration error: {exc}", file=sys.stderr)
+        return int(ExitStatus.CONFIG_ERROR)
     except DicomNodeError as exc:
         print(f"dicomnode: cannot start: {exc}", file=sys.stderr)
         return int(ExitStatus.STARTUP_ERROR)

@@ -57,6 +57,10 @@ target_ip =
 target_port = 104
 [Logging]
 verbose = false
+[Web]
+enabled = true
+address = 127.0.0.1
+port = 8080
 """
 
 #: Default clinical send order: images, other objects, then RT objects.
@@ -85,6 +89,9 @@ SECTIONS: Final = (
     "FolderWatcher",
     "TLS",
     "Logging",
+    "Ledger",
+    "Web",
+    "Audit",
     "Destination:NAME",
 )
 #: The ``[Destination:NAME]`` family: one section per remote AE the node talks to,
@@ -586,6 +593,69 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """The event ledger ([Ledger]): an embedded SQLite (WAL) record of every event."""
+
+    enabled: bool = setting(True, "Ledger", Kind.BOOL, "Record every event in the ledger")
+    location: Path | None = setting(
+        None,
+        "Ledger",
+        Kind.PATH,
+        "Ledger file (default: <destination_dir>/.ledger/ledger.sqlite)",
+        allow_empty=True,
+    )
+    retention_days: int = setting(
+        365, "Ledger", Kind.INT, "Events older than this are deleted (0 = keep)", lo=0, hi=100000
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The operator console, /metrics and /healthz ([Web])."""
+
+    enabled: bool = setting(
+        False, "Web", Kind.BOOL, "Serve the console (on in the embedded default)"
+    )
+    address: str = setting(
+        "127.0.0.1", "Web", Kind.HOST, "Console address; not loopback: credentials needed"
+    )
+    port: int = setting(8080, "Web", Kind.INT, "Console TCP port", lo=1, hi=65535)
+    credentials_file: Path | None = setting(
+        None,
+        "Web",
+        Kind.PATH,
+        "Users and salted password hashes (default: web-users beside the ledger)",
+        allow_empty=True,
+    )
+    https: bool = setting(False, "Web", Kind.BOOL, "Serve HTTPS")
+    certificate: Path | None = setting(
+        None,
+        "Web",
+        Kind.PATH,
+        "PEM certificate for HTTPS (empty: [TLS] certificate)",
+        allow_empty=True,
+    )
+    private_key: Path | None = setting(
+        None, "Web", Kind.PATH, "PEM key for HTTPS (empty: [TLS] private_key)", allow_empty=True
+    )
+    session_timeout_s: float = setting(
+        3600.0, "Web", Kind.SECONDS, "A login expires after this long idle", lo=10.0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """DICOM audit messages to an audit repository ([Audit])."""
+
+    syslog: str = setting(
+        "",
+        "Audit",
+        Kind.TEXT,
+        "udp://host:port or tcp+tls://host:port: PS3.15 audit messages over syslog (empty: off)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """The whole validated configuration of one node."""
 
@@ -598,7 +668,24 @@ class NodeConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     destinations: tuple[DestinationConfig, ...] = ()
+
+    @property
+    def ledger_path(self) -> Path:
+        """Return the ledger file ([Ledger] location or ``<destination_dir>/.ledger/ledger.sqlite``)."""
+        if self.ledger.location is not None:
+            return self.ledger.location
+        return self.receiver.destination_dir / ".ledger" / "ledger.sqlite"
+
+    @property
+    def web_credentials(self) -> Path:
+        """Return the console's credentials file ([Web] credentials_file or beside the ledger)."""
+        if self.web.credentials_file is not None:
+            return self.web.credentials_file
+        return self.ledger_path.parent / "web-users"
 
     def with_watch_folder(self, path: Path) -> NodeConfig:
         """Return a copy whose forwarder watches ``path`` (``--watch-folder``)."""
@@ -613,6 +700,9 @@ HOLDERS: Final[tuple[tuple[type, Callable[[NodeConfig], object]], ...]] = (
     (ForwarderConfig, lambda c: c.forwarder),
     (TlsConfig, lambda c: c.tls),
     (LoggingConfig, lambda c: c.logging),
+    (LedgerConfig, lambda c: c.ledger),
+    (WebConfig, lambda c: c.web),
+    (AuditConfig, lambda c: c.audit),
 )
 #: Config dataclasses of section families (one instance per section), for :func:`all_keys`.
 FAMILIES: Final[tuple[type, ...]] = (DestinationConfig,)
@@ -1023,6 +1113,26 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
     )
     logging_cfg = _build(LoggingConfig, sections, base_dir, {"pynetdicom_level": level.upper()})
 
+    ledger = _build(LedgerConfig, sections, base_dir, {})
+    web = _build(WebConfig, sections, base_dir, {})
+    if web.https:
+        web_cert = web.certificate or tls.certificate
+        web_key = web.private_key or tls.private_key
+        if web_cert is None or web_key is None:
+            raise ConfigError(
+                f"{source}: [Web] https = true needs certificate and private_key "
+                "(in [Web], or in [TLS] to reuse the DICOM TLS certificate)"
+            )
+        web = replace(web, certificate=web_cert, private_key=web_key)
+
+    audit = _build(AuditConfig, sections, base_dir, {})
+    if audit.syslog and not re.fullmatch(
+        r"(udp|tcp\+tls)://[A-Za-z0-9.:\[\]-]+:\d{1,5}", audit.syslog
+    ):
+        raise sections["Audit"].error(
+            "syslog", audit.syslog, "udp://host:port or tcp+tls://host:port"
+        )
+
     node = _build(
         NodeConfig,
         sections,
@@ -1034,6 +1144,9 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             "tools": tools,
             "tls": tls,
             "logging": logging_cfg,
+            "ledger": ledger,
+            "web": web,
+            "audit": audit,
             "destinations": destinations,
         },
     )
@@ -1138,26 +1251,6 @@ def find_config(explicit: Path | None, cwd: Path) -> Path | None:
         return explicit
     candidate = cwd / "config.ini"
     return candidate if candidate.is_file() else None
-
-
-def route_for(receiver: ReceiverConfig, calling_aet: str) -> Path:
-    """Return the folder for objects from ``calling_aet`` ([AE_Mappings] or ``incoming``).
-
-    The AE title must match exactly (padding removed), as for trusted_ae_titles
-    and [AE_Hosts]: ``bound`` is not ``BOUND``.
-    """
-    for aet, folder in receiver.ae_mappings:
-        if aet == calling_aet:
-            return folder
-    return receiver.destination_dir / "incoming"
-
-
-def hosts_for(receiver: ReceiverConfig, calling_aet: str) -> tuple[str, ...] | None:
-    """Return the hosts ``calling_aet`` may connect from, or None when unrestricted."""
-    for aet, names in receiver.ae_hosts:
-        if aet == calling_aet:
-            return names
-    return None
 
 
 # --------------------------------------------------------------------------- showing

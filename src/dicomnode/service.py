@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -82,6 +83,14 @@ def summary_lines(config: NodeConfig, options: RunOptions) -> list[str]:
     ]
     if config.logging.log_file is not None:
         lines.append(f"Log file: {config.logging.log_file}")
+    lines.append(f"Ledger: {config.ledger_path}" if config.ledger.enabled else "Ledger: disabled")
+    web = config.web
+    if web.enabled:
+        scheme = "https" if web.https else "http"
+        host = f"[{web.address}]" if ":" in web.address else web.address
+        lines.append(f"Console: {scheme}://{host}:{web.port}/")
+    else:
+        lines.append("Console: disabled ([Web] enabled = false)")
     return lines
 
 
@@ -103,7 +112,7 @@ def set_window_title(title: str) -> None:
 
 
 class Node:
-    """Receiver, conversion worker and forwarder of one configuration."""
+    """Receiver, conversion worker, forwarder, ledger and console of one configuration."""
 
     def __init__(self, config: NodeConfig, options: RunOptions) -> None:
         self.config = config
@@ -111,6 +120,75 @@ class Node:
         self.receiver: Any = None
         self.forwarder: Any = None
         self.converter: Any = None
+        self.ledger: Any = None
+        self.console: Any = None
+        self.audit: Any = None
+        self._log_handlers: list[logging.Handler] = []
+
+    def _start_ledger(self, forwarding: bool) -> None:
+        """Start the ledger writer and route the events of log records to it."""
+        from dicomnode.ledger.handler import LedgerHandler
+        from dicomnode.ledger.writer import LedgerWriter
+        from dicomnode.storage import INCOMING_TMP
+
+        rc = self.config.receiver
+        roots: list[Path] = []
+        if self.options.receiver:
+            roots += [rc.destination_dir / "incoming", *(p for _, p in rc.ae_mappings)]
+        if forwarding:
+            roots.append(self.config.forwarder.watch_folder)
+        on_written = None
+        if self.config.audit.syslog:
+            from dicomnode.ledger.atna import AuditSender, parse_target
+
+            tls_cfg = self.config.tls
+            context = None
+            if tls_cfg.ca_bundle is not None or tls_cfg.certificate is not None:
+                context = tls.client_context(replace(tls_cfg, enabled=True))
+            self.audit = AuditSender(parse_target(self.config.audit.syslog), rc.ae_title, context)
+            self.audit.start()
+            on_written = self.audit.submit
+        self.ledger = LedgerWriter(
+            self.config.ledger_path,
+            self.config.ledger.retention_days,
+            roots,
+            skip_dirs=[rc.errors_dir, rc.destination_dir / INCOMING_TMP],
+            on_written=on_written,
+        )
+        self.ledger.start()
+        self._attach(LedgerHandler(self.ledger))
+
+    def _attach(self, handler: logging.Handler) -> None:
+        logging.getLogger("dicomnode").addHandler(handler)
+        self._log_handlers.append(handler)
+
+    def _make_console(self, forwarding: bool) -> None:
+        """Create the console (refusing a non-loopback address without credentials)."""
+        from dicomnode.web import Console, NodeProbe
+        from dicomnode.web.logbuffer import RecentLines
+
+        recent = RecentLines()
+        probe = NodeProbe(
+            receiver_listening=(lambda: bool(self.receiver and self.receiver.is_serving()))
+            if self.options.receiver
+            else None,
+            active_associations=lambda: (
+                int(self.receiver.active_associations()) if self.receiver is not None else 0
+            ),
+            forwarder_status=(
+                lambda: (
+                    self.forwarder.status()
+                    if self.forwarder is not None
+                    else {"running": False, "sending": [], "retry": {}, "last_success": None}
+                )
+            )
+            if forwarding
+            else None,
+            counters=lambda: self.ledger.counters() if self.ledger is not None else {},
+            ledger_available=lambda: bool(self.ledger is not None and self.ledger.available),
+        )
+        self.console = Console(self.config, probe, recent)
+        self._attach(recent)
 
     def start(self) -> None:
         """Start every enabled component.
@@ -125,6 +203,11 @@ class Node:
         cfg = self.config
         if self.options.forwarder:
             check_writable(cfg.forwarder.watch_folder)
+        fw_on, _ = forwarder_state(cfg, self.options)
+        if cfg.web.enabled:
+            self._make_console(fw_on)  # first: a console that may not start stops the node here
+        if cfg.ledger.enabled:
+            self._start_ledger(fw_on)
         if self.options.receiver:
             from dicomnode.receiver.pool import ReceiverPool, effective_processes, start_converter
 
@@ -137,12 +220,13 @@ class Node:
                 self.converter, post_store = start_converter(cfg, resume=True)
                 self.receiver = Receiver(cfg.receiver, post_store, tls.server_context(cfg.tls))
             self.receiver.start()
-        fw_on, _ = forwarder_state(cfg, self.options)
         if fw_on:
             from dicomnode.forwarder import Forwarder
 
             self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls))
             self.forwarder.start()
+        if self.console is not None:
+            self.console.start()
 
     def supervise(self) -> None:
         """Restart crashed receiver processes (called from the main loop)."""
@@ -152,12 +236,21 @@ class Node:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting work, finish or abort in-flight work within ``grace_s``, join."""
+        if self.console is not None:
+            self.console.stop()
         if self.receiver is not None:
             self.receiver.stop(grace_s)
         if self.forwarder is not None:
             self.forwarder.stop(grace_s)
         if self.converter is not None:
             self.converter.stop(grace_s)
+        for handler in self._log_handlers:
+            logging.getLogger("dicomnode").removeHandler(handler)
+        self._log_handlers.clear()
+        if self.ledger is not None:
+            self.ledger.stop()
+        if self.audit is not None:
+            self.audit.stop()
 
 
 class SignalCatcher:

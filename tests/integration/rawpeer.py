@@ -210,11 +210,11 @@ def acknowledged_by_storescu(log: str, files: list[Path]) -> set[Path]:
 
 
 def visible_files(root: Path) -> list[Path]:
-    """Return every file below ``root`` except the receiver's hidden temp folder."""
+    """Return every file below ``root`` except the receiver's hidden temp folder and the ledger."""
     return sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and ".incoming-tmp" not in p.relative_to(root).parts
+        if p.is_file() and not {".incoming-tmp", ".ledger"} & set(p.relative_to(root).parts)
     )
 
 

@@ -137,7 +137,8 @@ def test_worker_deletes_original_only_when_configured(
     worker.submit(stored, root, ENHANCED_MR)
     assert wait_until(lambda: not stored.exists(), 20)
     assert len(_classic_files(root)) == 4
-    assert not stored.parent.exists()  # the emptied series folder is removed too
+    # the emptied series folder is removed too (after the unlink and a folder fsync)
+    assert wait_until(lambda: not stored.parent.exists(), 20)
 
 
 def test_worker_ignores_off_and_unconvertible(

@@ -9,6 +9,7 @@ import pytest
 
 from dicomnode import config
 from dicomnode.errors import ConfigError
+from dicomnode.receiver import policy
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -165,9 +166,9 @@ def test_config_relative_paths_resolve_against_file_folder(tmp_path: Path) -> No
     )
     cfg = config.load(path)
     assert cfg.receiver.destination_dir == sub / "data"
-    assert config.route_for(cfg.receiver, "A") == sub / "data" / "mapped"
-    assert config.route_for(cfg.receiver, "B") == Path("/abs/b")
-    assert config.route_for(cfg.receiver, "OTHER") == sub / "data" / "incoming"
+    assert policy.route_for(cfg.receiver, "A") == sub / "data" / "mapped"
+    assert policy.route_for(cfg.receiver, "B") == Path("/abs/b")
+    assert policy.route_for(cfg.receiver, "OTHER") == sub / "data" / "incoming"
     assert cfg.forwarder.watch_folder == sub / "out"
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import HEADER_TAG_NUMBERS, header_from_elements, read_header, text_of
 from dicomnode.dul.pdu import ae_text
 from dicomnode.integrity import DeflatedDataSetError, examine, find_defect, read_header_bounded
 from dicomnode.logsafe import escape, escape_message
+from dicomnode.receiver import policy
 from dicomnode.receiver.admission import RefusalLog
 from dicomnode.receiver.policy import decide_association, is_valid_peer_ae
 from tests.deflate_factory import save_deflated
@@ -54,9 +54,9 @@ def test_preadmission_ae_mapping_and_hosts_match_exactly(tmp_path: Path) -> None
         ae_mappings=(("BOUND", bound),),
         ae_hosts=(("BOUND", ("10.9.9.9",)),),
     )
-    assert cfgmod.route_for(cfg, "BOUND") == bound
-    assert cfgmod.route_for(cfg, "bound") == tmp_path / "incoming"  # no case-insensitive fallback
-    assert cfgmod.hosts_for(cfg, "bound") is None
+    assert policy.route_for(cfg, "BOUND") == bound
+    assert policy.route_for(cfg, "bound") == tmp_path / "incoming"  # no case-insensitive fallback
+    assert policy.hosts_for(cfg, "bound") is None
     peer = frozenset({"127.0.0.1"})
     assert not decide_association(cfg, "BOUND", "N", peer).accept
     trusted = ReceiverConfig(trusted_ae_titles=("SENDER",))

@@ -43,6 +43,7 @@ from dicomnode.convert.emf2sf import Emf2sfCancelled, find_executable, run_emf2s
 from dicomnode.convert.native import CLASSIC_SOP_CLASS, NO_CLASSIC_TARGET, convert_dataset
 from dicomnode.dicomtags import read_header, text_of
 from dicomnode.errors import ConversionError
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.organise import FolderLevel, file_name, folder_plan
 from dicomnode.storage import (
     CONVERT_PENDING_DIR,
@@ -179,6 +180,12 @@ def convert_file(
         frames,
         "emf2sf" if tools.enhanced_mr_conversion == "emf2sf" else "native",
         ", ".join(str(f) for f in folders),
+        extra=ledger_extra(
+            EventKind.CONVERTED,
+            sop_uid=source_uid,
+            path="\n".join(str(f) for f in folders),
+            reason=f"{frames} frame(s)",
+        ),
     )
     return ConversionResult(source_uid, frames, tuple(folders))
 

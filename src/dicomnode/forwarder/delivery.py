@@ -34,6 +34,7 @@ from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
 from dicomnode.forwarder.lean import LeanAssociationSender
 from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
 from dicomnode.forwarder.sender import AssociationSender
+from dicomnode.ledger.events import EventKind, ledger_extra
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ def send_group(
             config.target_port,
         )
 
+    destination = f"{config.target_aet}@{config.target_ip}:{config.target_port}"
+    last_result = [time.monotonic()]  # per-object duration for the ledger
     counts = dict(refusals or {})
     decided: set[PurePosixPath] = set()
     # a transient refusal whose meaning the next answer of the target decides
@@ -126,6 +129,14 @@ def send_group(
             jf.display,
             obj.sop_instance_uid,
             why.describe(),
+            extra=ledger_extra(
+                EventKind.FORWARD_REFUSED,
+                sop_uid=obj.sop_instance_uid or None,
+                path=str(jf.path),
+                destination=destination,
+                status=f"0x{why.status:04X}" if why.status is not None else None,
+                reason=why.describe(),
+            ),
         )
         if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
             result.parked += 1
@@ -183,6 +194,8 @@ def send_group(
     def on_result(obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str) -> None:
         nonlocal pending
         jf = by_key[obj.rel_path]
+        now = time.monotonic()
+        took_ms, last_result[0] = (now - last_result[0]) * 1000, now
         decided.add(obj.rel_path)
         if outcome is SendOutcome.SENT or (outcome is SendOutcome.REFUSED and status is not None):
             resolve(True)  # the target answered another object: the refusal was that object's
@@ -206,6 +219,14 @@ def send_group(
                 jf.display,
                 obj.sop_instance_uid,
                 status if status is not None else 0,
+                extra=ledger_extra(
+                    EventKind.FORWARDED,
+                    sop_uid=obj.sop_instance_uid or None,
+                    path=str(jf.path),
+                    destination=destination,
+                    status=f"0x{status or 0:04X}",
+                    duration_ms=took_ms,
+                ),
             )
         elif outcome is SendOutcome.REFUSED:
             refuse(jf, obj, ParkReason(status, reason, obj.sop_instance_uid))

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from dicomnode.forwarder.batching import FAILED_DIR_NAME, TOPLEVEL_GROUP, group_label
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
 from dicomnode.status import describe_status
 from dicomnode.storage import fsync_dir
@@ -223,6 +224,13 @@ def park_file(
         why.sop_instance_uid or "-",
         why.describe(),
         dest,
+        extra=ledger_extra(
+            EventKind.PARKED,
+            sop_uid=why.sop_instance_uid or None,
+            path=str(dest),
+            status=f"0x{why.status:04X}" if why.status is not None else None,
+            reason=why.describe(),
+        ),
     )
     return dest
 
@@ -279,11 +287,65 @@ def move_back_failed(watch_folder: Path) -> MoveBackReport:
                 kept += 1
                 continue
             moved += 1
-            logger.info("RETRY-QUEUED %s -> %s", src, dest)
+            _log_moved_back(src, dest, "")
         remaining = [p for p in folder.rglob("*") if p.is_file()]
         if not remaining:
             shutil.rmtree(folder, ignore_errors=True)
     return MoveBackReport(moved, kept)
+
+
+def _log_moved_back(src: Path, dest: Path, actor: str) -> None:
+    logger.info(
+        "RETRY-QUEUED %s -> %s",
+        src,
+        dest,
+        extra=ledger_extra(
+            EventKind.MOVED_BACK, path=str(dest), reason=str(src), actor=actor or None
+        ),
+    )
+
+
+def move_back_file(watch_folder: Path, parked: Path, actor: str = "") -> Path:
+    """Move one parked file back to where it came from (the console's Retry).
+
+    Parameters
+    ----------
+    watch_folder : Path
+        The watch folder; ``parked`` must lie in its ``failed/<stamp>_<group>/``.
+    parked : Path
+        The parked file.
+    actor : str
+        Who asked (recorded in the ledger).
+
+    Returns
+    -------
+    Path
+        Where the file is now.
+
+    Raises
+    ------
+    ValueError
+        When ``parked`` is not a parked file.
+    FileExistsError
+        When a file already exists at its original place (never overwritten).
+    OSError
+        When the move fails.
+    """
+    failed = (watch_folder / FAILED_DIR_NAME).resolve()
+    resolved = parked.resolve()
+    if failed not in resolved.parents or resolved.parent == failed or not resolved.is_file():
+        raise ValueError(f"{parked} is not a parked file")
+    folder = failed / resolved.relative_to(failed).parts[0]
+    group = _group_of_parked(folder)
+    base = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
+    dest = base / resolved.relative_to(folder)
+    if dest.exists() or dest.is_symlink():
+        raise FileExistsError(errno.EEXIST, "a file is already there", str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _move_no_overwrite(resolved, dest)
+    _log_moved_back(parked, dest, actor)
+    remove_empty_parents(resolved, failed)
+    return dest
 
 
 def _move_no_overwrite(src: Path, dest: Path) -> None:

@@ -44,6 +44,7 @@ from dicomnode.forwarder.watcher import (
     has_pending_conversion,
     scan_folder,
 )
+from dicomnode.ledger.events import EventKind, ledger_extra
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,30 @@ class Forwarder:
             delay,
             max(0.0, first + cfg.give_up_after_s - wall),
             reason,
+            extra=ledger_extra(
+                EventKind.RETRIED,
+                destination=f"{cfg.target_aet}@{cfg.target_ip}:{cfg.target_port}",
+                path=str(self.watch_folder / key) if key else str(self.watch_folder),
+                reason=f"attempt {attempts}, next in {delay:g} s: {reason}",
+                size=len(result.retry),
+            ),
         )
+
+    def status(self) -> dict[str, object]:
+        """Return what the console and /healthz show: groups waiting, sending, backing off.
+
+        Keys: ``running`` (scheduler alive), ``sending`` (group keys), ``retry``
+        (group key -> :class:`~.state.RetryState`), ``last_success`` (wall time or None).
+        """
+        with self._lock:
+            sending = sorted(self._inflight)
+        scheduler = self._scheduler
+        return {
+            "running": scheduler is not None and scheduler.is_alive(),
+            "sending": sending,
+            "retry": dict(self._retry),
+            "last_success": self._last_success,
+        }
 
     def _heartbeat(self) -> None:
         groups = self._tracker.group_keys()

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
+from dicomnode.receiver import policy
 from dicomnode.receiver.policy import decide_association
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,17 @@ class SharedLoad:
         with self.counts.get_lock():
             self.counts[self.index] = active
             return bool(sum(self.counts) <= limit)
+
+
+def _reason_code(diagnostic: int, reason: str) -> str:
+    """Return the short ``reason`` label of a rejection (for metrics)."""
+    if diagnostic == 0x07:
+        return "called_ae"
+    if "AE_Hosts" in reason:
+        return "peer_address"
+    if diagnostic == 0x03:
+        return "untrusted_calling_ae"
+    return "other"
 
 
 #: How long a resolved [AE_Hosts] name is remembered (seconds).
@@ -119,6 +131,16 @@ def resolve_names(ip: str, names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(found)
 
 
+def _summarised(extra: dict[str, Any] | None, count: int) -> dict[str, Any] | None:
+    """Return a copy of a refusal's ledger event standing for ``count`` refusals (``size``)."""
+    if extra is None or "ledger" not in extra:
+        return None
+    event = dict(extra["ledger"])
+    event["size"] = count
+    event["reason"] = f"{count} more like this (not logged one by one): {event.get('reason') or ''}"
+    return {"ledger": event}
+
+
 class RefusalLog:
     """Log refusals of unauthenticated peers once per peer and kind per interval.
 
@@ -135,13 +157,19 @@ class RefusalLog:
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
         self._lock = threading.Lock()
-        #: (ip, kind) -> [time of the last line, refusals not logged, last line's text]
+        #: (ip, kind) -> [time of the last line, refusals not logged, kind, last ledger event]
         self._seen: dict[tuple[str, str], list[Any]] = {}
 
-    def warning(self, ip: str, kind: str, msg: str, *args: object) -> None:
-        """Log ``msg % args`` at WARNING unless (``ip``, ``kind``) was logged within the interval."""
+    def warning(
+        self, ip: str, kind: str, msg: str, *args: object, extra: dict[str, Any] | None = None
+    ) -> None:
+        """Log ``msg % args`` at WARNING unless (``ip``, ``kind``) was logged within the interval.
+
+        ``extra`` (a ledger event) goes with the line; the events of refusals not
+        logged one by one go, counted, with the summary line (``size`` = how many).
+        """
         if self.interval_s <= 0:
-            logger.warning(msg, *args)
+            logger.warning(msg, *args, extra=extra)
             return
         now = time.monotonic()
         key = (ip, kind)
@@ -149,19 +177,34 @@ class RefusalLog:
             entry = self._seen.get(key)
             if entry is not None and now - entry[0] < self.interval_s:
                 entry[1] += 1
+                entry[3] = extra if extra is not None else entry[3]
                 return
             suppressed = entry[1] if entry is not None else 0
+            last_event = entry[3] if entry is not None else None
             if len(self._seen) >= _MAX_REFUSAL_KEYS:
-                self._flush_locked(now, force=True)
-            self._seen[key] = [now, 0, kind]
+                for line in self._flush_locked(now, force=True):
+                    self._log_summary(*line)
+            self._seen[key] = [now, 0, kind, None]
         if suppressed:
             logger.warning(
                 "REJECTED %d more connection(s) like this from peer %s in the last %g s",
                 suppressed,
                 ip,
                 self.interval_s,
+                extra=_summarised(last_event, suppressed),
             )
-        logger.warning(msg, *args)
+        logger.warning(msg, *args, extra=extra)
+
+    def _log_summary(self, ip: str, kind: str, count: int, event: dict[str, Any] | None) -> None:
+        logger.warning(
+            "REJECTED %d more connection(s) from peer %s in the last %g s (%s; not logged "
+            "one by one)",
+            count,
+            ip,
+            self.interval_s,
+            kind,
+            extra=_summarised(event, count),
+        )
 
     def flush(self) -> None:
         """Write the counts of refusals not logged whose interval has passed; forget idle peers."""
@@ -169,22 +212,17 @@ class RefusalLog:
             return
         with self._lock:
             lines = self._flush_locked(time.monotonic(), force=False)
-        for ip, kind, count in lines:
-            logger.warning(
-                "REJECTED %d more connection(s) from peer %s in the last %g s (%s; not logged "
-                "one by one)",
-                count,
-                ip,
-                self.interval_s,
-                kind,
-            )
+        for line in lines:
+            self._log_summary(*line)
 
-    def _flush_locked(self, now: float, force: bool) -> list[tuple[str, str, int]]:
+    def _flush_locked(
+        self, now: float, force: bool
+    ) -> list[tuple[str, str, int, dict[str, Any] | None]]:
         lines = []
         for key, entry in list(self._seen.items()):
             if force or now - entry[0] >= self.interval_s:
                 if entry[1]:
-                    lines.append((key[0], key[1], int(entry[1])))
+                    lines.append((key[0], key[1], int(entry[1]), entry[3]))
                 del self._seen[key]
         return lines
 
@@ -221,11 +259,15 @@ def admit(
         Never raises: an unexpected error refuses the association (transient).
     """
     where = f"{ip}:{port}"
-    warn = refusals.warning if refusals is not None else lambda _ip, _kind, *a: logger.warning(*a)
+    warn = (
+        refusals.warning
+        if refusals is not None
+        else lambda _ip, _kind, *a, **kw: logger.warning(*a, **kw)
+    )
     try:
         peers = frozenset({ip})
         decision = decide_association(cfg, calling, called, peers)
-        allowed = cfgmod.hosts_for(cfg, calling) or ()
+        allowed = policy.hosts_for(cfg, calling) or ()
         if not decision.accept and allowed and decision.reason.startswith("peer address"):
             # Host names in [AE_Hosts] are resolved only when the address alone does not match.
             peers = resolve_names(ip, allowed)
@@ -240,6 +282,13 @@ def admit(
                 escape(called),
                 where,
                 decision.reason,
+                extra=ledger_extra(
+                    EventKind.ASSOCIATION_REJECTED,
+                    calling_ae=calling,
+                    peer=where,
+                    status=_reason_code(decision.diagnostic, decision.reason),
+                    reason=decision.reason,
+                ),
             )
             return (0x01, 0x01, decision.diagnostic)
         if not node_has_room():
@@ -252,12 +301,23 @@ def admit(
                 escape(called),
                 where,
                 cfg.max_associations,
+                extra=ledger_extra(
+                    EventKind.ASSOCIATION_REJECTED,
+                    calling_ae=calling,
+                    peer=where,
+                    status="max_associations",
+                    reason=f"max_associations={cfg.max_associations} reached",
+                ),
             )
             return REJECT_LOCAL_LIMIT
     except Exception:
         logger.exception("REJECTED association: admission check failed, refusing")
         return REJECT_INTERNAL_ERROR
     logger.info(
-        "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s", escape(calling), escape(called), where
+        "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s",
+        escape(calling),
+        escape(called),
+        where,
+        extra=ledger_extra(EventKind.ASSOCIATION_ACCEPTED, calling_ae=calling, peer=where),
     )
     return None

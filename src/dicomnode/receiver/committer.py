@@ -41,7 +41,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicomnode.config import DestinationConfig, ReceiverConfig, destination_for, route_for
+from dicomnode.config import DestinationConfig, ReceiverConfig, destination_for
 from dicomnode.dicomtags import safe_component
 from dicomnode.dul.dimse import (
     COMMAND_FIELD,
@@ -86,6 +86,7 @@ from dicomnode.receiver.commitment import (
     parse_action,
     retry_delay,
 )
+from dicomnode.receiver.policy import route_for
 from dicomnode.storage import write_bytes_atomic
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Pure admission decisions of the receiver: may this peer associate?
+"""Pure admission and routing decisions of the receiver: may this peer associate, where does it file?
 
 No I/O, no sockets, no clock. Imports config only.
 """
@@ -8,9 +8,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
-from dicomnode.config import ReceiverConfig, hosts_for
+from dicomnode.config import ReceiverConfig
 
 #: An AE title on the wire holds 1-16 characters of DICOM's default repertoire
 #: (printable ASCII) and no backslash (PS3.5 6.2, VR AE).
@@ -120,3 +121,23 @@ def _host_matches(allowed: tuple[str, ...], peer: frozenset[str]) -> bool:
             except ValueError:
                 continue
     return False
+
+
+def route_for(receiver: ReceiverConfig, calling_aet: str) -> Path:
+    """Return the folder for objects from ``calling_aet`` ([AE_Mappings] or ``incoming``).
+
+    The AE title must match exactly (padding removed), as for trusted_ae_titles
+    and [AE_Hosts]: ``bound`` is not ``BOUND``.
+    """
+    for aet, folder in receiver.ae_mappings:
+        if aet == calling_aet:
+            return folder
+    return receiver.destination_dir / "incoming"
+
+
+def hosts_for(receiver: ReceiverConfig, calling_aet: str) -> tuple[str, ...] | None:
+    """Return the hosts ``calling_aet`` may connect from, or None when unrestricted."""
+    for aet, names in receiver.ae_hosts:
+        if aet == calling_aet:
+            return names
+    return None

@@ -212,6 +212,9 @@ class _PipeLogHandler(logging.Handler):
         try:
             fields = {k: getattr(record, k) for k in self._FIELDS}
             fields["msg"] = self.format(record)
+            event = getattr(record, "ledger", None)  # a ledger event rides along (dicomnode.ledger)
+            if event is not None:
+                fields["ledger"] = event
             self._pending.append(fields)
             if (
                 record.levelno >= logging.WARNING
@@ -390,6 +393,17 @@ class ReceiverPool:
         child_conn.close()
         log_send.close()  # the pump sees end-of-file once the worker is gone
         self._workers[index] = _Worker(proc, parent_conn, log_recv, pump)
+
+    def is_serving(self) -> bool:
+        """Return True while the socket is bound and at least one worker runs."""
+        return self._sock is not None and any(
+            w.process.exitcode is None for w in self._workers.values()
+        )
+
+    def active_associations(self) -> int:
+        """Return the connections served by all workers (as they last published them)."""
+        with self._load.get_lock():
+            return int(sum(self._load))
 
     def supervise(self) -> None:
         """Restart workers that died unexpectedly (call periodically)."""

@@ -157,6 +157,10 @@ class Receiver:
         """Return the number of connections currently served."""
         return self._lean.active() if self._lean is not None else 0
 
+    def is_serving(self) -> bool:
+        """Return True while the receiver accepts associations (console, /healthz)."""
+        return self._lean is not None
+
     def publish_load(self) -> None:
         """Refresh this process's slot in the pool's shared connection counts."""
         if self.shared_load is not None:

@@ -23,7 +23,6 @@ from typing import Final
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicomnode import config as cfgmod
 from dicomnode.config import ReceiverConfig
 from dicomnode.dicomtags import (
     HEADER_TAG_NUMBERS,
@@ -34,6 +33,7 @@ from dicomnode.dicomtags import (
     text_of,
 )
 from dicomnode.integrity import Examination, examine
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
 from dicomnode.organise import (
     FolderLevel,
@@ -42,6 +42,7 @@ from dicomnode.organise import (
     instance_file_name,
     modality_prefix,
 )
+from dicomnode.receiver import policy
 from dicomnode.status import StoreStatus
 from dicomnode.storage import FolderResolver, free_space_mb, place_file, quarantine
 
@@ -64,6 +65,40 @@ def _plain_uid(element: tuple[bytes, bytes] | None) -> str:
         return ""
     text = element[1].decode("ascii", "replace").strip("\x00 ")
     return text if is_valid_uid(text) else ""
+
+
+def _refused(calling: str, where: str, uid: str, status: int, reason: str) -> dict[str, object]:
+    """Return the ledger event of a refused object (``extra=`` of a STORE-FAILED line)."""
+    return ledger_extra(
+        EventKind.STORE_REFUSED,
+        calling_ae=calling,
+        peer=where,
+        sop_uid=uid or None,
+        status=f"0x{status:04X}",
+        reason=reason,
+    )
+
+
+def _header_fields(header: _Header) -> dict[int, tuple[bytes, bytes]]:
+    """Return header values as raw elements when the walk had none (deflated objects)."""
+    try:
+        ds = header.get()
+    except Exception:
+        return {}
+    out: dict[int, tuple[bytes, bytes]] = {0x00080005: (b"CS", b"ISO_IR 192")}
+    for tag in (
+        0x00100020,
+        0x00100010,
+        0x0020000D,
+        0x00080020,
+        0x00081030,
+        0x0020000E,
+        0x00080060,
+        0x00080016,
+    ):
+        if tag in ds:
+            out[tag] = (b"", str(ds[tag].value).encode("utf-8", "replace"))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +278,9 @@ class StoreHandler:
             calling,
             where,
             self.cfg.max_object_mb,
+            extra=_refused(
+                calling, where, affected_uid, 0xA700, "object larger than max_object_mb"
+            ),
         )
         return int(StoreStatus.OUT_OF_RESOURCES)
 
@@ -332,6 +370,7 @@ class StoreHandler:
                 where,
                 self.cfg.min_free_space_mb,
                 self.cfg.destination_dir,
+                extra=_refused(calling, where, affected_uid, 0xA700, "free space below guard"),
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
         size = len(content) if content is not None else tmp.stat().st_size
@@ -353,7 +392,7 @@ class StoreHandler:
                 return self._fail(
                     tmp, calling, where, StoreStatus.DATASET_MISMATCH, mismatch, sop_uid
                 )
-        ae_root = cfgmod.route_for(self.cfg, calling)
+        ae_root = policy.route_for(self.cfg, calling)
         if (
             self.cfg.min_free_space_mb
             and ae_root not in self._local_roots
@@ -367,6 +406,7 @@ class StoreHandler:
                 sop_uid,
                 self.cfg.min_free_space_mb,
                 ae_root,
+                extra=_refused(calling, where, sop_uid, 0xA700, "free space below guard"),
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
         plan, name = self._plan(header, sop_uid)
@@ -382,14 +422,26 @@ class StoreHandler:
                 f"cannot write {final}: {exc.strerror or exc}",
                 sop_uid,
             )
+        ms = (time.monotonic() - started) * 1000
         stored_line = functools.partial(
             logger.info,
             "STORED calling_ae=%s sop_instance_uid=%s bytes=%d ms=%.0f path=%s",
             calling,
             sop_uid,
             size,
-            (time.monotonic() - started) * 1000,
+            ms,
             final,
+            # The ledger writer decodes the raw header elements (off this path).
+            extra=ledger_extra(
+                EventKind.STORED,
+                calling_ae=calling,
+                peer=where,
+                sop_uid=sop_uid,
+                size=size,
+                path=str(final),
+                duration_ms=ms,
+                elements=header.exam.elements or _header_fields(header),
+            ),
         )
         if reports is None:
             stored_line()
@@ -438,6 +490,9 @@ class StoreHandler:
             affected_uid or "-",
             tmp.parent,
             exc.strerror or exc,
+            extra=_refused(
+                calling, where, affected_uid, 0xA700, "cannot write the received object"
+            ),
         )
         try:
             tmp.unlink(missing_ok=True)
@@ -461,6 +516,7 @@ class StoreHandler:
             sop_uid or "-",
             int(status),
             reason,
+            extra=_refused(calling, where, sop_uid, int(status), reason),
         )
         self._keep(
             tmp,
