@@ -8,7 +8,9 @@ SCP on its own port named by a ``[Destination:NAME]``, on a new association.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import threading
 import urllib.request
@@ -139,6 +141,20 @@ def test_commitment_same_association_reports_stored_missing_and_class_mismatch(
     assert f"COMMIT-REQUESTED transaction_uid={action.TransactionUID}" in out
     assert "committed=1 failed=2" in out and "reply=same-association" in out
     assert wait_until(lambda: not list((dest / PENDING).glob("*.json")), 10)
+    assert wait_until(lambda: _ledger_kinds(dest) >= {"commit_requested", "commit_failed"}, 20)
+
+
+def _ledger_kinds(dest: Path) -> set[str]:
+    """Return the storage commitment event kinds in the node's ledger (empty while it is absent)."""
+    path = dest / ".ledger" / "ledger.sqlite"
+    if not path.exists():
+        return set()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            rows = conn.execute("SELECT kind FROM events WHERE kind LIKE 'commit%'").fetchall()
+    except sqlite3.Error:
+        return set()
+    return {str(r[0]) for r in rows}
 
 
 def test_commitment_all_stored_is_event_type_1(
@@ -157,6 +173,7 @@ def test_commitment_all_stored_is_event_type_1(
     assert "FailedSOPSequence" not in info
     assert wait_until(lambda: "COMMITTED transaction_uid=" in node.output(), 20), node.output()
     assert "committed=3 failed=0 reply=same-association" in node.output()
+    assert wait_until(lambda: "committed" in _ledger_kinds(_dest), 20)
 
 
 def test_commitment_new_association_to_the_destination_of_the_calling_ae(

@@ -31,6 +31,11 @@ class EventKind(str, Enum):
     DELETED = "deleted"
     RECOVERED = "recovered"
     CONSOLE = "console"
+    #: Storage commitment (SCP): a request accepted, a report answered (all committed,
+    #: or some failed), a request refused or a report given up.
+    COMMIT_REQUESTED = "commit_requested"
+    COMMITTED = "committed"
+    COMMIT_FAILED = "commit_failed"
 
 
 #: Columns an event may fill (besides ``ts`` and ``kind``).

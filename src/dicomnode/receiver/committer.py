@@ -69,6 +69,7 @@ from dicomnode.dul.pdu import (
     iter_pdvs,
     p_data_tf,
 )
+from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
 from dicomnode.receiver.commitment import (
     CLASS_INSTANCE_CONFLICT,
@@ -136,6 +137,20 @@ def _file_key(name: str) -> list[str]:
         return []
     stem = name[:-4]
     return [stem[i + 1 :] for i, ch in enumerate(stem) if ch == "_"]
+
+
+def _event(kind: EventKind, commitment: Commitment, what: str, how: str = "") -> dict[str, object]:
+    """Return the ledger event of a storage commitment log line."""
+    return ledger_extra(
+        kind,
+        calling_ae=commitment.calling,
+        peer=commitment.peer,
+        status=f"committed={len(commitment.committed)} failed={len(commitment.failed)}"
+        if commitment.checked
+        else f"instances={len(commitment.requested)}",
+        reason=f"transaction {commitment.transaction_uid}: {what}",
+        destination=how or None,
+    )
 
 
 @dataclass(slots=True)
@@ -317,6 +332,7 @@ class Committer:
                 len(refs),
                 status,
                 escape(why),
+                extra=_event(EventKind.COMMIT_FAILED, commitment, f"refused 0x{status:04X}: {why}"),
             )
             return status, None
         logger.info(
@@ -326,6 +342,7 @@ class Committer:
             where,
             len(refs),
             "same-association" if report_here else "new-association",
+            extra=_event(EventKind.COMMIT_REQUESTED, commitment, "request accepted"),
         )
         return SUCCESS, (commitment, path)
 
@@ -356,6 +373,7 @@ class Committer:
                 len(commitment.failed),
                 ",".join(f"{k}:{v}" for k, v in sorted(reasons.items())),
                 how,
+                extra=_event(EventKind.COMMIT_FAILED, commitment, "report answered", how),
             )
         else:
             logger.info(
@@ -365,6 +383,7 @@ class Committer:
                 commitment.peer,
                 len(commitment.committed),
                 how,
+                extra=_event(EventKind.COMMITTED, commitment, "report answered", how),
             )
 
     def undeliverable(self, commitment: Commitment, path: Path, reason: str) -> None:
@@ -380,6 +399,7 @@ class Committer:
             len(commitment.committed),
             len(commitment.failed),
             reason,
+            extra=_event(EventKind.COMMIT_FAILED, commitment, f"report not delivered: {reason}"),
         )
 
     def schedule(self, commitment: Commitment, path: Path, attempts: int = 0) -> None:
