@@ -22,8 +22,9 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
-from typing import Any, Final
+from typing import Any
 
+from dicomnode.codecs import keep_codecs_out
 from dicomnode.config import NodeConfig, ReceiverConfig
 from dicomnode.errors import DicomNodeError
 
@@ -84,24 +85,6 @@ def _die_with_parent() -> None:
         pass
 
 
-#: Modules pydicom imports at start-up when installed, none of which a receiver
-#: process uses (the forwarder's transcoding needs them, in the parent).
-_UNUSED_IN_RECEIVER: Final = ("numpy", "gdcm", "pylibjpeg")
-
-
-def _without_numpy() -> None:
-    """Keep numpy and the pixel codecs out of a receiver process (about 35 MB of its memory).
-
-    pydicom imports numpy, GDCM and pylibjpeg whenever they are installed, but
-    nothing a receiver process does needs them: objects are filed as received,
-    and the native Enhanced MR conversion copies pixel bytes without decoding
-    them. Must run before pydicom is imported; pydicom then works without them.
-    """
-    for name in _UNUSED_IN_RECEIVER:
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]
-
-
 def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
     """Start the Enhanced MR conversion worker if enabled.
 
@@ -136,7 +119,7 @@ def _worker_main(
     or SIGTERM arrives. Signals readiness by sending ``"ready"``.
     """
     _die_with_parent()
-    _without_numpy()
+    keep_codecs_out()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl+C
     local_stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
