@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from dicomnode import tls
+from dicomnode.codecs import keep_codecs_out
 from dicomnode.config import NodeConfig
 from dicomnode.storage import check_writable
 
@@ -204,6 +205,8 @@ class Node:
         if self.options.forwarder:
             check_writable(cfg.forwarder.watch_folder)
         fw_on, _ = forwarder_state(cfg, self.options)
+        if not fw_on:
+            keep_codecs_out()  # only the forwarder decodes pixels (~35 MB less in this process)
         if cfg.web.enabled:
             self._make_console(fw_on)  # first: a console that may not start stops the node here
         if cfg.ledger.enabled:

@@ -154,3 +154,15 @@ def test_pool_ctrl_c_to_the_process_group_prints_no_traceback(
     text = log.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert text.count("STOPPED receiver\n") == 2, text
+
+
+def test_pool_workers_load_no_pixel_codecs(pool_node, port: int, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Workers file objects as received: numpy, GDCM and pylibjpeg (~35 MB) stay out of them,
+    and out of a parent that does not forward (--no-watcher)."""
+    assert send(port, tmp_path, 2, "codecs") == 0
+    workers = children(pool_node.proc.pid)
+    assert len(workers) == 2
+    for pid in [pool_node.proc.pid, *workers]:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        loaded = [name for name in ("gdcm", "numpy", "pylibjpeg", "openjpeg") if name in maps]
+        assert loaded == [], f"worker {pid} loaded {loaded}"

@@ -32,9 +32,8 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -51,6 +50,9 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
 )
+
+if TYPE_CHECKING:  # numpy is imported where pixels are decoded, so processes that
+    import numpy as np  # never decode keep it out (see dicomnode.codecs)
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +332,8 @@ def _decompress_with_gdcm(ds: Dataset, path: Path) -> np.ndarray:
 
 def _pixels(ds: Dataset) -> np.ndarray:
     """Return the decoded pixel values of ``ds`` (color converted as pydicom does by default)."""
+    import numpy as np
+
     try:
         pixels: np.ndarray = np.array(ds.pixel_array, copy=True)
     except Exception as exc:  # the decoders raise many types on bad input
@@ -348,6 +352,8 @@ def _swap_raw_words(ds: Dataset) -> None:
     TranscodeError
         For a value that is not a whole number of words, or encapsulated (undefined length).
     """
+    import numpy as np
+
     bits = int(ds.get("BitsAllocated", 0) or 0)
     for elem in ds.iterall():
         width = _WORD_BYTES.get(str(elem.VR))
@@ -379,6 +385,8 @@ def _encode_checked(ds: Dataset, target: str, expected: np.ndarray | None = None
     The pixel data elements must come back byte for byte as they are in ``ds``,
     and, when ``expected`` is given, decode to exactly those values.
     """
+    import numpy as np
+
     implicit = target == ImplicitVRLittleEndian
     for _elem in ds.iterall():
         pass  # decode every raw element now: each gets its VR (implicit VR sources)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
+from dicomnode.codecs import keep_codecs_out
 from dicomnode.config import NodeConfig, ReceiverConfig
 from dicomnode.errors import DicomNodeError
 
@@ -84,18 +85,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _without_numpy() -> None:
-    """Keep numpy out of a receiver process (about 13 MB of its memory).
-
-    pydicom imports numpy whenever it is installed, but nothing a receiver
-    process does needs it: objects are filed as received, and the native
-    Enhanced MR conversion copies pixel bytes without decoding them. Must run
-    before pydicom is imported; pydicom then works without its numpy extras.
-    """
-    if "numpy" not in sys.modules:
-        sys.modules["numpy"] = None  # type: ignore[assignment]
-
-
 def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
     """Start the Enhanced MR conversion worker if enabled.
 
@@ -130,7 +119,7 @@ def _worker_main(
     or SIGTERM arrives. Signals readiness by sending ``"ready"``.
     """
     _die_with_parent()
-    _without_numpy()
+    keep_codecs_out()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl+C
     local_stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
