@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,26 @@ def peer_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TCP_NODELAY"] = "1"
     return env
+
+
+def run_storescu(
+    port: int,
+    files: Sequence[Path],
+    aet: str,
+    called: str,
+    extra: Sequence[str] = (),
+    timeout_s: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    """Send ``files`` with DCMTK storescu over one association; return the finished process."""
+    return subprocess.run(
+        [require_tool("storescu"), *extra, "-aet", aet, "-aec", called, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        env=peer_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 def wait_for_port(

@@ -24,6 +24,7 @@ from tests.conftest import (
     free_port,
     peer_env,
     require_tool,
+    run_storescu,
     wait_for_port,
     wait_until,
     write_config,
@@ -78,22 +79,8 @@ def write_series(folder: Path, n: int) -> list[Path]:
 
 
 def storescu(port: int, files: list[Path]) -> None:
-    result = subprocess.run(
-        [
-            require_tool("storescu"),
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "NODE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        env=peer_env(),
-        capture_output=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    result = run_storescu(port, files, "STORESCU", "NODE")
+    assert result.returncode == 0, result.stderr
 
 
 def get(url: str) -> tuple[int, str]:
@@ -204,21 +191,7 @@ def test_rejected_association_and_failed_store_are_counted(tmp_path: Path, start
     )
     assert bad.returncode != 0
     big = save(make_image("CT", rows=1024, cols=1024, patient_id=PATIENT), tmp_path / "big.dcm")
-    subprocess.run(
-        [
-            require_tool("storescu"),
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "NODE",
-            "127.0.0.1",
-            str(port),
-            str(big),
-        ],
-        env=peer_env(),
-        capture_output=True,
-        timeout=60,
-    )
+    run_storescu(port, [big], "STORESCU", "NODE", timeout_s=60)
     reason = ("dicomnode_rejected_associations_total", (("reason", "untrusted_calling_ae"),))
     failure = ("dicomnode_store_failures_total", (("status", "0xA700"),))
     assert wait_until(lambda: metrics(web_port).get(reason) == 1.0, 30), metrics(web_port)

@@ -9,13 +9,19 @@ to the DCMTK storescp target that is now up. Screenshots are kept under
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, peer_env, require_tool, wait_for_port, wait_until
+from tests.conftest import (
+    REPO,
+    free_port,
+    require_tool,
+    run_storescu,
+    wait_for_port,
+    wait_until,
+)
 from tests.factories import make_image, save
 from tests.integration.test_console import PATIENT, node_config
 from tests.integration.test_forward import StoreSCP
@@ -87,21 +93,7 @@ def test_console_finds_study_and_retries_a_parked_file(  # type: ignore[no-untyp
         )
         for i in range(3)
     ]
-    sent = subprocess.run(
-        [
-            require_tool("storescu"),
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "NODE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        env=peer_env(),
-        capture_output=True,
-        timeout=120,
-    )
+    sent = run_storescu(port, files, "STORESCU", "NODE")
     assert sent.returncode == 0, sent.stderr
     watch = tmp_path / "data" / "outgoing"
     assert wait_until(lambda: len(parked_files(watch)) == 3, 90), node.output()

@@ -23,7 +23,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import peer_env, require_tool, wait_until, write_config
+from tests.conftest import peer_env, require_tool, run_storescu, wait_until, write_config
 from tests.factories import ROOT, make_image, save
 from tests.integration.rawpeer import (
     PDU_ASSOCIATE_AC,
@@ -73,15 +73,7 @@ def storescu(
     port: int, files: list[Path], aet: str = "SENDER", timeout_s: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """Run DCMTK storescu (verbose) against the node; return the finished process."""
-    exe = require_tool("storescu")
-    return subprocess.run(
-        [exe, "-v", "-aet", aet, "-aec", "NODE", "127.0.0.1", str(port), *map(str, files)],
-        env=peer_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    return run_storescu(port, files, aet, "NODE", ("-v",), timeout_s)
 
 
 def echoscu(port: int, aet: str = "SENDER") -> bool:

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from tests.conftest import peer_env, require_tool, wait_until, write_config
+from tests.conftest import peer_env, require_tool, run_storescu, wait_until, write_config
 from tests.factories import ROOT, bundled, make_image, rt_set, save
 
 pytestmark = pytest.mark.interop
@@ -59,14 +59,7 @@ def node(tmp_path: Path, port: int, start_node):  # type: ignore[no-untyped-def]
 def storescu(
     port: int, files: list[Path], aet: str = "SCANNER", extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    exe = require_tool("storescu")
-    return subprocess.run(
-        [exe, "-aet", aet, "-aec", "DNODE", *extra, "127.0.0.1", str(port), *map(str, files)],
-        env=peer_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_storescu(port, files, aet, "DNODE", extra)
 
 
 def explicit_copy(ds: Dataset, path: Path) -> Path:

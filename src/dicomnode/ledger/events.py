@@ -61,6 +61,21 @@ COLUMNS: Final = (
     "actor",
 )
 
+#: Columns that say which object an event is about: copied from the object's earlier event
+#: when a later one (forwarded, parked) does not carry them itself.
+IDENTITY_COLUMNS: Final = (
+    "patient_id",
+    "patient_name",
+    "study_uid",
+    "study_date",
+    "study_desc",
+    "series_uid",
+    "modality",
+    "sop_class",
+    "sop_uid",
+    "calling_ae",
+)
+
 
 def ledger_extra(kind: EventKind, **fields: Any) -> dict[str, Any]:
     """Return the ``extra=`` mapping that attaches one ledger event to a log record.

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from dicomnode.ledger.events import COLUMNS, EventKind
+from dicomnode.ledger.events import COLUMNS, IDENTITY_COLUMNS, EventKind
 from dicomnode.ledger.schema import LedgerUnavailable, move_aside, open_ledger
 from dicomnode.ledger.tally import Labels, counter_increments
 
@@ -358,18 +358,7 @@ class LedgerWriter:
                 ).fetchone()
             if found is not None:
                 found = dict(found)
-                for column in (
-                    "patient_id",
-                    "patient_name",
-                    "study_uid",
-                    "study_date",
-                    "study_desc",
-                    "series_uid",
-                    "modality",
-                    "sop_class",
-                    "sop_uid",
-                    "calling_ae",
-                ):
+                for column in IDENTITY_COLUMNS:
                     if not row.get(column):
                         row[column] = found.get(column)
         return row
