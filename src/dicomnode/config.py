@@ -211,8 +211,11 @@ def declared_keys(cls: type) -> Iterator[tuple[Field[Any], KeySpec]]:
 class DestinationConfig:
     """One ``[Destination:NAME]`` section: a remote AE and its address.
 
-    Today the receiver sends storage commitment reports on a new association
-    to the destination whose ``ae_title`` is the requester's calling AE.
+    The receiver sends storage commitment reports on a new association to the
+    destination whose ``ae_title`` is the requester's calling AE; the forwarder
+    asks a destination with ``storage_commitment`` to commit what it
+    acknowledged, and the receiver admits that destination's reports
+    (:attr:`ReceiverConfig.commitment_store`).
     """
 
     name: str = ""
@@ -232,6 +235,27 @@ class DestinationConfig:
     )
     port: int = setting(
         104, DESTINATION_SECTION, Kind.INT, "Its DICOM port", lo=1, hi=65535, site_specific=True
+    )
+    storage_commitment: bool = setting(
+        False,
+        DESTINATION_SECTION,
+        Kind.BOOL,
+        "Forwarding to it: keep acknowledged files until it commits them (N-ACTION, report)",
+    )
+    commitment_timeout_s: float = setting(
+        600.0,
+        DESTINATION_SECTION,
+        Kind.SECONDS,
+        "No commitment report this long after the request: ask again (like a network failure)",
+        lo=1.0,
+    )
+    commitment_max_attempts: int = setting(
+        3,
+        DESTINATION_SECTION,
+        Kind.INT,
+        "Requests (and sends of a failed instance) before its files are parked in failed/",
+        lo=1,
+        hi=100,
     )
 
 
@@ -381,6 +405,10 @@ class ReceiverConfig:
     #: The [Destination:NAME] sections (the node's too): where storage commitment
     #: reports go when they cannot be sent on the requester's association.
     destinations: tuple[DestinationConfig, ...] = ()
+    #: Where the forwarder keeps its storage commitment requests (the watch folder's
+    #: ``.dicomnode-commitment``) when a destination has ``storage_commitment``: the
+    #: receiver records the reports answering them there. None: no such destination.
+    commitment_store: Path | None = None
 
     @property
     def trusts_any_ae(self) -> bool:
@@ -689,7 +717,25 @@ class NodeConfig:
 
     def with_watch_folder(self, path: Path) -> NodeConfig:
         """Return a copy whose forwarder watches ``path`` (``--watch-folder``)."""
-        return replace(self, forwarder=replace(self.forwarder, watch_folder=path))
+        forwarder = replace(self.forwarder, watch_folder=path)
+        receiver = replace(
+            self.receiver, commitment_store=commitment_store_of(forwarder, self.destinations)
+        )
+        return replace(self, forwarder=forwarder, receiver=receiver)
+
+
+#: Hidden folder of the watch folder holding the storage commitment requests of the
+#: forwarder, the files they are about and the reports answering them.
+COMMITMENT_STORE_NAME: Final = ".dicomnode-commitment"
+
+
+def commitment_store_of(
+    forwarder: ForwarderConfig, destinations: tuple[DestinationConfig, ...]
+) -> Path | None:
+    """Return the forwarder's commitment store, or None when no destination commits."""
+    if not any(d.storage_commitment for d in destinations):
+        return None
+    return forwarder.watch_folder / COMMITMENT_STORE_NAME
 
 
 #: The config dataclasses and how to reach each one's instance from a NodeConfig.
@@ -1099,6 +1145,8 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             f"{source}: [FolderWatcher] {missing} is empty; set both target_aet and target_ip, "
             "or neither to disable forwarding"
         )
+
+    receiver = replace(receiver, commitment_store=commitment_store_of(forwarder, destinations))
 
     tls = _build(TlsConfig, sections, base_dir, {})
     if tls.enabled and (tls.certificate is None or tls.private_key is None):

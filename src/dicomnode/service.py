@@ -226,7 +226,7 @@ class Node:
         if fw_on:
             from dicomnode.forwarder import Forwarder
 
-            self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls))
+            self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls), cfg.destinations)
             self.forwarder.start()
         if self.console is not None:
             self.console.start()

@@ -2,8 +2,8 @@
 
 Encodes and decodes command sets as ``{tag: raw value}``; builds the
 C-STORE-RQ the forwarder sends and the response command sets the receiver
-answers with, and the N-ACTION-RSP and N-EVENT-REPORT-RQ of the storage
-commitment SCP. A new DIMSE service is added in this module and served by the
+answers with, the N-ACTION-RSP and N-EVENT-REPORT-RQ of the storage
+commitment SCP, and the N-ACTION-RQ and N-EVENT-REPORT-RSP of its SCU. A new DIMSE service is added in this module and served by the
 roles. Pure byte handling.
 """
 
@@ -156,3 +156,34 @@ def n_event_report_rq(message_id: int, sop_class: str, sop_instance: str, event_
             (EVENT_TYPE_ID, us(event_type)),
         ]
     )
+
+
+def n_action_rq(message_id: int, sop_class: str, sop_instance: str, action_type: int) -> bytes:
+    """Encode an N-ACTION-RQ command set; an Action Information data set follows (PS3.7 10.3.4)."""
+    return command_set(
+        [
+            (REQUESTED_SOP_CLASS, sop_class.encode("ascii")),
+            (COMMAND_FIELD, us(N_ACTION_RQ)),
+            (MESSAGE_ID, us(message_id)),
+            (DATA_SET_TYPE, us(DATA_SET_PRESENT)),
+            (REQUESTED_SOP_INSTANCE, sop_instance.encode("ascii")),
+            (ACTION_TYPE_ID, us(action_type)),
+        ]
+    )
+
+
+def n_event_report_rsp(
+    message_id: int, sop_class: str, sop_instance: str, event_type: int, status: int
+) -> bytes:
+    """Encode an N-EVENT-REPORT-RSP command set (no Event Reply data set; PS3.7 10.3.1)."""
+    elements = [
+        (AFFECTED_SOP_CLASS, sop_class.encode("ascii", "replace")),
+        (COMMAND_FIELD, us(N_EVENT_REPORT_RSP)),
+        (MESSAGE_ID_RESPONDED, us(message_id)),
+        (DATA_SET_TYPE, us(NO_DATA_SET)),
+        (STATUS, us(status)),
+        (AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii", "replace")),
+    ]
+    if status == 0 and event_type:
+        elements.append((EVENT_TYPE_ID, us(event_type)))
+    return command_set(elements)

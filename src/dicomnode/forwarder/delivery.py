@@ -51,6 +51,7 @@ def send_group(
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
     refusals: Mapping[str, int] | None = None,
+    hold: Callable[[JobFile, ObjectInfo], bool] | None = None,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -73,6 +74,12 @@ def send_group(
         True stops between files (files stay).
     on_file_done : callable, optional
         Called after each file reached an outcome (progress bars).
+    refusals : mapping, optional
+        Temporary refusals counted so far per file (from the retry state).
+    hold : callable, optional
+        For a destination with storage commitment: called instead of deleting an
+        acknowledged file; moves it into the awaiting-commitment store and returns
+        True, or returns False when it could not (the file stays and is sent again).
     """
     result = GroupResult()
     stamp = park_stamp(time.time())
@@ -211,14 +218,19 @@ def send_group(
                 )
                 result.changed = True
                 return
-            delete_delivered(jf.path, job.prune_root)
+            if hold is None:
+                delete_delivered(jf.path, job.prune_root)
+            elif not hold(jf, obj):
+                result.changed = True  # kept in the watch folder: sent again
+                return
             result.sent += 1
             logger.info(
-                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X",
+                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X%s",
                 label,
                 jf.display,
                 obj.sop_instance_uid,
                 status if status is not None else 0,
+                " awaiting-commitment" if hold is not None else "",
                 extra=ledger_extra(
                     EventKind.FORWARDED,
                     sop_uid=obj.sop_instance_uid or None,

@@ -29,6 +29,13 @@ made this choice). One association per :meth:`~LeanAssociationSender.run`:
   ends and the rest is reported ``RETRY``.
 * A-RELEASE-RQ at the end, waiting for A-RELEASE-RP at most ``acse_timeout_s``.
 
+:meth:`~LeanAssociationSender.request_commitment` asks a committing
+destination to commit instances (Storage Commitment Push Model N-ACTION,
+PS3.4 J.3.2) on an association of its own. It proposes both roles for the
+SOP class, so a destination may send its N-EVENT-REPORT on that association
+(read for a short while after the N-ACTION-RSP and answered once kept); most
+(Orthanc) send it on a new association to the node's port instead.
+
 TCP_NODELAY is always on. Timeouts: connect and negotiation ``acse_timeout_s``,
 waiting for a response ``dimse_timeout_s``, sending ``network_timeout_s``.
 Anything unexpected from the peer (A-ABORT, A-RELEASE-RQ, a closed connection,
@@ -52,17 +59,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicomnode.config import ForwarderConfig
+from dicomnode.dul.commitment import REQUEST_COMMITMENT, encode_action_info
 from dicomnode.dul.dimse import (
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
     C_STORE_RSP,
     COMMAND_FIELD,
+    DATA_SET_TYPE,
     ERROR_COMMENT,
+    EVENT_TYPE_ID,
+    MESSAGE_ID,
     MESSAGE_ID_RESPONDED,
+    N_ACTION_RSP,
+    N_EVENT_REPORT_RQ,
+    NO_DATA_SET,
     STATUS,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_SOP_CLASS,
     c_store_rq,
     command_us,
+    n_action_rq,
+    n_event_report_rsp,
     parse_command,
 )
 from dicomnode.dul.link import LinkError, LinkTimeout, PduLink
@@ -82,6 +106,7 @@ from dicomnode.dul.pdu import (
     PDV_LAST,
     PduType,
     ProposedContext,
+    RoleSelection,
     iter_pdvs,
     p_data_tf,
     uid_text,
@@ -125,6 +150,9 @@ _PDATA_HEAD_LEN: Final = PDU_HEADER_LEN + PDV_HEADER.size
 _COMMAND_ROOM: Final = 512
 #: Data set bytes (plus PDU headers) sent per write when the peer's PDUs are small.
 _BATCH_BYTES: Final = 1024 * 1024
+#: Called with (Event Type ID, Event Information, transfer syntax) of a storage commitment
+#: report that came on the requesting association; returns the N-EVENT-REPORT-RSP status.
+ReportCallback = Callable[[int, bytes, str], int]
 
 
 # --------------------------------------------------------------------------- sender
@@ -581,6 +609,206 @@ class LeanAssociationSender(AssociationSender):
                 "C-STORE status 0x%04X comment from %s: %s", status, where, uid_text(comment)
             )
         return status
+
+
+def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tuple[str, int, bool]:
+    """Negotiate the Storage Commitment context; return (transfer syntax, peer max PDU, report here).
+
+    Raises
+    ------
+    LinkError
+        When the association is rejected, aborted or the context not accepted.
+    """
+    cfg = sender.config
+    where = conn.where
+    request = A_ASSOCIATE_RQ(
+        cfg.target_aet,
+        cfg.calling_aet,
+        APPLICATION_CONTEXT,
+        (
+            ProposedContext(
+                1, STORAGE_COMMITMENT_SOP_CLASS, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            ),
+        ),
+        cfg.max_pdu_bytes,
+        roles=(RoleSelection(STORAGE_COMMITMENT_SOP_CLASS, scu=True, scp=True),),
+    )
+    conn.set_timeout(cfg.acse_timeout_s)
+    conn.send(request.encode(), "requesting the association")
+    try:
+        pdu_type, body = conn.read_pdu("negotiating the association")
+    except LinkTimeout as exc:
+        raise LinkError(f"no association with {where} (no answer within acse_timeout_s)") from exc
+    if pdu_type == PduType.A_ASSOCIATE_RJ:
+        try:
+            why = A_ASSOCIATE_RJ.decode(body).describe()
+        except ValueError:
+            why = ""
+        raise LinkError(f"association rejected by {where} ({why})")
+    if pdu_type != PduType.A_ASSOCIATE_AC:
+        raise LinkError(f"no association with {where} (PDU 0x{pdu_type:02X})")
+    answer = A_ASSOCIATE_AC.decode(body)
+    chosen = [
+        r.transfer_syntax
+        for r in answer.results
+        if r.context_id == 1
+        and r.result == ACCEPTANCE
+        and r.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    ]
+    if not chosen:
+        raise LinkError(f"{where} did not accept the Storage Commitment Push Model context")
+    report_here = any(
+        r.sop_class_uid == STORAGE_COMMITMENT_SOP_CLASS and r.scp for r in answer.roles
+    )
+    peer_max = answer.max_pdu if 0 < answer.max_pdu <= MAX_SEND_PDU_BYTES else MAX_SEND_PDU_BYTES
+    return chosen[0], peer_max, report_here
+
+
+def _read_message(conn: PduLink, what: str) -> tuple[dict[int, bytes], bytes | None]:
+    """Read one DIMSE message (command set and, if one follows, its data set).
+
+    Raises
+    ------
+    LinkTimeout
+        When nothing arrives within the current timeout.
+    LinkError
+        On A-ABORT, A-RELEASE-RQ, another PDU or a malformed one.
+    """
+    command = bytearray()
+    data = bytearray()
+    parsed: dict[int, bytes] | None = None
+    while True:
+        pdu_type, body = conn.read_pdu(what)
+        if pdu_type == PduType.A_ABORT:
+            raise LinkError(f"association aborted by {conn.where} while {what}")
+        if pdu_type == PduType.A_RELEASE_RQ:
+            conn.send(A_RELEASE_RP_PDU, "releasing the association")
+            raise LinkError(f"{conn.where} released the association while {what}")
+        if pdu_type != PduType.P_DATA_TF:
+            raise LinkError(f"unexpected PDU 0x{pdu_type:02X} from {conn.where} while {what}")
+        try:
+            pdvs = list(iter_pdvs(body))
+        except ValueError:
+            raise LinkError(f"malformed P-DATA-TF from {conn.where}") from None
+        for _cid, control, fragment in pdvs:
+            if control & PDV_COMMAND:
+                command += fragment
+                if control & PDV_LAST:
+                    try:
+                        parsed = parse_command(command)
+                    except ValueError as exc:
+                        raise LinkError(f"malformed command from {conn.where}: {exc}") from exc
+                    if command_us(parsed, DATA_SET_TYPE) == NO_DATA_SET:
+                        return parsed, None
+            else:
+                if parsed is None:
+                    raise LinkError(f"data set before its command from {conn.where}")
+                data += fragment
+                if control & PDV_LAST:
+                    return parsed, bytes(data)
+
+
+def request_commitment(
+    sender: LeanAssociationSender,
+    transaction_uid: str,
+    instances: list[tuple[str, str]],
+    on_report: ReportCallback,
+    wait_report_s: float,
+) -> int:
+    """Send a Request Storage Commitment N-ACTION to the sender's target; return its status.
+
+    After a success status, when the target accepted to be the SCP on this
+    association, waits up to ``wait_report_s`` for an N-EVENT-REPORT there and
+    answers it with what ``on_report`` returns (it keeps the report first).
+
+    Parameters
+    ----------
+    sender : LeanAssociationSender
+        Its configuration names the destination (``target_*``) and our AE.
+    transaction_uid : str
+        The new Transaction UID.
+    instances : list of (str, str)
+        (SOP Class UID, SOP Instance UID) to commit.
+    on_report : callable
+        Keeps a report that came on this association; returns the RSP status.
+    wait_report_s : float
+        How long to wait for such a report (0: release at once).
+
+    Raises
+    ------
+    LinkError
+        When the destination cannot be reached, refuses the association or the
+        context, or does not answer the N-ACTION within ``dimse_timeout_s``.
+    """
+    cfg = sender.config
+    conn = sender._connect()
+    try:
+        syntax, peer_max, report_here = _commitment_association(sender, conn)
+        conn.set_timeout(cfg.network_timeout_s)
+        conn.send(
+            p_data_tf(
+                1,
+                PDV_COMMAND | PDV_LAST,
+                n_action_rq(
+                    1, STORAGE_COMMITMENT_SOP_CLASS, STORAGE_COMMITMENT_INSTANCE, REQUEST_COMMITMENT
+                ),
+            ),
+            "sending the N-ACTION",
+        )
+        data = encode_action_info(transaction_uid, instances, syntax)
+        size = max(peer_max - 6, 256)
+        pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+        for i, piece in enumerate(pieces):
+            conn.send(p_data_tf(1, PDV_LAST if i == len(pieces) - 1 else 0, piece), "sending")
+        conn.set_timeout(cfg.dimse_timeout_s)
+        try:
+            rsp, _ = _read_message(conn, "waiting for the N-ACTION response")
+        except LinkTimeout as exc:
+            raise LinkError(
+                f"no N-ACTION response from {conn.where} within dimse_timeout_s "
+                f"({cfg.dimse_timeout_s:g} s)"
+            ) from exc
+        if command_us(rsp, COMMAND_FIELD) != N_ACTION_RSP:
+            raise LinkError(f"{conn.where} answered the N-ACTION with another command")
+        status = command_us(rsp, STATUS)
+        if status is None:
+            raise LinkError(f"{conn.where} answered the N-ACTION without a Status")
+        if status == 0 and report_here and wait_report_s > 0:
+            _serve_report(conn, syntax, on_report, wait_report_s)
+        sender._release(conn)
+        return status
+    except LinkError:
+        conn.abort()
+        raise
+    finally:
+        conn.close()
+
+
+def _serve_report(conn: PduLink, syntax: str, on_report: ReportCallback, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for an N-EVENT-REPORT on this association and answer it."""
+    conn.set_timeout(wait_s)
+    try:
+        request, data = _read_message(conn, "waiting for a storage commitment report")
+    except LinkTimeout:
+        return  # it comes on a new association to the node's port
+    if command_us(request, COMMAND_FIELD) != N_EVENT_REPORT_RQ or data is None:
+        raise LinkError(f"{conn.where} sent another message than the commitment report")
+    event_type = command_us(request, EVENT_TYPE_ID) or 0
+    status = on_report(event_type, data, syntax)
+    conn.send(
+        p_data_tf(
+            1,
+            PDV_COMMAND | PDV_LAST,
+            n_event_report_rsp(
+                command_us(request, MESSAGE_ID) or 0,
+                uid_text(request.get(AFFECTED_SOP_CLASS, b"")),
+                uid_text(request.get(AFFECTED_SOP_INSTANCE, b"")),
+                event_type,
+                status,
+            ),
+        ),
+        "answering the commitment report",
+    )
 
 
 def _accepted(

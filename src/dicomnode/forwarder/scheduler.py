@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
-from dicomnode.config import ForwarderConfig
+from dicomnode.config import DestinationConfig, ForwarderConfig
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
     FileEntry,
@@ -32,6 +32,7 @@ from dicomnode.forwarder.batching import (
     group_label,
     should_give_up,
 )
+from dicomnode.forwarder.commitkeeper import CommitmentKeeper
 from dicomnode.forwarder.delivery import make_sender, park_job_file, send_group
 from dicomnode.forwarder.job import GroupJob, GroupResult, is_unchanged, job_from_snapshot
 from dicomnode.forwarder.outcome import ParkReason, park_stamp
@@ -60,6 +61,10 @@ class Forwarder:
         Watch folder, target, timers, order, retry policy.
     ssl_context : ssl.SSLContext or None
         Client TLS context for the target; None for plain TCP.
+    destinations : tuple of DestinationConfig
+        The ``[Destination:NAME]`` sections: the one whose ``ae_title`` is the
+        target's and has ``storage_commitment = true`` makes the forwarder keep
+        acknowledged files until the target commits them (:mod:`.commitkeeper`).
 
     Raises
     ------
@@ -67,7 +72,12 @@ class Forwarder:
         When no target is configured.
     """
 
-    def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        config: ForwarderConfig,
+        ssl_context: ssl.SSLContext | None = None,
+        destinations: tuple[DestinationConfig, ...] = (),
+    ) -> None:
         if not config.has_target:
             raise ConfigError("[FolderWatcher] target_ip and target_aet are needed to forward")
         if config.transport == "pynetdicom":
@@ -92,6 +102,10 @@ class Forwarder:
         self._scheduler: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._last_success: float | None = None
+        committing = committing_destination(config, destinations)
+        self._keeper = (
+            CommitmentKeeper(config, committing, ssl_context) if committing is not None else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -102,6 +116,8 @@ class Forwarder:
         self.watch_folder.mkdir(parents=True, exist_ok=True)
         self._retry = self._store.load_all()
         self._stop.clear()
+        if self._keeper is not None:
+            self._keeper.start()
         self._pool = ThreadPoolExecutor(
             max_workers=self.config.max_workers, thread_name_prefix="dicomnode-forward"
         )
@@ -160,6 +176,8 @@ class Forwarder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._keeper is not None:
+            self._keeper.stop(max(1.0, deadline - time.monotonic()))
         logger.info("FORWARDER-STOPPED watch=%s", self.watch_folder)
 
     # -- scheduler -----------------------------------------------------------------
@@ -250,15 +268,21 @@ class Forwarder:
         sender = make_sender(self.config, self.ssl_context)
         with self._lock:
             self._senders.add(sender)
+        batch = self._keeper.open_batch(job.key) if self._keeper is not None else None
         try:
             previous = self._retry.get(job.key)
-            result = send_group(
-                job,
-                self.config,
-                sender,
-                self._stop.is_set,
-                refusals=previous.refusals if previous is not None else None,
-            )
+            try:
+                result = send_group(
+                    job,
+                    self.config,
+                    sender,
+                    self._stop.is_set,
+                    refusals=previous.refusals if previous is not None else None,
+                    hold=batch.hold if batch is not None else None,
+                )
+            finally:
+                if batch is not None:
+                    batch.close()  # the record, before any N-ACTION
             self._after(job, result)
         except Exception:
             logger.exception(
@@ -340,7 +364,8 @@ class Forwarder:
         """Return what the console and /healthz show: groups waiting, sending, backing off.
 
         Keys: ``running`` (scheduler alive), ``sending`` (group keys), ``retry``
-        (group key -> :class:`~.state.RetryState`), ``last_success`` (wall time or None).
+        (group key -> :class:`~.state.RetryState`), ``last_success`` (wall time or None),
+        ``awaiting_commitment`` (destination name -> files held until it commits them).
         """
         with self._lock:
             sending = sorted(self._inflight)
@@ -350,6 +375,7 @@ class Forwarder:
             "sending": sending,
             "retry": dict(self._retry),
             "last_success": self._last_success,
+            "awaiting_commitment": self._keeper.awaiting() if self._keeper is not None else {},
         }
 
     def _heartbeat(self) -> None:
@@ -376,3 +402,17 @@ class Forwarder:
             last,
             max(0.0, backoff),
         )
+
+
+def committing_destination(
+    config: ForwarderConfig, destinations: tuple[DestinationConfig, ...]
+) -> DestinationConfig | None:
+    """Return the ``[Destination:NAME]`` of the target when it has ``storage_commitment``.
+
+    The target is the destination whose ``ae_title`` is ``target_aet``; its
+    address is the ``[FolderWatcher]`` target's.
+    """
+    for dest in destinations:
+        if dest.storage_commitment and dest.ae_title == config.target_aet:
+            return dest
+    return None

@@ -24,6 +24,7 @@ from typing import Final
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from dicomnode.config import COMMITMENT_STORE_NAME
 from dicomnode.forwarder.batching import (
     FAILED_DIR_NAME,
     TEMP_SUFFIXES,
@@ -45,7 +46,14 @@ logger = logging.getLogger(__name__)
 
 #: Hidden names of dicomnode's own bookkeeping: skipped without a log line.
 _OWN_HIDDEN: Final = frozenset(
-    {STATE_DIR_NAME, CONVERT_PENDING_DIR, CONVERT_STAGING_DIR, FOLDERS_LOCK, INCOMING_TMP}
+    {
+        STATE_DIR_NAME,
+        COMMITMENT_STORE_NAME,
+        CONVERT_PENDING_DIR,
+        CONVERT_STAGING_DIR,
+        FOLDERS_LOCK,
+        INCOMING_TMP,
+    }
 )
 #: dicomnode's own in-progress copies (``storage.part_path``): ``.<name>.<8 hex>.part``.
 _OWN_PART: Final = re.compile(r"\..+\.[0-9a-f]{8}\.part")

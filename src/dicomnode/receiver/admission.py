@@ -267,7 +267,10 @@ def admit(
     try:
         peers = frozenset({ip})
         decision = decide_association(cfg, calling, called, peers)
-        allowed = policy.hosts_for(cfg, calling) or ()
+        reporter = policy.reporting_destination(cfg, calling)
+        allowed = policy.hosts_for(cfg, calling) or (
+            (reporter.host,) if reporter is not None else ()
+        )
         if not decision.accept and allowed and decision.reason.startswith("peer address"):
             # Host names in [AE_Hosts] are resolved only when the address alone does not match.
             peers = resolve_names(ip, allowed)
@@ -314,10 +317,11 @@ def admit(
         logger.exception("REJECTED association: admission check failed, refusing")
         return REJECT_INTERNAL_ERROR
     logger.info(
-        "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s",
+        "ASSOC-ACCEPTED calling_ae=%s called_ae=%s peer=%s%s",
         escape(calling),
         escape(called),
         where,
+        " (storage commitment reports only)" if decision.commitment_only else "",
         extra=ledger_extra(EventKind.ASSOCIATION_ACCEPTED, calling_ae=calling, peer=where),
     )
     return None

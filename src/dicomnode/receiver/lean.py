@@ -77,9 +77,11 @@ from dicomnode.dul.dimse import (
     C_STORE_RQ,
     COMMAND_FIELD,
     DATA_SET_TYPE,
+    EVENT_TYPE_ID,
     MESSAGE_ID,
     MESSAGE_ID_RESPONDED,
     N_ACTION_RQ,
+    N_EVENT_REPORT_RQ,
     N_EVENT_REPORT_RSP,
     NO_DATA_SET,
     REQUESTED_SOP_CLASS,
@@ -87,6 +89,7 @@ from dicomnode.dul.dimse import (
     STATUS,
     command_us,
     n_action_rsp,
+    n_event_report_rsp,
     parse_command,
     response_command,
 )
@@ -110,10 +113,12 @@ from dicomnode.dul.pdu import (
 )
 from dicomnode.logsafe import escape
 from dicomnode.receiver import commitment as sc
+from dicomnode.receiver import policy
 from dicomnode.receiver.admission import REJECT_LOCAL_LIMIT, RefusalLog, admit
 from dicomnode.receiver.committer import Committer
 from dicomnode.receiver.negotiation import accepted_roles, negotiate
 from dicomnode.receiver.pending import Negotiator
+from dicomnode.receiver.reports import record_report
 from dicomnode.receiver.store import ReceivedObject, StoreHandler
 
 logger = logging.getLogger(__name__)
@@ -379,6 +384,9 @@ class _Association:
         #: negotiated the SCP role), and the reports sent here awaiting their answer.
         self.report_here = False
         self._awaiting: dict[int, tuple[sc.Commitment, Path]] = {}
+        #: Admitted only to deliver storage commitment reports (a committing
+        #: destination of the forwarder that is not a trusted AE).
+        self.commitment_only = False
         limit = self.cfg.max_pdu_bytes
         self.pdu_limit = max(limit, _MIN_PDU_LIMIT_BYTES) + _PDU_SLACK_BYTES if limit else 0
         self.max_object = self.cfg.max_object_mb * 1_000_000
@@ -503,7 +511,7 @@ class _Association:
         request = self.request
         self._timeout(self.cfg.network_timeout_s)
         reader = PduReader(self.sock)  # the read buffer exists only for admitted peers
-        results = negotiate(request.contexts)
+        results = negotiate(request.contexts, self.commitment_only)
         roles = accepted_roles(request.roles, results) if self.server.committer else ()
         self.report_here = bool(roles)
         self._send(
@@ -606,7 +614,14 @@ class _Association:
         self._started = time.monotonic()
         field = command_us(request, COMMAND_FIELD)
         has_data = command_us(request, DATA_SET_TYPE) != NO_DATA_SET
-        if field == C_STORE_RQ and has_data:
+        if self.commitment_only and field != N_EVENT_REPORT_RQ:
+            if has_data:
+                self.transfer = _Transfer(None, b"", 0)  # read and drop, then refuse
+            else:
+                self._refuse_operation(field)
+        elif field == N_EVENT_REPORT_RQ and has_data:
+            self.transfer = _Collect()
+        elif field == C_STORE_RQ and has_data:
             self.transfer = self.server.open_transfer(self.contexts[cid][1], request, self.calling)
         elif field == N_ACTION_RQ and has_data:
             self.transfer = _Collect()
@@ -623,10 +638,13 @@ class _Association:
 
     def _data_set_done(self, transfer: _Transfer) -> None:
         self.transfer = None
+        if isinstance(transfer, _Collect) and self._request_field() == N_EVENT_REPORT_RQ:
+            self._n_event_report(transfer)
+            return
         if isinstance(transfer, _Collect) and self._request_field() == N_ACTION_RQ:
             self._n_action(transfer)
             return
-        if self._request_field() != C_STORE_RQ:
+        if self._request_field() != C_STORE_RQ or self.commitment_only:
             self._refuse_operation(self._request_field())
             return
         transfer.complete()
@@ -653,10 +671,13 @@ class _Association:
     def _refuse_operation(self, field: int | None) -> None:
         logger.warning(
             "REJECTED DIMSE request calling_ae=%s peer=%s command_field=0x%04X reason=only "
-            "C-STORE, C-ECHO and storage commitment N-ACTION are served",
+            "%s served",
             self.calling,
             self.where,
             field or 0,
+            "storage commitment N-EVENT-REPORT (from a committing destination) is"
+            if self.commitment_only
+            else "C-STORE, C-ECHO and storage commitment N-ACTION are",
         )
         self._respond(_UNRECOGNIZED_OPERATION, field or 0)
 
@@ -698,6 +719,31 @@ class _Association:
         committer.send_report(
             self._send, commitment, cid, self.contexts[cid][1], self.request.max_pdu, message_id
         )
+
+    def _n_event_report(self, transfer: _Collect) -> None:
+        """Keep a committing destination's report for the forwarder, then answer it.
+
+        The N-EVENT-REPORT-RSP is success only once the report is on disk
+        (:func:`~dicomnode.receiver.reports.record_report`).
+        """
+        request, cid = self._request, self._request_cid
+        sop_class = uid_text(request.get(AFFECTED_SOP_CLASS, b""))
+        sop_instance = uid_text(request.get(AFFECTED_SOP_INSTANCE, b""))
+        event_type = command_us(request, EVENT_TYPE_ID) or 0
+        status = record_report(
+            self.cfg,
+            self.calling,
+            self.where,
+            sop_class,
+            sop_instance,
+            event_type,
+            None if transfer.too_large else bytes(transfer.data),
+            self.contexts[cid][1],
+        )
+        rsp = n_event_report_rsp(
+            command_us(request, MESSAGE_ID) or 0, sop_class, sop_instance, event_type, status
+        )
+        self._send(p_data_tf(cid, PDV_COMMAND | PDV_LAST, rsp))
 
     def _report_answered(self, response: dict[int, bytes]) -> None:
         entry = self._awaiting.pop(command_us(response, MESSAGE_ID_RESPONDED) or 0, None)
@@ -908,6 +954,10 @@ class LeanServer:
             if rejection is not None:
                 self._reject(sock, rejection)
                 return
+            assoc.commitment_only = (
+                not policy.is_trusted(self.cfg, request.calling_ae)
+                and policy.reporting_destination(self.cfg, request.calling_ae) is not None
+            )
             try:
                 threading.Thread(
                     target=self._serve,

@@ -44,12 +44,20 @@ def is_storage_like(uid: str) -> bool:
     return kind == "SOP Class" and "Storage" in name and not name.startswith("Storage")
 
 
-def negotiate(contexts: tuple[ProposedContext, ...]) -> list[ContextResult]:
-    """Answer every proposed context (same order)."""
+def negotiate(
+    contexts: tuple[ProposedContext, ...], commitment_only: bool = False
+) -> list[ContextResult]:
+    """Answer every proposed context (same order).
+
+    ``commitment_only`` (a committing destination admitted to deliver its
+    reports): only Storage Commitment Push Model is accepted.
+    """
     results = []
     for cx in contexts:
         first = cx.transfer_syntaxes[0] if cx.transfer_syntaxes else ""
-        if cx.abstract_syntax in (VERIFICATION_SOP_CLASS, STORAGE_COMMITMENT_SOP_CLASS):
+        if commitment_only and cx.abstract_syntax != STORAGE_COMMITMENT_SOP_CLASS:
+            chosen, result = "", ABSTRACT_SYNTAX_NOT_SUPPORTED
+        elif cx.abstract_syntax in (VERIFICATION_SOP_CLASS, STORAGE_COMMITMENT_SOP_CLASS):
             chosen = next((ts for ts in cx.transfer_syntaxes if ts in _UNCOMPRESSED), "")
             result = ACCEPTANCE if chosen else TRANSFER_SYNTAXES_NOT_SUPPORTED
         elif is_storage_like(cx.abstract_syntax) and cx.abstract_syntax:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from dicomnode.config import ReceiverConfig
+from dicomnode.config import DestinationConfig, ReceiverConfig
 
 #: An AE title on the wire holds 1-16 characters of DICOM's default repertoire
 #: (printable ASCII) and no backslash (PS3.5 6.2, VR AE).
@@ -30,11 +30,15 @@ class Decision:
         Why it was refused (empty when accepted).
     diagnostic : int
         A-ASSOCIATE-RJ diagnostic (0x03 calling AE, 0x07 called AE, 0x01 no reason).
+    commitment_only : bool
+        True when the peer is admitted only to deliver storage commitment reports
+        (a committing destination of the forwarder that is not a trusted AE).
     """
 
     accept: bool
     reason: str = ""
     diagnostic: int = 0x01
+    commitment_only: bool = False
 
 
 def is_valid_peer_ae(title: str) -> bool:
@@ -88,6 +92,19 @@ def decide_association(
         return Decision(
             False, "called AE title is empty or holds control characters or a backslash", 0x07
         )
+    reporter = reporting_destination(cfg, calling)
+    if not is_trusted(cfg, calling) and reporter is not None:
+        if cfg.require_called_aet and called_aet != cfg.ae_title:
+            return Decision(False, f"called AE title is not {cfg.ae_title!r}", 0x07)
+        reporter_hosts = hosts_for(cfg, calling) or (reporter.host,)
+        if not _host_matches(reporter_hosts, peer_addresses):
+            return Decision(
+                False,
+                f"peer address is not {', '.join(reporter_hosts)} ([Destination:{reporter.name}] "
+                "reporting storage commitment)",
+                0x03,
+            )
+        return Decision(True, commitment_only=True)
     if not is_trusted(cfg, calling):
         hint = ""
         folded = [t for t in cfg.trusted_ae_titles if t.upper() == calling.upper()]
@@ -102,6 +119,22 @@ def decide_association(
             False, f"peer address not in [AE_Hosts] {calling} = {', '.join(allowed)}", 0x03
         )
     return Decision(True)
+
+
+def reporting_destination(cfg: ReceiverConfig, calling_aet: str) -> DestinationConfig | None:
+    """Return the committing destination whose reports ``calling_aet`` may deliver, or None.
+
+    A ``[Destination:NAME]`` with ``storage_commitment = true`` is asked by the
+    forwarder to commit what it acknowledged, and answers on a new association
+    to the node's port. Its AE title is admitted for that alone (storage
+    commitment context only, N-EVENT-REPORT only), from its configured host
+    (or its [AE_Hosts] entry), even when it is not a trusted AE.
+    """
+    if cfg.commitment_store is None:
+        return None
+    return next(
+        (d for d in cfg.destinations if d.storage_commitment and d.ae_title == calling_aet), None
+    )
 
 
 def _host_matches(allowed: tuple[str, ...], peer: frozenset[str]) -> bool:

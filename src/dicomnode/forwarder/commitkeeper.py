@@ -1,0 +1,638 @@
+"""Storage commitment of a destination (SCU side): hold what it acknowledged until it commits it.
+
+For a ``[Destination:NAME]`` with ``storage_commitment = true`` a file the
+destination acknowledged is not deleted: :meth:`Batch.hold` moves it (rename,
+same volume) into the watch folder's hidden store
+(:mod:`dicomnode.awaiting`), where the watcher never sees it, and
+:meth:`Batch.close` writes the batch's record (fsynced) once the group's
+send ends. The keeper's thread then sends the N-ACTION (a new Transaction
+UID; :func:`~.lean.request_commitment`), and applies each report the
+receiver (or the N-ACTION's own association) kept in the store: committed
+files are deleted, the others moved back into the watch folder to be sent
+again or, after ``commitment_max_attempts`` sends, parked in ``failed/``
+with the reason. No report within ``commitment_timeout_s`` means the request
+is made again, and the batch is parked after ``commitment_max_attempts``
+unanswered requests; a request that cannot be sent is retried with the
+forwarder's backoff and parked after ``give_up_after_s``
+(:mod:`.commitplan` decides). Everything is on disk, so a restart resumes:
+records are reloaded, batches held without a record (a kill before
+:meth:`Batch.close`) go back to the watch folder.
+
+Log verbs: ``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``,
+``COMMIT-RESEND`` (all with ``role=scu``; ``QUARANTINED`` from parking).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Final
+
+from pydicom.uid import generate_uid
+
+from dicomnode.awaiting import (
+    HELD_DIR,
+    HeldFile,
+    Record,
+    Report,
+    held_folder,
+    load_record,
+    load_records,
+    pending_reports,
+    record_path,
+    save_record,
+    sends_of,
+    set_sends,
+    write_report,
+)
+from dicomnode.config import COMMITMENT_STORE_NAME, DestinationConfig, ForwarderConfig
+from dicomnode.dul.commitment import parse_event_info
+from dicomnode.dul.link import LinkError
+from dicomnode.forwarder.batching import ObjectInfo, backoff_delay_s, group_label
+from dicomnode.forwarder.commitplan import ReportVerdict, Step, judge_report, next_step
+from dicomnode.forwarder.job import JobFile
+from dicomnode.forwarder.lean import LeanAssociationSender, request_commitment
+from dicomnode.forwarder.outcome import ParkReason, park_file, park_stamp, remove_empty_parents
+from dicomnode.ledger.events import EventKind, ledger_extra
+from dicomnode.logsafe import escape
+from dicomnode.storage import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+#: How often the keeper looks for reports and due requests when nothing wakes it.
+_TICK_S: Final = 0.5
+#: How long the N-ACTION's association stays open for a report sent on it.
+SAME_ASSOCIATION_WAIT_S: Final = 2.0
+
+
+def _where(dest: DestinationConfig) -> str:
+    return f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+class Batch:
+    """The files of one group send a committing destination acknowledged (worker thread).
+
+    Created by :meth:`CommitmentKeeper.open_batch`; :meth:`hold` each
+    acknowledged file, then :meth:`close` once.
+    """
+
+    def __init__(self, keeper: CommitmentKeeper, group: str) -> None:
+        self.keeper = keeper
+        self.group = group
+        self.key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        self.folder = held_folder(keeper.store, self.key)
+        self.files: list[HeldFile] = []
+
+    def hold(self, jf: JobFile, obj: ObjectInfo) -> bool:
+        """Move an acknowledged file into the store; True when it is held (else it stays).
+
+        Raises nothing: a failure to move is logged and the file stays in the
+        watch folder (it is sent again, never lost).
+        """
+        watch = self.keeper.config.watch_folder
+        try:
+            origin = jf.path.relative_to(watch).as_posix()
+        except ValueError:
+            origin = jf.display
+        target = self.folder.joinpath(*PurePosixPath(origin).parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(jf.path, target)
+        except OSError as exc:
+            logger.error(
+                "COMMIT-FAILED role=scu file=%s: cannot hold it for commitment (%s); it stays "
+                "and is sent again",
+                jf.display,
+                exc,
+            )
+            return False
+        remove_empty_parents(jf.path, watch)
+        store = self.keeper.store
+        sends = sends_of(store, obj.sop_instance_uid) + 1
+        self.files.append(
+            HeldFile(
+                obj.sop_class_uid,
+                obj.sop_instance_uid,
+                f"{HELD_DIR}/{self.key}/{origin}",
+                origin,
+                sends,
+            )
+        )
+        return True
+
+    def close(self) -> None:
+        """Write the batch's record (fsynced) and wake the keeper; nothing when nothing is held."""
+        if not self.files:
+            return
+        keeper = self.keeper
+        dest = keeper.destination
+        record = Record(
+            batch=self.key,
+            destination=dest.name,
+            ae_title=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            group=self.group,
+            created=time.time(),
+            files=tuple(self.files),
+        )
+        try:
+            for folder in {(keeper.store / f.held).parent for f in self.files}:
+                fsync_dir(folder)
+            save_record(keeper.store, record)
+        except OSError as exc:
+            logger.error(
+                "COMMIT-FAILED role=scu batch=%s: cannot write its record (%s); its %d file(s) "
+                "go back to the watch folder",
+                self.key,
+                exc,
+                len(self.files),
+            )
+            keeper.return_orphan(self.key)
+            return
+        keeper.wake()
+
+
+@dataclass(slots=True)
+class _Tally:
+    files: int = 0
+    batches: int = 0
+
+
+class CommitmentKeeper:
+    """Holds acknowledged files of one committing destination until it commits them.
+
+    Parameters
+    ----------
+    config : ForwarderConfig
+        The forwarder's settings (watch folder, our AE, timeouts, retry policy);
+        ``target_*`` are replaced by the destination's address.
+    destination : DestinationConfig
+        The committing destination (``storage_commitment = true``).
+    ssl_context : ssl.SSLContext or None
+        Client TLS context (as for sending).
+    """
+
+    def __init__(
+        self,
+        config: ForwarderConfig,
+        destination: DestinationConfig,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = replace(
+            config,
+            target_aet=destination.ae_title,
+            target_ip=destination.host,
+            target_port=destination.port,
+        )
+        self.destination = destination
+        self.ssl_context = ssl_context
+        self.store = config.watch_folder / COMMITMENT_STORE_NAME
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._awaiting = _Tally()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Return held batches without a record to the watch folder, then start the thread."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        known = {r.batch for r in load_records(self.store)}
+        with contextlib.suppress(FileNotFoundError):
+            for folder in sorted((self.store / HELD_DIR).iterdir()):
+                if folder.is_dir() and folder.name not in known:
+                    self.return_orphan(folder.name)
+        self._refresh()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="dicomnode-commitment", daemon=True)
+        self._thread.start()
+        logger.info(
+            "COMMIT-REQUESTED role=scu destination=%s keeper started: %d batch(es), %d file(s) "
+            "awaiting commitment",
+            _where(self.destination),
+            self._awaiting.batches,
+            self._awaiting.files,
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread; everything awaiting stays on disk for the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def wake(self) -> None:
+        """Ask the thread to look at the store now."""
+        self._wake.set()
+
+    def open_batch(self, group: str) -> Batch:
+        """Return a new batch for the files of ``group`` acknowledged in one send."""
+        return Batch(self, group)
+
+    def awaiting(self) -> dict[str, int]:
+        """Return ``{destination name: files awaiting commitment}``."""
+        with self._lock:
+            return {self.destination.name: self._awaiting.files}
+
+    def _refresh(self) -> list[Record]:
+        records = [r for r in load_records(self.store) if r.destination == self.destination.name]
+        with self._lock:
+            self._awaiting = _Tally(sum(len(r.files) for r in records), len(records))
+        return records
+
+    # -- the thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._apply_reports()
+                self._due(time.time())
+            except Exception:
+                logger.exception("COMMIT-FAILED role=scu keeper error (continuing)")
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+
+    def _due(self, now: float) -> None:
+        dest = self.destination
+        for record in self._refresh():
+            if self._stop.is_set():
+                return
+            step = next_step(
+                record,
+                now,
+                dest.commitment_timeout_s,
+                dest.commitment_max_attempts,
+                self.config.give_up_after_s,
+            )
+            if step.at > now or step.step is Step.WAIT:
+                continue
+            if step.step is Step.PARK:
+                self._park_batch(record, step.reason)
+            else:
+                if step.reason and record.requests and not record.failures:
+                    last = record.transactions[-1] if record.transactions else "-"
+                    logger.warning(
+                        "COMMIT-FAILED role=scu transaction_uid=%s destination=%s instances=%d "
+                        "reason=%s (request %d of %d)",
+                        last,
+                        _where(dest),
+                        len(record.files),
+                        step.reason,
+                        record.requests + 1,
+                        dest.commitment_max_attempts,
+                        extra=self._event(EventKind.COMMIT_FAILED, record, last, step.reason),
+                    )
+                self._request(record)
+            self._apply_reports()
+
+    def _event(
+        self, kind: EventKind, record: Record, transaction: str, what: str, **more: object
+    ) -> dict[str, object]:
+        return ledger_extra(
+            kind,
+            calling_ae=self.config.calling_aet,
+            peer=f"{record.host}:{record.port}",
+            destination=_where(self.destination),
+            size=len(record.files),
+            reason=f"role=scu transaction {transaction}: {what}",
+            **more,
+        )
+
+    # -- requesting -----------------------------------------------------------------
+
+    def _request(self, record: Record) -> None:
+        """Send an N-ACTION for ``record`` (its new Transaction UID kept on disk first)."""
+        transaction = generate_uid()
+        record = record.with_transaction(transaction)
+        try:
+            save_record(self.store, record)
+        except OSError as exc:
+            logger.error(
+                "COMMIT-FAILED role=scu batch=%s: cannot update its record (%s); retried",
+                record.batch,
+                exc,
+            )
+            return
+        sender = LeanAssociationSender(self.config, self.ssl_context)
+        instances = [(f.sop_class, f.sop_instance) for f in record.files]
+        try:
+            status = request_commitment(
+                sender,
+                transaction,
+                instances,
+                lambda event_type, data, syntax: self._report_here(
+                    record, transaction, data, syntax
+                ),
+                SAME_ASSOCIATION_WAIT_S,
+            )
+            error = None if status == 0 else f"the N-ACTION was answered with status 0x{status:04X}"
+        except LinkError as exc:
+            error = str(exc)
+        now = time.time()
+        latest = load_record(record_path(self.store, record.batch))
+        if latest is None:
+            return  # a report on the association settled it
+        if error is None:
+            latest = replace(
+                latest,
+                requests=latest.requests + 1,
+                requested_at=now,
+                failures=0,
+                first_failure=0.0,
+                next_attempt=0.0,
+                last_error="",
+            )
+            logger.info(
+                "COMMIT-REQUESTED role=scu transaction_uid=%s destination=%s instances=%d "
+                "request=%d/%d group=%s",
+                transaction,
+                _where(self.destination),
+                len(record.files),
+                latest.requests,
+                self.destination.commitment_max_attempts,
+                group_label(record.group),
+                extra=self._event(
+                    EventKind.COMMIT_REQUESTED, record, transaction, "request accepted"
+                ),
+            )
+        else:
+            failures = latest.failures + 1
+            delay = backoff_delay_s(
+                failures, self.config.retry_initial_delay_s, self.config.retry_max_delay_s
+            )
+            latest = replace(
+                latest,
+                failures=failures,
+                first_failure=latest.first_failure or now,
+                next_attempt=now + delay,
+                last_error=error,
+            )
+            logger.warning(
+                "COMMIT-FAILED role=scu transaction_uid=%s destination=%s instances=%d "
+                "attempt=%d retry_in=%gs reason=%s",
+                transaction,
+                _where(self.destination),
+                len(record.files),
+                failures,
+                delay,
+                escape(error),
+                extra=self._event(
+                    EventKind.RETRIED, record, transaction, f"request failed: {error}"
+                ),
+            )
+        try:
+            save_record(self.store, latest)
+        except OSError as exc:
+            logger.error(
+                "COMMIT-FAILED role=scu batch=%s: record not updated: %s", latest.batch, exc
+            )
+
+    def _report_here(self, record: Record, transaction: str, data: bytes, syntax: str) -> int:
+        """Keep a report that came on the N-ACTION's association; return the RSP status."""
+        try:
+            info = parse_event_info(data, syntax)
+        except ValueError as exc:
+            logger.warning(
+                "COMMIT-FAILED role=scu destination=%s reason=report refused: %s",
+                _where(self.destination),
+                escape(str(exc)),
+            )
+            return 0x0115
+        if info.transaction_uid not in record.transactions:
+            logger.warning(
+                "COMMIT-FAILED role=scu transaction_uid=%s destination=%s reason=report refused: "
+                "unknown transaction",
+                escape(info.transaction_uid),
+                _where(self.destination),
+            )
+            return 0x0115
+        report = Report(
+            record.batch,
+            info.transaction_uid,
+            record.ae_title,
+            f"{record.host}:{record.port}",
+            info.committed,
+            info.failed,
+            time.time(),
+            "same-association",
+        )
+        try:
+            write_report(self.store, report)
+        except OSError as exc:
+            logger.error("COMMIT-FAILED role=scu report not kept: %s", exc)
+            return 0x0110
+        self._apply_reports()
+        return 0x0000
+
+    # -- applying reports ---------------------------------------------------------------
+
+    def _apply_reports(self) -> None:
+        for path in pending_reports(self.store):
+            batch = path.name.split("~", 1)[0]
+            record = load_record(record_path(self.store, batch))
+            if record is not None and record.destination != self.destination.name:
+                continue  # another keeper's
+            try:
+                report = Report.from_json(json.loads(path.read_text("utf-8")))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.error("COMMIT-FAILED role=scu unreadable report %s: %s", path, exc)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            if record is not None:
+                self._apply(record, report)
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _apply(self, record: Record, report: Report) -> None:
+        dest = self.destination
+        verdict = judge_report(
+            record, report.committed, report.failed, dest.commitment_max_attempts
+        )
+        for held in verdict.committed:
+            path = self.store / held.held
+            with contextlib.suppress(OSError):
+                path.unlink()
+                remove_empty_parents(path, self.store)
+            set_sends(self.store, held.sop_instance, 0)
+        for held, why in verdict.resend:
+            self._resend(record, held, why)
+        if verdict.park:
+            stamp = park_stamp(time.time())
+            for held, why in verdict.park:
+                self._park_file(record, held, why, stamp)
+        self._log_report(record, report, verdict)
+        self._forget(record)
+
+    def _log_report(self, record: Record, report: Report, verdict: ReportVerdict) -> None:
+        where = _where(self.destination)
+        if not verdict.failed:
+            logger.info(
+                "COMMITTED role=scu transaction_uid=%s destination=%s peer=%s committed=%d "
+                "failed=0 reply=%s group=%s",
+                escape(report.transaction_uid),
+                where,
+                report.peer,
+                len(verdict.committed),
+                report.how,
+                group_label(record.group),
+                extra=self._event(
+                    EventKind.COMMITTED,
+                    record,
+                    report.transaction_uid,
+                    f"all {len(verdict.committed)} committed; files deleted",
+                    status=f"committed={len(verdict.committed)} failed=0",
+                ),
+            )
+            return
+        reasons = collections.Counter(
+            f"0x{r:04X}" for _, _, r in report.failed
+        ) or collections.Counter({"left-out": verdict.failed})
+        logger.warning(
+            "COMMIT-FAILED role=scu transaction_uid=%s destination=%s peer=%s committed=%d "
+            "failed=%d resend=%d parked=%d reasons=%s reply=%s group=%s",
+            escape(report.transaction_uid),
+            where,
+            report.peer,
+            len(verdict.committed),
+            verdict.failed,
+            len(verdict.resend),
+            len(verdict.park),
+            ",".join(f"{k}:{v}" for k, v in sorted(reasons.items())),
+            report.how,
+            group_label(record.group),
+            extra=self._event(
+                EventKind.COMMIT_FAILED,
+                record,
+                report.transaction_uid,
+                f"{verdict.failed} not committed: {len(verdict.resend)} sent again, "
+                f"{len(verdict.park)} parked",
+                status=f"committed={len(verdict.committed)} failed={verdict.failed}",
+            ),
+        )
+
+    def _resend(self, record: Record, held: HeldFile, why: str) -> None:
+        """Move a file not committed back into the watch folder (it is sent again)."""
+        src = self.store / held.held
+        watch = self.config.watch_folder
+        dest = watch.joinpath(*PurePosixPath(held.origin).parts)
+        if not src.exists():
+            return
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while dest.exists():
+                dest = dest.with_name(f"{dest.stem}.resend{n}{dest.suffix}")
+                n += 1
+            set_sends(self.store, held.sop_instance, held.sends)
+            os.replace(src, dest)
+            fsync_dir(dest.parent)
+        except OSError as exc:
+            logger.error("COMMIT-FAILED role=scu cannot move %s back for sending: %s", src, exc)
+            return
+        remove_empty_parents(src, self.store)
+        logger.warning(
+            "COMMIT-RESEND role=scu destination=%s file=%s sop_instance_uid=%s send=%d/%d "
+            "reason=%s",
+            _where(self.destination),
+            held.origin,
+            held.sop_instance,
+            held.sends + 1,
+            self.destination.commitment_max_attempts,
+            why,
+            extra=ledger_extra(
+                EventKind.RETRIED,
+                sop_uid=held.sop_instance,
+                path=str(dest),
+                destination=_where(self.destination),
+                reason=f"role=scu {why}; sent again",
+            ),
+        )
+
+    def _park_file(self, record: Record, held: HeldFile, why: str, stamp: str) -> None:
+        origin = PurePosixPath(held.origin)
+        group = record.group
+        inside = origin if not group else PurePosixPath(*origin.parts[1:]) or origin
+        park_file(
+            self.store / held.held,
+            park_root=self.config.watch_folder,
+            group=group,
+            inside=inside,
+            display=held.origin,
+            stamp=stamp,
+            why=ParkReason(None, why, held.sop_instance),
+            wall_time=time.time(),
+            prune_root=self.store,
+        )
+        set_sends(self.store, held.sop_instance, 0)
+
+    def _park_batch(self, record: Record, reason: str) -> None:
+        stamp = park_stamp(time.time())
+        last = record.transactions[-1] if record.transactions else "-"
+        logger.error(
+            "COMMIT-FAILED role=scu transaction_uid=%s destination=%s instances=%d parked=%d "
+            "reason=%s",
+            last,
+            _where(self.destination),
+            len(record.files),
+            len(record.files),
+            escape(reason),
+            extra=self._event(EventKind.COMMIT_FAILED, record, last, f"parked: {reason}"),
+        )
+        for held in record.files:
+            if (self.store / held.held).exists():
+                self._park_file(record, held, reason, stamp)
+        self._forget(record)
+
+    def _forget(self, record: Record) -> None:
+        with contextlib.suppress(OSError):
+            record_path(self.store, record.batch).unlink()
+        folder = held_folder(self.store, record.batch)
+        if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        self._refresh()
+
+    def return_orphan(self, batch: str) -> None:
+        """Move the files of a batch held without a record back to their places in the watch folder."""
+        folder = held_folder(self.store, batch)
+        watch = self.config.watch_folder
+        moved = 0
+        for src in sorted(p for p in folder.rglob("*") if p.is_file()):
+            dest = _free_name(watch / src.relative_to(folder))
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                moved += 1
+            except OSError as exc:
+                logger.error("COMMIT-FAILED role=scu cannot return %s: %s", src, exc)
+        if not any(p.is_file() for p in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        if moved:
+            logger.warning(
+                "COMMIT-RESEND role=scu batch=%s: %d file(s) held without a record (interrupted) "
+                "returned to the watch folder to be sent again",
+                batch,
+                moved,
+            )
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
