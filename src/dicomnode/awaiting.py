@@ -23,7 +23,6 @@ the lookups both sides need. Imports the standard library and
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -40,8 +39,6 @@ logger = logging.getLogger(__name__)
 HELD_DIR: Final = "held"
 #: Sub-folder of the store holding the reports not yet applied.
 REPORTS_DIR: Final = "reports"
-#: Sub-folder counting how often an instance was sent because it was not committed.
-SENDS_DIR: Final = "sends"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +55,9 @@ class HeldFile:
         Its path relative to the watch folder before it was held (POSIX).
     sends : int
         How often it has been sent to this destination so far (1 on the first batch).
+    resend : bool
+        True when the destination did not commit it and it must be sent again
+        (from where it is held) before the next request.
     """
 
     sop_class: str
@@ -65,6 +65,7 @@ class HeldFile:
     held: str
     origin: str
     sends: int = 1
+    resend: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +90,15 @@ class Record:
         Every Transaction UID issued for the batch, the latest last (a late report
         to an earlier one is still honoured).
     requests : int
-        N-ACTIONs the destination accepted without a report so far.
+        N-ACTIONs the destination accepted without a report so far (since the
+        files last changed).
     requested_at : float
         Wall-clock time of the latest accepted N-ACTION (0: none yet).
     first_failure : float
-        Wall-clock time of the first failed N-ACTION since the last accepted one (0: none).
+        Wall-clock time of the first failed N-ACTION (or C-STORE of a file sent
+        again) since the last success (0: none).
     failures : int
-        Failed N-ACTIONs since then.
+        Failed attempts since then.
     next_attempt : float
         Wall-clock time before which no N-ACTION is sent (backoff).
     last_error : str
@@ -143,6 +146,7 @@ class Record:
                 str(f["held"]),
                 str(f["origin"]),
                 int(f.get("sends", 1)),
+                bool(f.get("resend", False)),
             )
             for f in doc["files"]
         )
@@ -301,28 +305,3 @@ def pending_reports(store: Path) -> list[Path]:
     with contextlib.suppress(FileNotFoundError):
         return sorted((store / REPORTS_DIR).glob("*.json"), key=lambda p: p.name.split("~")[-1])
     return []
-
-
-def _sends_path(store: Path, sop_instance: str) -> Path:
-    digest = hashlib.sha1(sop_instance.encode("utf-8"), usedforsecurity=False).hexdigest()[:24]
-    return store / SENDS_DIR / digest
-
-
-def sends_of(store: Path, sop_instance: str) -> int:
-    """Return how often ``sop_instance`` was sent before without being committed (0: never)."""
-    try:
-        return int(_sends_path(store, sop_instance).read_text("ascii").strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def set_sends(store: Path, sop_instance: str, sends: int) -> None:
-    """Remember ``sends`` for ``sop_instance`` (0 forgets it); a failure to write is logged."""
-    path = _sends_path(store, sop_instance)
-    try:
-        if sends <= 0:
-            path.unlink(missing_ok=True)
-        else:
-            write_bytes_atomic(str(sends).encode("ascii"), path)
-    except OSError as exc:
-        logger.error("STATE-WRITE-FAILED commitment send count of %s: %s", sop_instance, exc)

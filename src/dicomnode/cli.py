@@ -97,14 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     echo = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM node")
-    echo.add_argument("host")
-    echo.add_argument("port", type=_port_arg)
+    echo.add_argument("host", nargs="?")
+    echo.add_argument("port", nargs="?", type=_port_arg)
+    echo.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="echo a configured destination (default = [FolderWatcher] target_*) "
+        "with its AE titles and TLS setting, instead of HOST PORT",
+    )
     echo.add_argument(
         "--aet", type=_ae_arg, help="our calling AE title (default: [General] ae_title)"
     )
-    echo.add_argument(
-        "--call", type=_ae_arg, default="ANY-SCP", help="called AE title (default ANY-SCP)"
-    )
+    echo.add_argument("--call", type=_ae_arg, help="called AE title (default ANY-SCP)")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
     send = sub.add_parser("send", parents=[common], help="send files/folders to the target now")
@@ -186,18 +190,7 @@ def _dispatch(args: argparse.Namespace, cfg: NodeConfig) -> int:
         print("\n".join(config.describe(cfg)))
         return int(ExitStatus.OK)
     if command == "echo":
-        from dicomnode.verify import echo
-
-        result = echo(
-            args.host,
-            args.port,
-            args.call,
-            args.aet or cfg.receiver.ae_title,
-            args.timeout,
-            tls.client_context(cfg.tls),
-        )
-        print(result.message)
-        return int(ExitStatus.OK if result.ok else ExitStatus.FAILURE)
+        return _echo(args, cfg)
     if command == "send":
         return _send(args, cfg)
     if command == "retry-failed":
@@ -298,6 +291,54 @@ def _web_passwd(args: argparse.Namespace, cfg: NodeConfig) -> int:
         return int(ExitStatus.FAILURE)
     print(f"console password of {args.user} stored (salted scrypt hash) in {cfg.web_credentials}")
     return int(ExitStatus.OK)
+
+
+def _echo(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from dataclasses import replace
+
+    from dicomnode.verify import echo
+
+    if args.destination is not None:
+        dest = cfg.forwarder.destination(args.destination) or next(
+            (d for d in cfg.destinations if d.name == args.destination), None
+        )
+        if dest is None:
+            known = sorted(
+                {d.name for d in cfg.forwarder.destinations} | {d.name for d in cfg.destinations}
+            )
+            print(
+                f"dicomnode: echo: no destination {args.destination!r} "
+                f"(configured: {', '.join(known) or 'none'})",
+                file=sys.stderr,
+            )
+            return int(ExitStatus.CONFIG_ERROR)
+        if args.host is not None:
+            print("dicomnode: echo: give --destination or HOST PORT, not both", file=sys.stderr)
+            return int(ExitStatus.CONFIG_ERROR)
+        context = tls.client_context(replace(cfg.tls, enabled=True)) if dest.tls else None
+        result = echo(
+            dest.host,
+            dest.port,
+            args.call or dest.ae_title,
+            args.aet or dest.calling_aet or cfg.forwarder.calling_aet,
+            args.timeout,
+            context,
+        )
+        print(f"{result.message} (destination {dest.name})")
+        return int(ExitStatus.OK if result.ok else ExitStatus.FAILURE)
+    if args.host is None or args.port is None:
+        print("dicomnode: echo needs HOST PORT or --destination NAME", file=sys.stderr)
+        return int(ExitStatus.CONFIG_ERROR)
+    result = echo(
+        args.host,
+        args.port,
+        args.call or "ANY-SCP",
+        args.aet or cfg.receiver.ae_title,
+        args.timeout,
+        tls.client_context(cfg.tls),
+    )
+    print(result.message)
+    return int(ExitStatus.OK if result.ok else ExitStatus.FAILURE)
 
 
 def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:

@@ -93,11 +93,17 @@ SECTIONS: Final = (
     "Web",
     "Audit",
     "Destination:NAME",
+    "Route:NAME",
 )
 #: The ``[Destination:NAME]`` family: one section per remote AE the node talks to,
 #: named by the site (NAME); its keys are declared once, in :class:`DestinationConfig`.
 DESTINATION_PREFIX: Final = "Destination:"
 DESTINATION_SECTION: Final = "Destination:NAME"
+#: The ``[Route:NAME]`` family: which files go to which destinations (:class:`RouteConfig`).
+ROUTE_PREFIX: Final = "Route:"
+ROUTE_SECTION: Final = "Route:NAME"
+#: The destination ``[FolderWatcher] target_*`` defines, and where unrouted files go.
+DEFAULT_DESTINATION: Final = "default"
 #: Sections whose keys are AE titles chosen by the site, not declared names.
 FREE_FORM_SECTIONS: Final = frozenset({"AE_Mappings", "AE_Hosts"})
 
@@ -209,13 +215,16 @@ def declared_keys(cls: type) -> Iterator[tuple[Field[Any], KeySpec]]:
 
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
-    """One ``[Destination:NAME]`` section: a remote AE and its address.
+    """One ``[Destination:NAME]`` section: a remote AE, its address and how we send to it.
 
-    The receiver sends storage commitment reports on a new association to the
-    destination whose ``ae_title`` is the requester's calling AE; the forwarder
-    asks a destination with ``storage_commitment`` to commit what it
-    acknowledged, and the receiver admits that destination's reports
-    (:attr:`ReceiverConfig.commitment_store`).
+    The forwarder sends to the destinations the ``[Route:NAME]`` sections name
+    (``default``, defined by ``[FolderWatcher] target_*``, when there are no
+    routes); the receiver sends storage commitment reports on a new association
+    to the destination whose ``ae_title`` is the requester's calling AE. Empty
+    ``calling_aet`` and unset retry keys take the ``[FolderWatcher]`` values
+    (:meth:`ForwarderConfig.for_destination`). A destination with
+    ``storage_commitment`` is asked to commit what it acknowledged, and the
+    receiver admits its reports (:attr:`ReceiverConfig.commitment_store`).
     """
 
     name: str = ""
@@ -236,6 +245,51 @@ class DestinationConfig:
     port: int = setting(
         104, DESTINATION_SECTION, Kind.INT, "Its DICOM port", lo=1, hi=65535, site_specific=True
     )
+    calling_aet: str = setting(
+        "",
+        DESTINATION_SECTION,
+        Kind.AE,
+        "Our AE title towards it (empty: [FolderWatcher] calling_aet)",
+        allow_empty=True,
+    )
+    tls: bool = setting(
+        False,
+        DESTINATION_SECTION,
+        Kind.BOOL,
+        "Send to it over DICOM TLS (certificates from [TLS])",
+    )
+    max_associations: int = setting(
+        1,
+        DESTINATION_SECTION,
+        Kind.INT,
+        "Associations at once to it while sending one group's images",
+        lo=1,
+        hi=32,
+    )
+    retry_initial_delay_s: float | None = setting(
+        None,
+        DESTINATION_SECTION,
+        Kind.SECONDS,
+        "First retry after a network failure (empty: the [FolderWatcher] value)",
+        lo=0.1,
+        allow_empty=True,
+    )
+    retry_max_delay_s: float | None = setting(
+        None,
+        DESTINATION_SECTION,
+        Kind.SECONDS,
+        "Longest wait between retries (empty: the [FolderWatcher] value)",
+        lo=0.1,
+        allow_empty=True,
+    )
+    give_up_after_s: float | None = setting(
+        None,
+        DESTINATION_SECTION,
+        Kind.SECONDS,
+        "After this long failing, its copies are parked (empty: the [FolderWatcher] value)",
+        allow_empty=True,
+    )
+
     storage_commitment: bool = setting(
         False,
         DESTINATION_SECTION,
@@ -258,10 +312,62 @@ class DestinationConfig:
         hi=100,
     )
 
+    @property
+    def address(self) -> str:
+        """Return ``AE@host:port`` as log lines name the remote node."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One ``[Route:NAME]`` section: the files it matches go to its destinations.
+
+    Every filter that is set must match (a list matches any of its values); a
+    route without filters matches every file. ``sop_class`` holds UIDs (keywords
+    are resolved when the file is read), ``tags`` the ``tag:<Keyword> = glob``
+    keys as (keyword, globs) pairs.
+    """
+
+    name: str = ""
+    destinations: tuple[str, ...] = setting(
+        (),
+        ROUTE_SECTION,
+        Kind.SPECIAL,
+        "Destination names the matching files go to (required; comma-separated)",
+        site_specific=True,
+    )
+    calling_ae: tuple[str, ...] = setting(
+        (),
+        ROUTE_SECTION,
+        Kind.SPECIAL,
+        "Filter: the sender's AE title the receiver wrote (File Meta Source AE Title)",
+        site_specific=True,
+    )
+    modality: tuple[str, ...] = setting(
+        (), ROUTE_SECTION, Kind.SPECIAL, "Filter: Modality (e.g. CT, RTPLAN)", site_specific=True
+    )
+    sop_class: tuple[str, ...] = setting(
+        (),
+        ROUTE_SECTION,
+        Kind.SPECIAL,
+        "Filter: SOP Class UID or pydicom keyword (e.g. RTPlanStorage)",
+        site_specific=True,
+    )
+    folder: tuple[str, ...] = setting(
+        (),
+        ROUTE_SECTION,
+        Kind.SPECIAL,
+        "Filter: glob on the group's top-level folder name; also tag:<Keyword> = glob",
+        site_specific=True,
+    )
+    tags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
 
 def section_family(name: str) -> str:
     """Return the declared section of INI section ``name`` (``Destination:X`` → ``Destination:NAME``)."""
-    return DESTINATION_SECTION if name.startswith(DESTINATION_PREFIX) else name
+    if name.startswith(DESTINATION_PREFIX):
+        return DESTINATION_SECTION
+    return ROUTE_SECTION if name.startswith(ROUTE_PREFIX) else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +515,8 @@ class ReceiverConfig:
     #: ``.dicomnode-commitment``) when a destination has ``storage_commitment``: the
     #: receiver records the reports answering them there. None: no such destination.
     commitment_store: Path | None = None
+    #: The destinations the forwarder asks for storage commitment (their reports are admitted).
+    commitment_destinations: tuple[DestinationConfig, ...] = ()
 
     @property
     def trusts_any_ae(self) -> bool:
@@ -535,6 +643,25 @@ class ForwarderConfig:
         "Retired: only the built-in SCU remains (pynetdicom logs DEPRECATED)",
         choices=("lean", "pynetdicom"),
     )
+    unrouted: str = setting(
+        "default",
+        "FolderWatcher",
+        Kind.CHOICE,
+        "A file no [Route:NAME] matches: to destination default (if defined), or park it",
+        choices=("default", "park"),
+    )
+    duplicate_window_s: float = setting(
+        3600.0,
+        "FolderWatcher",
+        Kind.SECONDS,
+        "An object a destination acknowledged (same SOP Instance UID and content) is not "
+        "sent to it again within N seconds (0 = off)",
+    )
+    #: Where the forwarder sends: ``default`` (from target_*) and the [Destination:NAME]
+    #: sections; filled by :func:`parse`.
+    destinations: tuple[DestinationConfig, ...] = ()
+    #: The [Route:NAME] sections, in file order; empty = everything to ``default``.
+    routes: tuple[RouteConfig, ...] = ()
 
     @property
     def has_target(self) -> bool:
@@ -542,9 +669,46 @@ class ForwarderConfig:
         return bool(self.target_ip and self.target_aet)
 
     @property
+    def forwards(self) -> bool:
+        """Return True when the forwarder has somewhere to send (a ``default`` or a route)."""
+        return bool(self.routes) or self.destination(DEFAULT_DESTINATION) is not None
+
+    def destination(self, name: str) -> DestinationConfig | None:
+        """Return the destination called ``name``, or None."""
+        return next((d for d in self.destinations if d.name == name), None)
+
+    def routed_destinations(self) -> tuple[DestinationConfig, ...]:
+        """Return the destinations files can go to (named by a route, or ``default``)."""
+        names = {n for r in self.routes for n in r.destinations}
+        if not self.routes or self.unrouted == "default":
+            names.add(DEFAULT_DESTINATION)
+        return tuple(d for d in self.destinations if d.name in names)
+
+    def for_destination(self, dest: DestinationConfig) -> ForwarderConfig:
+        """Return this configuration aimed at ``dest`` (target, calling AE, retry keys).
+
+        The result is what the SCU and the retry policy of one destination read;
+        unset keys of ``dest`` keep the [FolderWatcher] values.
+        """
+        return replace(
+            self,
+            target_aet=dest.ae_title,
+            target_ip=dest.host,
+            target_port=dest.port,
+            calling_aet=dest.calling_aet or self.calling_aet,
+            retry_initial_delay_s=_or(dest.retry_initial_delay_s, self.retry_initial_delay_s),
+            retry_max_delay_s=_or(dest.retry_max_delay_s, self.retry_max_delay_s),
+            give_up_after_s=_or(dest.give_up_after_s, self.give_up_after_s),
+        )
+
+    @property
     def failed_dir(self) -> Path:
         """Return the folder where undeliverable files are parked."""
         return self.watch_folder / "failed"
+
+
+def _or(value: float | None, fallback: float) -> float:
+    return fallback if value is None else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -718,10 +882,9 @@ class NodeConfig:
     def with_watch_folder(self, path: Path) -> NodeConfig:
         """Return a copy whose forwarder watches ``path`` (``--watch-folder``)."""
         forwarder = replace(self.forwarder, watch_folder=path)
-        receiver = replace(
-            self.receiver, commitment_store=commitment_store_of(forwarder, self.destinations)
+        return replace(
+            self, forwarder=forwarder, receiver=with_commitment(self.receiver, forwarder)
         )
-        return replace(self, forwarder=forwarder, receiver=receiver)
 
 
 #: Hidden folder of the watch folder holding the storage commitment requests of the
@@ -729,13 +892,15 @@ class NodeConfig:
 COMMITMENT_STORE_NAME: Final = ".dicomnode-commitment"
 
 
-def commitment_store_of(
-    forwarder: ForwarderConfig, destinations: tuple[DestinationConfig, ...]
-) -> Path | None:
-    """Return the forwarder's commitment store, or None when no destination commits."""
-    if not any(d.storage_commitment for d in destinations):
-        return None
-    return forwarder.watch_folder / COMMITMENT_STORE_NAME
+def with_commitment(receiver: ReceiverConfig, forwarder: ForwarderConfig) -> ReceiverConfig:
+    """Return ``receiver`` told where the forwarder's commitment requests are and who reports.
+
+    The committing destinations are those the forwarder sends to that have
+    ``storage_commitment = true`` (``default`` included); none: no store.
+    """
+    committing = tuple(d for d in forwarder.routed_destinations() if d.storage_commitment)
+    store = forwarder.watch_folder / COMMITMENT_STORE_NAME if committing else None
+    return replace(receiver, commitment_store=store, commitment_destinations=committing)
 
 
 #: The config dataclasses and how to reach each one's instance from a NodeConfig.
@@ -751,7 +916,7 @@ HOLDERS: Final[tuple[tuple[type, Callable[[NodeConfig], object]], ...]] = (
     (AuditConfig, lambda c: c.audit),
 )
 #: Config dataclasses of section families (one instance per section), for :func:`all_keys`.
-FAMILIES: Final[tuple[type, ...]] = (DestinationConfig,)
+FAMILIES: Final[tuple[type, ...]] = (DestinationConfig, RouteConfig)
 
 
 def all_keys() -> list[tuple[str, str, Field[Any], KeySpec, type]]:
@@ -922,6 +1087,7 @@ def _resolve(base: Path, value: str) -> Path:
 def _read_parser(text: str, source: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(
         interpolation=None,
+        delimiters=("=",),  # keys like ``tag:StudyDescription`` contain a colon
         inline_comment_prefixes=("#", ";"),
         comment_prefixes=("#", ";"),
         strict=True,
@@ -933,16 +1099,18 @@ def _read_parser(text: str, source: str) -> configparser.ConfigParser:
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not a valid INI file: {first}") from None
-    by_lower = {s.lower(): s for s in SECTIONS if s != DESTINATION_SECTION}
+    by_lower = {s.lower(): s for s in SECTIONS if s not in (DESTINATION_SECTION, ROUTE_SECTION)}
     for name in parser.sections():
-        if name.startswith(DESTINATION_PREFIX):
-            if not name[len(DESTINATION_PREFIX) :].strip():
-                raise ConfigError(f"{source}: section [{name}] needs a name: [Destination:NAME]")
+        prefix = next(
+            (p for p in (DESTINATION_PREFIX, ROUTE_PREFIX) if name.lower().startswith(p.lower())),
+            None,
+        )
+        if prefix is not None:
+            if not name.startswith(prefix):
+                raise ConfigError(f"{source}: section [{name}] must be spelled [{prefix}...]")
+            if not name[len(prefix) :].strip():
+                raise ConfigError(f"{source}: section [{name}] needs a name: [{prefix}NAME]")
             continue
-        if name.lower().startswith(DESTINATION_PREFIX.lower()):
-            raise ConfigError(
-                f"{source}: section [{name}] must be spelled [{DESTINATION_PREFIX}...]"
-            )
         if name.lower() not in by_lower:
             raise ConfigError(
                 f"{source}: unknown section [{name}]; accepted sections: {', '.join(SECTIONS)}"
@@ -1146,11 +1314,11 @@ def parse(text: str, source: str, base_dir: Path) -> NodeConfig:
             "or neither to disable forwarding"
         )
 
-    receiver = replace(receiver, commitment_store=commitment_store_of(forwarder, destinations))
-
     tls = _build(TlsConfig, sections, base_dir, {})
     if tls.enabled and (tls.certificate is None or tls.private_key is None):
         raise ConfigError(f"{source}: [TLS] enabled = true needs certificate and private_key")
+    forwarder = _forwarder_destinations(parser, source, forwarder, destinations, tls)
+    receiver = with_commitment(receiver, forwarder)
 
     log_sec = sections["Logging"]
     level = log_sec.read(
@@ -1222,15 +1390,154 @@ def _destinations(
             DestinationConfig, sections, base_dir, {"name": name[len(DESTINATION_PREFIX) :].strip()}
         )
         for key in ("ae_title", "host"):
-            if not getattr(dest, key):
+            if not getattr(dest, key) and dest.name != DEFAULT_DESTINATION:
                 raise ConfigError(f"{source}: [{name}] {key} is missing or empty; it is required")
         sec.check_unknown(known)
-        if any(d.ae_title == dest.ae_title for d in found):
+        if dest.ae_title and any(d.ae_title == dest.ae_title for d in found):
             raise ConfigError(
                 f"{source}: [{name}] ae_title = {dest.ae_title} is already another destination's"
             )
         found.append(dest)
     return tuple(found)
+
+
+def _forwarder_destinations(
+    parser: configparser.ConfigParser,
+    source: str,
+    forwarder: ForwarderConfig,
+    named: tuple[DestinationConfig, ...],
+    tls: TlsConfig,
+) -> ForwarderConfig:
+    """Return ``forwarder`` with its destinations (``default`` from target_*) and routes."""
+    found = [d for d in named if d.name != DEFAULT_DESTINATION]
+    section = next((d for d in named if d.name == DEFAULT_DESTINATION), None)
+    if forwarder.has_target:
+        if section is not None and (section.ae_title or section.host):
+            raise ConfigError(
+                f"{source}: [{DESTINATION_PREFIX}{DEFAULT_DESTINATION}] and [FolderWatcher] "
+                "target_aet/target_ip both define the destination 'default'; keep one of them "
+                "(a [Destination:default] without ae_title and host only adds keys to the target)"
+            )
+        # [Destination:default] without an address adds its other keys (storage_commitment...)
+        found.insert(
+            0,
+            replace(
+                section or DestinationConfig(name=DEFAULT_DESTINATION),
+                ae_title=forwarder.target_aet,
+                host=forwarder.target_ip,
+                port=forwarder.target_port,
+                tls=(section is not None and section.tls) or tls.enabled,
+            ),
+        )
+    elif section is not None:
+        if not (section.ae_title and section.host):
+            raise ConfigError(
+                f"{source}: [{DESTINATION_PREFIX}{DEFAULT_DESTINATION}] needs ae_title and host "
+                "(or [FolderWatcher] target_aet and target_ip)"
+            )
+        found.insert(0, section)
+    for dest in found:
+        if dest.tls and (tls.certificate is None or tls.private_key is None):
+            raise ConfigError(
+                f"{source}: [{DESTINATION_PREFIX}{dest.name}] tls = true needs [TLS] "
+                "certificate and private_key"
+            )
+    routes = _routes(parser, source, {d.name for d in found})
+    if (
+        routes
+        and forwarder.unrouted == "default"
+        and not any(d.name == DEFAULT_DESTINATION for d in found)
+    ):
+        # unrouted files are parked: nothing else can happen to them
+        forwarder = replace(forwarder, unrouted="park")
+    return replace(forwarder, destinations=tuple(found), routes=routes)
+
+
+def _items(raw: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in raw.split(",") if v.strip())
+
+
+def _routes(
+    parser: configparser.ConfigParser, source: str, known_destinations: set[str]
+) -> tuple[RouteConfig, ...]:
+    """Read every ``[Route:NAME]`` section, validating destinations, SOP classes and keywords."""
+    found: list[RouteConfig] = []
+    plain = {f.name for f, _ in declared_keys(RouteConfig)}
+    for section in parser.sections():
+        if not section.startswith(ROUTE_PREFIX):
+            continue
+        values: dict[str, tuple[str, ...]] = {}
+        tags: list[tuple[str, tuple[str, ...]]] = []
+        for key, raw in parser.items(section):
+            items = _items(raw)
+            where = f"{source}: [{section}] {key}"
+            if key.lower().startswith("tag:"):
+                keyword = key[4:].strip()
+                if not _is_keyword(keyword):
+                    raise ConfigError(
+                        f"{where}: {keyword!r} is not a DICOM keyword (pydicom spelling, "
+                        "e.g. tag:StudyDescription)"
+                    )
+                if not items:
+                    raise ConfigError(f"{where} is empty; accepted: comma-separated globs")
+                tags.append((keyword, items))
+                continue
+            if key.lower() not in plain:
+                raise ConfigError(
+                    f"{source}: [{section}] unknown key {key!r}; accepted keys: "
+                    f"{', '.join(sorted(plain))}, tag:<Keyword>"
+                )
+            if items:  # an empty filter is no filter
+                values[key.lower()] = items
+        destinations = values.get("destinations", ())
+        if not destinations:
+            raise ConfigError(f"{source}: [{section}] destinations is missing; it is required")
+        for name in destinations:
+            if name not in known_destinations:
+                known = ", ".join(sorted(known_destinations)) or "none defined"
+                raise ConfigError(
+                    f"{source}: [{section}] destinations: unknown destination {name!r} "
+                    f"(known: {known}; 'default' comes from [FolderWatcher] target_*)"
+                )
+        sop_classes = []
+        for value in values.get("sop_class", ()):
+            uid = _sop_class_uid(value)
+            if uid is None:
+                raise ConfigError(
+                    f"{source}: [{section}] sop_class {value!r} is neither a UID nor a SOP "
+                    "class keyword (e.g. CTImageStorage, RTPlanStorage)"
+                )
+            sop_classes.append(uid)
+        found.append(
+            RouteConfig(
+                name=section[len(ROUTE_PREFIX) :].strip(),
+                destinations=tuple(dict.fromkeys(destinations)),
+                calling_ae=values.get("calling_ae", ()),
+                modality=tuple(m.upper() for m in values.get("modality", ())),
+                sop_class=tuple(sop_classes),
+                folder=values.get("folder", ()),
+                tags=tuple(tags),
+            )
+        )
+    return tuple(found)
+
+
+def _is_keyword(keyword: str) -> bool:
+    from pydicom.datadict import tag_for_keyword  # only when routes name tags
+
+    return bool(keyword) and tag_for_keyword(keyword) is not None
+
+
+def _sop_class_uid(value: str) -> str | None:
+    """Return the UID of ``value`` (a UID, or a SOP class keyword), or None."""
+    if re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", value) and len(value) <= 64:
+        return value
+    from pydicom._uid_dict import UID_dictionary  # only when routes name SOP classes
+
+    for uid, entry in UID_dictionary.items():
+        if entry[4] == value and entry[1] == "SOP Class":
+            return uid
+    return None
 
 
 def destination_for(
@@ -1335,12 +1642,37 @@ def describe(config: NodeConfig) -> list[str]:
     lines = [f"# effective configuration, source: {config.source}"]
     for name in SECTIONS:
         if name == DESTINATION_SECTION:
+            fw = config.forwarder
+            default = fw.destination(DEFAULT_DESTINATION)
+            if default is not None and not any(d.name == default.name for d in config.destinations):
+                lines.append(
+                    f"# destination {DEFAULT_DESTINATION} = {default.address} "
+                    "(from [FolderWatcher] target_*)"
+                )
             for dest in config.destinations:
                 lines.append(f"[{DESTINATION_PREFIX}{dest.name}]")
                 lines += [
                     f"{f.name} = {show_value(getattr(dest, f.name), spec)}"
                     for f, spec in declared_keys(DestinationConfig)
                 ]
+            used = {d.name for d in fw.routed_destinations()} if fw.forwards else set()
+            for dest in fw.destinations:
+                lines.append(
+                    f"# forwarder destination {dest.name}: {dest.address}"
+                    + (" (tls)" if dest.tls else "")
+                    + ("" if dest.name in used else " (no route sends to it)")
+                )
+            continue
+        if name == ROUTE_SECTION:
+            for route in config.forwarder.routes:
+                lines.append(f"[{ROUTE_PREFIX}{route.name}]")
+                lines += [
+                    f"{f.name} = {show_value(getattr(route, f.name), spec)}"
+                    for f, spec in declared_keys(RouteConfig)
+                ]
+                lines += [f"tag:{kw} = {', '.join(globs)}" for kw, globs in route.tags]
+            if config.forwarder.routes:
+                lines.append(f"# files no route matches: {config.forwarder.unrouted}")
             continue
         lines += [f"[{name}]", *values[name]]
     return lines

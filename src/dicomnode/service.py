@@ -50,9 +50,12 @@ def forwarder_state(config: NodeConfig, options: RunOptions) -> tuple[bool, str]
     fw = config.forwarder
     if not options.forwarder:
         return False, "disabled (--no-watcher)"
-    if not fw.has_target:
-        return False, "disabled (no target_aet/target_ip in [FolderWatcher])"
-    return True, f"enabled -> {fw.target_aet}@{fw.target_ip}:{fw.target_port}"
+    if not fw.forwards:
+        return False, "disabled (no target_aet/target_ip in [FolderWatcher], no [Route:NAME])"
+    if not fw.routes:
+        return True, f"enabled -> {fw.target_aet}@{fw.target_ip}:{fw.target_port}"
+    targets = ", ".join(f"{d.name}={d.address}" for d in fw.routed_destinations())
+    return True, f"enabled -> {targets} ({len(fw.routes)} route(s), unrouted: {fw.unrouted})"
 
 
 def summary_lines(config: NodeConfig, options: RunOptions) -> list[str]:
@@ -226,7 +229,13 @@ class Node:
         if fw_on:
             from dicomnode.forwarder import Forwarder
 
-            self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls), cfg.destinations)
+            self.forwarder = Forwarder(
+                cfg.forwarder,
+                contexts={
+                    d.name: tls.client_context(replace(cfg.tls, enabled=True)) if d.tls else None
+                    for d in cfg.forwarder.destinations
+                },
+            )
             self.forwarder.start()
         if self.console is not None:
             self.console.start()

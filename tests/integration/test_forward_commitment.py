@@ -179,13 +179,8 @@ def node_config(
             "retry_max_delay_s": 0.5,
             "dimse_timeout_s": 20,
         },
-        "Destination:dest": {
-            "ae_title": dest_aet,
-            "host": "127.0.0.1",
-            "port": dest_port,
-            "storage_commitment": "true",
-            **commit,
-        },
+        # no address: it adds its keys to the [FolderWatcher] target (the destination "default")
+        "Destination:default": {"storage_commitment": "true", **commit},
     }
     return write_config(tmp_path / "node.ini", sections), watch
 

@@ -2,15 +2,15 @@
 
 For a ``[Destination:NAME]`` with ``storage_commitment = true`` a file the
 destination acknowledged is not deleted: :meth:`Batch.hold` moves it (rename,
-same volume) into the watch folder's hidden store
-(:mod:`dicomnode.awaiting`), where the watcher never sees it, and
-:meth:`Batch.close` writes the batch's record (fsynced) once the group's
-send ends. The keeper's thread then sends the N-ACTION (a new Transaction
-UID; :func:`~.lean.request_commitment`), and applies each report the
-receiver (or the N-ACTION's own association) kept in the store: committed
-files are deleted, the others moved back into the watch folder to be sent
-again or, after ``commitment_max_attempts`` sends, parked in ``failed/``
-with the reason. No report within ``commitment_timeout_s`` means the request
+same volume; a hard link, else a copy, when other destinations still need
+the file) into the watch folder's hidden store (:mod:`dicomnode.awaiting`),
+where the watcher never sees it, and :meth:`Batch.close` writes the batch's
+record (fsynced) once the group's send ends. The keeper's thread then sends
+the N-ACTION (a new Transaction UID; :func:`~.lean.request_commitment`), and
+applies each report the receiver (or the N-ACTION's own association) kept in
+the store: committed files are deleted, the others are sent again to this
+destination alone, from where they are held, and asked for again or, after
+``commitment_max_attempts`` sends, parked in ``failed/`` with the reason. No report within ``commitment_timeout_s`` means the request
 is made again, and the batch is parked after ``commitment_max_attempts``
 unanswered requests; a request that cannot be sent is retried with the
 forwarder's backoff and parked after ``give_up_after_s``
@@ -51,8 +51,6 @@ from dicomnode.awaiting import (
     pending_reports,
     record_path,
     save_record,
-    sends_of,
-    set_sends,
     write_report,
 )
 from dicomnode.config import COMMITMENT_STORE_NAME, DestinationConfig, ForwarderConfig
@@ -60,7 +58,8 @@ from dicomnode.dul.commitment import parse_event_info
 from dicomnode.dul.link import LinkError
 from dicomnode.forwarder.batching import ObjectInfo, backoff_delay_s, group_label
 from dicomnode.forwarder.commitplan import ReportVerdict, Step, judge_report, next_step
-from dicomnode.forwarder.job import JobFile
+from dicomnode.forwarder.delivery import send_group
+from dicomnode.forwarder.job import GroupJob, JobFile
 from dicomnode.forwarder.lean import LeanAssociationSender, request_commitment
 from dicomnode.forwarder.outcome import ParkReason, park_file, park_stamp, remove_empty_parents
 from dicomnode.ledger.events import EventKind, ledger_extra
@@ -93,11 +92,13 @@ class Batch:
         self.folder = held_folder(keeper.store, self.key)
         self.files: list[HeldFile] = []
 
-    def hold(self, jf: JobFile, obj: ObjectInfo) -> bool:
-        """Move an acknowledged file into the store; True when it is held (else it stays).
+    def hold(self, jf: JobFile, obj: ObjectInfo, move: bool = True) -> bool:
+        """Keep an acknowledged file in the store; True when it is held (else nothing changed).
 
-        Raises nothing: a failure to move is logged and the file stays in the
-        watch folder (it is sent again, never lost).
+        ``move``: rename it (no other destination needs it); else hard-link it
+        (a copy, fsynced, where links are impossible) and leave the file for
+        the others. Raises nothing: a failure is logged and the file stays in
+        the watch folder (it is sent again, never lost).
         """
         watch = self.keeper.config.watch_folder
         try:
@@ -107,7 +108,10 @@ class Batch:
         target = self.folder.joinpath(*PurePosixPath(origin).parts)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(jf.path, target)
+            if move:
+                os.replace(jf.path, target)
+            else:
+                _link_or_copy(jf.path, target)
         except OSError as exc:
             logger.error(
                 "COMMIT-FAILED role=scu file=%s: cannot hold it for commitment (%s); it stays "
@@ -116,16 +120,14 @@ class Batch:
                 exc,
             )
             return False
-        remove_empty_parents(jf.path, watch)
-        store = self.keeper.store
-        sends = sends_of(store, obj.sop_instance_uid) + 1
+        if move:
+            remove_empty_parents(jf.path, watch)
         self.files.append(
             HeldFile(
                 obj.sop_class_uid,
                 obj.sop_instance_uid,
                 f"{HELD_DIR}/{self.key}/{origin}",
                 origin,
-                sends,
             )
         )
         return True
@@ -281,6 +283,8 @@ class CommitmentKeeper:
                 continue
             if step.step is Step.PARK:
                 self._park_batch(record, step.reason)
+            elif step.step is Step.RESEND:
+                self._resend(record)
             else:
                 if step.reason and record.requests and not record.failures:
                     last = record.transactions[-1] if record.transactions else "-"
@@ -467,15 +471,56 @@ class CommitmentKeeper:
             with contextlib.suppress(OSError):
                 path.unlink()
                 remove_empty_parents(path, self.store)
-            set_sends(self.store, held.sop_instance, 0)
-        for held, why in verdict.resend:
-            self._resend(record, held, why)
         if verdict.park:
             stamp = park_stamp(time.time())
             for held, why in verdict.park:
                 self._park_file(record, held, why, stamp)
         self._log_report(record, report, verdict)
-        self._forget(record)
+        for held, why in verdict.resend:
+            logger.warning(
+                "COMMIT-RESEND role=scu destination=%s file=%s sop_instance_uid=%s send=%d/%d "
+                "reason=%s",
+                _where(dest),
+                held.origin,
+                held.sop_instance,
+                held.sends + 1,
+                dest.commitment_max_attempts,
+                why,
+                extra=ledger_extra(
+                    EventKind.RETRIED,
+                    sop_uid=held.sop_instance,
+                    path=str(self.store / held.held),
+                    destination=_where(dest),
+                    reason=f"role=scu {why}; sent again",
+                ),
+            )
+        if not verdict.resend:
+            self._forget(record)
+            return
+        # what is left is sent again, then asked for anew; older transactions are closed
+        left = tuple(replace(held, resend=True) for held, _ in verdict.resend)
+        self._save(
+            replace(
+                record,
+                files=left,
+                transactions=(),
+                requests=0,
+                requested_at=0.0,
+                failures=0,
+                first_failure=0.0,
+                next_attempt=0.0,
+                last_error="",
+            )
+        )
+
+    def _save(self, record: Record) -> None:
+        try:
+            save_record(self.store, record)
+        except OSError as exc:
+            logger.error(
+                "COMMIT-FAILED role=scu batch=%s: record not updated: %s", record.batch, exc
+            )
+        self._refresh()
 
     def _log_report(self, record: Record, report: Report, verdict: ReportVerdict) -> None:
         where = _where(self.destination)
@@ -524,60 +569,89 @@ class CommitmentKeeper:
             ),
         )
 
-    def _resend(self, record: Record, held: HeldFile, why: str) -> None:
-        """Move a file not committed back into the watch folder (it is sent again)."""
-        src = self.store / held.held
-        watch = self.config.watch_folder
-        dest = watch.joinpath(*PurePosixPath(held.origin).parts)
-        if not src.exists():
+    def _resend(self, record: Record) -> None:
+        """Send the files the destination did not commit again, from where they are held."""
+        dest = self.destination
+        files = []
+        for held in record.files:
+            if not held.resend:
+                continue
+            path = self.store / held.held
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            origin = PurePosixPath(held.origin)
+            files.append(
+                JobFile(
+                    path, held.origin, _inside(record.group, origin), st.st_size, st.st_mtime_ns
+                )
+            )
+        job = GroupJob(record.group, tuple(files), self.config.watch_folder, self.store)
+        applier = _HeldApplier(job)
+        result = send_group(
+            job,
+            self.config,
+            LeanAssociationSender(self.config, self.ssl_context),
+            self._stop.is_set,
+            apply=applier,
+            name=dest.name,
+        )
+        kept: list[HeldFile] = []
+        for held in record.files:
+            path = self.store / held.held
+            if not held.resend:
+                kept.append(held)
+            elif path in applier.sent:
+                kept.append(replace(held, resend=False, sends=held.sends + 1))
+            elif path.exists():
+                kept.append(held)  # not sent this time (network trouble): tried again
+        record = replace(record, files=tuple(kept))
+        if not kept:
+            self._forget(record)
             return
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            n = 1
-            while dest.exists():
-                dest = dest.with_name(f"{dest.stem}.resend{n}{dest.suffix}")
-                n += 1
-            set_sends(self.store, held.sop_instance, held.sends)
-            os.replace(src, dest)
-            fsync_dir(dest.parent)
-        except OSError as exc:
-            logger.error("COMMIT-FAILED role=scu cannot move %s back for sending: %s", src, exc)
+        error = result.network_error
+        if error is None and any(f.resend for f in kept):
+            error = "not every file could be sent again"
+        if error is None:
+            self._save(replace(record, failures=0, first_failure=0.0, next_attempt=0.0))
             return
-        remove_empty_parents(src, self.store)
+        now = time.time()
+        failures = record.failures + 1
+        delay = backoff_delay_s(
+            failures, self.config.retry_initial_delay_s, self.config.retry_max_delay_s
+        )
         logger.warning(
-            "COMMIT-RESEND role=scu destination=%s file=%s sop_instance_uid=%s send=%d/%d "
-            "reason=%s",
-            _where(self.destination),
-            held.origin,
-            held.sop_instance,
-            held.sends + 1,
-            self.destination.commitment_max_attempts,
-            why,
-            extra=ledger_extra(
-                EventKind.RETRIED,
-                sop_uid=held.sop_instance,
-                path=str(dest),
-                destination=_where(self.destination),
-                reason=f"role=scu {why}; sent again",
-            ),
+            "COMMIT-FAILED role=scu destination=%s files=%d attempt=%d retry_in=%gs "
+            "reason=sending again failed: %s",
+            _where(dest),
+            sum(1 for f in kept if f.resend),
+            failures,
+            delay,
+            escape(error),
+        )
+        self._save(
+            replace(
+                record,
+                failures=failures,
+                first_failure=record.first_failure or now,
+                next_attempt=now + delay,
+                last_error=f"sending again failed: {error}",
+            )
         )
 
     def _park_file(self, record: Record, held: HeldFile, why: str, stamp: str) -> None:
-        origin = PurePosixPath(held.origin)
-        group = record.group
-        inside = origin if not group else PurePosixPath(*origin.parts[1:]) or origin
         park_file(
             self.store / held.held,
             park_root=self.config.watch_folder,
-            group=group,
-            inside=inside,
+            group=record.group,
+            inside=_inside(record.group, PurePosixPath(held.origin)),
             display=held.origin,
             stamp=stamp,
             why=ParkReason(None, why, held.sop_instance),
             wall_time=time.time(),
             prune_root=self.store,
         )
-        set_sends(self.store, held.sop_instance, 0)
 
     def _park_batch(self, record: Record, reason: str) -> None:
         stamp = park_stamp(time.time())
@@ -627,6 +701,58 @@ class CommitmentKeeper:
                 batch,
                 moved,
             )
+
+
+class _HeldApplier:
+    """Outcomes of sending held files again: remember what was acknowledged, park what was refused."""
+
+    def __init__(self, job: GroupJob) -> None:
+        self.job = job
+        self.sent: set[Path] = set()
+
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
+        """Keep the file where it is held (the next request asks for it)."""
+        self.sent.add(jf.path)
+
+    def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
+        """Park the file in ``failed/`` with a ``send_errors.log`` line."""
+        return (
+            park_file(
+                jf.path,
+                park_root=self.job.park_root,
+                group=self.job.key,
+                inside=jf.inside,
+                display=jf.display,
+                stamp=stamp,
+                why=why,
+                wall_time=time.time(),
+                prune_root=self.job.prune_root,
+            )
+            is not None
+        )
+
+
+def _inside(group: str, origin: PurePosixPath) -> PurePosixPath:
+    """Return the path of ``origin`` inside its group (what parking keeps)."""
+    if group and len(origin.parts) > 1:
+        return PurePosixPath(*origin.parts[1:])
+    return origin
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link ``src`` as ``dest``; where links are impossible, copy it (fsynced)."""
+    try:
+        os.link(src, dest)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    tmp = dest.with_name(f".{dest.name}.part")
+    shutil.copyfile(src, tmp)
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
 
 
 def _free_name(path: Path) -> Path:

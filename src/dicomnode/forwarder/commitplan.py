@@ -3,15 +3,17 @@
 A batch of held files (:class:`~dicomnode.awaiting.Record`) waits for the
 destination's report. :func:`judge_report` splits it by a report: committed
 files are deleted; a file not committed (in the Failed SOP Sequence, or left
-out of the report) is sent again until it has been sent
-``commitment_max_attempts`` times, then parked with the reason.
+out of the report) is sent again (from where it is held, to that destination
+only) until it has been sent ``commitment_max_attempts`` times, then parked
+with the reason.
 :func:`next_step` decides when to (re)send the N-ACTION and when to give
 up: no report within ``commitment_timeout_s`` of an accepted request is
 treated like a network failure, the request is made again (new Transaction
 UID; a late report to an earlier one still counts) until
 ``commitment_max_attempts`` requests went unanswered, then the batch is
 parked; a request that cannot be sent is retried with the forwarder's
-backoff and parked after ``give_up_after_s``. No clock, no files.
+backoff and parked after ``give_up_after_s``; so is a file that cannot be
+sent again. No clock, no files.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Step(enum.Enum):
     """What to do next with a batch."""
 
     WAIT = "wait"
+    RESEND = "resend"
     REQUEST = "request"
     PARK = "park"
 
@@ -139,18 +142,19 @@ def next_step(
     give_up_after_s : float
         The forwarder's limit for network trouble (from the first failed request).
     """
+    first = Step.RESEND if any(f.resend for f in record.files) else Step.REQUEST
     if record.failures:
         if now - record.first_failure >= give_up_after_s:
             return Next(
                 Step.PARK,
                 now,
-                f"could not ask {record.ae_title} to commit for {now - record.first_failure:.0f} s "
+                f"network trouble with {record.ae_title} for {now - record.first_failure:.0f} s "
                 f"over {record.failures} attempt(s) (give_up_after_s={give_up_after_s:g}): "
                 f"{record.last_error}",
             )
-        return Next(Step.REQUEST, record.next_attempt, record.last_error)
+        return Next(first, record.next_attempt, record.last_error)
     if record.requests == 0:
-        return Next(Step.REQUEST, record.next_attempt, "")
+        return Next(first, record.next_attempt, "")
     deadline = record.requested_at + timeout_s
     if now < deadline:
         return Next(Step.WAIT, deadline)

@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder.batching import (
@@ -44,6 +45,31 @@ def make_sender(config: ForwarderConfig, ssl_context: ssl.SSLContext | None) -> 
     return LeanAssociationSender(config, ssl_context)
 
 
+class OutcomeApplier(Protocol):
+    """What happens on disk (and in the delivery store) when a file reached an outcome."""
+
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
+        """The target acknowledged ``jf`` (success or warning)."""
+
+    def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
+        """The target refused ``jf`` (or it cannot be sent); True when it was parked."""
+
+
+class MoveApplier:
+    """The single-target outcome: delete what was acknowledged, move what was refused to failed/."""
+
+    def __init__(self, job: GroupJob) -> None:
+        self.job = job
+
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
+        """Delete the file and the folders it leaves empty."""
+        delete_delivered(jf.path, self.job.prune_root)
+
+    def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
+        """Move the file to ``failed/<stamp>_<group>/`` with a ``send_errors.log`` line."""
+        return park_job_file(self.job, jf, why, stamp)
+
+
 def send_group(
     job: GroupJob,
     config: ForwarderConfig,
@@ -51,7 +77,8 @@ def send_group(
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
     refusals: Mapping[str, int] | None = None,
-    hold: Callable[[JobFile, ObjectInfo], bool] | None = None,
+    apply: OutcomeApplier | None = None,
+    name: str = "",
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -75,12 +102,16 @@ def send_group(
     on_file_done : callable, optional
         Called after each file reached an outcome (progress bars).
     refusals : mapping, optional
-        Temporary refusals counted so far per file (from the retry state).
-    hold : callable, optional
-        For a destination with storage commitment: called instead of deleting an
-        acknowledged file; moves it into the awaiting-commitment store and returns
-        True, or returns False when it could not (the file stays and is sent again).
+        Earlier temporary refusals per file (display name), from the retry state.
+    apply : OutcomeApplier, optional
+        What an outcome does on disk; default :class:`MoveApplier` (delete or
+        move to failed/). The router's applier records per destination and
+        deletes a file only when all its destinations are done.
+    name : str
+        Destination name added to the log lines (empty for the single target).
     """
+    applier: OutcomeApplier = apply if apply is not None else MoveApplier(job)
+    suffix = f" destination={name}" if name else ""
     result = GroupResult()
     stamp = park_stamp(time.time())
     label = group_label(job.key)
@@ -96,7 +127,7 @@ def send_group(
             if not is_unchanged(jf):
                 result.changed = True
                 continue
-            if park_job_file(job, jf, found, stamp):
+            if applier.refused(jf, found, stamp):
                 result.parked += 1
             if on_file_done:
                 on_file_done()
@@ -107,13 +138,14 @@ def send_group(
     ordered = order_objects(infos, config.send_order)
     if ordered:
         logger.info(
-            "BATCH-READY group=%s files=%d objects=%d target=%s@%s:%d",
+            "BATCH-READY group=%s files=%d objects=%d target=%s@%s:%d%s",
             label,
             len(job.files),
             len(ordered),
             config.target_aet,
             config.target_ip,
             config.target_port,
+            suffix,
         )
 
     destination = f"{config.target_aet}@{config.target_ip}:{config.target_port}"
@@ -131,11 +163,12 @@ def send_group(
     def refuse(jf: JobFile, obj: ObjectInfo, why: ParkReason) -> bool:
         """Log ``SEND-FAILED`` and park ``jf`` unless it changed; True when it was parked."""
         logger.warning(
-            "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s",
+            "SEND-FAILED group=%s file=%s sop_instance_uid=%s %s%s",
             label,
             jf.display,
             obj.sop_instance_uid,
             why.describe(),
+            suffix,
             extra=ledger_extra(
                 EventKind.FORWARD_REFUSED,
                 sop_uid=obj.sop_instance_uid or None,
@@ -145,7 +178,7 @@ def send_group(
                 reason=why.describe(),
             ),
         )
-        if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
+        if is_unchanged(jf) and applier.refused(jf, why, stamp):
             result.parked += 1
             counts.pop(jf.display, None)
             return True
@@ -218,11 +251,7 @@ def send_group(
                 )
                 result.changed = True
                 return
-            if hold is None:
-                delete_delivered(jf.path, job.prune_root)
-            elif not hold(jf, obj):
-                result.changed = True  # kept in the watch folder: sent again
-                return
+            applier.delivered(jf, obj)
             result.sent += 1
             logger.info(
                 "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X%s",
@@ -230,7 +259,7 @@ def send_group(
                 jf.display,
                 obj.sop_instance_uid,
                 status if status is not None else 0,
-                " awaiting-commitment" if hold is not None else "",
+                suffix,
                 extra=ledger_extra(
                     EventKind.FORWARDED,
                     sop_uid=obj.sop_instance_uid or None,
@@ -300,10 +329,11 @@ def send_group(
     }
     if result.network_error:
         logger.warning(
-            "SEND-FAILED group=%s: %s (%d file(s) kept for retry)",
+            "SEND-FAILED group=%s: %s (%d file(s) kept for retry)%s",
             label,
             result.network_error,
             len(result.retry),
+            suffix,
         )
     return result
 

@@ -13,6 +13,7 @@ Imports the standard library and :mod:`dicomnode.storage`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -120,9 +121,18 @@ def park_stamp(wall_time: float) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(wall_time))
 
 
-def parked_folder(watch_folder: Path, group: str, stamp: str) -> Path:
-    """Return ``failed/<stamp>_<group label>`` for one parking run of ``group``."""
-    return watch_folder / FAILED_DIR_NAME / f"{stamp}_{group_label(group)}"
+def parked_folder(watch_folder: Path, group: str, stamp: str, destination: str = "") -> Path:
+    """Return ``failed/[<destination>/]<stamp>_<group label>`` for one parking run of ``group``."""
+    base = watch_folder / FAILED_DIR_NAME
+    if destination:
+        base = base / destination_folder(destination)
+    return base / f"{stamp}_{group_label(group)}"
+
+
+def destination_folder(destination: str) -> str:
+    """Return the folder name of a destination below failed/ (unsafe characters become ``_``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", destination).strip(".") or "_"
+    return name
 
 
 def _unique(path: Path) -> Path:
@@ -156,8 +166,10 @@ def park_file(
     why: ParkReason,
     wall_time: float,
     prune_root: Path,
+    destination: str = "",
+    copy: bool = False,
 ) -> Path | None:
-    """Move one file into ``failed/<stamp>_<group>/<inside>`` and log why.
+    """Move (or copy) one file into ``failed/[<destination>/]<stamp>_<group>/<inside>`` and log why.
 
     The line is appended to ``failed/send_errors.log`` (and fsynced) before the
     rename. An existing file in failed/ is never overwritten: a ``.1``, ``.2``...
@@ -184,17 +196,24 @@ def park_file(
         Epoch seconds of the decision, written to the log.
     prune_root : Path
         Highest folder that is never removed.
+    destination : str
+        The destination that refused it (routed sending): the file goes below
+        ``failed/<destination>/`` and the log line names it. Empty for the single target.
+    copy : bool
+        Copy instead of moving (the file stays for its other destinations); the
+        copy gets a new modification time.
 
     Returns
     -------
     Path or None
-        Where the file now is, or None when it could not be moved (it stays).
+        Where the file (or its copy) now is, or None when it could not be parked (it stays).
     """
-    folder = parked_folder(park_root, group, stamp)
+    folder = parked_folder(park_root, group, stamp, destination)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall_time))
     line = "\t".join(
         [
             when,
+            *([f"destination={_one_line(destination)}"] if destination else []),
             f"group={_one_line(group_label(group))}",
             f"file={_one_line(display)}",
             f"sop_instance_uid={_one_line(why.sop_instance_uid or '-')}",
@@ -208,7 +227,10 @@ def park_file(
         dest.parent.mkdir(parents=True, exist_ok=True)
         parked = dest.relative_to(park_root).as_posix()
         append_error_log(park_root, f"{line}\tparked={_one_line(parked)}")
-        shutil.move(str(src), str(dest))
+        if copy:
+            _copy_synced(src, dest)
+        else:
+            shutil.move(str(src), str(dest))
         fsync_dir(dest.parent)
     except FileNotFoundError:
         logger.warning("PARK-SKIPPED %s: file vanished", display)
@@ -216,23 +238,39 @@ def park_file(
     except OSError as exc:
         logger.error("PARK-FAILED %s: %s (file stays where it is)", display, exc)
         return None
-    remove_empty_parents(src, prune_root)
+    if not copy:
+        remove_empty_parents(src, prune_root)
     logger.warning(
-        "QUARANTINED group=%s file=%s sop_instance_uid=%s %s parked=%s",
+        "QUARANTINED group=%s file=%s sop_instance_uid=%s %s parked=%s%s",
         group_label(group),
         display,
         why.sop_instance_uid or "-",
         why.describe(),
         dest,
+        f" destination={destination}" if destination else "",
         extra=ledger_extra(
             EventKind.PARKED,
             sop_uid=why.sop_instance_uid or None,
             path=str(dest),
+            destination=destination or None,
             status=f"0x{why.status:04X}" if why.status is not None else None,
             reason=why.describe(),
         ),
     )
     return dest
+
+
+def _copy_synced(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` (which must not exist) and fsync it."""
+    with src.open("rb") as fin, dest.open("xb") as fout:
+        try:
+            shutil.copyfileobj(fin, fout, 1024 * 1024)
+            fout.flush()
+            os.fsync(fout.fileno())
+        except BaseException:
+            fout.close()
+            dest.unlink(missing_ok=True)
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +287,18 @@ class MoveBackReport:
 
     moved: int
     kept: int
+
+
+def _parked_folders(failed: Path) -> list[Path]:
+    """Return the ``<stamp>_<group>`` folders of failed/, also those below ``<destination>/``."""
+    found: list[Path] = []
+    for folder in sorted(p for p in failed.iterdir() if p.is_dir()):
+        if _PARKED_NAME.match(folder.name):
+            found.append(folder)
+            continue
+        inner = sorted(p for p in folder.iterdir() if p.is_dir() and _PARKED_NAME.match(p.name))
+        found += inner if inner else [folder]
+    return found
 
 
 def _group_of_parked(folder: Path) -> str:
@@ -270,7 +320,7 @@ def move_back_failed(watch_folder: Path) -> MoveBackReport:
     moved = kept = 0
     if not failed.is_dir():
         return MoveBackReport(0, 0)
-    for folder in sorted(p for p in failed.iterdir() if p.is_dir()):
+    for folder in _parked_folders(failed):
         group = _group_of_parked(folder)
         base = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
         for src in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -291,6 +341,9 @@ def move_back_failed(watch_folder: Path) -> MoveBackReport:
         remaining = [p for p in folder.rglob("*") if p.is_file()]
         if not remaining:
             shutil.rmtree(folder, ignore_errors=True)
+            if folder.parent != failed:  # an emptied failed/<destination>/
+                with contextlib.suppress(OSError):
+                    folder.parent.rmdir()
     return MoveBackReport(moved, kept)
 
 
@@ -335,7 +388,10 @@ def move_back_file(watch_folder: Path, parked: Path, actor: str = "") -> Path:
     resolved = parked.resolve()
     if failed not in resolved.parents or resolved.parent == failed or not resolved.is_file():
         raise ValueError(f"{parked} is not a parked file")
-    folder = failed / resolved.relative_to(failed).parts[0]
+    parts = resolved.relative_to(failed).parts
+    folder = failed / parts[0]
+    if not _PARKED_NAME.match(parts[0]) and len(parts) > 2 and _PARKED_NAME.match(parts[1]):
+        folder = folder / parts[1]  # failed/<destination>/<stamp>_<group>/...
     group = _group_of_parked(folder)
     base = watch_folder if group == TOPLEVEL_GROUP else watch_folder / group
     dest = base / resolved.relative_to(folder)

@@ -62,10 +62,17 @@ class StateStore:
     ----------
     watch_folder : Path
         The forwarder's watch folder.
+    destination : str
+        A destination's name: its states live in a folder of their own. Empty
+        for ``default``, whose states stay where the single target kept them.
     """
 
-    def __init__(self, watch_folder: Path) -> None:
+    def __init__(self, watch_folder: Path, destination: str = "") -> None:
         self.folder = watch_folder / STATE_DIR_NAME
+        if destination:
+            # one folder per named destination; ``default`` keeps the single target's place
+            digest = hashlib.sha1(destination.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+            self.folder = self.folder / f"destination-{digest}"
 
     def _path(self, group: str) -> Path:
         digest = hashlib.sha1(group.encode("utf-8", "surrogateescape")).hexdigest()[:20]

@@ -25,6 +25,8 @@ class EventKind(str, Enum):
     CONVERTED = "converted"
     FORWARDED = "forwarded"
     FORWARD_REFUSED = "forward_refused"
+    #: Not sent: the destination acknowledged the same object (UID and content) recently.
+    SKIPPED_DUPLICATE = "skipped_duplicate"
     RETRIED = "retried"
     PARKED = "parked"
     MOVED_BACK = "moved_back"

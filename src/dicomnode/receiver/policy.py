@@ -132,9 +132,7 @@ def reporting_destination(cfg: ReceiverConfig, calling_aet: str) -> DestinationC
     """
     if cfg.commitment_store is None:
         return None
-    return next(
-        (d for d in cfg.destinations if d.storage_commitment and d.ae_title == calling_aet), None
-    )
+    return next((d for d in cfg.commitment_destinations if d.ae_title == calling_aet), None)
 
 
 def _host_matches(allowed: tuple[str, ...], peer: frozenset[str]) -> bool:
