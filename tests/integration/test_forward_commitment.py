@@ -205,8 +205,12 @@ def records(watch: Path) -> list[Path]:
 
 
 def outgoing(watch: Path) -> list[Path]:
+    """Files still to send: below the watch folder, not parked, not dicomnode's hidden state."""
     return [
-        p for p in files_below(watch) if p.relative_to(watch).parts[0] not in (STORE, "failed")
+        p
+        for p in files_below(watch)
+        if p.relative_to(watch).parts[0] != "failed"
+        and not p.relative_to(watch).parts[0].startswith(".")
     ]
 
 
