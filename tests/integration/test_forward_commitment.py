@@ -25,7 +25,14 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from tests.conftest import free_port, peer_env, require_tool, wait_for_port, wait_until, write_config
+from tests.conftest import (
+    free_port,
+    peer_env,
+    require_tool,
+    wait_for_port,
+    wait_until,
+    write_config,
+)
 from tests.factories import make_image, save
 
 pytestmark = pytest.mark.interop
@@ -126,7 +133,11 @@ class CommitDest:
             self.report_status.append(int(status.Status) if status else -1)
 
     def report(
-        self, index: int, delay_s: float = 0.0, aet: str | None = None, transaction: str | None = None
+        self,
+        index: int,
+        delay_s: float = 0.0,
+        aet: str | None = None,
+        transaction: str | None = None,
     ) -> int:
         """Send the report of N-ACTION ``index`` on a new association to the node; return its status."""
         if delay_s:
