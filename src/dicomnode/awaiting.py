@@ -278,6 +278,16 @@ def load_records(store: Path) -> list[Record]:
     return found
 
 
+def awaiting_files(store: Path | None) -> dict[str, int]:
+    """Return ``{destination name: files held awaiting its commitment}`` (empty: none)."""
+    counts: dict[str, int] = {}
+    if store is None:
+        return counts
+    for record in load_records(store):
+        counts[record.destination] = counts.get(record.destination, 0) + len(record.files)
+    return counts
+
+
 def find_transaction(store: Path, transaction_uid: str) -> Record | None:
     """Return the record that issued ``transaction_uid``, or None."""
     for record in load_records(store):

@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StorageCommitmentPushModel,
+)
 
 from tests.conftest import (
     free_port,
@@ -169,7 +173,12 @@ class CommitDest:
 
 
 def node_config(
-    tmp_path: Path, port: int, dest_aet: str, dest_port: int, **commit: object
+    tmp_path: Path,
+    port: int,
+    dest_aet: str,
+    dest_port: int,
+    web_port: int | None = None,
+    **commit: object,
 ) -> tuple[Path, Path]:
     watch = tmp_path / "watch"
     watch.mkdir(exist_ok=True)
@@ -193,6 +202,8 @@ def node_config(
         # no address: it adds its keys to the [FolderWatcher] target (the destination "default")
         "Destination:default": {"storage_commitment": "true", **commit},
     }
+    if web_port is not None:
+        sections["Web"] = {"enabled": "true", "address": "127.0.0.1", "port": web_port}
     return write_config(tmp_path / "node.ini", sections), watch
 
 
@@ -314,18 +325,48 @@ def test_commitment_orthanc_commits_everything_then_files_are_deleted(
 # --------------------------------------------------------------------------- pynetdicom destination
 
 
+def awaiting_gauge(web_port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=20) as rsp:
+        text = rsp.read().decode()
+    return {
+        sample.labels["destination"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "dicomnode_awaiting_commitment_files"
+    }
+
+
+def dashboard(web_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/", timeout=20) as rsp:
+        return str(rsp.read().decode())
+
+
 def test_commitment_files_held_until_report_then_deleted(
     tmp_path: Path, port: int, start_node: Any
 ) -> None:
     dest = CommitDest(port, mode="manual")
+    web_port = free_port()
     try:
-        cfg, watch = node_config(tmp_path, port, dest.aet, dest.port, commitment_timeout_s=120)
+        cfg, watch = node_config(
+            tmp_path, port, dest.aet, dest.port, web_port=web_port, commitment_timeout_s=120
+        )
         datasets = put_study(watch, 3)
         node = start_node(["--config", str(cfg)], port=port)
         assert wait_until(lambda: len(dest.actions) == 1, 60), node.output()
         # acknowledged but not committed: held in the store, not in the watch folder, not deleted
         assert wait_until(lambda: len(held(watch)) == 3 and len(records(watch)) == 1, 20)
         assert not outgoing(watch)
+        # console and /metrics show what awaits commitment, per destination
+        assert awaiting_gauge(web_port) == {"default": 3.0}
+        assert "awaiting commitment: default: 3 file(s)" in dashboard(web_port)
+        # the destination's AE is let in to report, not to store
+        peer = AE(ae_title=dest.aet)
+        peer.add_requested_context(CTImageStorage)
+        assoc = peer.associate("127.0.0.1", port, ae_title="NODE")
+        assert not assoc.is_established or not assoc.accepted_contexts
+        if assoc.is_established:
+            assoc.release()
+        peer.shutdown()
         uids = {str(ds.SOPInstanceUID) for ds in datasets}
         assert {i for _, i in dest.actions[0][1]} == uids
         # a report for an unknown transaction, and one from another AE: refused, nothing changes
@@ -337,6 +378,7 @@ def test_commitment_files_held_until_report_then_deleted(
         assert dest.report(0) == 0
         assert wait_until(lambda: settled(watch), 20), node.output()
         assert "COMMITTED role=scu" in node.output()
+        assert wait_until(lambda: awaiting_gauge(web_port) == {"default": 0.0}, 20)
     finally:
         dest.stop()
 

@@ -36,6 +36,7 @@ from typing import Any, Final
 import jinja2
 
 from dicomnode import config as cfgmod
+from dicomnode.awaiting import awaiting_files
 from dicomnode.config import NodeConfig
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import FAILED_DIR_NAME, group_entries, group_label
@@ -308,7 +309,16 @@ class Console:
             disk_free_bytes=disk_free(self._data_folders()),
             active_associations=active,
             ledger_available=bool(self.probe.ledger_available and self.probe.ledger_available()),
+            awaiting_commitment=self._awaiting_commitment(),
         )
+
+    def _awaiting_commitment(self) -> dict[str, int]:
+        """Return files held per committing destination (every one listed, 0 included)."""
+        rc = self.config.receiver
+        counts = {d.name: 0 for d in rc.commitment_destinations}
+        with contextlib.suppress(OSError):
+            counts.update(awaiting_files(rc.commitment_store))
+        return counts
 
     def health(self) -> list[str]:
         """Return why the node is unhealthy (empty when healthy)."""

@@ -8,7 +8,7 @@ receiver process); gauges are read at scrape time from the node and the disk.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -61,6 +61,7 @@ class Gauges:
     disk_free_bytes: dict[str, int]
     active_associations: int
     ledger_available: bool
+    awaiting_commitment: dict[str, int] = field(default_factory=dict)
 
 
 class NodeCollector(Collector):
@@ -120,6 +121,14 @@ class NodeCollector(Collector):
             "Associations being served now (all receiver processes).",
             value=g.active_associations,
         )
+        awaiting = GaugeMetricFamily(
+            "dicomnode_awaiting_commitment_files",
+            "Files a destination acknowledged, held until it reports them committed.",
+            labels=["destination"],
+        )
+        for name, files in sorted(g.awaiting_commitment.items()):
+            awaiting.add_metric([name], files)
+        yield awaiting
         yield GaugeMetricFamily(
             "dicomnode_ledger_available",
             "1 while the ledger can be written.",
