@@ -10,8 +10,10 @@ restart of the node).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -240,6 +242,21 @@ def settled(watch: Path) -> bool:
     return not outgoing(watch) and not held(watch) and not records(watch)
 
 
+def ledger_scu_kinds(tmp_path: Path) -> set[str]:
+    """Return the kinds of the SCU's storage commitment events in the node's ledger."""
+    path = tmp_path / "received" / ".ledger" / "ledger.sqlite"
+    if not path.exists():
+        return set()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            rows = conn.execute(
+                "SELECT kind FROM events WHERE kind LIKE 'commit%' AND reason LIKE 'role=scu%'"
+            ).fetchall()
+    except sqlite3.Error:
+        return set()
+    return {str(r[0]) for r in rows}
+
+
 # --------------------------------------------------------------------------- Orthanc
 
 
@@ -318,6 +335,9 @@ def test_commitment_orthanc_commits_everything_then_files_are_deleted(
         assert "committed=4 failed=0 reply=new-association" in out
         assert {str(ds.SOPInstanceUID) for ds in datasets} <= orthanc.sop_instance_uids()
         assert not (watch / "failed").exists()
+        assert wait_until(
+            lambda: ledger_scu_kinds(tmp_path) >= {"commit_requested", "committed"}, 30
+        ), ledger_scu_kinds(tmp_path)
     finally:
         orthanc.stop()
 
@@ -497,3 +517,35 @@ def test_commitment_report_after_restart_of_the_node(
         assert not (watch / "failed").exists()
     finally:
         dest.stop()
+
+
+def test_commitment_with_routes_holds_a_link_while_the_other_destination_is_served(
+    tmp_path: Path, port: int, start_node: Any
+) -> None:
+    committing = CommitDest(port, mode="manual")
+    plain = CommitDest(port, mode="never", aet="PLAIN")
+    try:
+        cfg, watch = node_config(tmp_path, port, plain.aet, plain.port)
+        text = cfg.read_text().replace("[Destination:default]\nstorage_commitment = true\n", "")
+        cfg.write_text(
+            text
+            + "\n[Destination:commit]\n"
+            + f"ae_title = {committing.aet}\nhost = 127.0.0.1\nport = {committing.port}\n"
+            + "storage_commitment = true\ncommitment_timeout_s = 120\n"
+            + "\n[Route:both]\ndestinations = default, commit\n"
+        )
+        datasets = put_study(watch, 2)
+        uids = {str(ds.SOPInstanceUID) for ds in datasets}
+        node = start_node(["--config", str(cfg)], port=port)
+        assert wait_until(lambda: len(committing.actions) == 1, 60), node.output()
+        assert wait_until(lambda: set(plain.stored) == uids, 30), node.output()
+        # both acknowledged: the watch folder is empty, the committing destination's copy is held
+        assert wait_until(lambda: not outgoing(watch), 30), node.output()
+        assert len(held(watch)) == 2
+        assert not plain.actions  # the plain destination is never asked to commit
+        assert committing.report(0) == 0
+        assert wait_until(lambda: settled(watch), 30), node.output()
+        assert "COMMITTED role=scu" in node.output()
+    finally:
+        committing.stop()
+        plain.stop()

@@ -456,8 +456,15 @@ class CommitmentKeeper:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
-            if record is not None:
+            if record is not None and report.transaction_uid in record.transactions:
                 self._apply(record, report)
+            elif record is not None:
+                logger.info(
+                    "COMMIT-FAILED role=scu transaction_uid=%s destination=%s: report to a "
+                    "request already settled; ignored",
+                    escape(report.transaction_uid),
+                    _where(self.destination),
+                )
             with contextlib.suppress(OSError):
                 path.unlink()
 
