@@ -63,6 +63,7 @@ class CommitDest:
         fail: set[str] | None = None,
         delay_s: float = 0.0,
         only_first: bool = False,
+        supports_commitment: bool = True,
     ) -> None:
         self.node_port = node_port
         self.mode = mode
@@ -77,7 +78,8 @@ class CommitDest:
         self.lock = threading.Lock()
         ae = AE(ae_title=aet)
         ae.supported_contexts = StoragePresentationContexts
-        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        if supports_commitment:
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         self.ae = ae
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
@@ -549,3 +551,27 @@ def test_commitment_with_routes_holds_a_link_while_the_other_destination_is_serv
     finally:
         committing.stop()
         plain.stop()
+
+
+def test_commitment_request_that_cannot_be_made_is_retried_then_parked(
+    tmp_path: Path, port: int, start_node: Any
+) -> None:
+    # the destination stores but does not offer storage commitment: every N-ACTION fails
+    dest = CommitDest(port, supports_commitment=False)
+    try:
+        cfg, watch = node_config(tmp_path, port, dest.aet, dest.port, give_up_after_s=3)
+        put_study(watch, 2)
+        node = start_node(["--config", str(cfg)], port=port)
+        assert wait_until(lambda: (watch / "failed" / "send_errors.log").exists(), 90), (
+            node.output()
+        )
+        assert wait_until(lambda: settled(watch), 30), node.output()
+        assert len(dest.stored) == 2  # acknowledged, but never committed: kept, not deleted
+        out = node.output()
+        assert "did not accept the Storage Commitment Push Model context" in out
+        assert "retry_in=" in out
+        log = (watch / "failed" / "send_errors.log").read_text()
+        assert "give_up_after_s=3" in log
+        assert len([p for p in files_below(watch / "failed") if p.suffix == ".dcm"]) == 2
+    finally:
+        dest.stop()

@@ -32,11 +32,15 @@ promises does not change:
 * a Storage Commitment N-ACTION is kept on disk by :mod:`.committer` before
   its N-ACTION-RSP; its N-EVENT-REPORT goes on this association when the
   requester negotiated the SCP role (the answer is read by the same loop),
-  else (or when the association ends unanswered) on a new one.
+  else (or when the association ends unanswered) on a new one;
+* a committing destination of the forwarder (not necessarily a trusted AE) is
+  admitted to deliver its N-EVENT-REPORT alone (:func:`~.policy.reporting_destination`);
+  the report is kept by :mod:`.reports` before its N-EVENT-REPORT-RSP.
 
 Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
 ``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store;
-``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``, ``COMMIT-DEFERRED`` from :mod:`.committer`).
+``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``, ``COMMIT-DEFERRED`` from :mod:`.committer`,
+``COMMIT-REPORTED`` from :mod:`.reports`).
 
 Length: close to 1000 lines, on purpose: the admitted association's exchange
 (data set streaming into the temp file, filing, response), the temp files
