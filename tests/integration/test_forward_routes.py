@@ -343,3 +343,49 @@ def test_kill_9_mid_send_to_two_destinations_loses_nothing_resends_at_most_in_fl
         )
     assert not (watch / "failed").exists()
     assert (watch / STATE_DIR_NAME / "deliveries.sqlite").exists()
+
+
+def test_console_and_metrics_show_state_per_destination(
+    tmp_path: Path,
+    peers: dict[str, StoreSCP],
+    start_node,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.integration.test_console import get, metrics
+
+    a = peer(peers, tmp_path, "A")
+    b = peer(peers, tmp_path, "B", start=False)
+    ini = node_ini(tmp_path, {"A": a.port, "B": b.port}, "[Route:all]\ndestinations = A, B\n")
+    web_port = free_port()
+    text = ini.read_text()
+    text = text.replace("[Ledger]\nenabled = false", "[Ledger]\nenabled = true")
+    text = text.replace("[Web]\nenabled = false", f"[Web]\nenabled = true\nport = {web_port}")
+    ini.write_text(text)
+    watch = tmp_path / "watch"
+    group = watch / "PAT6"
+    write_cts(group, 4, patient="PAT6")
+    copies = {p.name: p.read_bytes() for p in group.iterdir()}
+    start_node(["--config", str(ini), "--no-receiver"], port=web_port)
+    where_a, where_b = f"DEST_A@127.0.0.1:{a.port}", f"DEST_B@127.0.0.1:{b.port}"
+    awaiting_b = ("dicomnode_forward_awaiting_files", (("destination", where_b),))
+    awaiting_a = ("dicomnode_forward_awaiting_files", (("destination", where_a),))
+    backing_b = ("dicomnode_forward_backing_off_groups", (("destination", where_b),))
+    assert wait_until(lambda: len(a.order()) == 4, 60)
+    assert wait_until(
+        lambda: metrics(web_port).get(awaiting_b) == 4 and metrics(web_port).get(backing_b) == 1,
+        60,
+    ), metrics(web_port)
+    assert metrics(web_port).get(awaiting_a) == 0
+    status, page = get(f"http://127.0.0.1:{web_port}/queue")
+    assert status == 200 and 'id="destinations"' in page and where_b in page
+    b.start()
+    assert wait_until(lambda: not pending(watch), 60)
+    for name, data in copies.items():
+        group.mkdir(parents=True, exist_ok=True)
+        (group / name).write_bytes(data)
+    skipped_a = ("dicomnode_skipped_duplicates_total", (("destination", where_a),))
+    skipped_b = ("dicomnode_skipped_duplicates_total", (("destination", where_b),))
+    assert wait_until(
+        lambda: metrics(web_port).get(skipped_a) == 4 and metrics(web_port).get(skipped_b) == 4,
+        60,
+    ), metrics(web_port)
+    assert len(a.order()) == 4 and len(b.order()) == 4

@@ -169,7 +169,10 @@ def test_config_routes_resolve_keywords_and_lists(tmp_path: Path) -> None:
         ("[Route:r]\ndestinations = TPS\nsop_class = CTImage\n", "[Route:r] sop_class 'CTImage'"),
         ("[Route:r]\ndestinations = TPS\ntag:NoSuchKeyword = x\n", "tag:NoSuchKeyword"),
         ("[Route:r]\ndestinations = TPS\ncolour = red\n", "[Route:r] unknown key 'colour'"),
-        ("[Destination:default]\nae_title = X\nhost = h\n", "both define the destination 'default'"),
+        (
+            "[Destination:default]\nae_title = X\nhost = h\n",
+            "both define the destination 'default'",
+        ),
         ("[route:r]\ndestinations = TPS\n", "must be spelled [Route:...]"),
         ("[Destination:TLS1]\nae_title = X\nhost = h\ntls = true\n", "tls = true needs [TLS]"),
     ],

@@ -8,7 +8,7 @@ receiver process); gauges are read at scrape time from the node and the disk.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -49,7 +49,23 @@ _COUNTERS = {
         ("destination", "kind"),
     ),
     "parked_objects": ("dicomnode_parked_objects", "Files parked in failed/.", ()),
+    "skipped_duplicates": (
+        "dicomnode_skipped_duplicates",
+        "Objects not sent again because the destination acknowledged the same object "
+        "(SOP Instance UID and content) within duplicate_window_s, by destination.",
+        ("destination",),
+    ),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationGauge:
+    """Per-destination state read at scrape time (label: the destination's ``AE@host:port``)."""
+
+    awaiting_files: int
+    sending_groups: int
+    backing_off_groups: int
+    parked_files: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +77,7 @@ class Gauges:
     disk_free_bytes: dict[str, int]
     active_associations: int
     ledger_available: bool
+    destinations: dict[str, DestinationGauge] = field(default_factory=dict)
 
 
 class NodeCollector(Collector):
@@ -109,6 +126,33 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "dicomnode_parked_files", "Files parked in failed/ now.", value=g.parked_files
         )
+        per_destination = (
+            (
+                "awaiting_files",
+                "dicomnode_forward_awaiting_files",
+                "Files a destination still needs.",
+            ),
+            (
+                "sending_groups",
+                "dicomnode_forward_sending_groups",
+                "Groups being sent to a destination.",
+            ),
+            (
+                "backing_off_groups",
+                "dicomnode_forward_backing_off_groups",
+                "Groups waiting to retry a destination after a network failure.",
+            ),
+            (
+                "parked_files",
+                "dicomnode_forward_parked_files",
+                "Copies parked under failed/<destination>/ now.",
+            ),
+        )
+        for attr, name, doc in per_destination:
+            gauge_family = GaugeMetricFamily(name, doc, labels=["destination"])
+            for dest, gauge in sorted(g.destinations.items()):
+                gauge_family.add_metric([dest], getattr(gauge, attr))
+            yield gauge_family
         disk = GaugeMetricFamily(
             "dicomnode_disk_free_bytes", "Free space of a data folder's volume.", labels=["path"]
         )
