@@ -304,7 +304,8 @@ def _echo(args: argparse.Namespace, cfg: NodeConfig) -> int:
         )
         if dest is None:
             known = sorted(
-                {d.name for d in cfg.forwarder.destinations} | {d.name for d in cfg.destinations}
+                {d.name for d in cfg.forwarder.all_destinations()}
+                | {d.name for d in cfg.destinations}
             )
             print(
                 f"dicomnode: echo: no destination {args.destination!r} "

@@ -673,16 +673,32 @@ class ForwarderConfig:
         """Return True when the forwarder has somewhere to send (a ``default`` or a route)."""
         return bool(self.routes) or self.destination(DEFAULT_DESTINATION) is not None
 
+    def all_destinations(self) -> tuple[DestinationConfig, ...]:
+        """Return every destination: ``destinations``, plus ``default`` from target_* if missing.
+
+        :func:`parse` already puts ``default`` in ``destinations``; a configuration
+        built in code with only target_* gets it here.
+        """
+        if not self.has_target or any(d.name == DEFAULT_DESTINATION for d in self.destinations):
+            return self.destinations
+        default = DestinationConfig(
+            name=DEFAULT_DESTINATION,
+            ae_title=self.target_aet,
+            host=self.target_ip,
+            port=self.target_port,
+        )
+        return (default, *self.destinations)
+
     def destination(self, name: str) -> DestinationConfig | None:
         """Return the destination called ``name``, or None."""
-        return next((d for d in self.destinations if d.name == name), None)
+        return next((d for d in self.all_destinations() if d.name == name), None)
 
     def routed_destinations(self) -> tuple[DestinationConfig, ...]:
         """Return the destinations files can go to (named by a route, or ``default``)."""
         names = {n for r in self.routes for n in r.destinations}
         if not self.routes or self.unrouted == "default":
             names.add(DEFAULT_DESTINATION)
-        return tuple(d for d in self.destinations if d.name in names)
+        return tuple(d for d in self.all_destinations() if d.name in names)
 
     def for_destination(self, dest: DestinationConfig) -> ForwarderConfig:
         """Return this configuration aimed at ``dest`` (target, calling AE, retry keys).
@@ -1656,7 +1672,7 @@ def describe(config: NodeConfig) -> list[str]:
                     for f, spec in declared_keys(DestinationConfig)
                 ]
             used = {d.name for d in fw.routed_destinations()} if fw.forwards else set()
-            for dest in fw.destinations:
+            for dest in fw.all_destinations():
                 lines.append(
                     f"# forwarder destination {dest.name}: {dest.address}"
                     + (" (tls)" if dest.tls else "")

@@ -233,7 +233,7 @@ class Node:
                 cfg.forwarder,
                 contexts={
                     d.name: tls.client_context(replace(cfg.tls, enabled=True)) if d.tls else None
-                    for d in cfg.forwarder.destinations
+                    for d in cfg.forwarder.all_destinations()
                 },
             )
             self.forwarder.start()

@@ -34,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder import Forwarder, retry_failed, send_paths
+from dicomnode.forwarder.state import STATE_DIR_NAME
 from tests.conftest import (
     free_port,
     peer_env,
@@ -256,7 +257,8 @@ def start_forwarder(forwarders: list[Forwarder], cfg: ForwarderConfig) -> Forwar
 
 
 def files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """Return the files below ``folder``, without the forwarder's own state (delivery record)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and STATE_DIR_NAME not in p.parts)
 
 
 def write_study(folder: Path, n_ct: int = 3) -> dict[str, str]:

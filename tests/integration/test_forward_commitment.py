@@ -379,8 +379,9 @@ def test_commitment_files_held_until_report_then_deleted(
         assert wait_until(lambda: len(held(watch)) == 3 and len(records(watch)) == 1, 20)
         assert not outgoing(watch)
         # console and /metrics show what awaits commitment, per destination
-        assert awaiting_gauge(web_port) == {"default": 3.0}
-        assert "awaiting commitment: default: 3 file(s)" in dashboard(web_port)
+        address = f"{dest.aet}@127.0.0.1:{dest.port}"
+        assert awaiting_gauge(web_port) == {address: 3.0}
+        assert '<td class="commitment">3</td>' in dashboard(web_port)
         # the destination's AE is let in to report, not to store
         peer = AE(ae_title=dest.aet)
         peer.add_requested_context(CTImageStorage)
@@ -400,7 +401,8 @@ def test_commitment_files_held_until_report_then_deleted(
         assert dest.report(0) == 0
         assert wait_until(lambda: settled(watch), 20), node.output()
         assert "COMMITTED role=scu" in node.output()
-        assert wait_until(lambda: awaiting_gauge(web_port) == {"default": 0.0}, 20)
+        assert wait_until(lambda: awaiting_gauge(web_port) == {address: 0.0}, 20)
+        assert '<td class="commitment">0</td>' in dashboard(web_port)
     finally:
         dest.stop()
 

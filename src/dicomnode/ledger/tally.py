@@ -77,6 +77,10 @@ def counter_increments(row: Mapping[str, Any]) -> list[Increment]:
     elif kind == EventKind.RETRIED.value:
         labels = (("destination", str(row.get("destination") or "")), ("kind", "network"))
         out.append(("forward_failures", labels, 1.0))
+    elif kind == EventKind.SKIPPED_DUPLICATE.value:
+        out.append(
+            ("skipped_duplicates", (("destination", str(row.get("destination") or "")),), 1.0)
+        )
     elif kind == EventKind.PARKED.value:
         out.append(("parked_objects", (), 1.0))
     return out

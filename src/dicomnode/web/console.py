@@ -40,7 +40,12 @@ from dicomnode.awaiting import awaiting_files
 from dicomnode.config import NodeConfig
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import FAILED_DIR_NAME, group_entries, group_label
-from dicomnode.forwarder.outcome import ERROR_LOG_NAME, move_back_file, remove_empty_parents
+from dicomnode.forwarder.outcome import (
+    ERROR_LOG_NAME,
+    destination_folder,
+    move_back_file,
+    remove_empty_parents,
+)
 from dicomnode.forwarder.watcher import has_pending_conversion, scan_folder
 from dicomnode.ledger import queries
 from dicomnode.ledger.events import EventKind, ledger_extra
@@ -49,7 +54,7 @@ from dicomnode.ledger.tally import Labels
 from dicomnode.web import auth
 from dicomnode.web.health import Facts, assess
 from dicomnode.web.logbuffer import RecentLines
-from dicomnode.web.metrics import Gauges, NodeCollector, exposition
+from dicomnode.web.metrics import DestinationGauge, Gauges, NodeCollector, exposition
 
 logger = logging.getLogger(__name__)
 access = logging.getLogger("dicomnode.web.access")
@@ -303,22 +308,70 @@ class Console:
             with contextlib.suppress(OSError):
                 pending = len(scan_folder(self.config.forwarder.watch_folder))
         active = self.probe.active_associations() if self.probe.active_associations else 0
+        parked = self._parked_files()
         return Gauges(
             forward_pending_files=pending,
-            parked_files=len(self._parked_files()),
+            parked_files=len(parked),
             disk_free_bytes=disk_free(self._data_folders()),
             active_associations=active,
             ledger_available=bool(self.probe.ledger_available and self.probe.ledger_available()),
-            awaiting_commitment=self._awaiting_commitment(),
+            awaiting_commitment={
+                address: files for _name, address, files in self._awaiting_commitment()
+            },
+            destinations={  # labelled like the counters: AE@host:port
+                row["address"]: DestinationGauge(
+                    awaiting_files=row["awaiting_files"],
+                    sending_groups=row["sending"],
+                    backing_off_groups=row["backing_off"],
+                    parked_files=row["parked"],
+                )
+                for row in self._destination_rows(parked)
+            },
         )
 
-    def _awaiting_commitment(self) -> dict[str, int]:
-        """Return files held per committing destination (every one listed, 0 included)."""
+    def _destination_rows(self, parked: list[Path] | None = None) -> list[dict[str, Any]]:
+        """Return one row per destination the forwarder sends to (console and /metrics)."""
+        status = self.probe.forwarder_status() if self.probe.forwarder_status else None
+        if status is None:
+            return []
+        files = self._parked_files() if parked is None else parked
+        failed = self.config.forwarder.watch_folder / FAILED_DIR_NAME
+        routed = bool(self.config.forwarder.routes)
+        commitment = {name: files for name, _address, files in self._awaiting_commitment()}
+        now = time.time()
+        rows = []
+        for name, state in sorted(dict(status.get("destinations") or {}).items()):
+            retry = dict(state.get("retry") or {})
+            backing = [r for r in retry.values() if r.next_attempt > now]
+            folder = failed / destination_folder(name)
+            rows.append(
+                {
+                    "name": name,
+                    "address": state.get("address", ""),
+                    "awaiting_files": int(state.get("awaiting_files", 0)),
+                    "awaiting_groups": int(state.get("awaiting_groups", 0)),
+                    "sending": len(state.get("sending") or ()),
+                    "backing_off": len(backing),
+                    "next_retry": min((r.next_attempt for r in backing), default=None),
+                    "last_error": max(retry.values(), key=lambda r: r.next_attempt).last_error
+                    if retry
+                    else "",
+                    "parked": sum(1 for p in files if folder in p.parents)
+                    if routed
+                    else len(files),
+                    # files held until it commits them (None: it is not asked to)
+                    "awaiting_commitment": commitment.get(name),
+                }
+            )
+        return rows
+
+    def _awaiting_commitment(self) -> list[tuple[str, str, int]]:
+        """Return (name, address, files held) per committing destination (0 included)."""
         rc = self.config.receiver
-        counts = {d.name: 0 for d in rc.commitment_destinations}
+        counts: dict[str, int] = {}
         with contextlib.suppress(OSError):
-            counts.update(awaiting_files(rc.commitment_store))
-        return counts
+            counts = awaiting_files(rc.commitment_store)
+        return [(d.name, d.address, counts.get(d.name, 0)) for d in rc.commitment_destinations]
 
     def health(self) -> list[str]:
         """Return why the node is unhealthy (empty when healthy)."""
@@ -484,6 +537,7 @@ class Console:
             "backoff": max(0.0, backoff),
             "target": f"{self.config.forwarder.target_aet}@{self.config.forwarder.target_ip}:"
             f"{self.config.forwarder.target_port}",
+            "destinations": self._destination_rows(),
         }
 
     def _studies(self, req: _Request) -> tuple[str, dict[str, Any]]:
@@ -543,7 +597,12 @@ class Console:
                         "last_error": retry.last_error if retry else "",
                     }
                 )
-        return "queue.html", {"groups": groups, "forwarder": status, "target": fw}
+        return "queue.html", {
+            "groups": groups,
+            "forwarder": status,
+            "target": fw,
+            "destinations": self._destination_rows(),
+        }
 
     def _failed(self, req: _Request) -> tuple[str, dict[str, Any]]:
         files = self._parked_files(_PARKED_LIMIT)

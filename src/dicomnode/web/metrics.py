@@ -49,7 +49,23 @@ _COUNTERS = {
         ("destination", "kind"),
     ),
     "parked_objects": ("dicomnode_parked_objects", "Files parked in failed/.", ()),
+    "skipped_duplicates": (
+        "dicomnode_skipped_duplicates",
+        "Objects not sent again because the destination acknowledged the same object "
+        "(SOP Instance UID and content) within duplicate_window_s, by destination.",
+        ("destination",),
+    ),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationGauge:
+    """Per-destination state read at scrape time (label: the destination's ``AE@host:port``)."""
+
+    awaiting_files: int
+    sending_groups: int
+    backing_off_groups: int
+    parked_files: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,7 @@ class Gauges:
     active_associations: int
     ledger_available: bool
     awaiting_commitment: dict[str, int] = field(default_factory=dict)
+    destinations: dict[str, DestinationGauge] = field(default_factory=dict)
 
 
 class NodeCollector(Collector):
@@ -110,6 +127,33 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "dicomnode_parked_files", "Files parked in failed/ now.", value=g.parked_files
         )
+        per_destination = (
+            (
+                "awaiting_files",
+                "dicomnode_forward_awaiting_files",
+                "Files a destination still needs.",
+            ),
+            (
+                "sending_groups",
+                "dicomnode_forward_sending_groups",
+                "Groups being sent to a destination.",
+            ),
+            (
+                "backing_off_groups",
+                "dicomnode_forward_backing_off_groups",
+                "Groups waiting to retry a destination after a network failure.",
+            ),
+            (
+                "parked_files",
+                "dicomnode_forward_parked_files",
+                "Copies parked under failed/<destination>/ now.",
+            ),
+        )
+        for attr, name, doc in per_destination:
+            gauge_family = GaugeMetricFamily(name, doc, labels=["destination"])
+            for dest, gauge in sorted(g.destinations.items()):
+                gauge_family.add_metric([dest], getattr(gauge, attr))
+            yield gauge_family
         disk = GaugeMetricFamily(
             "dicomnode_disk_free_bytes", "Free space of a data folder's volume.", labels=["path"]
         )
