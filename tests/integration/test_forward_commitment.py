@@ -515,6 +515,8 @@ def test_commitment_report_after_restart_of_the_node(
         assert len(held(watch)) == 3 and len(records(watch)) == 1
         node2 = start_node(["--config", str(cfg)], port=port)
         assert wait_until(lambda: "READY" in node2.output(), 30), node2.output()
+        assert "COMMIT-AWAITING role=scu" in node2.output()
+        assert "batches=1 files=3" in node2.output()
         assert dest.report(0) == 0
         assert wait_until(lambda: settled(watch), 30), node2.output()
         assert "COMMITTED role=scu" in node2.output()

@@ -19,7 +19,8 @@ records are reloaded, batches held without a record (a kill before
 :meth:`Batch.close`) go back to the watch folder.
 
 Log verbs: ``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``,
-``COMMIT-RESEND`` (all with ``role=scu``; ``QUARANTINED`` from parking).
+``COMMIT-RESEND``, ``COMMIT-AWAITING`` (at start; all with ``role=scu``;
+``QUARANTINED`` from parking).
 """
 
 from __future__ import annotations
@@ -221,8 +222,7 @@ class CommitmentKeeper:
         self._thread = threading.Thread(target=self._run, name="dicomnode-commitment", daemon=True)
         self._thread.start()
         logger.info(
-            "COMMIT-REQUESTED role=scu destination=%s keeper started: %d batch(es), %d file(s) "
-            "awaiting commitment",
+            "COMMIT-AWAITING role=scu destination=%s batches=%d files=%d (resumed from disk)",
             _where(self.destination),
             self._awaiting.batches,
             self._awaiting.files,
