@@ -465,6 +465,7 @@ class Forwarder:
                 refusals=previous.refusals if previous is not None else None,
                 apply=_DestinationApplier(self, job, name, plans),
                 name=name if self.routed else "",
+                known={path: fp.info for path, fp in plans.items()},
             )
             self._after(job, result, name, plans)
         except Exception:
