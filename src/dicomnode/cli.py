@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--port", type=_port_arg, help="target port (default: target_port)")
     send.add_argument("--call", type=_ae_arg, help="target AE title (default: target_aet)")
     send.add_argument("--aet", type=_ae_arg, help="our calling AE title (default: calling_aet)")
+    send.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="send to a configured destination (its address, AE titles and TLS setting); "
+        "routes are not applied and duplicates are not skipped",
+    )
 
     sub.add_parser(
         "retry-failed", parents=[common], help="move parked files back into the watch folder"
@@ -348,6 +354,16 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
     from dicomnode.forwarder import send_paths
 
     fw = cfg.forwarder
+    context = tls.client_context(cfg.tls)
+    if args.destination is not None:
+        dest = fw.destination(args.destination) or next(
+            (d for d in cfg.destinations if d.name == args.destination), None
+        )
+        if dest is None:
+            print(f"dicomnode: send: no destination {args.destination!r}", file=sys.stderr)
+            return int(ExitStatus.CONFIG_ERROR)
+        fw = fw.for_destination(dest)
+        context = tls.client_context(replace(cfg.tls, enabled=True)) if dest.tls else None
     fw = replace(
         fw,
         target_ip=args.host or fw.target_ip,
@@ -368,7 +384,7 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
                 args.paths,
                 fw,
                 progress=sys.stderr.isatty(),
-                ssl_context=tls.client_context(cfg.tls),
+                ssl_context=context,
             )
         )
 

@@ -315,6 +315,12 @@ def test_echo_destination_and_check_config_list_destinations(
     assert check.proc.wait(60) == 0
     assert "# forwarder destination A: DEST_A@127.0.0.1" in check.output()
     assert "DOWN" in check.output() and "(no route sends to it)" in check.output()
+    image = make_image("CT", instance=9)
+    one = save(image, tmp_path / "one" / "ct.dcm")
+    sent = start_node(["--config", str(ini), "send", "--destination", "A", str(one.parent)])
+    assert sent.proc.wait(60) == 0, sent.output()
+    assert a.received_sops() == [image.SOPInstanceUID]
+    assert not one.exists()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="kill -9")

@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -79,6 +80,7 @@ def send_group(
     refusals: Mapping[str, int] | None = None,
     apply: OutcomeApplier | None = None,
     name: str = "",
+    known: Mapping[Path, ObjectInfo] | None = None,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -109,6 +111,9 @@ def send_group(
         deletes a file only when all its destinations are done.
     name : str
         Destination name added to the log lines (empty for the single target).
+    known : mapping of Path to ObjectInfo, optional
+        Header facts already read for this claim (the router's), so files are not
+        read twice; files not in it are inspected here.
     """
     applier: OutcomeApplier = apply if apply is not None else MoveApplier(job)
     suffix = f" destination={name}" if name else ""
@@ -122,7 +127,8 @@ def send_group(
             result.stopped = True
             return result
         key = PurePosixPath(str(index), *jf.inside.parts)
-        found = inspect_file(jf, key)
+        read = (known or {}).get(jf.path)
+        found = replace(read, rel_path=key) if read is not None else inspect_file(jf, key)
         if isinstance(found, ParkReason):
             if not is_unchanged(jf):
                 result.changed = True

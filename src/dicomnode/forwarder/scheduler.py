@@ -482,6 +482,7 @@ class Forwarder:
                     refusals=previous.refusals if previous is not None else None,
                     apply=_DestinationApplier(self, job, name, plans, batch),
                     name=name if self.routed else "",
+                    known={path: fp.info for path, fp in plans.items()},
                 )
             finally:
                 if batch is not None:
