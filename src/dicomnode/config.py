@@ -1434,11 +1434,30 @@ def _forwarder_destinations(
                 "target_aet/target_ip both define the destination 'default'; keep one of them "
                 "(a [Destination:default] without ae_title and host only adds keys to the target)"
             )
-        # [Destination:default] without an address adds its other keys (storage_commitment...)
+        # [Destination:default] without an address adds its other keys (storage_commitment...);
+        # without one, a section describing the same node lends it its storage commitment keys
+        twin = next(
+            (
+                d
+                for d in named
+                if d.storage_commitment
+                and (d.ae_title, d.host, d.port)
+                == (forwarder.target_aet, forwarder.target_ip, forwarder.target_port)
+            ),
+            None,
+        )
+        base = section or DestinationConfig(name=DEFAULT_DESTINATION)
+        if section is None and twin is not None:
+            base = replace(
+                base,
+                storage_commitment=True,
+                commitment_timeout_s=twin.commitment_timeout_s,
+                commitment_max_attempts=twin.commitment_max_attempts,
+            )
         found.insert(
             0,
             replace(
-                section or DestinationConfig(name=DEFAULT_DESTINATION),
+                base,
                 ae_title=forwarder.target_aet,
                 host=forwarder.target_ip,
                 port=forwarder.target_port,

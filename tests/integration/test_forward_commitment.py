@@ -182,6 +182,7 @@ def node_config(
     dest_aet: str,
     dest_port: int,
     web_port: int | None = None,
+    twin: bool = False,
     **commit: object,
 ) -> tuple[Path, Path]:
     watch = tmp_path / "watch"
@@ -206,6 +207,15 @@ def node_config(
         # no address: it adds its keys to the [FolderWatcher] target (the destination "default")
         "Destination:default": {"storage_commitment": "true", **commit},
     }
+    if twin:  # a section describing the target (same AE, host, port) lends it its keys
+        del sections["Destination:default"]
+        sections["Destination:pacs"] = {
+            "ae_title": dest_aet,
+            "host": "127.0.0.1",
+            "port": dest_port,
+            "storage_commitment": "true",
+            **commit,
+        }
     if web_port is not None:
         sections["Web"] = {"enabled": "true", "address": "127.0.0.1", "port": web_port}
     return write_config(tmp_path / "node.ini", sections), watch
@@ -322,7 +332,7 @@ def test_commitment_orthanc_commits_everything_then_files_are_deleted(
     orthanc = Orthanc(tmp_path, port)
     try:
         cfg, watch = node_config(
-            tmp_path, port, "ORTHANC", orthanc.dicom_port, commitment_timeout_s=60
+            tmp_path, port, "ORTHANC", orthanc.dicom_port, twin=True, commitment_timeout_s=60
         )
         datasets = put_study(watch, 4)
         node = start_node(["--config", str(cfg)], port=port)

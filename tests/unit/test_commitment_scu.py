@@ -235,6 +235,24 @@ def test_destination_default_adds_commitment_to_the_target(tmp_path: Path) -> No
     assert plain.receiver.commitment_store is None and not plain.receiver.commitment_destinations
 
 
+def test_a_section_naming_the_target_lends_it_storage_commitment(tmp_path: Path) -> None:
+    cfg = _node(
+        tmp_path,
+        "[Destination:pacs]\nae_title = DEST\nhost = 127.0.0.1\nport = 4242\n"
+        "storage_commitment = true\ncommitment_max_attempts = 5\n",
+    )
+    default = cfg.forwarder.destination("default")
+    assert default is not None and default.storage_commitment
+    assert default.commitment_max_attempts == 5
+    assert [d.name for d in cfg.receiver.commitment_destinations] == ["default"]
+    other_port = _node(
+        tmp_path,
+        "[Destination:pacs]\nae_title = DEST\nhost = 127.0.0.1\nport = 1\n"
+        "storage_commitment = true\n",
+    )
+    assert not other_port.forwarder.destination("default").storage_commitment  # type: ignore[union-attr]
+
+
 def test_destination_default_with_an_address_and_a_target_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="both define the destination 'default'"):
         _node(tmp_path, "[Destination:default]\nae_title = X\nhost = h\n")
