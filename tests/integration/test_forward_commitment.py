@@ -368,8 +368,8 @@ def awaiting_gauge(web_port: int) -> dict[str, float]:
     }
 
 
-def dashboard(web_port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/", timeout=20) as rsp:
+def dashboard(web_port: int, page: str = "/") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}{page}", timeout=20) as rsp:
         return str(rsp.read().decode())
 
 
@@ -392,6 +392,11 @@ def test_commitment_files_held_until_report_then_deleted(
         address = f"{dest.aet}@127.0.0.1:{dest.port}"
         assert awaiting_gauge(web_port) == {address: 3.0}
         assert '<td class="commitment">3</td>' in dashboard(web_port)
+        transaction = dest.actions[0][0]
+        assert wait_until(
+            lambda: "awaiting-commitment (request 1)" in dashboard(web_port, "/queue"), 20
+        )
+        assert transaction in dashboard(web_port, "/queue")
         # the destination's AE is let in to report, not to store
         peer = AE(ae_title=dest.aet)
         peer.add_requested_context(CTImageStorage)

@@ -36,7 +36,7 @@ from typing import Any, Final
 import jinja2
 
 from dicomnode import config as cfgmod
-from dicomnode.awaiting import awaiting_files
+from dicomnode.awaiting import awaiting_files, load_records
 from dicomnode.config import NodeConfig
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import FAILED_DIR_NAME, group_entries, group_label
@@ -602,7 +602,36 @@ class Console:
             "forwarder": status,
             "target": fw,
             "destinations": self._destination_rows(),
+            "held": self._held_batches(),
         }
+
+    def _held_batches(self) -> list[dict[str, Any]]:
+        """Return one row per batch held until its destination commits it (the Queue page)."""
+        store = self.config.receiver.commitment_store
+        if store is None:
+            return []
+        rows = []
+        for record in load_records(store)[:500]:
+            if record.failures:
+                state = f"backing off after a failure (attempt {record.failures})"
+            elif any(f.resend for f in record.files):
+                state = "not committed: sending again"
+            elif record.requests:
+                state = f"awaiting-commitment (request {record.requests})"
+            else:
+                state = "awaiting-commitment (asking)"
+            rows.append(
+                {
+                    "destination": record.destination,
+                    "group": group_label(record.group),
+                    "files": len(record.files),
+                    "state": state,
+                    "transaction": record.transactions[-1] if record.transactions else "",
+                    "requested": record.requested_at or None,
+                    "last_error": record.last_error,
+                }
+            )
+        return rows
 
     def _failed(self, req: _Request) -> tuple[str, dict[str, Any]]:
         files = self._parked_files(_PARKED_LIMIT)
