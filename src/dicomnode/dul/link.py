@@ -225,6 +225,19 @@ class PduLink:
         except OSError as exc:
             raise self._trouble(f"connection to {self.where} lost while {what}", exc) from exc
 
+    def readable(self, timeout_s: float) -> bool:
+        """Return True when bytes are waiting (buffered, or on the socket within ``timeout_s``)."""
+        if self._reader.end > self._reader.start:
+            return True
+        pending = getattr(self.sock, "pending", None)
+        if self.tls and pending is not None and pending():
+            return True
+        try:
+            ready, _w, _x = select.select([self.sock], [], [], max(0.0, timeout_s))
+        except (OSError, ValueError):
+            return True  # let the next read report the trouble
+        return bool(ready)
+
     def abort(self) -> None:
         """Send A-ABORT if the socket is idle, then shut the connection down (any thread).
 

@@ -71,8 +71,9 @@ logger = logging.getLogger(__name__)
 
 #: How often the keeper looks for reports and due requests when nothing wakes it.
 _TICK_S: Final = 0.5
-#: How long the N-ACTION's association stays open for a report sent on it.
-SAME_ASSOCIATION_WAIT_S: Final = 2.0
+#: How long the N-ACTION's association stays open for a report sent on it (less when the
+#: report arrives on a new association meanwhile).
+SAME_ASSOCIATION_WAIT_S: Final = 3.0
 
 
 def _where(dest: DestinationConfig) -> str:
@@ -341,6 +342,9 @@ class CommitmentKeeper:
                     record, transaction, data, syntax
                 ),
                 SAME_ASSOCIATION_WAIT_S,
+                lambda: any(
+                    p.name.startswith(f"{record.batch}~") for p in pending_reports(self.store)
+                ),
             )
             error = None if status == 0 else f"the N-ACTION was answered with status 0x{status:04X}"
         except LinkError as exc:

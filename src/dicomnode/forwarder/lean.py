@@ -55,6 +55,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -714,12 +715,15 @@ def request_commitment(
     instances: list[tuple[str, str]],
     on_report: ReportCallback,
     wait_report_s: float,
+    reported: Callable[[], bool] = lambda: False,
 ) -> int:
     """Send a Request Storage Commitment N-ACTION to the sender's target; return its status.
 
     After a success status, when the target accepted to be the SCP on this
     association, waits up to ``wait_report_s`` for an N-EVENT-REPORT there and
-    answers it with what ``on_report`` returns (it keeps the report first).
+    answers it with what ``on_report`` returns (it keeps the report first);
+    the wait ends early once ``reported()`` is true (the report came on a new
+    association to the node's port).
 
     Parameters
     ----------
@@ -733,6 +737,8 @@ def request_commitment(
         Keeps a report that came on this association; returns the RSP status.
     wait_report_s : float
         How long to wait for such a report (0: release at once).
+    reported : callable, optional
+        True once the report arrived another way.
 
     Raises
     ------
@@ -774,7 +780,7 @@ def request_commitment(
         if status is None:
             raise LinkError(f"{conn.where} answered the N-ACTION without a Status")
         if status == 0 and report_here and wait_report_s > 0:
-            _serve_report(conn, syntax, on_report, wait_report_s)
+            _serve_report(conn, syntax, on_report, wait_report_s, reported)
         sender._release(conn)
         return status
     except LinkError:
@@ -784,13 +790,23 @@ def request_commitment(
         conn.close()
 
 
-def _serve_report(conn: PduLink, syntax: str, on_report: ReportCallback, wait_s: float) -> None:
+def _serve_report(
+    conn: PduLink,
+    syntax: str,
+    on_report: ReportCallback,
+    wait_s: float,
+    reported: Callable[[], bool],
+) -> None:
     """Wait up to ``wait_s`` for an N-EVENT-REPORT on this association and answer it."""
-    conn.set_timeout(wait_s)
+    deadline = time.monotonic() + wait_s
+    while not conn.readable(min(0.1, max(0.0, deadline - time.monotonic()))):
+        if reported() or time.monotonic() >= deadline:
+            return  # it comes (came) on a new association to the node's port
+    conn.set_timeout(max(wait_s, 10.0))  # a message that started must be complete
     try:
         request, data = _read_message(conn, "waiting for a storage commitment report")
     except LinkTimeout:
-        return  # it comes on a new association to the node's port
+        raise LinkError(f"{conn.where} stopped in the middle of a message") from None
     if command_us(request, COMMAND_FIELD) != N_EVENT_REPORT_RQ or data is None:
         raise LinkError(f"{conn.where} sent another message than the commitment report")
     event_type = command_us(request, EVENT_TYPE_ID) or 0
