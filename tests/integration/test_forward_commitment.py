@@ -438,6 +438,29 @@ def test_commitment_report_on_the_same_association(
         dest.stop()
 
 
+def test_commitment_partial_failure_on_the_same_association_resends_then_parks(
+    tmp_path: Path, port: int, start_node: Any
+) -> None:
+    dest = CommitDest(port, mode="same")
+    try:
+        cfg, watch = node_config(tmp_path, port, dest.aet, dest.port, commitment_max_attempts=2)
+        datasets = put_study(watch, 3)
+        bad = str(datasets[2].SOPInstanceUID)
+        dest.fail = {bad}
+        node = start_node(["--config", str(cfg)], port=port)
+        assert wait_until(lambda: (watch / "failed" / "send_errors.log").exists(), 90), (
+            node.output()
+        )
+        assert wait_until(lambda: settled(watch), 30), node.output()
+        assert dest.stored.count(bad) == 2 and len(dest.actions) == 2
+        assert [len(refs) for _, refs in dest.actions] == [3, 1]  # the second asks for it alone
+        assert wait_until(lambda: dest.report_status == [0, 0], 20), dest.report_status
+        assert "reply=same-association" in node.output()
+        assert [p.name for p in files_below(watch / "failed") if p.suffix == ".dcm"] == ["ct02.dcm"]
+    finally:
+        dest.stop()
+
+
 def test_commitment_partial_failure_resends_then_parks(
     tmp_path: Path, port: int, start_node: Any
 ) -> None:

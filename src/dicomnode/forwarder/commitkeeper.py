@@ -345,14 +345,15 @@ class CommitmentKeeper:
                 lambda: any(
                     p.name.startswith(f"{record.batch}~") for p in pending_reports(self.store)
                 ),
+                lambda: self._log_requested(record, transaction),
             )
             error = None if status == 0 else f"the N-ACTION was answered with status 0x{status:04X}"
         except LinkError as exc:
             error = str(exc)
         now = time.time()
         latest = load_record(record_path(self.store, record.batch))
-        if latest is None:
-            return  # a report on the association settled it
+        if latest is None or transaction not in latest.transactions:
+            return  # settled meanwhile
         if error is None:
             latest = replace(
                 latest,
@@ -362,19 +363,6 @@ class CommitmentKeeper:
                 first_failure=0.0,
                 next_attempt=0.0,
                 last_error="",
-            )
-            logger.info(
-                "COMMIT-REQUESTED role=scu transaction_uid=%s destination=%s instances=%d "
-                "request=%d/%d group=%s",
-                transaction,
-                _where(self.destination),
-                len(record.files),
-                latest.requests,
-                self.destination.commitment_max_attempts,
-                group_label(record.group),
-                extra=self._event(
-                    EventKind.COMMIT_REQUESTED, record, transaction, "request accepted"
-                ),
             )
         else:
             failures = latest.failures + 1
@@ -407,6 +395,19 @@ class CommitmentKeeper:
             logger.error(
                 "COMMIT-FAILED role=scu batch=%s: record not updated: %s", latest.batch, exc
             )
+
+    def _log_requested(self, record: Record, transaction: str) -> None:
+        logger.info(
+            "COMMIT-REQUESTED role=scu transaction_uid=%s destination=%s instances=%d "
+            "request=%d/%d group=%s",
+            transaction,
+            _where(self.destination),
+            len(record.files),
+            record.requests + 1,
+            self.destination.commitment_max_attempts,
+            group_label(record.group),
+            extra=self._event(EventKind.COMMIT_REQUESTED, record, transaction, "request accepted"),
+        )
 
     def _report_here(self, record: Record, transaction: str, data: bytes, syntax: str) -> int:
         """Keep a report that came on the N-ACTION's association; return the RSP status."""
@@ -442,8 +443,7 @@ class CommitmentKeeper:
         except OSError as exc:
             logger.error("COMMIT-FAILED role=scu report not kept: %s", exc)
             return 0x0110
-        self._apply_reports()
-        return 0x0000
+        return 0x0000  # applied by the keeper's loop once the association is released
 
     # -- applying reports ---------------------------------------------------------------
 

@@ -716,6 +716,7 @@ def request_commitment(
     on_report: ReportCallback,
     wait_report_s: float,
     reported: Callable[[], bool] = lambda: False,
+    on_accepted: Callable[[], None] = lambda: None,
 ) -> int:
     """Send a Request Storage Commitment N-ACTION to the sender's target; return its status.
 
@@ -739,6 +740,8 @@ def request_commitment(
         How long to wait for such a report (0: release at once).
     reported : callable, optional
         True once the report arrived another way.
+    on_accepted : callable, optional
+        Called as soon as the N-ACTION-RSP says success.
 
     Raises
     ------
@@ -779,6 +782,8 @@ def request_commitment(
         status = command_us(rsp, STATUS)
         if status is None:
             raise LinkError(f"{conn.where} answered the N-ACTION without a Status")
+        if status == 0:
+            on_accepted()
         if status == 0 and report_here and wait_report_s > 0:
             _serve_report(conn, syntax, on_report, wait_report_s, reported)
         sender._release(conn)
