@@ -9,6 +9,7 @@ from dicomnode.forwarder.outcome import (
     ParkReason,
     delete_delivered,
     move_back_failed,
+    move_back_file,
     park_file,
 )
 from dicomnode.forwarder.state import RetryState, StateStore
@@ -93,6 +94,39 @@ def test_outcome_move_back_restores_paths_and_skips_existing(tmp_path: Path) -> 
     assert (tmp_path / "P" / "y.dcm").read_bytes() == b"newer"
     assert (tmp_path / "failed" / "20260101-120000_P" / "y.dcm").read_bytes() == b"P/y.dcm"
     assert (tmp_path / "failed" / "send_errors.log").exists()
+
+
+def test_outcome_destination_copy_keeps_original_and_moves_back(tmp_path: Path) -> None:
+    f = tmp_path / "P" / "x.dcm"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"data")
+    copies = []
+    for name in ("TPS 1", "QA"):
+        copy = park_file(
+            f,
+            park_root=tmp_path,
+            group="P",
+            inside=PurePosixPath("x.dcm"),
+            display="P/x.dcm",
+            stamp="20260101-120000",
+            why=ParkReason(0x0122, "", "1.2.3"),
+            wall_time=0.0,
+            prune_root=tmp_path,
+            destination=name,
+            copy=True,
+        )
+        assert copy is not None
+        copies.append(copy)
+    assert f.read_bytes() == b"data"  # stays for the other destinations
+    assert copies[0] == tmp_path / "failed" / "TPS_1" / "20260101-120000_P" / "x.dcm"
+    lines = (tmp_path / "failed" / "send_errors.log").read_text().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["destination=TPS 1", "destination=QA"]
+    f.unlink()
+    assert move_back_file(tmp_path, copies[0]) == f
+    f.unlink()
+    assert move_back_failed(tmp_path).moved == 1
+    assert f.read_bytes() == b"data"
+    assert not (tmp_path / "failed" / "QA").exists()
 
 
 def test_outcome_move_back_without_marker_uses_folder_name(tmp_path: Path) -> None:

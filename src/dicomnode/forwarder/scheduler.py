@@ -511,6 +511,8 @@ class Forwarder:
             return None
         try:
             store.record(name, fp.ident, state, time.time())
+            if fp.route.destinations == (name,):
+                return {name: state}  # its only destination: nothing else to look up
             return store.states(fp.ident)
         except sqlite3.Error as exc:
             logger.error(
