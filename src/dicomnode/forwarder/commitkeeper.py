@@ -93,6 +93,7 @@ class Batch:
         self.key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
         self.folder = held_folder(keeper.store, self.key)
         self.files: list[HeldFile] = []
+        self._lock = threading.Lock()  # hold() may be called from several sending threads
 
     def hold(self, jf: JobFile, obj: ObjectInfo, move: bool = True) -> bool:
         """Keep an acknowledged file in the store; True when it is held (else nothing changed).
@@ -124,14 +125,11 @@ class Batch:
             return False
         if move:
             remove_empty_parents(jf.path, watch)
-        self.files.append(
-            HeldFile(
-                obj.sop_class_uid,
-                obj.sop_instance_uid,
-                f"{HELD_DIR}/{self.key}/{origin}",
-                origin,
-            )
+        held = HeldFile(
+            obj.sop_class_uid, obj.sop_instance_uid, f"{HELD_DIR}/{self.key}/{origin}", origin
         )
+        with self._lock:
+            self.files.append(held)
         return True
 
     def close(self) -> None:
