@@ -268,9 +268,14 @@ class CommitmentKeeper:
 
     def _due(self, now: float) -> None:
         dest = self.destination
-        for record in self._refresh():
+        for listed in self._refresh():
             if self._stop.is_set():
                 return
+            # read again: a report applied while handling an earlier batch may have settled it
+            record = load_record(record_path(self.store, listed.batch))
+            if record is None:
+                continue
+            now = max(now, time.time())
             step = next_step(
                 record,
                 now,
