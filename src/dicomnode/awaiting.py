@@ -103,6 +103,9 @@ class Record:
         Wall-clock time before which no N-ACTION is sent (backoff).
     last_error : str
         Why the latest N-ACTION failed or timed out.
+    first_silence : float
+        Wall-clock time the first accepted request went unanswered for
+        ``commitment_timeout_s`` (0: none since the files last changed).
     files : tuple of HeldFile
         The held instances.
     """
@@ -122,6 +125,7 @@ class Record:
     next_attempt: float = 0.0
     last_error: str = ""
     files: tuple[HeldFile, ...] = field(default_factory=tuple)
+    first_silence: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON document of the record."""
@@ -166,6 +170,7 @@ class Record:
             next_attempt=float(doc["next_attempt"]),
             last_error=str(doc.get("last_error", "")),
             files=files,
+            first_silence=float(doc.get("first_silence", 0.0)),
         )
 
     def with_transaction(self, uid: str) -> Record:

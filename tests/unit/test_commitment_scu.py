@@ -176,6 +176,13 @@ def test_next_step_requests_waits_asks_again_and_parks() -> None:
     assert parked.step is Step.PARK and "commitment_max_attempts=2" in parked.reason
 
 
+def test_next_step_parks_after_give_up_after_s_of_silence() -> None:
+    silent = _record(requests=1, requested_at=5000.0, first_silence=2000.0)
+    parked = next_step(silent, 5061.0, 60, 5, 3000)
+    assert parked.step is Step.PARK and "give_up_after_s=3000" in parked.reason
+    assert next_step(silent, 5061.0, 60, 5, 3600).step is Step.REQUEST
+
+
 def test_next_step_backs_off_after_network_failures_then_parks() -> None:
     failing = _record(failures=2, first_failure=2000.0, next_attempt=2010.0, last_error="refused")
     step = next_step(failing, 2005.0, 60, 3, 3600)
@@ -197,7 +204,7 @@ def _as_dict(record: Record) -> dict[str, object]:
 
 
 def test_record_and_report_round_trip_through_json() -> None:
-    record = _record(transactions=("1.8", "1.9"), requests=1, requested_at=5.0)
+    record = _record(transactions=("1.8", "1.9"), requests=1, requested_at=5.0, first_silence=4.0)
     assert Record.from_json(record.to_json()) == record
     report = Report("b", "1.9", "DEST", "127.0.0.1:5", ((CT, "1.0"),), ((CT, "1.1", 0x112),), 9.0)
     assert Report.from_json(report.to_json()) == report

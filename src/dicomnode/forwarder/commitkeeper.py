@@ -303,6 +303,7 @@ class CommitmentKeeper:
                         dest.commitment_max_attempts,
                         extra=self._event(EventKind.COMMIT_FAILED, record, last, step.reason),
                     )
+                    record = replace(record, first_silence=record.first_silence or now)
                 self._request(record)
             self._apply_reports()
 
@@ -524,6 +525,7 @@ class CommitmentKeeper:
                 first_failure=0.0,
                 next_attempt=0.0,
                 last_error="",
+                first_silence=0.0,
             )
         )
 

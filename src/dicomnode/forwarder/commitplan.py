@@ -10,8 +10,8 @@ with the reason.
 up: no report within ``commitment_timeout_s`` of an accepted request is
 treated like a network failure, the request is made again (new Transaction
 UID; a late report to an earlier one still counts) until
-``commitment_max_attempts`` requests went unanswered, then the batch is
-parked; a request that cannot be sent is retried with the forwarder's
+``commitment_max_attempts`` requests went unanswered (or ``give_up_after_s``
+passed since the first silence), then the batch is parked; a request that cannot be sent is retried with the forwarder's
 backoff and parked after ``give_up_after_s``; so is a file that cannot be
 sent again. No clock, no files.
 """
@@ -165,5 +165,12 @@ def next_step(
             now,
             f"{silence} of each of {record.requests} request(s) "
             f"(commitment_max_attempts={max_attempts})",
+        )
+    if record.first_silence and now - record.first_silence >= give_up_after_s:
+        return Next(
+            Step.PARK,
+            now,
+            f"{silence} of each of {record.requests} request(s) over "
+            f"{now - record.first_silence:.0f} s (give_up_after_s={give_up_after_s:g})",
         )
     return Next(Step.REQUEST, now, f"{silence}; asking again")
