@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from dicomnode.awaiting import Report, held_folder, load_records, write_report
 from dicomnode.config import COMMITMENT_STORE_NAME, DestinationConfig, ForwarderConfig
 from dicomnode.forwarder.batching import ObjectInfo
-from dicomnode.forwarder.commitkeeper import CommitmentKeeper
+from dicomnode.forwarder.commitkeeper import CommitmentKeeper, unclaimed_batches
 from dicomnode.forwarder.job import JobFile
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -140,3 +140,11 @@ def test_stale_report_to_a_closed_transaction_changes_nothing(tmp_path: Path) ->
     (record,) = load_records(store)
     assert len(record.files) == 3
     assert not list((store / "reports").glob("*.json"))
+
+
+def test_batches_of_a_destination_no_longer_committing_are_reported(tmp_path: Path) -> None:
+    keeper = _keeper(tmp_path)
+    _held_batch(keeper, 2)
+    watch = keeper.config.watch_folder
+    assert unclaimed_batches(watch, {"default"}) == {}
+    assert unclaimed_batches(watch, {"other"}) == {"default": 2}

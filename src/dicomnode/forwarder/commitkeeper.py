@@ -719,6 +719,15 @@ class CommitmentKeeper:
             )
 
 
+def unclaimed_batches(watch_folder: Path, committing: set[str]) -> dict[str, int]:
+    """Return ``{destination: files}`` held for destinations not in ``committing``."""
+    found: dict[str, int] = {}
+    for record in load_records(watch_folder / COMMITMENT_STORE_NAME):
+        if record.destination not in committing:
+            found[record.destination] = found.get(record.destination, 0) + len(record.files)
+    return found
+
+
 class _HeldApplier:
     """Outcomes of sending held files again: remember what was acknowledged, park what was refused."""
 

@@ -35,7 +35,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from dicomnode.config import DEFAULT_DESTINATION, DestinationConfig, ForwarderConfig
+from dicomnode.config import (
+    COMMITMENT_STORE_NAME,
+    DEFAULT_DESTINATION,
+    DestinationConfig,
+    ForwarderConfig,
+)
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
     FileEntry,
@@ -46,7 +51,7 @@ from dicomnode.forwarder.batching import (
     group_label,
     should_give_up,
 )
-from dicomnode.forwarder.commitkeeper import Batch, CommitmentKeeper
+from dicomnode.forwarder.commitkeeper import Batch, CommitmentKeeper, unclaimed_batches
 from dicomnode.forwarder.deliveries import STORE_NAME, DeliveryStore
 from dicomnode.forwarder.delivery import make_sender, park_job_file, send_group
 from dicomnode.forwarder.fanout import Action, DeliveryState, is_settled, next_action
@@ -167,6 +172,15 @@ class Forwarder:
         self._stop.clear()
         for keeper in self._keepers.values():
             keeper.start()
+        orphaned = unclaimed_batches(self.watch_folder, set(self._keepers))
+        for name, files in sorted(orphaned.items()):
+            logger.warning(
+                "COMMIT-AWAITING role=scu destination=%s files=%d: held for a destination that no "
+                "longer asks for storage commitment; they stay in %s/held until it does again",
+                name,
+                files,
+                COMMITMENT_STORE_NAME,
+            )
         self._planner = ThreadPoolExecutor(
             max_workers=cfg.max_workers, thread_name_prefix="dicomnode-plan"
         )
