@@ -58,6 +58,10 @@ class HeldFile:
     resend : bool
         True when the destination did not commit it and it must be sent again
         (from where it is held) before the next request.
+    size, mtime_ns : int
+        The file's size and modification time in the watch folder (0: unknown).
+    checksum : str
+        Its content checksum as the forwarder's delivery record knows it ("" : unknown).
     """
 
     sop_class: str
@@ -66,6 +70,9 @@ class HeldFile:
     origin: str
     sends: int = 1
     resend: bool = False
+    size: int = 0
+    mtime_ns: int = 0
+    checksum: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,9 @@ class Record:
                 str(f["origin"]),
                 int(f.get("sends", 1)),
                 bool(f.get("resend", False)),
+                int(f.get("size", 0)),
+                int(f.get("mtime_ns", 0)),
+                str(f.get("checksum", "")),
             )
             for f in doc["files"]
         )

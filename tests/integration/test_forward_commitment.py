@@ -15,6 +15,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -490,6 +491,25 @@ def test_commitment_partial_failure_resends_then_parks(
         assert "commitment_max_attempts=2" in log
         # the others were committed at the first report and deleted
         assert dest.stored.count(str(datasets[0].SOPInstanceUID)) == 1
+        # moved back by the operator, it is sent again (never skipped as a duplicate of the
+        # acknowledgement that was not committed), and committed this time
+        dest.fail = set()
+        done = subprocess.run(
+            [sys.executable, "-m", "dicomnode", "retry-failed", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert wait_until(lambda: dest.stored.count(bad) == 3, 60), node.output()
+        assert wait_until(
+            lambda: (
+                settled(watch)
+                and not [p for p in files_below(watch / "failed") if p.suffix == ".dcm"]
+            ),
+            60,
+        ), node.output()
     finally:
         dest.stop()
 

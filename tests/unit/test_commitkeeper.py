@@ -14,6 +14,8 @@ from dicomnode.awaiting import Report, held_folder, load_records, write_report
 from dicomnode.config import COMMITMENT_STORE_NAME, DestinationConfig, ForwarderConfig
 from dicomnode.forwarder.batching import ObjectInfo
 from dicomnode.forwarder.commitkeeper import CommitmentKeeper, unclaimed_batches
+from dicomnode.forwarder.deliveries import DeliveryStore, FileIdentity
+from dicomnode.forwarder.fanout import DeliveryState
 from dicomnode.forwarder.job import JobFile
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -148,3 +150,28 @@ def test_batches_of_a_destination_no_longer_committing_are_reported(tmp_path: Pa
     watch = keeper.config.watch_folder
     assert unclaimed_batches(watch, {"default"}) == {}
     assert unclaimed_batches(watch, {"other"}) == {"default": 2}
+
+
+def test_commitment_outcomes_reach_the_delivery_record(tmp_path: Path) -> None:
+    # a file the destination did not commit must not count as delivered (duplicate window)
+    keeper = _keeper(tmp_path, max_attempts=1)
+    store = DeliveryStore(tmp_path / "deliveries.sqlite")
+    keeper.deliveries = lambda: store
+    watch = keeper.config.watch_folder
+    batch = keeper.open_batch("PAT")
+    idents = []
+    for i in range(2):
+        jf = _file(watch, f"PAT/{i}.dcm", bytes([i]))
+        ident = FileIdentity(jf.display, jf.size, jf.mtime_ns, f"sum{i}", f"1.{i}")
+        store.record("default", ident, DeliveryState.ACKNOWLEDGED, time.time())
+        idents.append(ident)
+        assert batch.hold(jf, _info(f"1.{i}"), checksum=f"sum{i}")
+    batch.close()
+    (record,) = load_records(watch / COMMITMENT_STORE_NAME)
+    record = record.with_transaction("1.9")
+    keeper._apply(record, Report(batch.key, "1.9", "DEST", "p", ((CT, "1.0"),), (), 1.0))
+    assert store.states(idents[0]) == {"default": DeliveryState.COMMITTED}
+    assert store.states(idents[1]) == {"default": DeliveryState.PENDING}  # sent again if retried
+    assert store.last_acknowledged("default", "1.1", "sum1") is None
+    assert store.last_acknowledged("default", "1.0", "sum0") is not None
+    store.close()

@@ -31,10 +31,12 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Final
@@ -59,7 +61,9 @@ from dicomnode.dul.commitment import parse_event_info
 from dicomnode.dul.link import LinkError
 from dicomnode.forwarder.batching import ObjectInfo, backoff_delay_s, group_label
 from dicomnode.forwarder.commitplan import ReportVerdict, Step, judge_report, next_step
+from dicomnode.forwarder.deliveries import DeliveryStore, FileIdentity
 from dicomnode.forwarder.delivery import send_group
+from dicomnode.forwarder.fanout import DeliveryState
 from dicomnode.forwarder.job import GroupJob, JobFile
 from dicomnode.forwarder.lean import LeanAssociationSender, request_commitment
 from dicomnode.forwarder.outcome import ParkReason, park_file, park_stamp, remove_empty_parents
@@ -95,7 +99,7 @@ class Batch:
         self.files: list[HeldFile] = []
         self._lock = threading.Lock()  # hold() may be called from several sending threads
 
-    def hold(self, jf: JobFile, obj: ObjectInfo, move: bool = True) -> bool:
+    def hold(self, jf: JobFile, obj: ObjectInfo, move: bool = True, checksum: str = "") -> bool:
         """Keep an acknowledged file in the store; True when it is held (else nothing changed).
 
         ``move``: rename it (no other destination needs it); else hard-link it
@@ -126,7 +130,13 @@ class Batch:
         if move:
             remove_empty_parents(jf.path, watch)
         held = HeldFile(
-            obj.sop_class_uid, obj.sop_instance_uid, f"{HELD_DIR}/{self.key}/{origin}", origin
+            obj.sop_class_uid,
+            obj.sop_instance_uid,
+            f"{HELD_DIR}/{self.key}/{origin}",
+            origin,
+            size=jf.size,
+            mtime_ns=jf.mtime_ns,
+            checksum=checksum,
         )
         with self._lock:
             self.files.append(held)
@@ -205,6 +215,9 @@ class CommitmentKeeper:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._awaiting = _Tally()
+        #: The forwarder's delivery record (set by the forwarder): commitment outcomes are
+        #: recorded there, so a file not committed never counts as delivered (duplicates).
+        self.deliveries: Callable[[], DeliveryStore | None] = lambda: None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -486,6 +499,7 @@ class CommitmentKeeper:
             with contextlib.suppress(OSError):
                 path.unlink()
                 remove_empty_parents(path, self.store)
+            self._mark(held, DeliveryState.COMMITTED)
         if verdict.park:
             stamp = park_stamp(time.time())
             for held, why in verdict.park:
@@ -622,6 +636,8 @@ class CommitmentKeeper:
                 kept.append(replace(held, resend=False, sends=held.sends + 1))
             elif path.exists():
                 kept.append(held)  # not sent this time (network trouble): tried again
+            else:
+                self._mark(held, DeliveryState.PENDING)  # refused when sent again: parked
         record = replace(record, files=tuple(kept))
         if not kept:
             self._forget(record)
@@ -668,6 +684,30 @@ class CommitmentKeeper:
             wall_time=time.time(),
             prune_root=self.store,
         )
+        self._mark(held, DeliveryState.PENDING)
+
+    def _mark(self, held: HeldFile, state: DeliveryState) -> None:
+        """Record a commitment outcome in the delivery record.
+
+        Committed: ``committed``. Parked because it was not committed: ``pending``
+        again, so it never counts as delivered (no duplicate skipping), and a copy
+        moved back from failed/ (same path, size and time) is sent to it again.
+        """
+        store = self.deliveries()
+        if store is None or not held.checksum:
+            return
+        ident = FileIdentity(
+            held.origin, held.size, held.mtime_ns, held.checksum, held.sop_instance
+        )
+        try:
+            store.record(self.destination.name, ident, state, time.time())
+        except sqlite3.Error as exc:
+            logger.error(
+                "STATE-WRITE-FAILED file=%s destination=%s: %s",
+                held.origin,
+                self.destination.name,
+                exc,
+            )
 
     def _park_batch(self, record: Record, reason: str) -> None:
         stamp = park_stamp(time.time())

@@ -154,6 +154,8 @@ class Forwarder:
             for n, d in self._dests.items()
             if d.storage_commitment
         }
+        for keeper in self._keepers.values():
+            keeper.deliveries = lambda: self._deliveries
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -736,7 +738,8 @@ class _DestinationApplier:
         fp = self.plans.get(jf.path)
         if self.batch is not None:
             alone = fp is None or fp.route.destinations == (self.name,)
-            if not self.batch.hold(jf, obj, move=alone):
+            checksum = fp.ident.checksum if fp is not None else ""
+            if not self.batch.hold(jf, obj, move=alone, checksum=checksum):
                 return
             if fp is None:
                 return
