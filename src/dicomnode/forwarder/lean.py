@@ -769,22 +769,35 @@ def request_commitment(
         pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
         for i, piece in enumerate(pieces):
             conn.send(p_data_tf(1, PDV_LAST if i == len(pieces) - 1 else 0, piece), "sending")
-        conn.set_timeout(cfg.dimse_timeout_s)
-        try:
-            rsp, _ = _read_message(conn, "waiting for the N-ACTION response")
-        except LinkTimeout as exc:
-            raise LinkError(
-                f"no N-ACTION response from {conn.where} within dimse_timeout_s "
-                f"({cfg.dimse_timeout_s:g} s)"
-            ) from exc
-        if command_us(rsp, COMMAND_FIELD) != N_ACTION_RSP:
+        reported_here = False
+        while True:
+            conn.set_timeout(cfg.dimse_timeout_s)
+            try:
+                rsp, body = _read_message(conn, "waiting for the N-ACTION response")
+            except LinkTimeout as exc:
+                raise LinkError(
+                    f"no N-ACTION response from {conn.where} within dimse_timeout_s "
+                    f"({cfg.dimse_timeout_s:g} s)"
+                ) from exc
+            field = command_us(rsp, COMMAND_FIELD)
+            if (
+                field == N_EVENT_REPORT_RQ
+                and body is not None
+                and report_here
+                and not reported_here
+            ):
+                _answer_report(conn, rsp, body, syntax, on_report)  # the report came first
+                reported_here = True
+                continue
+            break
+        if field != N_ACTION_RSP:
             raise LinkError(f"{conn.where} answered the N-ACTION with another command")
         status = command_us(rsp, STATUS)
         if status is None:
             raise LinkError(f"{conn.where} answered the N-ACTION without a Status")
         if status == 0:
             on_accepted()
-        if status == 0 and report_here and wait_report_s > 0:
+        if status == 0 and report_here and wait_report_s > 0 and not reported_here:
             _serve_report(conn, syntax, on_report, wait_report_s, reported)
         sender._release(conn)
         return status
@@ -814,6 +827,17 @@ def _serve_report(
         raise LinkError(f"{conn.where} stopped in the middle of a message") from None
     if command_us(request, COMMAND_FIELD) != N_EVENT_REPORT_RQ or data is None:
         raise LinkError(f"{conn.where} sent another message than the commitment report")
+    _answer_report(conn, request, data, syntax, on_report)
+
+
+def _answer_report(
+    conn: PduLink,
+    request: dict[int, bytes],
+    data: bytes,
+    syntax: str,
+    on_report: ReportCallback,
+) -> None:
+    """Keep a report received on this association (``on_report``) and answer it."""
     event_type = command_us(request, EVENT_TYPE_ID) or 0
     status = on_report(event_type, data, syntax)
     conn.send(
