@@ -165,8 +165,12 @@ def test_routes_by_modality_sop_class_and_calling_ae_unmatched_parked(
 
 
 def test_one_destination_down_the_other_gets_everything_then_the_first_catches_up(
-    tmp_path: Path, peers: dict[str, StoreSCP], forwarders: list[Forwarder]
+    tmp_path: Path,
+    peers: dict[str, StoreSCP],
+    forwarders: list[Forwarder],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
     a = peer(peers, tmp_path, "A")
     b = peer(peers, tmp_path, "B", start=False)  # its port is not listening yet
     cfg = routed_config(tmp_path, {"A": a.port, "B": b.port}, "[Route:all]\ndestinations = A, B\n")
@@ -181,6 +185,7 @@ def test_one_destination_down_the_other_gets_everything_then_the_first_catches_u
     status = forwarders[0].status()["destinations"]
     assert wait_until(lambda: forwarders[0].status()["destinations"]["B"]["retry"], 20)  # type: ignore[index]
     assert not status["A"]["retry"] and status["A"]["awaiting_files"] == 0  # type: ignore[index]
+    assert wait_until(lambda: "A:awaiting=0/sending=0/retrying=0,B:awaiting=12" in caplog.text, 20)
     b.start()
     assert wait_until(lambda: not pending(cfg.watch_folder), 60), pending(cfg.watch_folder)
     assert sorted(b.received_sops()) == sorted(sent)

@@ -660,14 +660,25 @@ class Forwarder:
         )
         with self._lock:
             inflight = len({g for g, _ in self._inflight})
+        per_destination = ""
+        if self.routed:
+            status = self.status()["destinations"]
+            assert isinstance(status, dict)
+            per_destination = " destinations=" + ",".join(
+                f"{name}:awaiting={s['awaiting_files']}/sending={len(s['sending'])}"
+                f"/retrying={len(s['retry'])}"
+                for name, s in status.items()
+            )
         logger.info(
-            "HEARTBEAT pending_groups=%d files=%d sending=%d retrying=%d last_success=%s backoff=%.0fs",
+            "HEARTBEAT pending_groups=%d files=%d sending=%d retrying=%d last_success=%s "
+            "backoff=%.0fs%s",
             len(groups),
             files,
             inflight,
             len({g for g, _ in self._retry}),
             last,
             max(0.0, backoff),
+            per_destination,
         )
 
 
