@@ -219,6 +219,16 @@ def stored_counters(conn: sqlite3.Connection) -> dict[tuple[str, str], float]:
 MAX_DELIVERY_UIDS: Final = 64
 
 
+def delivered_sql(count: int) -> str:
+    """Return the query of :func:`was_delivered` for ``count`` UIDs (probes ``events_sop``)."""
+    marks = ", ".join("?" * count)
+    # ``+kind``: probe by SOP UID (events_sop), never scan every forwarded event
+    return (
+        f"SELECT 1 FROM events WHERE sop_uid IN ({marks}) AND +kind = ? AND +destination = ? "
+        "LIMIT 1"
+    )
+
+
 def was_delivered(conn: sqlite3.Connection, destination: str, sop_uids: Sequence[str]) -> bool:
     """Return True when ``destination`` acknowledged any of ``sop_uids`` (a ``forwarded`` event).
 
@@ -227,10 +237,8 @@ def was_delivered(conn: sqlite3.Connection, destination: str, sop_uids: Sequence
     uids = list(dict.fromkeys(u for u in sop_uids if u))[:MAX_DELIVERY_UIDS]
     if not uids:
         return False
-    marks = ", ".join("?" * len(uids))
     row = conn.execute(
-        f"SELECT 1 FROM events WHERE sop_uid IN ({marks}) AND kind = ? AND destination = ? LIMIT 1",
-        (*uids, EventKind.FORWARDED.value, destination),
+        delivered_sql(len(uids)), (*uids, EventKind.FORWARDED.value, destination)
     ).fetchone()
     return row is not None
 
@@ -245,8 +253,8 @@ def was_series_delivered(
     if not study_uid or not series_uid:
         return False
     row = conn.execute(
-        "SELECT 1 FROM events WHERE study_uid = ? AND series_uid = ? AND kind = ? "
-        "AND destination = ? LIMIT 1",
+        "SELECT 1 FROM events WHERE study_uid = ? AND series_uid = ? AND +kind = ? "
+        "AND +destination = ? LIMIT 1",
         (study_uid, series_uid, EventKind.FORWARDED.value, destination),
     ).fetchone()
     return row is not None
