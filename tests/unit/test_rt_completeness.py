@@ -223,52 +223,62 @@ def test_missing_asks_delivered_only_for_what_the_group_lacks(tmp_path: Path) ->
 # --------------------------------------------------------------------------- wait / send / park
 
 
+FP = {name: frozenset({name}) for name in ("fp", "fp1", "fp2", "fp3")}
+
+
 def test_tracker_waits_announces_once_and_holds_until_change_or_deadline() -> None:
     t = CompletenessTracker()
     miss = (Reference(RTSTRUCT, "1.2"),)
-    v = t.decide("G", "default", "fp1", miss, 100.0, 60.0, "send")
+    v = t.decide("G", "default", FP["fp1"], miss, 100.0, 60.0, "send")
     assert (v.action, v.announce, v.waited_s) == (GateAction.WAIT, True, 0.0)
-    assert t.should_hold("G", "default", "fp1", 130.0, 60.0)
-    assert not t.should_hold("G", "default", "fp2", 130.0, 60.0)  # changed: check again
-    assert not t.should_hold("G", "other", "fp1", 130.0, 60.0)  # per destination
-    v = t.decide("G", "default", "fp2", miss, 130.0, 60.0, "send")
+    assert t.should_hold("G", "default", FP["fp1"], 130.0, 60.0)
+    assert not t.should_hold("G", "default", FP["fp2"], 130.0, 60.0)  # changed: check again
+    assert not t.should_hold("G", "other", FP["fp1"], 130.0, 60.0)  # per destination
+    v = t.decide("G", "default", FP["fp2"], miss, 130.0, 60.0, "send")
     assert (v.action, v.announce, v.waited_s) == (GateAction.WAIT, False, 30.0)  # no second line
-    v = t.decide("G", "default", "fp3", (Reference(RTPLAN, "9"),), 131.0, 60.0, "send")
+    v = t.decide("G", "default", FP["fp3"], (Reference(RTPLAN, "9"),), 131.0, 60.0, "send")
     assert v.announce  # something else is missing now: say so
-    assert not t.should_hold("G", "default", "fp3", 160.0, 60.0)  # wait over (from first ready)
+    assert not t.should_hold("G", "default", FP["fp3"], 160.0, 60.0)  # wait over (from first ready)
     assert set(t.waiting()) == {("G", "default")}
 
 
 def test_tracker_after_the_wait_sends_with_one_warning() -> None:
     t = CompletenessTracker()
     miss = (Reference(RTPLAN, "1.2"),)
-    t.decide("G", "default", "fp", miss, 0.0, 10.0, "send")
-    v = t.decide("G", "default", "fp", miss, 10.0, 10.0, "send")
+    t.decide("G", "default", FP["fp"], miss, 0.0, 10.0, "send")
+    v = t.decide("G", "default", FP["fp"], miss, 10.0, 10.0, "send")
     assert (v.action, v.announce, v.missing) == (GateAction.SEND_INCOMPLETE, True, miss)
-    v = t.decide("G", "default", "fp", miss, 50.0, 10.0, "send")  # a retry after network trouble
+    v = t.decide(
+        "G", "default", FP["fp"], miss, 50.0, 10.0, "send"
+    )  # a retry after network trouble
     assert (v.action, v.announce) == (GateAction.SEND_INCOMPLETE, False)
     assert t.waiting() == {}
+    v = t.decide("G", "default", frozenset(), miss, 51.0, 10.0, "send")  # files sent meanwhile
+    assert v.action is GateAction.SEND_INCOMPLETE
+    # a new export into the same folder (the receiver's AE folder) waits again
+    v = t.decide("G", "default", frozenset({"new"}), miss, 60.0, 10.0, "send")
+    assert (v.action, v.announce, v.waited_s) == (GateAction.WAIT, True, 0.0)
 
 
 def test_tracker_after_the_wait_parks() -> None:
     t = CompletenessTracker()
     miss = (Reference(RTPLAN, "1.2"),)
-    t.decide("G", "default", "fp", miss, 0.0, 10.0, "park")
-    v = t.decide("G", "default", "fp", miss, 12.0, 10.0, "park")
+    t.decide("G", "default", FP["fp"], miss, 0.0, 10.0, "park")
+    v = t.decide("G", "default", FP["fp"], miss, 12.0, 10.0, "park")
     assert (v.action, v.announce, v.waited_s) == (GateAction.PARK, True, 12.0)
 
 
 def test_tracker_completion_and_zero_wait() -> None:
     t = CompletenessTracker()
     miss = (Reference(RTSTRUCT, "1.2"),)
-    assert t.decide("G", "d", "fp", miss, 0.0, 0.0, "park").action is GateAction.SEND  # 0 = off
-    t.decide("G", "d", "fp", miss, 0.0, 100.0, "park")
-    v = t.decide("G", "d", "fp2", (), 20.0, 100.0, "park")
+    assert t.decide("G", "d", FP["fp"], miss, 0.0, 0.0, "park").action is GateAction.SEND  # 0 = off
+    t.decide("G", "d", FP["fp"], miss, 0.0, 100.0, "park")
+    v = t.decide("G", "d", FP["fp2"], (), 20.0, 100.0, "park")
     assert (v.action, v.announce, v.waited_s) == (GateAction.SEND, True, 20.0)
     assert t.waiting() == {}
-    v = t.decide("G", "d", "fp2", (), 21.0, 100.0, "park")
+    v = t.decide("G", "d", FP["fp2"], (), 21.0, 100.0, "park")
     assert (v.action, v.announce) == (GateAction.SEND, False)
-    t.decide("G", "d", "fp", miss, 30.0, 100.0, "park")
+    t.decide("G", "d", FP["fp"], miss, 30.0, 100.0, "park")
     t.forget("G")
     assert t.waiting() == {}
 

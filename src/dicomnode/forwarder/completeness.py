@@ -29,7 +29,7 @@ logging). Imports pydicom's data set type and :mod:`.batching` only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
@@ -237,7 +237,7 @@ class GateVerdict:
 @dataclass(slots=True)
 class _Hold:
     first_ready: float
-    fingerprint: Hashable
+    fingerprint: Set[Hashable]
     missing: tuple[Reference, ...]
     expired_told: bool = False
 
@@ -258,7 +258,7 @@ class CompletenessTracker:
         self,
         group: str,
         destination: str,
-        fingerprint: Hashable,
+        fingerprint: Set[Hashable],
         missing: tuple[Reference, ...],
         now: float,
         wait_s: float,
@@ -270,8 +270,11 @@ class CompletenessTracker:
         ----------
         group, destination : str
             Which group, for which destination.
-        fingerprint : hashable
-            Identity of the group's content (paths, sizes, mtimes) at this check.
+        fingerprint : set
+            The group's content at this check (one entry per file: path, size, mtime).
+            After a wait that ended in sending, content that was not there before
+            (a new export into the same folder) starts a new wait; fewer files (the
+            ones already sent) do not.
         missing : tuple of Reference
             :func:`missing_references` of the group for this destination.
         now : float
@@ -288,6 +291,8 @@ class CompletenessTracker:
                 del self._holds[key]
                 return GateVerdict(GateAction.SEND, (), now - hold.first_ready, wait_s, True)
             return GateVerdict(GateAction.SEND, (), 0.0, wait_s)
+        if hold is not None and hold.expired_told and not fingerprint <= hold.fingerprint:
+            hold = None  # new content after a wait that ended: a new wait
         if hold is None:
             hold = self._holds[key] = _Hold(now, fingerprint, ())
         announce = missing != hold.missing
@@ -302,7 +307,7 @@ class CompletenessTracker:
         return GateVerdict(verdict, missing, waited, wait_s, not told or announce)
 
     def should_hold(
-        self, group: str, destination: str, fingerprint: Hashable, now: float, wait_s: float
+        self, group: str, destination: str, fingerprint: Set[Hashable], now: float, wait_s: float
     ) -> bool:
         """Return True while ``group`` waits for ``destination``, unchanged, within its wait.
 

@@ -45,14 +45,14 @@ DEFAULT_DESTINATION: Final = "default"
 GateCheck = Callable[[GroupJob, Sequence[ObjectInfo]], GateVerdict]
 
 
-def job_fingerprint(job: GroupJob) -> Hashable:
-    """Return the identity of a claimed group's content (paths, sizes, mtimes)."""
-    return tuple((jf.display, jf.size, jf.mtime_ns) for jf in job.files)
+def job_fingerprint(job: GroupJob) -> frozenset[Hashable]:
+    """Return the content of a claimed group: (path, size, mtime) per file."""
+    return frozenset((jf.display, jf.size, jf.mtime_ns) for jf in job.files)
 
 
-def snapshot_fingerprint(snap: GroupSnapshot) -> Hashable:
+def snapshot_fingerprint(snap: GroupSnapshot) -> frozenset[Hashable]:
     """Return :func:`job_fingerprint` of the job a snapshot of the watch folder becomes."""
-    return tuple((e.rel_path.as_posix(), e.size, e.mtime_ns) for e in snap.files)
+    return frozenset((e.rel_path.as_posix(), e.size, e.mtime_ns) for e in snap.files)
 
 
 class RtGate:
