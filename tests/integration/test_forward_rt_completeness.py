@@ -4,8 +4,8 @@ A dose and plan without their structure set are held (one ``WAITING`` line, noth
 the target) until the structure set is dropped into the group, then all three arrive
 RTSTRUCT → RTPLAN → RTDOSE; after the wait ``rt_incomplete_action`` parks or sends with
 a WARNING; ``rt_completeness_wait_s = 0`` turns the check off; and in a running node a
-plan whose structure set the ledger shows delivered before is sent without waiting,
-while a held group shows on the console.
+structure set whose images, and a plan whose structure set, the ledger shows delivered
+before are sent without waiting, while a held group shows on the console.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder import Forwarder
 from dicomnode.ledger.schema import LedgerUnavailable, open_reader
 from tests.conftest import free_port, stays_false, wait_for_port, wait_until, write_config
-from tests.factories import ROOT, rt_set, save
+from tests.factories import ROOT, make_image, rt_set, save
 from tests.integration.test_console import get
 from tests.integration.test_forward import (
     TARGET_AET,
@@ -182,7 +182,7 @@ def _forwarded_in_ledger(ledger: Path, sop_uid: str) -> bool:
 
 
 @pytest.mark.timeout(180)
-def test_rt_node_sends_a_plan_whose_structure_set_the_ledger_shows_delivered(
+def test_rt_node_sends_what_references_objects_the_ledger_shows_delivered(
     tmp_path: Path, start_node: Callable[..., Any]
 ) -> None:
     target = StoreSCP(tmp_path).start()
@@ -208,20 +208,29 @@ def test_rt_node_sends_a_plan_whose_structure_set_the_ledger_shows_delivered(
             },
         )
         ledger = tmp_path / "received" / ".ledger" / "ledger.sqlite"
-        rt = rt_set(study_uid=generate_uid(ROOT))
+        study, series = generate_uid(ROOT), generate_uid(ROOT)
+        rt = rt_set(study_uid=study, image_series=series)  # the struct lists no contour images
+        cts = [make_image(study_uid=study, series_uid=series, instance=i) for i in (1, 2)]
         node = start_node(["--config", str(cfg), "--no-receiver"])
         wait_for_port(web_port, proc=node.proc)
 
-        drop(rt["rtstruct"], watch / "EXPORT1", "struct.dcm")  # references no image series
-        assert wait_until(lambda: len(target.order()) == 1, 60), node.output()
+        # the images go first, alone (dropped in, never received: the ledger knows only the send)
+        for i, ct in enumerate(cts):
+            drop(ct, watch / "EXPORT0", f"ct{i}.dcm")
+        assert wait_until(lambda: len(target.order()) == 2, 60), node.output()
+        assert wait_until(lambda: _forwarded_in_ledger(ledger, uid(cts[1])), 30)
+        # the structure set's image series was delivered before (ledger: study + series)
+        drop(rt["rtstruct"], watch / "EXPORT1", "struct.dcm")
+        assert wait_until(lambda: len(target.order()) == 3, 60), node.output()
         assert wait_until(lambda: _forwarded_in_ledger(ledger, uid(rt["rtstruct"])), 30)
+        assert "WAITING" not in node.output()
 
         started = time.monotonic()
         drop(rt["rtplan"], watch / "EXPORT2", "plan.dcm")
         drop(rt["rtdose"], watch / "EXPORT2", "dose.dcm")
-        assert wait_until(lambda: len(target.order()) == 3, 60), node.output()
+        assert wait_until(lambda: len(target.order()) == 5, 60), node.output()
         assert time.monotonic() - started < 60  # far below the 600 s wait
-        assert target.received_sops()[1:] == [uid(rt["rtplan"]), uid(rt["rtdose"])]
+        assert target.received_sops()[3:] == [uid(rt["rtplan"]), uid(rt["rtdose"])]
         assert "WAITING" not in node.output()
 
         # a dose whose plan was never delivered waits, and the console says why
@@ -231,7 +240,7 @@ def test_rt_node_sends_a_plan_whose_structure_set_the_ledger_shows_delivered(
         status, page = get(f"http://127.0.0.1:{web_port}/queue")
         assert status == 200, page
         assert "waiting for RT references" in page and uid(other["rtplan"]) in page
-        assert len(target.order()) == 3
+        assert len(target.order()) == 5
         received = {
             str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files_in(target.out)
         }

@@ -245,8 +245,8 @@ class ObjectInfo:
         (0008,0060), may be empty.
     series_number, instance_number : int or None
         Integer values, None when missing or not a number.
-    series_instance_uid : str
-        (0020,000E), may be empty.
+    series_instance_uid, study_instance_uid : str
+        (0020,000E) and (0020,000D), may be empty.
     references : tuple of Reference
         What an RT object needs at the destination before it
         (:func:`~.completeness.references_of`); empty for other objects.
@@ -260,6 +260,7 @@ class ObjectInfo:
     series_number: int | None = None
     instance_number: int | None = None
     series_instance_uid: str = ""
+    study_instance_uid: str = ""
     references: tuple[Reference, ...] = ()
 
 

@@ -68,7 +68,8 @@ class Reference:
     uid : str
         The referenced UID.
     study_uid : str
-        For SERIES: the referenced study (RT Referenced Study), may be empty.
+        For SERIES: the referenced study (RT Referenced Study; the structure set's
+        own study when that is empty).
     images : tuple of str
         For SERIES: up to :data:`MAX_EVIDENCE_IMAGES` contour image SOP Instance UIDs.
     """
@@ -137,7 +138,9 @@ def references_of(ds: Dataset, modality: str, sop_class_uid: str) -> tuple[Refer
     elif category == "RTSTRUCT":
         for frame in ds.get("ReferencedFrameOfReferenceSequence") or ():
             for study in frame.get("RTReferencedStudySequence") or ():
-                study_uid = _text(study, "ReferencedSOPInstanceUID")
+                study_uid = _text(study, "ReferencedSOPInstanceUID") or _text(
+                    ds, "StudyInstanceUID"
+                )
                 for series in study.get("RTReferencedSeriesSequence") or ():
                     series_uid = _text(series, "SeriesInstanceUID")
                     if not series_uid:

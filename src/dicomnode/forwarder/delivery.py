@@ -243,6 +243,7 @@ def send_group(
                     EventKind.FORWARDED,
                     sop_uid=obj.sop_instance_uid or None,
                     series_uid=obj.series_instance_uid or None,
+                    study_uid=obj.study_instance_uid or None,
                     path=str(jf.path),
                     destination=destination,
                     status=f"0x{status or 0:04X}",

@@ -115,6 +115,7 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         series_number=_int_or_none(text_of(ds, "SeriesNumber")),
         instance_number=_int_or_none(text_of(ds, "InstanceNumber")),
         series_instance_uid=text_of(ds, "SeriesInstanceUID"),
+        study_instance_uid=text_of(ds, "StudyInstanceUID"),
         references=rt_references(ds, modality, sop_class, jf.display),
     )
 
