@@ -24,7 +24,14 @@ from pydicom.uid import generate_uid
 from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder import Forwarder
 from dicomnode.ledger.schema import LedgerUnavailable, open_reader
-from tests.conftest import free_port, stays_false, wait_for_port, wait_until, write_config
+from tests.conftest import (
+    free_port,
+    run_storescu,
+    stays_false,
+    wait_for_port,
+    wait_until,
+    write_config,
+)
 from tests.factories import ROOT, make_image, rt_set, save
 from tests.integration.test_console import get
 from tests.integration.test_forward import (
@@ -245,5 +252,57 @@ def test_rt_node_sends_what_references_objects_the_ledger_shows_delivered(
             str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files_in(target.out)
         }
         assert uid(other["rtdose"]) not in received
+    finally:
+        target.stop()
+
+
+@pytest.mark.timeout(180)
+def test_rt_received_then_forwarded_waits_for_the_structure_set_sent_later(
+    tmp_path: Path, start_node: Callable[..., Any]
+) -> None:
+    """Receive → forward chain: a TPS sends dose and plan, later the structure set (DCMTK storescu
+    to our receiver, which files into the watch folder); the target gets all three in order."""
+    target = StoreSCP(tmp_path).start()
+    try:
+        port = free_port()
+        watch = tmp_path / "watch"
+        cfg = write_config(
+            tmp_path / "node.ini",
+            {
+                "General": {"ae_title": "NODE"},
+                "Network": {
+                    "server_ip": "127.0.0.1",
+                    "receive_port": port,
+                    "receiver_processes": 1,
+                },
+                "Directories": {"destination_dir": tmp_path / "received", "min_free_space_mb": 0},
+                "Security": {"trusted_ae_titles": "TPS"},
+                "AE_Mappings": {"TPS": watch / "TPS"},
+                "FolderWatcher": {
+                    "watch_folder": watch,
+                    "target_aet": TARGET_AET,
+                    "target_ip": "127.0.0.1",
+                    "target_port": target.port,
+                    "inactivity_timeout": 0.5,
+                    "process_timer_interval": 0.5,
+                    "rt_completeness_wait_s": 600,
+                },
+            },
+        )
+        rt = rt_set(study_uid=generate_uid(ROOT))
+        paths = {n: save(ds, tmp_path / "tps" / f"{n}.dcm") for n, ds in rt.items()}
+        node = start_node(["--config", str(cfg)], port=port)
+
+        sent = run_storescu(port, [paths["rtdose"], paths["rtplan"]], "TPS", "NODE")
+        assert sent.returncode == 0, sent.stderr
+        assert wait_until(lambda: "WAITING group=TPS" in node.output(), 60), node.output()
+        assert f"missing=RTSTRUCT:{uid(rt['rtstruct'])}" in node.output()
+        assert stays_false(lambda: target.order(), 2.0)
+
+        sent = run_storescu(port, [paths["rtstruct"]], "TPS", "NODE")
+        assert sent.returncode == 0, sent.stderr
+        assert wait_until(lambda: len(target.order()) == 3, 60), node.output()
+        assert target.received_sops() == [uid(rt["rtstruct"]), uid(rt["rtplan"]), uid(rt["rtdose"])]
+        assert node.output().count("WAITING group=TPS") == 1
     finally:
         target.stop()
