@@ -124,6 +124,22 @@ def test_references_of_contour_images_kept_as_evidence_and_duplicates_dropped() 
     assert ref.uid == "1.2.3.4" and len(ref.images) == 32 and ref.images[0] == "1.2.3.4.0"
 
 
+def test_references_of_a_hostile_object_are_bounded() -> None:
+    dose = rt_set()["rtdose"]
+    item = dose.ReferencedRTPlanSequence[0]
+    items = []
+    for i in range(500):
+        copy = Dataset()
+        copy.ReferencedSOPClassUID = item.ReferencedSOPClassUID
+        copy.ReferencedSOPInstanceUID = f"1.2.3.{i}"
+        items.append(copy)
+    dose.ReferencedRTPlanSequence = Sequence(items)
+    refs = references_of(dose, "RTDOSE", dose.SOPClassUID)
+    assert len(refs) == 64
+    text = describe_missing(refs)
+    assert text.endswith(",+44 more") and text.count("RTPLAN:") == 20
+
+
 def test_inspect_file_collects_references_in_its_one_header_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

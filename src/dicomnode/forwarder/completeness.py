@@ -51,6 +51,10 @@ REFERENCE_KEYWORDS: Final = (
 )
 #: Contour image SOP UIDs kept per referenced series, as ledger evidence (bounded cost).
 MAX_EVIDENCE_IMAGES: Final = 32
+#: References kept per object (a hostile object cannot make the check ask the ledger unboundedly).
+MAX_REFERENCES: Final = 64
+#: References named in one log line or park reason (the rest are counted).
+MAX_NAMED: Final = 20
 #: Values of ``rt_incomplete_action``.
 ACTION_SEND: Final = "send"
 ACTION_PARK: Final = "park"
@@ -151,7 +155,7 @@ def references_of(ds: Dataset, modality: str, sop_class_uid: str) -> tuple[Refer
                             SERIES, series_uid, study_uid, tuple(images[:MAX_EVIDENCE_IMAGES])
                         )
                     )
-    return tuple(dict.fromkeys(r for r in refs if r.uid))
+    return tuple(dict.fromkeys(r for r in refs if r.uid))[:MAX_REFERENCES]
 
 
 def missing_references(
@@ -194,8 +198,13 @@ def missing_references(
 
 
 def describe_missing(missing: Sequence[Reference]) -> str:
-    """Return ``KIND:<uid>,KIND:<uid>`` (unescaped: escape before logging)."""
-    return ",".join(str(r) for r in missing)
+    """Return ``KIND:<uid>,KIND:<uid>`` (at most :data:`MAX_NAMED`, then ``,+N more``).
+
+    Unescaped: escape before logging.
+    """
+    named = ",".join(str(r) for r in missing[:MAX_NAMED])
+    rest = len(missing) - MAX_NAMED
+    return f"{named},+{rest} more" if rest > 0 else named
 
 
 class GateAction(Enum):
@@ -336,6 +345,8 @@ __all__ = [
     "ACTION_PARK",
     "ACTION_SEND",
     "MAX_EVIDENCE_IMAGES",
+    "MAX_NAMED",
+    "MAX_REFERENCES",
     "REFERENCE_KEYWORDS",
     "RTPLAN",
     "RTSTRUCT",
