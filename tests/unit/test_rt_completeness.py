@@ -376,6 +376,15 @@ def test_gate_should_hold_matches_the_watch_folder_snapshot(tmp_path: Path) -> N
     save(rt["rtplan"], tmp_path / "G" / "plan.dcm")
     assert not gate.should_hold("G", group_entries(scan_folder(tmp_path))["G"])
 
+    # a destination's share of a bigger group: the whole group is what the folder shows
+    whole = job_from_snapshot(tmp_path, group_entries(scan_folder(tmp_path))["G"])
+    share = GroupJob(
+        "G", tuple(jf for jf in whole.files if jf.display == "G/dose.dcm"), tmp_path, tmp_path
+    )
+    dose_only = [info_of(jf.path, jf.display) for jf in share.files]
+    assert gate.check(share, dose_only, "QA", whole=whole).action is GateAction.WAIT
+    assert gate.should_hold("G", group_entries(scan_folder(tmp_path))["G"], "QA")
+
 
 def test_config_rt_keys_defaults_overrides_and_errors(tmp_path: Path) -> None:
     base = "[Security]\ntrusted_ae_titles = A\n"

@@ -105,7 +105,11 @@ class RtGate:
         return lambda job, objects: self.check(job, objects, destination)
 
     def check(
-        self, job: GroupJob, objects: Sequence[ObjectInfo], destination: str = DEFAULT_DESTINATION
+        self,
+        job: GroupJob,
+        objects: Sequence[ObjectInfo],
+        destination: str = DEFAULT_DESTINATION,
+        whole: GroupJob | None = None,
     ) -> GateVerdict:
         """Return whether ``job``'s objects may go to ``destination`` now, and log the news.
 
@@ -117,6 +121,10 @@ class RtGate:
             Its readable objects (headers with references).
         destination : str
             The destination's name (``default`` for the [FolderWatcher] target).
+        whole : GroupJob, optional
+            The whole claimed group when ``job`` and ``objects`` are one
+            destination's share of it: its content is what :meth:`should_hold`
+            compares with the watch folder. Default: ``job``.
 
         Returns
         -------
@@ -132,7 +140,13 @@ class RtGate:
         action = self.config.rt_incomplete_action
         with self._lock:
             verdict = self._tracker.decide(
-                job.key, destination, job_fingerprint(job), missing, self.clock(), wait_s, action
+                job.key,
+                destination,
+                job_fingerprint(whole if whole is not None else job),
+                missing,
+                self.clock(),
+                wait_s,
+                action,
             )
         if verdict.announce:
             self._announce(job, destination, ledger_name, verdict)
