@@ -228,6 +228,7 @@ class Node:
             self.receiver.start()
         if fw_on:
             from dicomnode.forwarder import Forwarder
+            from dicomnode.ledger.queries import DeliveryLookup
 
             self.forwarder = Forwarder(
                 cfg.forwarder,
@@ -235,6 +236,7 @@ class Node:
                     d.name: tls.client_context(replace(cfg.tls, enabled=True)) if d.tls else None
                     for d in cfg.forwarder.all_destinations()
                 },
+                delivered=DeliveryLookup(cfg.ledger_path) if cfg.ledger.enabled else None,
             )
             self.forwarder.start()
         if self.console is not None:

@@ -102,6 +102,7 @@ def routed_config(
         acse_timeout_s=5.0,
         dimse_timeout_s=10.0,
         network_timeout_s=10.0,
+        rt_completeness_wait_s=0.0,  # these groups hold plans without their structure sets
     )
     return replace(fast, **kw)  # type: ignore[arg-type]
 
@@ -165,8 +166,12 @@ def test_routes_by_modality_sop_class_and_calling_ae_unmatched_parked(
 
 
 def test_one_destination_down_the_other_gets_everything_then_the_first_catches_up(
-    tmp_path: Path, peers: dict[str, StoreSCP], forwarders: list[Forwarder]
+    tmp_path: Path,
+    peers: dict[str, StoreSCP],
+    forwarders: list[Forwarder],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode")
     a = peer(peers, tmp_path, "A")
     b = peer(peers, tmp_path, "B", start=False)  # its port is not listening yet
     cfg = routed_config(tmp_path, {"A": a.port, "B": b.port}, "[Route:all]\ndestinations = A, B\n")
@@ -181,6 +186,7 @@ def test_one_destination_down_the_other_gets_everything_then_the_first_catches_u
     status = forwarders[0].status()["destinations"]
     assert wait_until(lambda: forwarders[0].status()["destinations"]["B"]["retry"], 20)  # type: ignore[index]
     assert not status["A"]["retry"] and status["A"]["awaiting_files"] == 0  # type: ignore[index]
+    assert wait_until(lambda: "A:awaiting=0/sending=0/retrying=0,B:awaiting=12" in caplog.text, 20)
     b.start()
     assert wait_until(lambda: not pending(cfg.watch_folder), 60), pending(cfg.watch_folder)
     assert sorted(b.received_sops()) == sorted(sent)
@@ -395,3 +401,47 @@ def test_console_and_metrics_show_state_per_destination(
         60,
     ), metrics(web_port)
     assert len(a.order()) == 4 and len(b.order()) == 4
+
+
+def test_rt_completeness_is_checked_per_destination_share(
+    tmp_path: Path,
+    peers: dict[str, StoreSCP],
+    forwarders: list[Forwarder],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A waits for the structure set; B (its own wait 0 = off) gets plan and dose at once."""
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    a, b = peer(peers, tmp_path, "A"), peer(peers, tmp_path, "B")
+    text = ini_text(tmp_path / "watch", {"A": a.port, "B": b.port}, "")
+    text = text.replace(f"port = {b.port}\n", f"port = {b.port}\nrt_completeness_wait_s = 0\n")
+    text += "[Route:rt]\ndestinations = A, B\n"
+    base = config.parse(text, "t.ini", tmp_path).forwarder
+    cfg = replace(
+        base,
+        inactivity_timeout=0.5,
+        process_timer_interval=0.2,
+        retry_initial_delay_s=0.2,
+        retry_max_delay_s=0.5,
+        rt_completeness_wait_s=120.0,
+    )
+    rt = rt_set("PAT7")
+    group = cfg.watch_folder / "PAT7"
+    save(rt["rtplan"], group / "plan.dcm")
+    save(rt["rtdose"], group / "dose.dcm")
+    fw = start(forwarders, cfg)
+    assert wait_until(lambda: len(b.order()) == 2, 60), caplog.text
+    waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("WAITING")]
+    assert len(waiting) == 1 and "destination=A" in waiting[0], waiting
+    assert "PAT7" in fw.status()["waiting"]  # type: ignore[operator]
+    assert not a.order() and len(pending(cfg.watch_folder)) == 2  # kept for A
+    save(rt["rtstruct"], group / "struct.dcm")
+    assert wait_until(lambda: len(a.order()) == 3, 60), caplog.text
+    assert a.received_sops() == [
+        rt["rtstruct"].SOPInstanceUID,
+        rt["rtplan"].SOPInstanceUID,
+        rt["rtdose"].SOPInstanceUID,
+    ]
+    assert wait_until(lambda: len(b.order()) == 3 and not pending(cfg.watch_folder), 60)
+    assert sorted(b.received_sops()[:2]) == sorted(
+        [rt["rtplan"].SOPInstanceUID, rt["rtdose"].SOPInstanceUID]
+    )

@@ -58,6 +58,7 @@ from dicomnode.forwarder.fanout import Action, DeliveryState, is_settled, next_a
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged, job_from_snapshot
 from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
 from dicomnode.forwarder.plan import FilePlan, plan_file
+from dicomnode.forwarder.rtgate import RtGate
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import STATE_DIR_NAME, RetryState, StateStore
 from dicomnode.forwarder.watcher import (
@@ -68,6 +69,7 @@ from dicomnode.forwarder.watcher import (
     scan_folder,
 )
 from dicomnode.ledger.events import EventKind, ledger_extra
+from dicomnode.ledger.queries import DeliveryLookup
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,10 @@ class Forwarder:
         Client TLS context for every destination when ``contexts`` is None.
     contexts : mapping of str to ssl.SSLContext or None, optional
         Client TLS context per destination name (None: plain TCP).
+    destinations : sequence of DestinationConfig
+        For the RT completeness gate's waits; default: the configuration's destinations.
+    delivered : DeliveryLookup, optional
+        The ledger's record of earlier deliveries, for the RT completeness gate.
 
     Raises
     ------
@@ -103,6 +109,8 @@ class Forwarder:
         config: ForwarderConfig,
         ssl_context: ssl.SSLContext | None = None,
         contexts: Mapping[str, ssl.SSLContext | None] | None = None,
+        destinations: Sequence[DestinationConfig] = (),
+        delivered: DeliveryLookup | None = None,
     ) -> None:
         if not config.forwards:
             raise ConfigError(
@@ -156,6 +164,7 @@ class Forwarder:
         }
         for keeper in self._keepers.values():
             keeper.deliveries = lambda: self._deliveries
+        self._rt = RtGate(config, destinations or config.all_destinations(), delivered)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -309,6 +318,7 @@ class Forwarder:
             if key not in groups and key not in busy:
                 self._tracker.forget(key)
                 self._awaiting.pop(key, None)
+                self._rt.forget(key)
         for snap in groups.values():
             if self._tracker.observe(snap, now):
                 self._awaiting.pop(snap.key, None)
@@ -339,8 +349,12 @@ class Forwarder:
         return state is not None and 0 < state.next_attempt - wall <= limit
 
     def _waiting(self, lane: Lane, wall: float) -> bool:
-        """True while ``lane`` is being sent or backing off (the caller holds the lock)."""
-        return lane in self._inflight or self._backing_off(lane, wall)
+        """True while ``lane`` is being sent, backing off or held for RT objects (lock held)."""
+        return (
+            lane in self._inflight
+            or self._backing_off(lane, wall)
+            or self._rt.should_hold(lane[0], self._tracker.snapshot(lane[0]), lane[1])
+        )
 
     def _dispatch(self, now: float) -> None:
         wall = time.time()
@@ -438,7 +452,7 @@ class Forwarder:
                     continue
                 share = GroupJob(job.key, tuple(fp.jf for fp in fps), job.park_root, job.prune_root)
                 by_path = {fp.jf.path: fp for fp in fps}
-                self._inflight[lane] = pool.submit(self._work, share, name, by_path)
+                self._inflight[lane] = pool.submit(self._work, share, name, by_path, job)
         if len(shares) > 1 or self.routed:
             logger.debug(
                 "ROUTED group=%s files=%d shares=%s",
@@ -479,7 +493,10 @@ class Forwarder:
 
     # -- worker ------------------------------------------------------------------
 
-    def _work(self, job: GroupJob, name: str, plans: Mapping[Path, FilePlan]) -> None:
+    def _work(
+        self, job: GroupJob, name: str, plans: Mapping[Path, FilePlan], whole: GroupJob
+    ) -> None:
+        """Send ``job`` (``name``'s share of the claimed group ``whole``) to destination ``name``."""
         lane = (job.key, name)
         cfg = self._dest_cfg[name]
         sender = make_sender(cfg, self._contexts[name])
@@ -499,6 +516,7 @@ class Forwarder:
                     apply=_DestinationApplier(self, job, name, plans, batch),
                     name=name if self.routed else "",
                     known={path: fp.info for path, fp in plans.items()},
+                    gate=lambda share, objects: self._rt.check(share, objects, name, whole=whole),
                 )
             finally:
                 if batch is not None:
@@ -585,6 +603,8 @@ class Forwarder:
         suffix = f" destination={name}" if self.routed else ""
         if result.sent:
             self._last_success = time.time()
+        if result.waiting:
+            return  # held by the RT completeness gate: nothing was tried
         reason = result.network_error
         if reason is None and (result.deferred or result.held):
             reason = (
@@ -655,6 +675,7 @@ class Forwarder:
         ``destinations``: per destination name, ``address``, ``sending`` (group
         keys), ``retry`` (group key -> RetryState), ``awaiting_files`` and
         ``awaiting_groups`` (what it still needs, as of the latest plans);
+        ``waiting`` (group key -> what the RT completeness gate waits for);
         ``awaiting_commitment``: per committing destination, the files held until
         it commits them.
         """
@@ -681,6 +702,7 @@ class Forwarder:
             "retry": by_group,
             "last_success": self._last_success,
             "destinations": destinations,
+            "waiting": self._rt.waiting(),
             "awaiting_commitment": {n: k.awaiting().get(n, 0) for n, k in self._keepers.items()},
         }
 
@@ -699,14 +721,25 @@ class Forwarder:
         )
         with self._lock:
             inflight = len({g for g, _ in self._inflight})
+        per_destination = ""
+        if self.routed:
+            status = self.status()["destinations"]
+            assert isinstance(status, dict)
+            per_destination = " destinations=" + ",".join(
+                f"{name}:awaiting={s['awaiting_files']}/sending={len(s['sending'])}"
+                f"/retrying={len(s['retry'])}"
+                for name, s in status.items()
+            )
         logger.info(
-            "HEARTBEAT pending_groups=%d files=%d sending=%d retrying=%d last_success=%s backoff=%.0fs",
+            "HEARTBEAT pending_groups=%d files=%d sending=%d retrying=%d last_success=%s "
+            "backoff=%.0fs%s",
             len(groups),
             files,
             inflight,
             len({g for g, _ in self._retry}),
             last,
             max(0.0, backoff),
+            per_destination,
         )
 
 

@@ -28,6 +28,8 @@ class EventKind(str, Enum):
     #: Not sent: the destination acknowledged the same object (UID and content) recently.
     SKIPPED_DUPLICATE = "skipped_duplicate"
     RETRIED = "retried"
+    #: A group held for a destination because RT objects it references are missing.
+    WAITING = "waiting"
     PARKED = "parked"
     MOVED_BACK = "moved_back"
     DELETED = "deleted"
