@@ -175,3 +175,14 @@ def test_commitment_outcomes_reach_the_delivery_record(tmp_path: Path) -> None:
     assert store.last_acknowledged("default", "1.1", "sum1") is None
     assert store.last_acknowledged("default", "1.0", "sum0") is not None
     store.close()
+
+
+def test_orphan_link_of_a_file_still_in_the_watch_folder_is_just_removed(tmp_path: Path) -> None:
+    keeper = _keeper(tmp_path)
+    watch = keeper.config.watch_folder
+    batch = keeper.open_batch("PAT")
+    jf = _file(watch, "PAT/a.dcm")
+    assert batch.hold(jf, _info("1.1"), move=False)
+    keeper.return_orphan(batch.key)
+    assert [p.name for p in (watch / "PAT").iterdir()] == ["a.dcm"]
+    assert not held_folder(watch / COMMITMENT_STORE_NAME, batch.key).exists()

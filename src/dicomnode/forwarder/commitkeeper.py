@@ -10,13 +10,15 @@ the N-ACTION (a new Transaction UID; :func:`~.lean.request_commitment`), and
 applies each report the receiver (or the N-ACTION's own association) kept in
 the store: committed files are deleted, the others are sent again to this
 destination alone, from where they are held, and asked for again or, after
-``commitment_max_attempts`` sends, parked in ``failed/`` with the reason. No report within ``commitment_timeout_s`` means the request
-is made again, and the batch is parked after ``commitment_max_attempts``
-unanswered requests; a request that cannot be sent is retried with the
-forwarder's backoff and parked after ``give_up_after_s``
-(:mod:`.commitplan` decides). Everything is on disk, so a restart resumes:
-records are reloaded, batches held without a record (a kill before
-:meth:`Batch.close`) go back to the watch folder.
+``commitment_max_attempts`` sends, parked in ``failed/`` with the reason.
+No report within ``commitment_timeout_s`` means the request is made again,
+and the batch is parked after ``commitment_max_attempts`` unanswered
+requests; a request that cannot be sent is retried with the forwarder's
+backoff and parked after ``give_up_after_s`` (:mod:`.commitplan` decides).
+Outcomes also go to the forwarder's delivery record. Everything is on disk,
+so a restart resumes: records are reloaded, batches held without a record (a
+kill before :meth:`Batch.close`) go back to the watch folder (a held link
+whose file is still there is just removed).
 
 Log verbs: ``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``,
 ``COMMIT-RESEND``, ``COMMIT-AWAITING`` (at start; all with ``role=scu``;
@@ -741,7 +743,12 @@ class CommitmentKeeper:
         watch = self.config.watch_folder
         moved = 0
         for src in sorted(p for p in folder.rglob("*") if p.is_file()):
-            dest = _free_name(watch / src.relative_to(folder))
+            original = watch / src.relative_to(folder)
+            with contextlib.suppress(OSError):
+                if original.exists() and os.path.samefile(src, original):
+                    src.unlink()  # a link held for it while the file stayed for others
+                    continue
+            dest = _free_name(original)
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)
