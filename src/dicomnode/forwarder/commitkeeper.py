@@ -352,6 +352,12 @@ class CommitmentKeeper:
             return
         sender = LeanAssociationSender(self.config, self.ssl_context)
         instances = [(f.sop_class, f.sop_instance) for f in record.files]
+        accepted: list[bool] = []
+
+        def on_accepted() -> None:
+            accepted.append(True)
+            self._log_requested(record, transaction)
+
         try:
             status = request_commitment(
                 sender,
@@ -364,11 +370,13 @@ class CommitmentKeeper:
                 lambda: any(
                     p.name.startswith(f"{record.batch}~") for p in pending_reports(self.store)
                 ),
-                lambda: self._log_requested(record, transaction),
+                on_accepted,
             )
             error = None if status == 0 else f"the N-ACTION was answered with status 0x{status:04X}"
         except LinkError as exc:
-            error = str(exc)
+            # trouble after the N-ACTION-RSP said success (waiting for a report there) does not
+            # undo the request: its report may still come, on a new association
+            error = None if accepted else str(exc)
         now = time.time()
         latest = load_record(record_path(self.store, record.batch))
         if latest is None or transaction not in latest.transactions:
