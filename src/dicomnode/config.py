@@ -1429,6 +1429,11 @@ def _destinations(
         for key in ("ae_title", "host"):
             if not getattr(dest, key) and dest.name != DEFAULT_DESTINATION:
                 raise ConfigError(f"{source}: [{name}] {key} is missing or empty; it is required")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", dest.name):
+            raise ConfigError(
+                f"{source}: [{name}] the name must be 1-64 letters, digits, '.', '_' or '-' "
+                "(routes list names separated by commas; failed/<name>/ is a folder)"
+            )
         sec.check_unknown(known)
         if dest.ae_title and any(d.ae_title == dest.ae_title for d in found):
             raise ConfigError(

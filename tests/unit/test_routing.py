@@ -174,6 +174,7 @@ def test_config_routes_resolve_keywords_and_lists(tmp_path: Path) -> None:
             "both define the destination 'default'",
         ),
         ("[route:r]\ndestinations = TPS\n", "must be spelled [Route:...]"),
+        ("[Destination:my pacs]\nae_title = X\nhost = h\n", "the name must be 1-64 letters"),
         ("[Destination:TLS1]\nae_title = X\nhost = h\ntls = true\n", "tls = true needs [TLS]"),
     ],
 )
