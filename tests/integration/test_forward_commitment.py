@@ -76,6 +76,9 @@ class CommitDest:
         self.stored: list[str] = []
         self.actions: list[tuple[str, list[tuple[str, str]]]] = []
         self.report_status: list[int] = []
+        #: how many reports fail an instance of ``fail`` (then it is committed)
+        self.fail_times = 1_000_000
+        self.failed_count: dict[str, int] = {}
         self.lock = threading.Lock()
         ae = AE(ae_title=aet)
         ae.supported_contexts = StoragePresentationContexts
@@ -121,7 +124,11 @@ class CommitDest:
             item = Dataset()
             item.ReferencedSOPClassUID = sop_class
             item.ReferencedSOPInstanceUID = sop_instance
-            if sop_instance in self.fail:
+            if (
+                sop_instance in self.fail
+                and self.failed_count.get(sop_instance, 0) < self.fail_times
+            ):
+                self.failed_count[sop_instance] = self.failed_count.get(sop_instance, 0) + 1
                 item.FailureReason = 0x0112
                 bad.append(item)
             else:
@@ -635,5 +642,26 @@ def test_commitment_request_that_cannot_be_made_is_retried_then_parked(
         log = (watch / "failed" / "send_errors.log").read_text()
         assert "give_up_after_s=3" in log
         assert len([p for p in files_below(watch / "failed") if p.suffix == ".dcm"]) == 2
+    finally:
+        dest.stop()
+
+
+def test_commitment_failed_once_is_sent_again_then_committed(
+    tmp_path: Path, port: int, start_node: Any
+) -> None:
+    dest = CommitDest(port, mode="report")
+    try:
+        cfg, watch = node_config(tmp_path, port, dest.aet, dest.port, commitment_max_attempts=3)
+        datasets = put_study(watch, 3)
+        bad = str(datasets[0].SOPInstanceUID)
+        dest.fail, dest.fail_times = {bad}, 1
+        node = start_node(["--config", str(cfg)], port=port)
+        assert wait_until(lambda: node.output().count("COMMITTED role=scu") == 1, 60), node.output()
+        assert wait_until(lambda: settled(watch), 30), node.output()
+        out = node.output()
+        assert "COMMIT-RESEND role=scu" in out and "send=2/3" in out
+        assert dest.stored.count(bad) == 2
+        assert [len(refs) for _, refs in dest.actions] == [3, 1]
+        assert not (watch / "failed").exists()
     finally:
         dest.stop()
