@@ -13,9 +13,10 @@ from pathlib import Path, PurePosixPath
 from dicomnode.awaiting import Report, held_folder, load_records, write_report
 from dicomnode.config import COMMITMENT_STORE_NAME, DestinationConfig, ForwarderConfig
 from dicomnode.forwarder.batching import ObjectInfo
-from dicomnode.forwarder.commitkeeper import CommitmentKeeper, unclaimed_batches
+from dicomnode.forwarder.commitkeeper import CommitmentKeeper
 from dicomnode.forwarder.deliveries import DeliveryStore, FileIdentity
 from dicomnode.forwarder.fanout import DeliveryState
+from dicomnode.forwarder.holding import unclaimed_batches
 from dicomnode.forwarder.job import JobFile
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -1,11 +1,11 @@
 """Storage commitment of a destination (SCU side): hold what it acknowledged until it commits it.
 
 For a ``[Destination:NAME]`` with ``storage_commitment = true`` a file the
-destination acknowledged is not deleted: :meth:`Batch.hold` moves it (rename,
-same volume; a hard link, else a copy, when other destinations still need
-the file) into the watch folder's hidden store (:mod:`dicomnode.awaiting`),
-where the watcher never sees it, and :meth:`Batch.close` writes the batch's
-record (fsynced) once the group's send ends. The keeper's thread then sends
+destination acknowledged is not deleted: :meth:`.holding.Batch.hold` moves it
+(rename, same volume; a hard link, else a copy, when other destinations still
+need the file) into the watch folder's hidden store (:mod:`dicomnode.awaiting`),
+where the watcher never sees it, and :meth:`.holding.Batch.close` writes the
+batch's record (fsynced) once the group's send ends. The keeper's thread then sends
 the N-ACTION (a new Transaction UID; :func:`~.lean.request_commitment`), and
 applies each report the receiver (or the N-ACTION's own association) kept in
 the store: committed files are deleted, the others are sent again to this
@@ -17,7 +17,7 @@ requests; a request that cannot be sent is retried with the forwarder's
 backoff and parked after ``give_up_after_s`` (:mod:`.commitplan` decides).
 Outcomes also go to the forwarder's delivery record. Everything is on disk,
 so a restart resumes: records are reloaded, batches held without a record (a
-kill before :meth:`Batch.close`) go back to the watch folder (a held link
+kill before the record) go back to the watch folder (a held link
 whose file is still there is just removed).
 
 Log verbs: ``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``,
@@ -31,13 +31,11 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -66,12 +64,12 @@ from dicomnode.forwarder.commitplan import ReportVerdict, Step, judge_report, ne
 from dicomnode.forwarder.deliveries import DeliveryStore, FileIdentity
 from dicomnode.forwarder.delivery import send_group
 from dicomnode.forwarder.fanout import DeliveryState
+from dicomnode.forwarder.holding import Batch, inside_group, return_held
 from dicomnode.forwarder.job import GroupJob, JobFile
 from dicomnode.forwarder.lean import LeanAssociationSender, request_commitment
 from dicomnode.forwarder.outcome import ParkReason, park_file, park_stamp, remove_empty_parents
 from dicomnode.ledger.events import EventKind, ledger_extra
 from dicomnode.logsafe import escape
-from dicomnode.storage import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -84,97 +82,6 @@ SAME_ASSOCIATION_WAIT_S: Final = 3.0
 
 def _where(dest: DestinationConfig) -> str:
     return f"{dest.ae_title}@{dest.host}:{dest.port}"
-
-
-class Batch:
-    """The files of one group send a committing destination acknowledged (worker thread).
-
-    Created by :meth:`CommitmentKeeper.open_batch`; :meth:`hold` each
-    acknowledged file, then :meth:`close` once.
-    """
-
-    def __init__(self, keeper: CommitmentKeeper, group: str) -> None:
-        self.keeper = keeper
-        self.group = group
-        self.key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        self.folder = held_folder(keeper.store, self.key)
-        self.files: list[HeldFile] = []
-        self._lock = threading.Lock()  # hold() may be called from several sending threads
-
-    def hold(self, jf: JobFile, obj: ObjectInfo, move: bool = True, checksum: str = "") -> bool:
-        """Keep an acknowledged file in the store; True when it is held (else nothing changed).
-
-        ``move``: rename it (no other destination needs it); else hard-link it
-        (a copy, fsynced, where links are impossible) and leave the file for
-        the others. Raises nothing: a failure is logged and the file stays in
-        the watch folder (it is sent again, never lost).
-        """
-        watch = self.keeper.config.watch_folder
-        try:
-            origin = jf.path.relative_to(watch).as_posix()
-        except ValueError:
-            origin = jf.display
-        target = self.folder.joinpath(*PurePosixPath(origin).parts)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if move:
-                os.replace(jf.path, target)
-            else:
-                _link_or_copy(jf.path, target)
-        except OSError as exc:
-            logger.error(
-                "COMMIT-FAILED role=scu file=%s: cannot hold it for commitment (%s); it stays "
-                "and is sent again",
-                jf.display,
-                exc,
-            )
-            return False
-        if move:
-            remove_empty_parents(jf.path, watch)
-        held = HeldFile(
-            obj.sop_class_uid,
-            obj.sop_instance_uid,
-            f"{HELD_DIR}/{self.key}/{origin}",
-            origin,
-            size=jf.size,
-            mtime_ns=jf.mtime_ns,
-            checksum=checksum,
-        )
-        with self._lock:
-            self.files.append(held)
-        return True
-
-    def close(self) -> None:
-        """Write the batch's record (fsynced) and wake the keeper; nothing when nothing is held."""
-        if not self.files:
-            return
-        keeper = self.keeper
-        dest = keeper.destination
-        record = Record(
-            batch=self.key,
-            destination=dest.name,
-            ae_title=dest.ae_title,
-            host=dest.host,
-            port=dest.port,
-            group=self.group,
-            created=time.time(),
-            files=tuple(self.files),
-        )
-        try:
-            for folder in {(keeper.store / f.held).parent for f in self.files}:
-                fsync_dir(folder)
-            save_record(keeper.store, record)
-        except OSError as exc:
-            logger.error(
-                "COMMIT-FAILED role=scu batch=%s: cannot write its record (%s); its %d file(s) "
-                "go back to the watch folder",
-                self.key,
-                exc,
-                len(self.files),
-            )
-            keeper.return_orphan(self.key)
-            return
-        keeper.wake()
 
 
 @dataclass(slots=True)
@@ -256,7 +163,7 @@ class CommitmentKeeper:
 
     def open_batch(self, group: str) -> Batch:
         """Return a new batch for the files of ``group`` acknowledged in one send."""
-        return Batch(self, group)
+        return Batch(self.store, self.config.watch_folder, self.destination, group, self.wake)
 
     def awaiting(self) -> dict[str, int]:
         """Return ``{destination name: files awaiting commitment}``."""
@@ -624,7 +531,11 @@ class CommitmentKeeper:
             origin = PurePosixPath(held.origin)
             files.append(
                 JobFile(
-                    path, held.origin, _inside(record.group, origin), st.st_size, st.st_mtime_ns
+                    path,
+                    held.origin,
+                    inside_group(record.group, origin),
+                    st.st_size,
+                    st.st_mtime_ns,
                 )
             )
         job = GroupJob(record.group, tuple(files), self.config.watch_folder, self.store)
@@ -687,7 +598,7 @@ class CommitmentKeeper:
             self.store / held.held,
             park_root=self.config.watch_folder,
             group=record.group,
-            inside=_inside(record.group, PurePosixPath(held.origin)),
+            inside=inside_group(record.group, PurePosixPath(held.origin)),
             display=held.origin,
             stamp=stamp,
             why=ParkReason(None, why, held.sop_instance),
@@ -746,41 +657,8 @@ class CommitmentKeeper:
         self._refresh()
 
     def return_orphan(self, batch: str) -> None:
-        """Move the files of a batch held without a record back to their places in the watch folder."""
-        folder = held_folder(self.store, batch)
-        watch = self.config.watch_folder
-        moved = 0
-        for src in sorted(p for p in folder.rglob("*") if p.is_file()):
-            original = watch / src.relative_to(folder)
-            with contextlib.suppress(OSError):
-                if original.exists() and os.path.samefile(src, original):
-                    src.unlink()  # a link held for it while the file stayed for others
-                    continue
-            dest = _free_name(original)
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dest)
-                moved += 1
-            except OSError as exc:
-                logger.error("COMMIT-FAILED role=scu cannot return %s: %s", src, exc)
-        if not any(p.is_file() for p in folder.rglob("*")):
-            shutil.rmtree(folder, ignore_errors=True)
-        if moved:
-            logger.warning(
-                "COMMIT-RESEND role=scu batch=%s: %d file(s) held without a record (interrupted) "
-                "returned to the watch folder to be sent again",
-                batch,
-                moved,
-            )
-
-
-def unclaimed_batches(watch_folder: Path, committing: set[str]) -> dict[str, int]:
-    """Return ``{destination: files}`` held for destinations not in ``committing``."""
-    found: dict[str, int] = {}
-    for record in load_records(watch_folder / COMMITMENT_STORE_NAME):
-        if record.destination not in committing:
-            found[record.destination] = found.get(record.destination, 0) + len(record.files)
-    return found
+        """Return the files of a batch held without a record to the watch folder."""
+        return_held(self.store, self.config.watch_folder, batch)
 
 
 class _HeldApplier:
@@ -810,35 +688,3 @@ class _HeldApplier:
             )
             is not None
         )
-
-
-def _inside(group: str, origin: PurePosixPath) -> PurePosixPath:
-    """Return the path of ``origin`` inside its group (what parking keeps)."""
-    if group and len(origin.parts) > 1:
-        return PurePosixPath(*origin.parts[1:])
-    return origin
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    """Hard-link ``src`` as ``dest``; where links are impossible, copy it (fsynced)."""
-    try:
-        os.link(src, dest)
-        return
-    except FileExistsError:
-        raise
-    except OSError:
-        pass
-    tmp = dest.with_name(f".{dest.name}.part")
-    shutil.copyfile(src, tmp)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
-
-
-def _free_name(path: Path) -> Path:
-    n = 1
-    candidate = path
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
-        n += 1
-    return candidate

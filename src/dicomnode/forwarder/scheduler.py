@@ -51,10 +51,11 @@ from dicomnode.forwarder.batching import (
     group_label,
     should_give_up,
 )
-from dicomnode.forwarder.commitkeeper import Batch, CommitmentKeeper, unclaimed_batches
+from dicomnode.forwarder.commitkeeper import CommitmentKeeper
 from dicomnode.forwarder.deliveries import STORE_NAME, DeliveryStore
 from dicomnode.forwarder.delivery import make_sender, park_job_file, send_group
 from dicomnode.forwarder.fanout import Action, DeliveryState, is_settled, next_action
+from dicomnode.forwarder.holding import Batch, unclaimed_batches
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged, job_from_snapshot
 from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
 from dicomnode.forwarder.plan import FilePlan, plan_file
