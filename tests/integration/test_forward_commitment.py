@@ -211,6 +211,7 @@ def node_config(
             "retry_initial_delay_s": 0.2,
             "retry_max_delay_s": 0.5,
             "dimse_timeout_s": 20,
+            "heartbeat_interval": 1,
         },
         # no address: it adds its keys to the [FolderWatcher] target (the destination "default")
         "Destination:default": {"storage_commitment": "true", **commit},
@@ -405,6 +406,7 @@ def test_commitment_files_held_until_report_then_deleted(
             lambda: "awaiting-commitment (request 1)" in dashboard(web_port, "/queue"), 20
         )
         assert transaction in dashboard(web_port, "/queue")
+        assert wait_until(lambda: "awaiting_commitment=default:3" in node.output(), 20)
         # the destination's AE is let in to report, not to store
         peer = AE(ae_title=dest.aet)
         peer.add_requested_context(CTImageStorage)

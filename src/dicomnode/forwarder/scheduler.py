@@ -740,7 +740,13 @@ class Forwarder:
             len({g for g, _ in self._retry}),
             last,
             max(0.0, backoff),
-            per_destination,
+            per_destination
+            + (
+                " awaiting_commitment="
+                + ",".join(f"{n}:{k.awaiting().get(n, 0)}" for n, k in self._keepers.items())
+                if self._keepers
+                else ""
+            ),
         )
 
 
