@@ -206,30 +206,39 @@ class GroupSync:
         OSError
             When flushing ``item`` failed.
         """
-        request = _SyncRequest(item)
-        with self._cond:
-            self._queue.append(request)
-            while self._busy and not request.done:
-                self._cond.wait()
-            if request.done:
-                if request.error is not None:
-                    raise request.error
-                return
-            batch, self._queue = self._queue, []
-            self._busy = True
+        cond = self._cond
+        with cond:
+            if not self._busy:  # nothing in flight: flush at once, with whatever is queued
+                self._busy = True
+                batch, self._queue = self._queue, []
+                request = _SyncRequest(item)
+                batch.append(request)
+            else:
+                request = _SyncRequest(item)
+                self._queue.append(request)
+                while self._busy and not request.done:
+                    cond.wait()
+                if request.done:
+                    if request.error is not None:
+                        raise request.error
+                    return
+                batch, self._queue = self._queue, []
+                self._busy = True
         errors: list[OSError | None] = [None] * len(batch)
         try:
             errors = self._flush_batch([r.item for r in batch])
         except OSError as exc:
             errors = [exc] * len(batch)
         finally:
-            with self._cond:
+            with cond:
                 for queued, error in zip(batch, errors, strict=False):
                     queued.error = error
                     queued.done = True
-                self.largest_batch = max(self.largest_batch, len(batch))
+                if len(batch) > self.largest_batch:
+                    self.largest_batch = len(batch)
                 self._busy = False
-                self._cond.notify_all()
+                if len(batch) > 1 or self._queue:  # someone waits: for this batch or to lead
+                    cond.notify_all()
         if request.error is not None:
             raise request.error
 

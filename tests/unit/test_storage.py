@@ -186,3 +186,23 @@ def test_fsync_files_flushes_every_file_of_a_batch(tmp_path: Path) -> None:
     closed = fds[0]
     errors = fsync_files([closed])
     assert isinstance(errors[0], OSError)
+
+
+def test_group_sync_many_threads_all_return_and_every_item_is_flushed_once() -> None:
+    flushed: list[object] = []
+
+    def flush(items: list[object]) -> list[OSError | None]:
+        flushed.extend(items)
+        return [None] * len(items)
+
+    group = GroupSync(flush)
+    threads = [
+        threading.Thread(target=lambda n=n: [group.sync((n, i)) for i in range(200)])
+        for n in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+    assert sorted(flushed) == sorted((n, i) for n in range(6) for i in range(200))  # type: ignore[type-var]

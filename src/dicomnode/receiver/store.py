@@ -419,16 +419,16 @@ class StoreHandler:
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
         plan, name = self._plan(header, sop_uid)
-        final = ae_root.joinpath(*(level.name for level in plan), name)
         try:
             final = self._place(tmp, ae_root, plan, name)
         except OSError as exc:
+            planned = ae_root.joinpath(*(level.name for level in plan), name)
             return self._fail(
                 tmp,
                 calling,
                 where,
                 StoreStatus.OUT_OF_RESOURCES,
-                f"cannot write {final}: {exc.strerror or exc}",
+                f"cannot write {planned}: {exc.strerror or exc}",
                 sop_uid,
             )
         ms = (time.monotonic() - started) * 1000
