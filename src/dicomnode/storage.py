@@ -243,6 +243,86 @@ class GroupSync:
             raise request.error
 
 
+class PendingFlush:
+    """A file handed to a :class:`Flusher`: :meth:`wait` returns once it is on disk."""
+
+    __slots__ = ("_done", "error", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.error: OSError | None = None
+        self._done = threading.Event()
+
+    def wait(self) -> OSError | None:
+        """Block until the file is flushed; return the error of its flush, or None."""
+        self._done.wait()
+        return self.error
+
+    def settle(self, error: OSError | None) -> None:
+        """Record the outcome of the flush and wake the waiter (the flusher calls this)."""
+        self.error = error
+        self._done.set()
+
+
+class Flusher:
+    """Flushes files on its own thread, all files queued meanwhile in one batch.
+
+    A receiver hands a completely written temp file to :meth:`submit` and goes
+    on checking and naming the object (integrity walk, header, folder) while
+    the disk flushes it; it renames the file only after :meth:`PendingFlush.wait`.
+    Files submitted while a flush is in progress are flushed together by the
+    next one (:func:`fsync_files`: one ``syncfs`` for several), so concurrent
+    associations share flushes instead of queueing behind each other's.
+    """
+
+    def __init__(self, name: str = "Flusher") -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[PendingFlush] = []
+        self._stopped = False
+        #: Largest batch flushed so far (for measurements and tests).
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fd: int) -> PendingFlush:
+        """Queue the open file ``fd`` for flushing; the caller keeps it open until ``wait()``."""
+        pending = PendingFlush(fd)
+        with self._cond:
+            if self._stopped:
+                stopped = True
+            else:
+                stopped = False
+                self._queue.append(pending)
+                self._cond.notify()
+        if stopped:  # after close(): flush on the caller's thread
+            pending.settle(fsync_files([fd])[0])
+        return pending
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopped:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+                if not batch and self._stopped:
+                    return
+            try:
+                errors = fsync_files([p.fd for p in batch])
+            except Exception as exc:  # never leave a waiter hanging
+                error = exc if isinstance(exc, OSError) else OSError(errno.EIO, repr(exc))
+                errors = [error] * len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            for pending, err in zip(batch, errors, strict=False):
+                pending.settle(err)
+
+    def close(self) -> None:
+        """Flush what is queued, then stop the thread (later submits flush on the caller's thread)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(30.0)
+
+
 def fsync_files(fds: list[Any]) -> list[OSError | None]:
     """Flush the files ``fds`` to disk; return each one's error or None (a :class:`GroupSync` batch).
 
