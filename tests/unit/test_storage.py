@@ -206,29 +206,3 @@ def test_group_sync_many_threads_all_return_and_every_item_is_flushed_once() -> 
         thread.join(60)
         assert not thread.is_alive()
     assert sorted(flushed) == sorted((n, i) for n in range(6) for i in range(200))  # type: ignore[type-var]
-
-
-def test_flusher_flushes_files_queued_during_a_flush_in_one_batch(tmp_path: Path) -> None:
-    flusher = storage.Flusher()
-    fds = [os.open(tmp_path / f"{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(4)]
-    try:
-        for fd in fds:
-            os.write(fd, b"data")
-        pending = [flusher.submit(fd) for fd in fds]
-        assert [p.wait() for p in pending] == [None] * 4
-    finally:
-        flusher.close()
-        for fd in fds:
-            os.close(fd)
-    assert 1 <= flusher.largest_batch <= 4
-
-
-def test_flusher_reports_a_failed_flush_to_its_waiter(tmp_path: Path) -> None:
-    flusher = storage.Flusher()
-    fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT, 0o644)
-    os.close(fd)  # a descriptor that no longer refers to a file: its flush fails
-    try:
-        assert isinstance(flusher.submit(fd).wait(), OSError)
-    finally:
-        flusher.close()
-    assert isinstance(flusher.submit(fd).wait(), OSError)  # after close: on the caller's thread

@@ -16,13 +16,9 @@ promises does not change:
   receiver processes), with a real A-ASSOCIATE-RJ; presentation contexts by
   :mod:`~dicomnode.receiver.negotiation`;
 * each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
-  Information header, bytes as received; then handed to the process's
-  :class:`~dicomnode.storage.Flusher` (group commit: files finished at the
-  same moment share one flush) and, while the disk flushes it, filed by
+  Information header, bytes as received; fsynced and closed, then filed by
   :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk,
-  header, folder); renamed only once flushed, then the folder fsynced
-  (shared the same way, :class:`~dicomnode.storage.GroupSync`) -- all
-  *before* the C-STORE-RSP is sent;
+  header, atomic rename, folder fsync) *before* the C-STORE-RSP is sent;
 * the disk guard is checked when a request arrives (nothing is written below
   ``min_free_space_mb``), a write error (disk full) is recorded and the rest of
   the object discarded so the peer gets 0xA700, and ``max_object_mb`` stops
@@ -119,7 +115,7 @@ from dicomnode.receiver.committer import Committer
 from dicomnode.receiver.negotiation import accepted_roles, negotiate
 from dicomnode.receiver.pending import Negotiator
 from dicomnode.receiver.store import ReceivedObject, StoreHandler
-from dicomnode.storage import Flusher, PendingFlush, start_writeback
+from dicomnode.storage import GroupSync, fsync_files, start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +165,9 @@ class _Transfer:
         Why nothing is written (the disk guard).
     fd : int, optional
         ``path`` already created and opened for writing (see :func:`create_temp`).
+    flush : callable, optional
+        Flushes the file to disk given its descriptor (default ``os.fsync``; the
+        server passes its :class:`~dicomnode.storage.GroupSync`).
     """
 
     def __init__(
@@ -178,8 +177,10 @@ class _Transfer:
         limit: int,
         write_error: OSError | None = None,
         fd: int = -1,
+        flush: Callable[[int], None] = os.fsync,
     ) -> None:
         self.path = path
+        self.flush = flush
         self._written_back = 0
         self.limit = limit
         self.write_error = write_error
@@ -229,28 +230,16 @@ class _Transfer:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
 
-    def submit_flush(self, flusher: Flusher) -> PendingFlush | None:
-        """Hand the complete file to ``flusher``; None when there is nothing to flush.
-
-        Nothing is flushed after a write error, past the size limit or without
-        a file; the file is then closed at once. Otherwise the descriptor stays
-        open until :meth:`close_flushed`.
-        """
-        if self.fd < 0 or self.write_error is not None or self.too_large:
-            self._close()
-            return None
-        return flusher.submit(self.fd)
-
-    def close_flushed(self, pending: PendingFlush | None) -> None:
-        """Wait for the flush of :meth:`submit_flush` (its error becomes ``write_error``), close."""
-        if pending is not None:
-            error = pending.wait()  # the descriptor is the flusher's until then
-            if error is not None and self.write_error is None:
-                self.write_error = error
-        self._close()
-
-    def _close(self) -> None:
-        if self.fd >= 0:
+    def complete(self) -> None:
+        """Flush the file to disk and close it (an error becomes ``write_error``)."""
+        if self.fd < 0:
+            return
+        try:
+            if self.write_error is None and not self.too_large:
+                self.flush(self.fd)
+        except OSError as exc:
+            self.write_error = exc
+        finally:
             fd, self.fd = self.fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -655,28 +644,23 @@ class _Association:
         if self._request_field() != C_STORE_RQ:
             self._refuse_operation(self._request_field())
             return
-        pending = transfer.submit_flush(self.server.flusher)
-        try:
-            # Checked and named while the disk flushes it; renamed only once flushed.
-            affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
-            error = transfer.write_error
-            if transfer.path is None and error is None:
-                error = OSError(errno.EIO, "no temp file")
-            received = ReceivedObject(
-                tmp=transfer.path or self.server.tmp_dir / "unwritten.dcm",
-                calling=self.calling,
-                where=self.where,
-                started=self._started,
-                affected_uid=affected,
-                write_error=error,
-                too_large=transfer.too_large,
-                content=transfer.content if error is None else None,
-                command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
-                durable=pending.wait if pending is not None else None,
-            )
-            filing = self.server.handler.finish(received, defer_report=True)
-        finally:
-            transfer.close_flushed(pending)
+        transfer.complete()
+        affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
+        error = transfer.write_error
+        if transfer.path is None and error is None:
+            error = OSError(errno.EIO, "no temp file")
+        received = ReceivedObject(
+            tmp=transfer.path or self.server.tmp_dir / "unwritten.dcm",
+            calling=self.calling,
+            where=self.where,
+            started=self._started,
+            affected_uid=affected,
+            write_error=error,
+            too_large=transfer.too_large,
+            content=transfer.content if error is None else None,
+            command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
+        )
+        filing = self.server.handler.finish(received, defer_report=True)
         self._respond(filing.status)
         for report in filing.reports:
             report()  # the log line after the response: it is not part of the guarantee
@@ -814,8 +798,8 @@ class LeanServer:
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
         self.tmp_prefix = tmp_prefix
         self.temp_files: _TempFiles | None = None
-        #: Flushes completed temp files (in batches when several finish at once).
-        self.flusher = Flusher(f"Flusher-{tmp_prefix or 'receiver'}")
+        #: Flushes of completed temp files, shared by objects finished at the same moment.
+        self.file_sync = GroupSync(fsync_files)
         self._shared = listen_socket is not None
         self._listen = listen_socket
         self._room = node_has_room or (lambda n: n <= cfg.max_associations)
@@ -903,7 +887,9 @@ class LeanServer:
             )
         except OSError as exc:
             return _Transfer(None, b"", 0, exc)
-        return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
+        return _Transfer(
+            path, head, limit + len(head) if limit else 0, fd=fd, flush=self.file_sync.sync
+        )
 
     def _on_request(
         self, sock: socket.socket, address: tuple[str, int], request: A_ASSOCIATE_RQ
@@ -1009,7 +995,6 @@ class LeanServer:
             assoc.abort()
         if self.temp_files is not None:
             self.temp_files.close()
-        self.flusher.close()
 
 
 __all__ = ["LeanServer"]

@@ -130,10 +130,6 @@ class ReceivedObject:
     content : bytes-like or None
         The complete content of ``tmp`` when the transport still holds it
         (small objects): checked and parsed without reading the file back.
-    durable : callable or None
-        Waits until ``tmp`` is flushed to disk and returns the flush's error or
-        None (the transport flushes it while the object is checked and named).
-        None: ``tmp`` is already flushed.
     command_uids : tuple of str or None
         ``(Affected SOP Class UID, Affected SOP Instance UID)`` of the request
         command. When given, they must equal the data set's SOP Class and SOP
@@ -151,7 +147,6 @@ class ReceivedObject:
     too_large: bool = False
     content: bytes | bytearray | None = None
     command_uids: tuple[str, str] | None = None
-    durable: Callable[[], OSError | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,8 +235,8 @@ class StoreHandler:
             ``status`` is one of:
             0x0000 Success: the object is fsynced and renamed into its final place.
             0xA700 Refused, out of resources: disk guard, object too large, the
-            received data could not be written to the temp file or flushed to disk
-            (disk full, I/O error), or an OS error while filing it (permission, bad path).
+            received data could not be written to the temp file (disk full), or an
+            OS error while filing it (permission, bad path).
             0xC000 Error, cannot understand: the object is structurally incomplete
             (an element runs past the end: truncated), cannot be parsed, or has no
             valid SOP Instance UID.
@@ -271,7 +266,6 @@ class StoreHandler:
                     received.content,
                     reports,
                     received.command_uids,
-                    received.durable,
                 )
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
@@ -376,7 +370,6 @@ class StoreHandler:
         content: bytes | bytearray | None,
         reports: list[Callable[[], None]] | None,
         command_uids: tuple[str, str] | None = None,
-        durable: Callable[[], OSError | None] | None = None,
     ) -> int:
         if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
             logger.error(
@@ -426,9 +419,6 @@ class StoreHandler:
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
         plan, name = self._plan(header, sop_uid)
-        flush_error = durable() if durable is not None else None
-        if flush_error is not None:  # never renamed: the peer keeps and resends it
-            return self._refuse_unwritable(tmp, calling, where, sop_uid, flush_error)
         try:
             final = self._place(tmp, ae_root, plan, name)
         except OSError as exc:
