@@ -29,10 +29,12 @@ from dicomnode.forwarder.batching import (
     order_objects,
     plan_associations,
 )
+from dicomnode.forwarder.completeness import GateAction, describe_missing
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
 from dicomnode.forwarder.lean import LeanAssociationSender
 from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
+from dicomnode.forwarder.rtgate import GateCheck, incomplete_reason
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.ledger.events import EventKind, ledger_extra
 
@@ -51,6 +53,7 @@ def send_group(
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
     refusals: Mapping[str, int] | None = None,
+    gate: GateCheck | None = None,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -73,6 +76,12 @@ def send_group(
         True stops between files (files stay).
     on_file_done : callable, optional
         Called after each file reached an outcome (progress bars).
+    refusals : mapping, optional
+        Earlier refusal counts by display name.
+    gate : callable, optional
+        The RT completeness check of this destination (:meth:`.rtgate.RtGate.check`),
+        asked after the headers are read and before any association: WAIT sends
+        nothing and returns with ``waiting`` set; PARK parks the group.
     """
     result = GroupResult()
     stamp = park_stamp(time.time())
@@ -98,6 +107,17 @@ def send_group(
         infos.append(found)
 
     ordered = order_objects(infos, config.send_order)
+    verdict = gate(job, ordered) if gate is not None and ordered else None
+    if verdict is not None and verdict.action is GateAction.WAIT:
+        result.waiting = describe_missing(verdict.missing)
+        return result
+    if verdict is not None and verdict.action is GateAction.PARK:
+        for obj in ordered:
+            jf = by_key[obj.rel_path]
+            why = ParkReason(None, incomplete_reason(verdict), obj.sop_instance_uid)
+            if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
+                result.parked += 1
+        return result
     if ordered:
         logger.info(
             "BATCH-READY group=%s files=%d objects=%d target=%s@%s:%d",
@@ -222,6 +242,8 @@ def send_group(
                 extra=ledger_extra(
                     EventKind.FORWARDED,
                     sop_uid=obj.sop_instance_uid or None,
+                    series_uid=obj.series_instance_uid or None,
+                    study_uid=obj.study_instance_uid or None,
                     path=str(jf.path),
                     destination=destination,
                     status=f"0x{status or 0:04X}",

@@ -6,7 +6,9 @@ checks it is structurally whole (:mod:`dicomnode.integrity`) and returns an
 transfer syntax, order keys) or a :class:`~.outcome.ParkReason`. Data sets
 without File Meta Information (as DCMTK's storescu sends them) are accepted
 when their UIDs read as UIDs. Reads files; never writes, moves or sends.
-Log verb: ``UID-MISMATCH``.
+Also collects the RT references
+(:mod:`.completeness`) from the same read. Log verbs: ``UID-MISMATCH``,
+``REFERENCES-UNREADABLE``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import struct
 from pathlib import Path, PurePosixPath
+from typing import Final
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -22,12 +25,16 @@ from pydicom.uid import ExplicitVRBigEndian
 
 from dicomnode.dicomtags import HEADER_TAGS, text_of
 from dicomnode.forwarder.batching import EXPLICIT_VR_LE, IMPLICIT_VR_LE, ObjectInfo
+from dicomnode.forwarder.completeness import REFERENCE_KEYWORDS, Reference, references_of
 from dicomnode.forwarder.job import JobFile
 from dicomnode.forwarder.outcome import ParkReason
 from dicomnode.integrity import examine, find_defect, read_header_bounded
 from dicomnode.logsafe import escape
 
 logger = logging.getLogger(__name__)
+
+#: Elements the forwarder reads of each file: the usual header and the RT references.
+FORWARD_TAGS: Final = (*HEADER_TAGS, *REFERENCE_KEYWORDS)
 
 
 def _int_or_none(value: str) -> int | None:
@@ -57,7 +64,9 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         return ParkReason(None, "empty file (0 bytes)")
     bare = False
     try:
-        ds = read_header_bounded(jf.path)  # a deflated data set is never inflated whole
+        ds = read_header_bounded(
+            jf.path, FORWARD_TAGS
+        )  # a deflated data set is never inflated whole
     except (InvalidDicomError, EOFError) as exc:
         found = read_bare_header(jf.path)
         if found is None:
@@ -96,15 +105,39 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     defect = bare_data_set_defect(jf.path, ts) if bare else find_defect(jf.path)
     if defect is not None:
         return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
+    modality = text_of(ds, "Modality")
     return ObjectInfo(
         rel_path=key,
         sop_class_uid=sop_class,
         sop_instance_uid=sop_uid,
         transfer_syntax_uid=ts,
-        modality=text_of(ds, "Modality"),
+        modality=modality,
         series_number=_int_or_none(text_of(ds, "SeriesNumber")),
         instance_number=_int_or_none(text_of(ds, "InstanceNumber")),
+        series_instance_uid=text_of(ds, "SeriesInstanceUID"),
+        study_instance_uid=text_of(ds, "StudyInstanceUID"),
+        references=rt_references(ds, modality, sop_class, jf.display),
     )
+
+
+def rt_references(
+    ds: Dataset, modality: str, sop_class: str, display: str
+) -> tuple[Reference, ...]:
+    """Return an object's RT references (:func:`~.completeness.references_of`), none if unreadable.
+
+    A malformed reference sequence does not stop the object: it is sent as any
+    other object, after a ``REFERENCES-UNREADABLE`` line.
+    """
+    try:
+        return references_of(ds, modality, sop_class)
+    except Exception as exc:  # pydicom raises many types on a malformed sequence
+        logger.warning(
+            "REFERENCES-UNREADABLE file=%s: %s: %s; its RT references are not checked",
+            escaped(display),
+            type(exc).__name__,
+            escaped(str(exc)),
+        )
+        return ()
 
 
 def syntax_of_encoding(encoding: tuple[bool | None, bool | None]) -> str:
@@ -122,7 +155,7 @@ def read_bare_header(path: Path) -> Dataset | None:
     as DICOM only when their SOP Class and SOP Instance UIDs read as UIDs.
     """
     try:
-        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(FORWARD_TAGS))
     except Exception:  # anything that is not a data set
         return None
     sop_class, sop_uid = text_of(ds, "SOPClassUID"), text_of(ds, "SOPInstanceUID")
