@@ -16,7 +16,8 @@ promises does not change:
   receiver processes), with a real A-ASSOCIATE-RJ; presentation contexts by
   :mod:`~dicomnode.receiver.negotiation`;
 * each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
-  Information header, bytes as received; fsynced and closed, then filed by
+  Information header, bytes as received; fsynced (group commit with the
+  process's other associations, :class:`~dicomnode.storage.GroupSync`) and closed, then filed by
   :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk,
   header, atomic rename, folder fsync) *before* the C-STORE-RSP is sent;
 * the disk guard is checked when a request arrives (nothing is written below
