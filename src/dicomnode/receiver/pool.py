@@ -326,8 +326,7 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
-        from dicomnode.receiver.committer import orphan_pending
-        from dicomnode.receiver.server import sweep_stale_parts
+        from dicomnode.receiver.startup import orphan_pending, sweep_stale_parts
         from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
         one_malloc_arena()  # the parent's log pumps share one arena too
@@ -376,7 +375,7 @@ class ReceiverPool:
             self.cfg.receiver.destination_dir / INCOMING_TMP, worker_temp_prefix(index)
         )
         # ... and its pending storage commitment reports go to whichever process claims them.
-        from dicomnode.receiver.committer import orphan_pending
+        from dicomnode.receiver.startup import orphan_pending
 
         orphan_pending(self.cfg.receiver.destination_dir, worker_temp_prefix(index))
         parent_conn, child_conn = self._ctx.Pipe()
