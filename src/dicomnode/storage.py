@@ -121,6 +121,21 @@ def _libc() -> Any:
 
 
 _LIBC: Final = _libc()
+
+
+def _syncfs_reports_errors() -> bool:
+    """Return True on Linux 5.8 or later, where ``syncfs`` reports write errors of the files it flushes."""
+    if _LIBC is None:
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+#: Whether a batch of files may be flushed by one ``syncfs`` (else one fsync each).
+_SYNCFS_BATCHES: Final = _syncfs_reports_errors()
 #: ``SYNC_FILE_RANGE_WRITE``: start writing the range's dirty pages, do not wait.
 _SYNC_FILE_RANGE_WRITE: Final = 2
 
@@ -141,14 +156,17 @@ def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
 
 
 def syncfs(fd: int) -> bool:
-    """Flush the whole file system holding ``fd`` (Linux ``syncfs``); False where unavailable.
+    """Flush the whole file system holding ``fd`` (Linux ``syncfs``); False where not used.
+
+    Not used (False) before Linux 5.8, whose ``syncfs`` did not report write
+    errors: a file's failed write would then go unnoticed.
 
     Raises
     ------
     OSError
         When the file system reports a write error.
     """
-    if _LIBC is None:
+    if _LIBC is None or not _SYNCFS_BATCHES:
         return False
     if _LIBC.syncfs(fd) != 0:
         import ctypes
