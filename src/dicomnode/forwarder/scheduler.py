@@ -143,6 +143,8 @@ class Forwarder:
         self._inflight: dict[Lane, Future[None]] = {}
         #: group -> destination -> files that destination still needs (latest plan)
         self._awaiting: dict[str, dict[str, int]] = {}
+        #: groups whose latest plan is stale (changed, or a destination finished a share)
+        self._replan: set[str] = set()
         self._senders: set[AssociationSender] = set()
         self._tracker = ReadinessTracker(config.inactivity_timeout)
         self._stores = {
@@ -303,7 +305,7 @@ class Forwarder:
         if snap is None:
             self._tracker.forget(key)
         elif self._tracker.observe(snap, now):
-            self._awaiting.pop(key, None)
+            self._replan.add(key)
             logger.debug("group %s changed (%d files)", group_label(key), len(snap.files))
 
     def _busy_groups(self) -> set[str]:
@@ -319,10 +321,11 @@ class Forwarder:
             if key not in groups and key not in busy:
                 self._tracker.forget(key)
                 self._awaiting.pop(key, None)
+                self._replan.discard(key)
                 self._rt.forget(key)
         for snap in groups.values():
             if self._tracker.observe(snap, now):
-                self._awaiting.pop(snap.key, None)
+                self._replan.add(snap.key)
         for lane in list(self._retry):
             if lane[0] not in groups and lane[0] not in busy:
                 self._retry.pop(lane, None)
@@ -365,15 +368,19 @@ class Forwarder:
                     continue
                 if len(self._planning) >= self.config.max_workers:
                     return
-                awaiting = self._awaiting.get(key)
-                if awaiting and all(self._waiting((key, d), wall) for d in awaiting):
+                needed = [d for d, n in self._awaiting.get(key, {}).items() if n]
+                if (
+                    key not in self._replan
+                    and needed
+                    and all(self._waiting((key, d), wall) for d in needed)
+                ):
                     continue  # every destination that needs it is busy with it or backing off
             fresh = group_entries(scan_folder(self.watch_folder, key)).get(key)
             if fresh is None:
                 self._tracker.forget(key)
                 continue
             if self._tracker.observe(fresh, now):
-                self._awaiting.pop(key, None)
+                self._replan.add(key)
                 continue
             if has_pending_conversion(self.watch_folder, key):
                 self._tracker.touch(key, now)  # the receiver is still splitting an object
@@ -382,6 +389,7 @@ class Forwarder:
             if self._planner is None or self._stop.is_set():
                 return
             with self._lock:
+                self._replan.discard(key)
                 self._planning[key] = self._planner.submit(self._plan, job)
 
     # -- planner -----------------------------------------------------------------
@@ -505,6 +513,7 @@ class Forwarder:
             self._senders.add(sender)
         keeper = self._keepers.get(name)
         batch = keeper.open_batch(job.key) if keeper is not None else None
+        result: GroupResult | None = None
         try:
             previous = self._retry.get(lane)
             try:
@@ -533,7 +542,10 @@ class Forwarder:
             with self._lock:
                 self._senders.discard(sender)
                 self._inflight.pop(lane, None)
-                self._awaiting.pop(job.key, None)
+                shares = self._awaiting.get(job.key)
+                if shares is not None and result is not None and not result.waiting:
+                    shares[name] = len(result.retry)  # until the next plan counts again
+                self._replan.add(job.key)
                 self._dirty.add(job.key)
             self._wake.set()
 
