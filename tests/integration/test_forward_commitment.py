@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -238,7 +239,8 @@ def put_study(watch: Path, count: int, folder: str = "PAT1") -> list[Dataset]:
 
 
 def files_below(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    """Files below ``folder`` (os.walk: folders the node removes meanwhile are skipped)."""
+    return sorted(Path(root) / name for root, _dirs, names in os.walk(folder) for name in names)
 
 
 def held(watch: Path) -> list[Path]:
