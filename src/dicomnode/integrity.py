@@ -19,8 +19,8 @@ more than :data:`MAX_INFLATION_RATIO` times its compressed size beyond
 :data:`INFLATION_FLOOR_BYTES` is a defect (a deflate bomb). Memory stays flat
 whatever the object claims. :func:`read_header_bounded` gives the forwarder
 and others the same bounded header read. Imports the standard library,
-pydicom's UID constants, :mod:`dicomnode.dul.meta` (the one File Meta reader)
-and :mod:`dicomnode.dicomtags` for :func:`read_header_bounded`.
+:mod:`dicomnode.dul.meta` (the one File Meta reader)
+and :mod:`dicomnode.dicomtags` for :func:`read_header_bounded` (pydicom only there).
 
 Length: a little over 500 lines: the element walker and the bounded inflation
 it walks deflated data sets through are one check with one defect vocabulary.
@@ -33,26 +33,26 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-)
 
 from dicomnode.dul.meta import LONG_VRS, TRANSFER_SYNTAX_ELEMENT, MetaError, read_file_meta
 from dicomnode.dul.pdu import uid_text
 
+#: Transfer syntaxes whose encoding the walk must know (the values of pydicom.uid; not imported
+#: here, so a process that only walks headers never pays pydicom's import).
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
+DEFLATED_VR_LE: Final = "1.2.840.10008.1.2.1.99"
 #: Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate, A.7).
 #: (Deflated Image Frame Compression, 1.2.840.10008.1.2.8.1, deflates frames only.)
 #: (JPIP Referenced Deflate has no constant in pydicom.uid.)
-DEFLATED_SYNTAXES: Final = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"})
+DEFLATED_SYNTAXES: Final = frozenset({DEFLATED_VR_LE, "1.2.840.10008.1.2.4.95"})
 #: Inflated bytes kept in memory to walk a deflated data set's header (all of it if it fits).
 MAX_DEFLATED_HEADER_BYTES: Final = 4 * 1024 * 1024
 #: A deflated data set may inflate to more than this many times its compressed size ...
@@ -64,6 +64,8 @@ _INFLATE_IN_BYTES: Final = 64 * 1024
 _INFLATE_OUT_BYTES: Final = 256 * 1024
 #: First read of the File Meta Information (read again 16 times larger while it does not fit).
 _META_HEAD_BYTES: Final = 4096
+#: Bytes a :class:`_FileView` reads at a time (a small object's whole header in one read).
+_VIEW_BLOCK_BYTES: Final = 64 * 1024
 _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
@@ -95,15 +97,27 @@ class _FileView:
 
     Used for files other processes may still change: a memory map would
     kill the process with SIGBUS if the file were truncated during the walk,
-    while a short read here only ends the walk as a defect.
+    while a short read here only ends the walk as a defect. Reads go through
+    one block of :data:`_VIEW_BLOCK_BYTES` (``pread``), so a header walk costs
+    one read for a small object and a few for a large one: skipped values
+    (pixel data) are never read.
     """
 
     def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
+        self.fd = fh.fileno()
+        self.block = b""
+        self.block_at = 0
 
     def __getitem__(self, where: slice) -> bytes:
-        self.fh.seek(where.start)
-        return self.fh.read(max(0, where.stop - where.start))
+        start, stop = where.start, max(where.start, where.stop)
+        at = start - self.block_at
+        if at >= 0 and stop - self.block_at <= len(self.block):
+            return self.block[at : stop - self.block_at]
+        if stop - start > _VIEW_BLOCK_BYTES:
+            return os.pread(self.fd, stop - start, start)
+        self.block = os.pread(self.fd, _VIEW_BLOCK_BYTES, start)
+        self.block_at = start
+        return self.block[: stop - start]
 
 
 _Buffer = bytes | mmap.mmap | _FileView
@@ -220,7 +234,11 @@ class _Walker:
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
             nested_implicit = implicit or vr == b"UN"
+            value_at = self.pos
             self.walk_items(end, depth + 1, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
+            if self.collecting and depth == 0 and tag in self.wanted:
+                # the items without the sequence delimiter: a defined-length value
+                self.found[tag] = (vr, self.buf[value_at : self.pos - 8])
 
     def walk_items(self, end: int, depth: int, implicit: bool, encapsulated: bool) -> None:
         """Walk the items of an undefined-length element up to its sequence delimiter."""
@@ -244,6 +262,12 @@ class _Walker:
 
 def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
     """Return (transfer syntax UID, offset of the data set) of a Part 10 object."""
+    values, start = _read_meta_values(buf, size)
+    return uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b"")), start
+
+
+def _read_meta_values(buf: _Buffer, size: int) -> tuple[dict[int, bytes], int]:
+    """Return (File Meta values by element number, offset of the data set) of a Part 10 object."""
     want = _META_HEAD_BYTES
     while True:
         head = buf[0 : min(size, want)]
@@ -257,7 +281,7 @@ def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
                 raise _Defect("File Meta Information runs past the end of the file") from None
             want *= 16
             continue
-        return uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b"")), start
+        return values, start
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +298,15 @@ class Examination:
         The encoding the data set was walked with (see :func:`examine`).
     elements : dict
         ``tag -> (VR or b"" when implicit, raw value)`` of the wanted top-level
-        elements present with a defined length (of the inflated data set when
-        the object is deflated).
+        elements present before the pixel data (of the inflated data set when
+        the object is deflated). A sequence of undefined length is given as its
+        items without the sequence delimiter.
+    meta : dict
+        ``element number of group 0002 -> raw value`` of the File Meta
+        Information (empty when it could not be read).
+    data_start : int
+        Offset of the data set in the file, -1 when the File Meta Information
+        could not be read (no preamble, or malformed).
     """
 
     defect: str | None
@@ -283,6 +314,8 @@ class Examination:
     implicit: bool = False
     little: bool = True
     elements: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    meta: dict[int, bytes] = field(default_factory=dict)
+    data_start: int = -1
 
     @property
     def deflated(self) -> bool:
@@ -328,6 +361,9 @@ def examine(
             if size == 0:
                 return _examine(b"", 0, wanted)
             if not private:
+                if size <= _VIEW_BLOCK_BYTES:  # a small object: one read, walked in memory
+                    data = os.pread(fh.fileno(), size, 0)
+                    return _examine(data, len(data), wanted)
                 return _examine(_FileView(fh), size, wanted)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return _examine(mapped, len(mapped), wanted)
@@ -338,12 +374,17 @@ def examine(
 def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
     syntax = ""
     implicit, little = False, True
+    meta: dict[int, bytes] = {}
+    start = -1
     try:
-        syntax, start = _read_meta(buf, size)
+        values, data_start = _read_meta_values(buf, size)
+        syntax = uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b""))
+        meta, start = values, data_start
         if syntax in DEFLATED_SYNTAXES:
-            return _examine_deflated(buf, start, size, syntax, wanted)
-        implicit = syntax == ImplicitVRLittleEndian
-        little = syntax != ExplicitVRBigEndian
+            exam = _examine_deflated(buf, start, size, syntax, wanted)
+            return replace(exam, meta=meta, data_start=start)
+        implicit = syntax == IMPLICIT_VR_LE
+        little = syntax != EXPLICIT_VR_BE
         if not implicit and start + 6 <= size:
             # Some senders write implicit VR under an explicit transfer syntax;
             # pydicom reads those, so judge them by what they really are.
@@ -353,10 +394,11 @@ def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
         walker.pos = start
         walker.walk_dataset(size, 0, implicit, until_item_end=False)
     except _Defect as defect:
-        return Examination(str(defect), syntax, implicit, little)
+        return Examination(str(defect), syntax, implicit, little, {}, meta, start)
     except (struct.error, ValueError, OverflowError) as exc:
-        return Examination(f"malformed element structure: {exc}", syntax, implicit, little)
-    return Examination(None, syntax, implicit, little, walker.found)
+        why = f"malformed element structure: {exc}"
+        return Examination(why, syntax, implicit, little, {}, meta, start)
+    return Examination(None, syntax, implicit, little, walker.found, meta, start)
 
 
 def _inflated(buf: _Buffer, start: int, size: int) -> Iterator[bytes]:

@@ -221,3 +221,30 @@ def test_judge_refusal_counts_only_refusals_of_one_object() -> None:
     assert judge_refusal(0, None, 3) == (RefusalVerdict.TARGET_WIDE, 0)
     assert judge_refusal(1, None, 3) == (RefusalVerdict.COUNTED, 2)
     assert judge_refusal(2, None, 3) == (RefusalVerdict.PARK, 3)
+
+
+def test_common_image_classes_are_image_storage_classes_by_pydicom() -> None:
+    """The built-in table only saves the UID dictionary lookup: pydicom agrees with each entry."""
+    from pydicom.uid import UID
+
+    from dicomnode.forwarder.batching import _COMMON_IMAGE_CLASSES, object_category
+
+    for uid in _COMMON_IMAGE_CLASSES:
+        assert "Image Storage" in UID(uid).name, uid
+        assert object_category("", uid) == "IMAGES"
+    # classes outside the table are still looked up by name
+    assert object_category("", "1.2.840.10008.5.1.4.1.1.77.1.4") == "IMAGES"  # VL Photographic
+    assert object_category("", "1.2.840.10008.5.1.4.1.1.88.22") == "OTHER"  # Enhanced SR
+
+
+def test_send_path_does_not_import_pydicom() -> None:
+    """A plain send reads headers with the node's own walker: pydicom stays unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dicomnode.cli, dicomnode.forwarder, dicomnode.forwarder.header; "
+        "print('pydicom' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

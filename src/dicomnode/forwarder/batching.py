@@ -4,19 +4,19 @@ Everything here is a function of its arguments: the current time is always passe
 in as ``now`` (seconds, from whatever clock the caller uses consistently), nothing
 writes files, opens sockets, starts threads or reads the clock. The I/O layers
 (:mod:`.watcher`, :mod:`.sender`, :mod:`.outcome`, :mod:`.state`) feed it facts
-and act on its answers. Imports pydicom (UID names only) and the standard library;
-never pynetdicom or watchdog.
+and act on its answers. Imports the standard library, and pydicom (UID names)
+only for a SOP class missing from :data:`_COMMON_IMAGE_CLASSES`, so a one-shot
+send does not pay pydicom's import; never pynetdicom or watchdog.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
 from typing import Final
-
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.dul.pdu import MAX_PRESENTATION_CONTEXTS
 
@@ -31,11 +31,12 @@ TEMP_SUFFIXES: Final = (".part", ".tmp")
 #: Largest number of presentation contexts one association may propose (PS3.8 9.3.2.2).
 MAX_CONTEXTS: Final = MAX_PRESENTATION_CONTEXTS
 
-EXPLICIT_VR_LE: Final = ExplicitVRLittleEndian
-IMPLICIT_VR_LE: Final = ImplicitVRLittleEndian
+EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
 #: Transfer syntaxes proposed for every SOP class so the object can be converted.
 FALLBACK_SYNTAXES: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
-UNCOMPRESSED_SYNTAXES: Final = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE, ExplicitVRBigEndian})
+UNCOMPRESSED_SYNTAXES: Final = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE, EXPLICIT_VR_BE})
 
 _RT_BY_MODALITY: Final = {
     "RTSTRUCT": "RTSTRUCT",
@@ -53,6 +54,30 @@ _RT_BY_SOP_CLASS: Final = {
     "1.2.840.10008.5.1.4.1.1.481.7": "RTRECORD",  # RT Treatment Summary Record
     "1.2.840.10008.5.1.4.1.1.481.9": "RTRECORD",  # RT Ion Beams Treatment Record
 }
+
+#: Image Storage SOP classes named here so the common case needs no UID dictionary
+#: (pydicom names each "... Image Storage"; tests check it); others are looked up.
+_COMMON_IMAGE_CLASSES: Final = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray - For Presentation
+        "1.2.840.10008.5.1.4.1.1.2",  # CT
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
+        "1.2.840.10008.5.1.4.1.1.4",  # MR
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
+        "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine
+        "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography
+        "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+    }
+)
 
 
 # --------------------------------------------------------------------------- files and groups
@@ -242,6 +267,10 @@ class ObjectInfo:
         (0008,0060), may be empty.
     series_number, instance_number : int or None
         Integer values, None when missing or not a number.
+    data_start : int
+        Offset of the data set in the file as the header read found it (the
+        SCU sends from there without reading the File Meta again); -1 when
+        unknown.
     """
 
     rel_path: PurePosixPath
@@ -251,8 +280,10 @@ class ObjectInfo:
     modality: str = ""
     series_number: int | None = None
     instance_number: int | None = None
+    data_start: int = -1
 
 
+@functools.lru_cache(maxsize=1024)
 def object_category(modality: str, sop_class_uid: str) -> str:
     """Return the send-order token of an object: IMAGES, OTHER, RTSTRUCT, RTPLAN, RTDOSE, RTRECORD.
 
@@ -265,12 +296,21 @@ def object_category(modality: str, sop_class_uid: str) -> str:
     token = _RT_BY_MODALITY.get(modality.strip().upper())
     if token:
         return token
-    name = UID(sop_class_uid).name if sop_class_uid else ""
+    if sop_class_uid in _COMMON_IMAGE_CLASSES:
+        return "IMAGES"
+    name = uid_name(sop_class_uid) if sop_class_uid else ""
     if "Treatment Record" in name:
         return "RTRECORD"
     if "Image Storage" in name:
         return "IMAGES"
     return "OTHER"
+
+
+def uid_name(uid: str) -> str:
+    """Return pydicom's name of ``uid`` (the UID itself when unknown); imports pydicom."""
+    from pydicom.uid import UID
+
+    return str(UID(uid).name)
 
 
 def category_rank(obj: ObjectInfo, send_order: Sequence[str]) -> int:

@@ -32,7 +32,13 @@ from dicomnode.forwarder.batching import (
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
 from dicomnode.forwarder.lean import LeanAssociationSender
-from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
+from dicomnode.forwarder.outcome import (
+    ParkReason,
+    delete_delivered,
+    park_file,
+    park_stamp,
+    remove_empty_folders,
+)
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.ledger.events import EventKind, ledger_extra
 
@@ -113,6 +119,7 @@ def send_group(
     last_result = [time.monotonic()]  # per-object duration for the ledger
     counts = dict(refusals or {})
     decided: set[PurePosixPath] = set()
+    emptied: set[Path] = set()  # folders of deleted files: pruned once, at the end
     # a transient refusal whose meaning the next answer of the target decides
     pending: tuple[ObjectInfo, int | None, str] | None = None
     # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
@@ -211,7 +218,8 @@ def send_group(
                 )
                 result.changed = True
                 return
-            delete_delivered(jf.path, job.prune_root)
+            if delete_delivered(jf.path, job.prune_root, prune=False):
+                emptied.add(jf.path.parent)
             result.sent += 1
             logger.info(
                 "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X",
@@ -265,17 +273,21 @@ def send_group(
         return by_key[obj.rel_path].path
 
     plans = plan_associations(ordered)
-    for n, (objects, contexts) in enumerate(plans):
-        end = sender.run(locate, objects, contexts, on_result, check, should_stop)
-        if end.network_error is not None:
-            result.network_error = end.network_error
-            for later, _ in plans[n + 1 :]:
-                for obj in later:
-                    result.retry.append((by_key[obj.rel_path], obj))
-            break
-        if end.stopped:
-            result.stopped = not result.changed and not result.held
-            break
+    try:
+        for n, (objects, contexts) in enumerate(plans):
+            end = sender.run(locate, objects, contexts, on_result, check, should_stop)
+            if end.network_error is not None:
+                result.network_error = end.network_error
+                for later, _ in plans[n + 1 :]:
+                    for obj in later:
+                        result.retry.append((by_key[obj.rel_path], obj))
+                break
+            if end.stopped:
+                result.stopped = not result.changed and not result.held
+                break
+    finally:
+        for folder in sorted(emptied, key=lambda f: len(f.parts), reverse=True):
+            remove_empty_folders(folder, job.prune_root)
     resolve(None)
     if result.held:
         kept = {id(jf) for jf, _ in result.retry}

@@ -1,12 +1,18 @@
 """Header reading of the forwarder: the facts of one file needed to send it, or why it cannot be.
 
-:func:`inspect_file` reads a file's header once (pydicom, pixel data skipped),
-checks it is structurally whole (:mod:`dicomnode.integrity`) and returns an
-:class:`~.batching.ObjectInfo` (SOP Class/Instance UID of the data set,
-transfer syntax, order keys) or a :class:`~.outcome.ParkReason`. Data sets
-without File Meta Information (as DCMTK's storescu sends them) are accepted
-when their UIDs read as UIDs. Reads files; never writes, moves or sends.
-Log verb: ``UID-MISMATCH``.
+:func:`inspect_file` reads a file's header in **one pass**
+(:func:`dicomnode.integrity.examine`: File Meta Information, the structural
+walk of every element header, and the raw values of :data:`FORWARD_TAGS`,
+typically one ``pread`` for a small object; pixel data is never read) and
+returns an :class:`~.batching.ObjectInfo` (SOP Class/Instance UID of the data
+set, transfer syntax, order keys, the offset of the data set in the file, so
+the SCU reads nothing twice) or a :class:`~.outcome.ParkReason`. The values
+are decoded from their raw bytes without building a pydicom data set; code
+that needs more of the header (e.g. sequences) adds its tags to the same walk
+and decodes them with :func:`header_dataset`. Data sets without File Meta
+Information (as DCMTK's storescu sends them) are accepted when their UIDs
+read as UIDs (read by pydicom: the rare, slow path). Reads files; never
+writes, moves or sends. Log verb: ``UID-MISMATCH``.
 """
 
 from __future__ import annotations
@@ -14,20 +20,33 @@ from __future__ import annotations
 import logging
 import struct
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Final
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian
-
-from dicomnode.dicomtags import HEADER_TAGS, text_of
-from dicomnode.forwarder.batching import EXPLICIT_VR_LE, IMPLICIT_VR_LE, ObjectInfo
+from dicomnode.dul.meta import has_preamble
+from dicomnode.dul.pdu import uid_text
+from dicomnode.forwarder.batching import EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, ObjectInfo
 from dicomnode.forwarder.job import JobFile
 from dicomnode.forwarder.outcome import ParkReason
-from dicomnode.integrity import examine, find_defect, read_header_bounded
+from dicomnode.integrity import Examination, examine
 from dicomnode.logsafe import escape
 
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
 logger = logging.getLogger(__name__)
+
+SOP_CLASS_UID: Final = 0x00080016
+SOP_INSTANCE_UID: Final = 0x00080018
+MODALITY: Final = 0x00080060
+SERIES_NUMBER: Final = 0x00200011
+INSTANCE_NUMBER: Final = 0x00200013
+#: File Meta elements (group 0002) compared with the data set's own UIDs.
+_MEDIA_SOP_CLASS: Final = 0x0002
+_MEDIA_SOP_INSTANCE: Final = 0x0003
+#: Top-level tags whose raw values the forwarder's one header walk collects.
+FORWARD_TAGS: Final = frozenset(
+    {SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY, SERIES_NUMBER, INSTANCE_NUMBER}
+)
 
 
 def _int_or_none(value: str) -> int | None:
@@ -37,8 +56,23 @@ def _int_or_none(value: str) -> int | None:
         return None
 
 
+def raw_text(exam: Examination, tag: int) -> str:
+    """Return the value of ``tag`` from one header walk as text (ASCII VRs: UI, CS, IS), or ""."""
+    found = exam.elements.get(tag)
+    if found is None:
+        return ""
+    return found[1].decode("latin-1").strip("\0").strip()
+
+
+def header_dataset(exam: Examination) -> Dataset:
+    """Return the collected elements of ``exam`` as a pydicom data set (decoded on access)."""
+    from dicomnode.dicomtags import header_from_elements
+
+    return header_from_elements(exam.elements, exam.implicit, exam.little)
+
+
 def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
-    """Read the header facts of one file, or say why it cannot be sent.
+    """Read the header facts of one file in one pass, or say why it cannot be sent.
 
     Parameters
     ----------
@@ -50,32 +84,46 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     Returns
     -------
     ObjectInfo or ParkReason
-        ParkReason for empty, unreadable and non-DICOM files and for objects
-        without SOP Class / SOP Instance UID.
+        ParkReason for empty, unreadable, non-DICOM and structurally incomplete
+        files and for objects without (valid) SOP Class / SOP Instance UID.
     """
     if jf.size == 0:
         return ParkReason(None, "empty file (0 bytes)")
-    bare = False
     try:
-        ds = read_header_bounded(jf.path)  # a deflated data set is never inflated whole
-    except (InvalidDicomError, EOFError) as exc:
-        found = read_bare_header(jf.path)
-        if found is None:
-            return ParkReason(None, f"not a DICOM file: {exc}")
-        ds, bare = found, True
+        exam = examine(jf.path, FORWARD_TAGS)
     except OSError as exc:
         return ParkReason(None, f"unreadable: {exc.strerror or exc}")
-    except Exception as exc:  # pydicom raises many types on corrupt headers
-        return ParkReason(None, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
-    meta = getattr(ds, "file_meta", None)
-    meta_class = text_of(meta, "MediaStorageSOPClassUID") if meta is not None else ""
-    meta_uid = text_of(meta, "MediaStorageSOPInstanceUID") if meta is not None else ""
+    if exam.data_start < 0:
+        return _inspect_without_meta(jf, key, exam)
+    meta_class = uid_text(exam.meta.get(_MEDIA_SOP_CLASS, b""))
+    meta_uid = uid_text(exam.meta.get(_MEDIA_SOP_INSTANCE, b""))
     # The C-STORE carries the data set's own UIDs; the File Meta header may disagree.
-    sop_class = text_of(ds, "SOPClassUID") or meta_class
-    sop_uid = text_of(ds, "SOPInstanceUID") or meta_uid
-    ts = (text_of(meta, "TransferSyntaxUID") if meta is not None else "") or syntax_of_encoding(
-        ds.original_encoding
+    sop_class = raw_text(exam, SOP_CLASS_UID) or meta_class
+    sop_uid = raw_text(exam, SOP_INSTANCE_UID) or meta_uid
+    ts = exam.syntax or syntax_of_encoding((exam.implicit, exam.little))
+    if exam.defect is not None:
+        return ParkReason(
+            None, f"truncated or malformed DICOM file: {exam.defect}", escaped(sop_uid)
+        )
+    checked = _check_uids(jf, sop_class, sop_uid, meta_class, meta_uid)
+    if checked is not None:
+        return checked
+    return ObjectInfo(
+        rel_path=key,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid,
+        transfer_syntax_uid=ts,
+        modality=raw_text(exam, MODALITY),
+        series_number=_int_or_none(raw_text(exam, SERIES_NUMBER)),
+        instance_number=_int_or_none(raw_text(exam, INSTANCE_NUMBER)),
+        data_start=exam.data_start,
     )
+
+
+def _check_uids(
+    jf: JobFile, sop_class: str, sop_uid: str, meta_class: str, meta_uid: str
+) -> ParkReason | None:
+    """Return why the UIDs cannot be sent, or None (logging a File Meta disagreement)."""
     if not sop_class or not sop_uid:
         return ParkReason(
             None, "DICOM file without SOP Class UID or SOP Instance UID", escaped(sop_uid)
@@ -93,7 +141,34 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
             sop_class,
             sop_uid,
         )
-    defect = bare_data_set_defect(jf.path, ts) if bare else find_defect(jf.path)
+    return None
+
+
+def _inspect_without_meta(
+    jf: JobFile, key: PurePosixPath, exam: Examination
+) -> ObjectInfo | ParkReason:
+    """Inspect a file whose File Meta Information could not be read: a bare data set, or not DICOM."""
+    from dicomnode.dicomtags import text_of
+
+    try:
+        with jf.path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        return ParkReason(None, f"unreadable: {exc.strerror or exc}")
+    if has_preamble(head):
+        return ParkReason(None, f"not a readable DICOM file: {exam.defect}")
+    try:
+        ds = read_bare_header(jf.path)
+    except OSError as exc:
+        return ParkReason(None, f"unreadable: {exc.strerror or exc}")
+    if ds is None:
+        return ParkReason(None, "not a DICOM file: no DICOM preamble, File Meta or data set")
+    sop_class, sop_uid = text_of(ds, "SOPClassUID"), text_of(ds, "SOPInstanceUID")
+    ts = syntax_of_encoding(ds.original_encoding)
+    checked = _check_uids(jf, sop_class, sop_uid, "", "")
+    if checked is not None:
+        return checked
+    defect = bare_data_set_defect(jf.path, ts)
     if defect is not None:
         return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
     return ObjectInfo(
@@ -104,6 +179,7 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         modality=text_of(ds, "Modality"),
         series_number=_int_or_none(text_of(ds, "SeriesNumber")),
         instance_number=_int_or_none(text_of(ds, "InstanceNumber")),
+        data_start=0,
     )
 
 
@@ -112,7 +188,7 @@ def syntax_of_encoding(encoding: tuple[bool | None, bool | None]) -> str:
     implicit, little = encoding
     if implicit is not False:
         return IMPLICIT_VR_LE
-    return EXPLICIT_VR_LE if little is not False else ExplicitVRBigEndian
+    return EXPLICIT_VR_LE if little is not False else EXPLICIT_VR_BE
 
 
 def read_bare_header(path: Path) -> Dataset | None:
@@ -121,6 +197,10 @@ def read_bare_header(path: Path) -> Dataset | None:
     DCMTK's storescu sends such files (e.g. pydicom's ``rtstruct.dcm``); they count
     as DICOM only when their SOP Class and SOP Instance UIDs read as UIDs.
     """
+    from pydicom import dcmread
+
+    from dicomnode.dicomtags import HEADER_TAGS, text_of
+
     try:
         ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     except Exception:  # anything that is not a data set
@@ -151,4 +231,4 @@ def is_sendable_uid(uid: str) -> bool:
     Deliberately lenient (like DCMTK's storescu): a UID that breaks the letter of
     PS3.5 9.1 (a letter, a leading zero, 65 characters) is the target's to judge.
     """
-    return bool(uid) and all("!" <= c <= "~" and c != "\\" for c in uid)
+    return uid.isascii() and uid.isprintable() and " " not in uid and "\\" not in uid and bool(uid)

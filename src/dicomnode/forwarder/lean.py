@@ -45,14 +45,13 @@ data set source in :mod:`.source`.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
-
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.dul.dimse import (
@@ -108,12 +107,7 @@ from dicomnode.forwarder.source import (
     memory_reader,
     zero_padded,
 )
-from dicomnode.forwarder.transcode import (
-    TranscodeError,
-    choose_syntax,
-    syntax_name,
-    transcode,
-)
+from dicomnode.integrity import DEFLATED_VR_LE
 from dicomnode.status import describe_status, is_success_or_warning
 
 logger = logging.getLogger(__name__)
@@ -375,14 +369,17 @@ class LeanAssociationSender(AssociationSender):
             The association cannot go on.
         """
         try:
-            fh = path.open("rb", buffering=0)
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
         except FileNotFoundError:
             raise
         except OSError as exc:
             return f"cannot send this file: {exc}"
         with fh:
             try:
-                data_start, size = locate_data_set(fh)
+                if obj.data_start >= 0:  # found by the header read: not read again
+                    data_start, size = obj.data_start, os.fstat(fh.fileno()).st_size
+                else:
+                    data_start, size = locate_data_set(fh)
             except (UnreadableFile, MetaError, OSError) as exc:
                 return f"cannot send this file: {exc}"
             command = c_store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
@@ -392,7 +389,7 @@ class LeanAssociationSender(AssociationSender):
                 return self._send_converted(conn, path, obj, by_syntax, command, data_start, chunk)
             length = size - data_start
             fill = file_reader(fh.fileno(), data_start)
-            if syntax == DeflatedExplicitVRLittleEndian and length % 2:
+            if syntax == DEFLATED_VR_LE and length % 2:
                 # PS3.5 A.5: an odd-length deflate stream gets one trailing NULL byte
                 fill = zero_padded(fill, length)
                 length += 1
@@ -410,6 +407,14 @@ class LeanAssociationSender(AssociationSender):
         chunk: int,
     ) -> str | None:
         """Convert the object into a syntax the target accepted and send it, or say why not."""
+        # imported here: transcoding needs pydicom, which a plain send never imports
+        from dicomnode.forwarder.transcode import (
+            TranscodeError,
+            choose_syntax,
+            syntax_name,
+            transcode,
+        )
+
         offered = set(by_syntax)
         target = choose_syntax(obj.transfer_syntax_uid, offered)
         names = ", ".join(sorted(syntax_name(ts) for ts in offered))
