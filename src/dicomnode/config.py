@@ -483,6 +483,15 @@ class ForwarderConfig:
         lo=1,
         hi=1000,
     )
+    max_associations: int = setting(
+        1,
+        "FolderWatcher",
+        Kind.INT,
+        "Associations at once to the target while sending one group (each send-order "
+        "class waits for the one before)",
+        lo=1,
+        hi=32,
+    )
     acse_timeout_s: float = setting(
         30.0, "FolderWatcher", Kind.SECONDS, "Time allowed for the association", lo=0.1
     )

@@ -248,3 +248,74 @@ def test_send_path_does_not_import_pydicom() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- parallel associations
+
+
+def _group(images: int) -> list[ObjectInfo]:
+    objs = [obj(f"ct{i:03d}", CT, "CT", 1, i) for i in range(images)]
+    objs += [
+        obj("rs", RTSTRUCT, "RTSTRUCT"),
+        obj("rp", RTPLAN, "RTPLAN"),
+        obj("rd1", RTDOSE, "RTDOSE"),
+        obj("rd2", RTDOSE, "RTDOSE"),
+    ]
+    return order_objects(objs, DEFAULT_SEND_ORDER)
+
+
+def test_plan_stages_one_association_is_todays_single_run() -> None:
+    from dicomnode.forwarder.batching import plan_stages
+
+    ordered = _group(10)
+    assert plan_stages(ordered, DEFAULT_SEND_ORDER, 1) == [[plan_associations(ordered)]]
+    assert plan_stages([], DEFAULT_SEND_ORDER, 4) == []
+
+
+def test_plan_stages_deals_each_class_into_lanes_and_keeps_the_class_barrier() -> None:
+    from dicomnode.forwarder.batching import category_rank, plan_stages
+
+    ordered = _group(10)
+    stages = plan_stages(ordered, DEFAULT_SEND_ORDER, 4)
+    # one stage per class, in send order: images, RTSTRUCT, RTPLAN, RTDOSE
+    kinds = [
+        {
+            object_category(o.modality, o.sop_class_uid)
+            for lane in stage
+            for objs, _ in lane
+            for o in objs
+        }
+        for stage in stages
+    ]
+    assert kinds == [{"IMAGES"}, {"RTSTRUCT"}, {"RTPLAN"}, {"RTDOSE"}]
+    images = stages[0]
+    assert len(images) == 4
+    sizes = [sum(len(objs) for objs, _ in lane) for lane in images]
+    assert sizes == [3, 3, 2, 2]  # near-equal, the first lanes take the remainder
+    # lanes hold consecutive objects, so concatenated they give the send order back
+    flat = [o for stage in stages for lane in stage for objs, _ in lane for o in objs]
+    assert flat == ordered
+    ranks = [category_rank(o, DEFAULT_SEND_ORDER) for o in flat]
+    assert ranks == sorted(ranks)
+    # never more lanes than objects: one structure set is one association
+    assert len(stages[1]) == 1 and len(stages[3]) == 2
+    # every association proposes the contexts its objects need
+    for stage in stages:
+        for lane in stage:
+            for objs, contexts in lane:
+                offered = {c.sop_class_uid for c in contexts}
+                assert {o.sop_class_uid for o in objs} <= offered
+
+
+@given(
+    images=st.integers(min_value=0, max_value=40),
+    n=st.integers(min_value=1, max_value=8),
+)
+def test_plan_stages_sends_every_object_once_in_order(images: int, n: int) -> None:
+    from dicomnode.forwarder.batching import plan_stages
+
+    ordered = _group(images)
+    stages = plan_stages(ordered, DEFAULT_SEND_ORDER, n)
+    flat = [o for stage in stages for lane in stage for objs, _ in lane for o in objs]
+    assert flat == ordered
+    assert all(1 <= len(stage) <= n for stage in stages)

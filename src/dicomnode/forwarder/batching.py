@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
-from typing import Final
+from typing import Final, TypeAlias
 
 from dicomnode.dul.pdu import MAX_PRESENTATION_CONTEXTS
 
@@ -421,6 +421,70 @@ def plan_associations(
     if run:
         plans.append((run, run_ctx))
     return plans
+
+
+#: One association: its objects in send order and the contexts it proposes.
+AssociationPlan: TypeAlias = tuple[list[ObjectInfo], list[ContextSpec]]
+
+
+def plan_stages(
+    objects: Sequence[ObjectInfo],
+    send_order: Sequence[str],
+    max_associations: int = 1,
+    max_contexts: int = MAX_CONTEXTS,
+) -> list[list[list[AssociationPlan]]]:
+    """Plan the associations of ordered objects: stages run one after another, lanes at once.
+
+    A stage is a list of lanes that run at the same time; a lane is a list of
+    associations run one after another (:func:`plan_associations`, split only
+    by the context limit). With ``max_associations == 1`` everything is one
+    stage of one lane: the group goes over as few associations as possible, as
+    it always did. With ``N > 1`` each send-order class (IMAGES, then OTHER,
+    RTSTRUCT, ...; :func:`category_rank`) is a stage of its own, its objects
+    dealt into up to ``N`` lanes of consecutive objects of near-equal size. A
+    stage starts only when the one before has finished, so nothing of a later
+    class reaches the target before every earlier object was answered.
+
+    Parameters
+    ----------
+    objects : sequence of ObjectInfo
+        Objects already in send order (:func:`order_objects`).
+    send_order : sequence of str
+        The category tokens that ordered them.
+    max_associations : int
+        Associations at once (at least 1).
+    max_contexts : int
+        Presentation contexts per association.
+
+    Returns
+    -------
+    list of stages
+        Each stage a list of lanes, each lane a list of ``(objects, contexts)``.
+    """
+    if not objects:
+        return []
+    if max_associations <= 1:
+        return [[plan_associations(objects, max_contexts)]]
+    classes: list[list[ObjectInfo]] = []
+    last_rank: int | None = None
+    for obj in objects:
+        rank = category_rank(obj, send_order)
+        if rank != last_rank:
+            classes.append([])
+            last_rank = rank
+        classes[-1].append(obj)
+    stages: list[list[list[AssociationPlan]]] = []
+    for members in classes:
+        lanes = min(max_associations, len(members))
+        size, extra = divmod(len(members), lanes)
+        stage: list[list[AssociationPlan]] = []
+        start = 0
+        for lane in range(lanes):
+            end = start + size + (1 if lane < extra else 0)
+            stage.append(plan_associations(members[start:end], max_contexts))
+            start = end
+        stages.append(stage)
+    return stages
 
 
 # --------------------------------------------------------------------------- outcome and retry

@@ -1,7 +1,8 @@
 """Delivery of one group: send in clinical order, then apply each file's outcome on disk at once.
 
 :func:`send_group` plans the associations of a claimed group
-(:func:`~.batching.plan_associations`), sends them with the SCU
+(:func:`~.batching.plan_stages`: one association, or with ``max_associations``
+several at once per send-order class, :mod:`.lanes`), sends them with the SCU
 (:func:`make_sender`: the lean SCU of :mod:`.lean`) and applies every per-file
 decision immediately: delivered files are deleted, refused ones parked under
 ``failed/`` with a ``send_errors.log`` line (:func:`park_job_file`), files kept
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
@@ -27,10 +29,11 @@ from dicomnode.forwarder.batching import (
     group_label,
     judge_refusal,
     order_objects,
-    plan_associations,
+    plan_stages,
 )
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
+from dicomnode.forwarder.lanes import run_stage
 from dicomnode.forwarder.lean import LeanAssociationSender
 from dicomnode.forwarder.outcome import (
     ParkReason,
@@ -57,6 +60,7 @@ def send_group(
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
     refusals: Mapping[str, int] | None = None,
+    max_associations: int = 1,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -79,6 +83,13 @@ def send_group(
         True stops between files (files stay).
     on_file_done : callable, optional
         Called after each file reached an outcome (progress bars).
+    refusals : mapping, optional
+        Earlier temporary refusals per file (display name), from the retry state.
+    max_associations : int
+        Associations at once (:func:`~.batching.plan_stages`): with more than
+        one, each send-order class goes over up to this many associations at
+        the same time, and a class starts only when every object of the
+        classes before it was answered.
     """
     result = GroupResult()
     stamp = park_stamp(time.time())
@@ -120,6 +131,7 @@ def send_group(
     counts = dict(refusals or {})
     decided: set[PurePosixPath] = set()
     emptied: set[Path] = set()  # folders of deleted files: pruned once, at the end
+    stage_sent = [0]  # objects acknowledged in the current stage
     # a transient refusal whose meaning the next answer of the target decides
     pending: tuple[ObjectInfo, int | None, str] | None = None
     # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
@@ -209,6 +221,7 @@ def send_group(
         elif outcome is SendOutcome.RETRY:
             resolve(False)  # the target (or the network) fails for everything
         if outcome is SendOutcome.SENT:
+            stage_sent[0] += 1
             counts.pop(jf.display, None)
             if not is_unchanged(jf):
                 logger.warning(
@@ -272,15 +285,39 @@ def send_group(
     def locate(obj: ObjectInfo) -> Path:
         return by_key[obj.rel_path].path
 
-    plans = plan_associations(ordered)
+    guard = threading.Lock()  # lanes of one stage report from several threads
+
+    def on_result_guarded(
+        obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str
+    ) -> None:
+        with guard:
+            on_result(obj, outcome, status, reason)
+
+    def check_guarded(obj: ObjectInfo) -> bool:
+        with guard:
+            return check(obj)
+
+    stages = plan_stages(ordered, config.send_order, max_associations)
     try:
-        for n, (objects, contexts) in enumerate(plans):
-            end = sender.run(locate, objects, contexts, on_result, check, should_stop)
+        for n, stage in enumerate(stages):
+            if len(stage) > 1:
+                logger.debug("STAGE group=%s lanes=%d", label, len(stage))
+            stage_sent[0] = 0
+            end = run_stage(sender, stage, locate, on_result_guarded, check_guarded, should_stop)
+            if len(stage) > 1:
+                # Lanes answer at the same time: an object acknowledged on another lane
+                # of this stage shows the target accepts others, whether its answer
+                # came before or after the transient refusal.
+                resolve(True if stage_sent[0] else None)
             if end.network_error is not None:
                 result.network_error = end.network_error
-                for later, _ in plans[n + 1 :]:
-                    for obj in later:
-                        result.retry.append((by_key[obj.rel_path], obj))
+                for obj in end.untried:
+                    result.retry.append((by_key[obj.rel_path], obj))
+                for later in stages[n + 1 :]:
+                    for lane in later:
+                        for objects, _ in lane:
+                            for obj in objects:
+                                result.retry.append((by_key[obj.rel_path], obj))
                 break
             if end.stopped:
                 result.stopped = not result.changed and not result.held

@@ -129,8 +129,9 @@ class LeanAssociationSender(AssociationSender):
 
     A drop-in replacement of :class:`AssociationSender`: it inherits the
     configuration, the lock and the per-file reporting of the rest of a run;
-    nothing of pynetdicom's association machinery is used. Not for concurrent :meth:`run` calls; :meth:`abort` may
-    be called from any thread. Parameters as for :class:`AssociationSender`.
+    nothing of pynetdicom's association machinery is used. Not for concurrent
+    :meth:`run` calls (associations at once use :meth:`helpers`); :meth:`abort`
+    may be called from any thread. Parameters as for :class:`AssociationSender`.
     """
 
     def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -139,12 +140,14 @@ class LeanAssociationSender(AssociationSender):
         self._buffer = bytearray()
 
     def abort(self) -> None:
-        """Abort the association in progress, if any (used by a forced stop)."""
+        """Abort the association in progress, and those of the helpers, if any (a forced stop)."""
         with self._lock:
             conn = self._conn
         if conn is not None and not conn.aborted:
             logger.warning("ABORTING association to %s", self.config.target_aet)
             conn.abort()
+        for helper in self._helpers_now():
+            helper.abort()
 
     # -- association ------------------------------------------------------------
 

@@ -258,6 +258,7 @@ class Forwarder:
                 sender,
                 self._stop.is_set,
                 refusals=previous.refusals if previous is not None else None,
+                max_associations=self.config.max_associations,
             )
             self._after(job, result)
         except Exception:
