@@ -71,6 +71,8 @@ TARGETS: Final[dict[tuple[str, str], tuple[str, float]]] = {
     ("FORWARD", "small"): ("ratio", 0.28),
     ("MEMORY", "big"): ("rss_mb", 120.0),
     ("CONCURRENCY", "small"): ("ratio", 1.5),
+    # issue 16: N = 4 associations over a 10 ms round trip, against storescu over the same link
+    ("DELAYED", "small"): ("ratio", 3.0),
 }
 
 
@@ -135,6 +137,9 @@ class Options:
     keep: bool
     python: str
     probe: bool = False
+    delayed_dataset: str = "small"
+    delay_ms: float = 5.0
+    delayed_associations: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +161,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def is_listening(port: int) -> bool:
-    """Return True when some socket is in LISTEN state on ``port`` (Linux /proc)."""
+def is_listening(port: int, pid: int | None = None) -> bool:
+    """Return True when some socket is in LISTEN state on ``port`` (Linux /proc).
+
+    With ``pid``, the tables of that process's network namespace are read.
+    """
     wanted = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = f"/proc/{pid}/net" if pid is not None else "/proc/net"
+    for table in (f"{base}/tcp", f"{base}/tcp6"):
         with contextlib.suppress(OSError), open(table) as fh:
             for line in fh.readlines()[1:]:
                 cols = line.split()
@@ -307,6 +316,8 @@ class Receiver:
         self.log = workdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._fh: IO[bytes] | None = None
+        #: Put in front of the command (``ip netns exec NAME`` for the DELAYED link).
+        self.prefix: list[str] = []
 
     def command(self) -> list[str]:
         """Return the command line of the receiver."""
@@ -314,6 +325,8 @@ class Receiver:
 
     def is_ready(self) -> bool:
         """Return True when the receiver accepts associations."""
+        if self.prefix and self.proc is not None:
+            return is_listening(self.port, self.proc.pid)  # its own network namespace
         return is_listening(self.port)
 
     def stored_files(self) -> int:
@@ -325,7 +338,7 @@ class Receiver:
         self.store.mkdir(parents=True, exist_ok=True)
         self._fh = self.log.open("wb")
         self.proc = subprocess.Popen(
-            self.command(), env=self.env, stdout=self._fh, stderr=subprocess.STDOUT
+            [*self.prefix, *self.command()], env=self.env, stdout=self._fh, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout_s
         while not self.is_ready():
@@ -378,17 +391,71 @@ class DcmtkReceiver(Receiver):
 
     name = "storescp"
 
-    def __init__(self, workdir: Path, env: dict[str, str], tools: Tools) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], tools: Tools, fork: bool = False
+    ) -> None:
         super().__init__(workdir, env)
         self.tools = tools
+        self.fork = fork
 
     def command(self) -> list[str]:
-        """Return the storescp command line."""
-        return [self.tools.storescp, "-aet", DCMTK_AET, "-od", str(self.store), str(self.port)]
+        """Return the storescp command line (``--fork``: one process per association)."""
+        fork = ["--fork"] if self.fork else []
+        return [
+            self.tools.storescp,
+            *fork,
+            "-aet",
+            DCMTK_AET,
+            "-od",
+            str(self.store),
+            str(self.port),
+        ]
 
     def stored_files(self) -> int:
         """Count the files storescp wrote."""
         return _count_files(self.store)
+
+
+class DelayedLink(Receiver):
+    """A receiver behind ``bench/delay_proxy.py``: senders connect to the proxy's port."""
+
+    name = "delay-proxy"
+
+    def __init__(self, inner: Receiver, python: str, delay_ms: float) -> None:
+        super().__init__(inner.workdir, inner.env)
+        self.inner = inner
+        self.python = python
+        self.delay_ms = delay_ms
+
+    def command(self) -> list[str]:
+        """Return the proxy's command line: this port -> the receiver's, delayed."""
+        script = str(BENCH_DIR / "delay_proxy.py")
+        return [
+            self.python,
+            script,
+            str(self.port),
+            str(self.inner.port),
+            "--delay-ms",
+            f"{self.delay_ms:g}",
+        ]
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the receiver, then the proxy in front of it."""
+        self.inner.start(timeout_s)
+        super().start(timeout_s)
+
+    def pids(self) -> list[int]:
+        """Return the receiver's processes (the proxy is the link, not the receiver)."""
+        return self.inner.pids()
+
+    def stored_files(self) -> int:
+        """Return the receiver's count."""
+        return self.inner.stored_files()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the proxy, then the receiver."""
+        super().stop(timeout_s)
+        self.inner.stop(timeout_s)
 
 
 class NodeReceiver(Receiver):
@@ -612,6 +679,47 @@ class Dataset:
     total_bytes: int
 
 
+def netem_namespace(delay_ms: float) -> tuple[str | None, str]:
+    """Create a network namespace whose loopback delays every packet by ``delay_ms``.
+
+    Returns ``(name, description)``, or ``(None, why not)`` when ``tc netem`` cannot
+    be used here (needs root, iproute2 and the kernel's ``sch_netem``). Both the
+    receiver and the senders then run inside it (``ip netns exec``) on its 127.0.0.1,
+    so each direction is delayed once: ``2 * delay_ms`` round trip.
+    """
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return None, "needs root and iproute2 (ip, tc)"
+    name = f"dnbench{os.getpid()}"
+
+    def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+
+    made = run("ip", "netns", "add", name)
+    if made.returncode != 0:
+        return None, f"ip netns add failed: {made.stderr.strip()}"
+    netem = ["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", f"{delay_ms:g}ms"]
+    steps = (
+        ("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"),
+        ("ip", "netns", "exec", name, *netem),
+    )
+    for step in steps:
+        done = run(*step)
+        if done.returncode != 0:
+            run("ip", "netns", "del", name)
+            why = done.stderr.strip() or f"exit {done.returncode}"
+            return None, f"`{' '.join(step[4:])}` failed: {why}"
+    return name, (
+        f"tc netem delay {delay_ms:g} ms on the loopback of network namespace {name} "
+        f"({2 * delay_ms:g} ms round trip)"
+    )
+
+
+def remove_namespace(name: str | None) -> None:
+    """Delete the namespace made by :func:`netem_namespace` (nothing when None)."""
+    if name is not None:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
 class Bench:
     """Runs the cases of one ``make bench`` and collects :class:`Measurement` rows."""
 
@@ -628,6 +736,9 @@ class Bench:
         else:
             self.env.pop("TCP_NODELAY", None)
         self._serial = 0
+        #: The DELAYED link: a netem namespace, or None for the userspace delay line.
+        self.netns: str | None = None
+        self.link_note = ""
         self.can_send = forwarder_available(opts.python)
         if not self.can_send:
             log("FORWARD: not available (dicomnode.forwarder.send_paths cannot be imported)")
@@ -755,7 +866,9 @@ class Bench:
             [self.opts.python, script, "127.0.0.1", str(recv.port), DCMTK_AET, str(data.folder)]
         ]
 
-    def node_send(self, data: Dataset) -> Callable[[Path, Receiver], list[list[str]]]:
+    def node_send(
+        self, data: Dataset, associations: int = 1
+    ) -> Callable[[Path, Receiver], list[list[str]]]:
         """Return a sender factory: ``dicomnode send`` of a hard-linked copy of the data."""
 
         def make(workdir: Path, recv: Receiver) -> list[list[str]]:
@@ -767,12 +880,66 @@ class Bench:
                 f"[Directories]\ndestination_dir = {workdir / 'unused'}\n"
                 "[Security]\ntrusted_ae_titles = *\n"
                 f"[FolderWatcher]\nwatch_folder = {outgoing}\n"
+                f"max_associations = {associations}\n"
                 "[Logging]\nverbose = false\n",
                 encoding="utf-8",
             )
             return [node_send_cmd(self.opts.python, config, recv.port, DCMTK_AET, folder)]
 
         return make
+
+    # -- the delayed link --------------------------------------------------------------
+
+    def setup_delayed_link(self) -> None:
+        """Choose the DELAYED link: tc netem in a namespace, else the userspace delay line."""
+        delay = self.opts.delay_ms
+        self.netns, note = netem_namespace(delay)
+        if self.netns is None:
+            note = (
+                f"tc netem not available here ({note}); the link is bench/delay_proxy.py, a "
+                f"userspace delay line of {delay:g} ms each way ({2 * delay:g} ms round trip)"
+            )
+        self.link_note = note
+        self.say(f"DELAYED link: {note}")
+
+    def delayed_receiver(self, workdir: Path) -> Receiver:
+        """Return storescp (one process per association) at the far end of the delayed link."""
+        inner = DcmtkReceiver(workdir, self.env, self.tools, fork=True)
+        if self.netns is not None:
+            inner.prefix = ["ip", "netns", "exec", self.netns]
+            return inner
+        return DelayedLink(inner, self.opts.python, self.opts.delay_ms)
+
+    def over_link(
+        self, senders: Callable[[Path, Receiver], list[list[str]]]
+    ) -> Callable[[Path, Receiver], list[list[str]]]:
+        """Return ``senders`` run inside the netem namespace (unchanged for the delay line)."""
+        if self.netns is None:
+            return senders
+        prefix = ["ip", "netns", "exec", self.netns]
+        return lambda workdir, recv: [[*prefix, *cmd] for cmd in senders(workdir, recv)]
+
+    def run_delayed(self, rep: int, data: Dataset) -> None:
+        """storescu, then dicomnode send with N associations, over the same delayed link."""
+        self.measure(
+            "DELAYED",
+            data,
+            "dcmtk storescu->storescp",
+            rep,
+            self.delayed_receiver,
+            self.over_link(self.storescu_to([data.folder], DCMTK_AET)),
+            baseline=True,
+        )
+        if self.can_send:
+            n = self.opts.delayed_associations
+            self.measure(
+                "DELAYED",
+                data,
+                f"dicomnode send N={n}->storescp",
+                rep,
+                self.delayed_receiver,
+                self.over_link(self.node_send(data, n)),
+            )
 
     # -- sections --------------------------------------------------------------------
 
@@ -860,6 +1027,8 @@ class Bench:
         if "concurrency" in sections:
             for name in self.opts.conc_datasets:
                 self.run_concurrency(rep, datasets[name])
+        if "delayed" in sections:
+            self.run_delayed(rep, datasets[self.opts.delayed_dataset])
 
     def run_memory(self, rep: int, data: Dataset) -> None:
         """Receive and send the ~1 GB object; the DCMTK pair gives the time ratio."""
@@ -922,7 +1091,7 @@ def _baseline_of(row: Measurement, rows: Sequence[Measurement]) -> Measurement |
     """Return the same-rep baseline a row is compared with (None for baselines)."""
     if row.baseline:
         return None
-    section = row.section if row.section in {"MEMORY", "CONCURRENCY"} else "PAIR"
+    section = row.section if row.section in {"MEMORY", "CONCURRENCY", "DELAYED"} else "PAIR"
     for other in rows:
         if (
             other.baseline
@@ -1001,6 +1170,8 @@ SECTION_TITLES: Final = {
     "FORWARD": "FORWARD: sender -> DCMTK storescp (ratio vs storescu -> storescp)",
     "MEMORY": "MEMORY: one ~1 GB RT Dose (ratio vs storescu -> storescp)",
     "CONCURRENCY": "CONCURRENCY: storescu -> dicomnode (ratio = aggregate MB/s vs 1 sender)",
+    "DELAYED": "DELAYED: forward over a link with added delay "
+    "(ratio vs storescu -> storescp over the same link)",
 }
 HEADER: Final = (
     "| dataset | case | ok | wall s | files/s | MB/s | ratio | sender CPU s | receiver CPU s "
@@ -1042,7 +1213,7 @@ def render_tables(summaries: Sequence[Summary]) -> list[str]:
 
 def verdicts(summaries: Sequence[Summary]) -> list[str]:
     """Return one line per issue-7 target: measured value, target, PASS/FAIL."""
-    lines = ["", "### Targets (issue 7)", ""]
+    lines = ["", "### Targets (issue 7; DELAYED: issue 16)", ""]
     for s in summaries:
         target = TARGETS.get((s.section, s.dataset))
         if target is None or s.baseline or "dicomnode" not in s.case:
@@ -1163,6 +1334,7 @@ def write_report(
     rows: Sequence[Measurement],
     started: dt.datetime,
     can_send: bool = True,
+    link_note: str = "",
 ) -> str:
     """Write results.md and results.jsonl into ``opts.out``; return the Markdown."""
     summaries = summarise(rows)
@@ -1172,6 +1344,8 @@ def write_report(
             "",
             "**FORWARD: not available** (dicomnode.forwarder.send_paths cannot be imported).",
         ]
+    if link_note:
+        lines.append(f"- DELAYED link: {link_note}")
     lines += render_tables(summaries) + verdicts(summaries) + anchors(rows) + failures(rows)
     text = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(text, encoding="utf-8")
@@ -1206,6 +1380,8 @@ def load_datasets(opts: Options, log: Callable[[str], None]) -> dict[str, Datase
     names = list(dict.fromkeys([*opts.datasets, *opts.conc_datasets]))
     if "memory" in opts.sections and "big" not in names:
         names.append("big")
+    if "delayed" in opts.sections and opts.delayed_dataset not in names:
+        names.append(opts.delayed_dataset)
     out = {}
     for name in names:
         folder = make_data.ensure_dataset(specs[name], opts.data, log)
@@ -1227,8 +1403,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--sections",
-        default="receive,forward,memory,concurrency",
-        help="any of receive,forward,memory,concurrency (all)",
+        default="receive,forward,memory,concurrency,delayed",
+        help="any of receive,forward,memory,concurrency,delayed (all)",
+    )
+    parser.add_argument(
+        "--delayed-dataset", default="small", help="dataset of the DELAYED section (small)"
+    )
+    parser.add_argument(
+        "--delay-ms", type=float, default=5.0, help="DELAYED: one-way delay in ms (5)"
+    )
+    parser.add_argument(
+        "--delayed-associations",
+        type=int,
+        default=4,
+        help="DELAYED: dicomnode's max_associations (4)",
     )
     parser.add_argument(
         "--conc-datasets", default="small,ct512", help="concurrency datasets (small,ct512)"
@@ -1249,14 +1437,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--python", default=sys.executable, help="interpreter running dicomnode")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = set(sections) - {"receive", "forward", "memory", "concurrency"}
+    unknown = set(sections) - {"receive", "forward", "memory", "concurrency", "delayed"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
     conc = tuple(d.strip() for d in args.conc_datasets.split(",") if d.strip())
     if "concurrency" not in sections:
         conc = ()
-    bad = (set(datasets) | set(conc)) - set(make_data.FULL_SPECS)
+    bad = (set(datasets) | set(conc) | {args.delayed_dataset}) - set(make_data.FULL_SPECS)
     if bad:
         parser.error(f"unknown dataset(s): {', '.join(sorted(bad))}")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -1275,6 +1463,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         keep=args.keep,
         python=args.python,
         probe=args.with_probe,
+        delayed_dataset=args.delayed_dataset,
+        delay_ms=args.delay_ms,
+        delayed_associations=args.delayed_associations,
     )
 
 
@@ -1303,11 +1494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     datasets = load_datasets(opts, say)
     bench = Bench(opts, tools, say)
     say(f"bench: {opts.reps} rep(s), results in {opts.out}")
-    with _stopped_cleanly(bench.work, opts.keep):
-        for rep in range(1, opts.reps + 1):
-            say(f"rep {rep}/{opts.reps}")
-            bench.run_rep(rep, datasets)
-    text = write_report(opts, tools, datasets, bench.results, started, bench.can_send)
+    if "delayed" in opts.sections:
+        bench.setup_delayed_link()
+    try:
+        with _stopped_cleanly(bench.work, opts.keep):
+            for rep in range(1, opts.reps + 1):
+                say(f"rep {rep}/{opts.reps}")
+                bench.run_rep(rep, datasets)
+    finally:
+        remove_namespace(bench.netns)
+    text = write_report(
+        opts, tools, datasets, bench.results, started, bench.can_send, bench.link_note
+    )
     print(text)
     return 0 if all(r.ok for r in bench.results) else 1
 
