@@ -132,6 +132,31 @@ def send_group(
     decided: set[PurePosixPath] = set()
     emptied: set[Path] = set()  # folders of deleted files: pruned once, at the end
     stage_sent = [0]  # objects acknowledged in the current stage
+    guard = threading.Lock()  # lanes of one stage report from several threads
+    unlogged: list[tuple[JobFile, ObjectInfo, int, float]] = []  # SENT, line not yet written
+
+    def log_sent() -> None:
+        """Write the ``SENT`` lines (and ledger events) of the acknowledged, deleted files."""
+        with guard:
+            batch = unlogged[:]
+            unlogged.clear()
+        for jf, obj, status, took_ms in batch:
+            logger.info(
+                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                status,
+                extra=ledger_extra(
+                    EventKind.FORWARDED,
+                    sop_uid=obj.sop_instance_uid or None,
+                    path=str(jf.path),
+                    destination=destination,
+                    status=f"0x{status:04X}",
+                    duration_ms=took_ms,
+                ),
+            )
+
     # a transient refusal whose meaning the next answer of the target decides
     pending: tuple[ObjectInfo, int | None, str] | None = None
     # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
@@ -234,21 +259,8 @@ def send_group(
             if delete_delivered(jf.path, job.prune_root, prune=False):
                 emptied.add(jf.path.parent)
             result.sent += 1
-            logger.info(
-                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X",
-                label,
-                jf.display,
-                obj.sop_instance_uid,
-                status if status is not None else 0,
-                extra=ledger_extra(
-                    EventKind.FORWARDED,
-                    sop_uid=obj.sop_instance_uid or None,
-                    path=str(jf.path),
-                    destination=destination,
-                    status=f"0x{status or 0:04X}",
-                    duration_ms=took_ms,
-                ),
-            )
+            # the SENT line is written while the target works on the next object
+            unlogged.append((jf, obj, status if status is not None else 0, took_ms))
         elif outcome is SendOutcome.REFUSED:
             refuse(jf, obj, ParkReason(status, reason, obj.sop_instance_uid))
         elif outcome is SendOutcome.RETRY:
@@ -285,8 +297,6 @@ def send_group(
     def locate(obj: ObjectInfo) -> Path:
         return by_key[obj.rel_path].path
 
-    guard = threading.Lock()  # lanes of one stage report from several threads
-
     def on_result_guarded(
         obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str
     ) -> None:
@@ -303,7 +313,10 @@ def send_group(
             if len(stage) > 1:
                 logger.debug("STAGE group=%s lanes=%d", label, len(stage))
             stage_sent[0] = 0
-            end = run_stage(sender, stage, locate, on_result_guarded, check_guarded, should_stop)
+            end = run_stage(
+                sender, stage, locate, on_result_guarded, check_guarded, should_stop, log_sent
+            )
+            log_sent()
             if len(stage) > 1:
                 # Lanes answer at the same time: an object acknowledged on another lane
                 # of this stage shows the target accepts others, whether its answer
@@ -323,6 +336,7 @@ def send_group(
                 result.stopped = not result.changed and not result.held
                 break
     finally:
+        log_sent()
         for folder in sorted(emptied, key=lambda f: len(f.parts), reverse=True):
             remove_empty_folders(folder, job.prune_root)
     resolve(None)

@@ -56,11 +56,12 @@ def _run_lane(
     on_result: ResultCallback,
     check: CheckCallback,
     should_stop: Callable[[], bool],
+    idle: Callable[[], None] | None,
 ) -> tuple[RunEnd, list[ObjectInfo], int]:
     """Run the associations of one lane in order; return its end, untried objects, runs."""
     runs = 0
     for n, (objects, contexts) in enumerate(lane):
-        end = sender.run(locate, objects, contexts, on_result, check, should_stop)
+        end = sender.run(locate, objects, contexts, on_result, check, should_stop, idle)
         runs += 1
         if end.network_error is not None:
             return end, [obj for later, _ in lane[n + 1 :] for obj in later], runs
@@ -76,6 +77,7 @@ def run_stage(
     on_result: ResultCallback,
     check: CheckCallback,
     should_stop: Callable[[], bool],
+    idle: Callable[[], None] | None = None,
 ) -> StageEnd:
     """Run the lanes of ``stage`` at once and wait for all of them.
 
@@ -85,7 +87,7 @@ def run_stage(
         Runs lane 0; ``sender.helpers(n - 1)`` run the others.
     stage : sequence of lanes
         From :func:`~.batching.plan_stages`.
-    locate, on_result, check, should_stop
+    locate, on_result, check, should_stop, idle
         As for :meth:`~.sender.AssociationSender.run`; called from several threads.
 
     Returns
@@ -105,7 +107,7 @@ def run_stage(
     def lane_worker(index: int) -> None:
         try:
             ends[index] = _run_lane(
-                senders[index], stage[index], locate, on_result, check, should_stop
+                senders[index], stage[index], locate, on_result, check, should_stop, idle
             )
         except BaseException as exc:  # handed to the calling thread
             errors.append(exc)

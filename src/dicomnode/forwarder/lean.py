@@ -246,6 +246,7 @@ class LeanAssociationSender(AssociationSender):
         on_result: ResultCallback,
         check: CheckCallback,
         should_stop: Callable[[], bool],
+        idle: Callable[[], None] | None = None,
     ) -> RunEnd:
         """Send ``objects`` in the given order over one association.
 
@@ -285,7 +286,7 @@ class LeanAssociationSender(AssociationSender):
                 peer_max,
             )
             return self._send_objects(
-                conn, accepted, peer_max, locate, objects, on_result, check, should_stop
+                conn, accepted, peer_max, locate, objects, on_result, check, should_stop, idle
             )
         finally:
             with self._lock:
@@ -302,6 +303,7 @@ class LeanAssociationSender(AssociationSender):
         on_result: ResultCallback,
         check: CheckCallback,
         should_stop: Callable[[], bool],
+        idle: Callable[[], None] | None,
     ) -> RunEnd:
         chunk = max(peer_max - 6, 1)
         stride = _PDATA_HEAD_LEN + chunk
@@ -324,6 +326,8 @@ class LeanAssociationSender(AssociationSender):
                 if sent is not None:
                     on_result(obj, SendOutcome.REFUSED, None, sent)
                     continue
+                if idle is not None:
+                    idle()  # the caller's deferred work, while the target stores the object
                 status = self._read_status(conn, message_id)
             except FileNotFoundError:
                 logger.warning("VANISHED %s before it could be sent", obj.rel_path)

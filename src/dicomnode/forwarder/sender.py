@@ -98,6 +98,7 @@ class AssociationSender:
         on_result: ResultCallback,
         check: CheckCallback,
         should_stop: Callable[[], bool],
+        idle: Callable[[], None] | None = None,
     ) -> RunEnd:
         """Send ``objects`` in the given order over one association.
 
@@ -119,6 +120,9 @@ class AssociationSender:
             Asked right before each object is sent; False ends the run (stopped).
         should_stop : callable
             Polled between objects; True ends the run (stopped).
+        idle : callable, optional
+            Called while the target works on an object (its data sent, its
+            response not yet read): the caller's deferred work (log lines).
 
         Returns
         -------
