@@ -85,8 +85,16 @@ def bundled(name: str) -> Path:
     return Path(str(found))
 
 
-def rt_set(patient_id: str = "PAT001", study_uid: str | None = None) -> dict[str, Dataset]:
-    """Return RTSTRUCT, RTPLAN and RTDOSE data sets from pydicom's examples, re-keyed to one study."""
+def rt_set(
+    patient_id: str = "PAT001", study_uid: str | None = None, image_series: str | None = None
+) -> dict[str, Dataset]:
+    """Return RTSTRUCT, RTPLAN and RTDOSE data sets from pydicom's examples, re-keyed to one study.
+
+    They reference each other as an export from a planning system does: the dose its
+    plan, the plan its structure set. The structure set references ``image_series``
+    (RT Referenced Series of its Referenced Frame of Reference) or, when None, no
+    image series at all (the sequence is Type 3), so the set is complete on its own.
+    """
     study_uid = study_uid or generate_uid(ROOT)
     out: dict[str, Dataset] = {}
     for name in ("rtstruct", "rtplan", "rtdose"):
@@ -99,4 +107,14 @@ def rt_set(patient_id: str = "PAT001", study_uid: str | None = None) -> dict[str
         obj.SOPInstanceUID = generate_uid(ROOT)
         obj.file_meta.MediaStorageSOPInstanceUID = obj.SOPInstanceUID
         out[name] = obj
+    struct, plan, dose = out["rtstruct"], out["rtplan"], out["rtdose"]
+    plan.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID = struct.SOPInstanceUID
+    del plan.ReferencedRTPlanSequence  # the example's "related plan" is not part of the set
+    dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID = plan.SOPInstanceUID
+    if image_series is None:
+        del struct.ReferencedFrameOfReferenceSequence
+    else:
+        study = struct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+        study.ReferencedSOPInstanceUID = study_uid
+        study.RTReferencedSeriesSequence[0].SeriesInstanceUID = image_series
     return out

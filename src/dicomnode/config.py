@@ -233,6 +233,13 @@ class DestinationConfig:
     port: int = setting(
         104, DESTINATION_SECTION, Kind.INT, "Its DICOM port", lo=1, hi=65535, site_specific=True
     )
+    rt_completeness_wait_s: float | None = setting(
+        None,
+        DESTINATION_SECTION,
+        Kind.SECONDS,
+        "RT completeness wait for this destination (empty: [FolderWatcher] rt_completeness_wait_s)",
+        allow_empty=True,
+    )
 
 
 def section_family(name: str) -> str:
@@ -491,6 +498,20 @@ class ForwarderConfig:
         "class waits for the one before)",
         lo=1,
         hi=32,
+    )
+    rt_completeness_wait_s: float = setting(
+        300.0,
+        "FolderWatcher",
+        Kind.SECONDS,
+        "Hold a group whose RT objects miss what they reference (plan, structure set, "
+        "image series) up to N s from first ready (0 = no check)",
+    )
+    rt_incomplete_action: str = setting(
+        "send",
+        "FolderWatcher",
+        Kind.CHOICE,
+        "After that wait: send what is there, or park the group in failed/",
+        choices=("send", "park"),
     )
     acse_timeout_s: float = setting(
         30.0, "FolderWatcher", Kind.SECONDS, "Time allowed for the association", lo=0.1

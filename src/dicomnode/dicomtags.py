@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -157,8 +158,10 @@ def text_of(ds: Dataset, keyword: str, default: str = "") -> str:
         return default
 
 
-def read_header(path: Path) -> Dataset:
+def read_header(path: Path, keywords: Sequence[str] = HEADER_TAGS) -> Dataset:
     """Read the header of a DICOM file, without pixel data.
+
+    ``keywords`` are the elements read (default :data:`HEADER_TAGS`).
 
     Raises
     ------
@@ -167,7 +170,7 @@ def read_header(path: Path) -> Dataset:
     OSError
         When it cannot be read.
     """
-    return dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    return dcmread(path, stop_before_pixels=True, specific_tags=list(keywords))
 
 
 def header_from_elements(

@@ -32,7 +32,7 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -507,8 +507,10 @@ def _examine_deflated(
     return Examination(None, syntax, False, True, found or {})
 
 
-def read_header_bounded(path: Path) -> Dataset:
+def read_header_bounded(path: Path, keywords: Sequence[str] | None = None) -> Dataset:
     """Read the header of a DICOM file like :func:`dicomnode.dicomtags.read_header`, bounded.
+
+    ``keywords`` are the elements read (default: :data:`dicomnode.dicomtags.HEADER_TAGS`).
 
     Deflated data sets are not inflated whole (pydicom would): the header comes
     from :func:`examine`'s streaming inflation, and a deflate bomb or a corrupt
@@ -524,8 +526,9 @@ def read_header_bounded(path: Path) -> Dataset:
         When it cannot be read.
     """
     from pydicom.filereader import read_file_meta_info
+    from pydicom.tag import Tag
 
-    from dicomnode.dicomtags import HEADER_TAG_NUMBERS, header_from_elements, read_header
+    from dicomnode.dicomtags import HEADER_TAGS, header_from_elements, read_header
 
     with path.open("rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -533,9 +536,10 @@ def read_header_bounded(path: Path) -> Dataset:
             syntax, _ = _read_meta(_FileView(fh), size)
         except (_Defect, struct.error, ValueError):
             syntax = ""
+    names = HEADER_TAGS if keywords is None else tuple(keywords)
     if syntax not in DEFLATED_SYNTAXES:
-        return read_header(path)
-    exam = examine(path, HEADER_TAG_NUMBERS)
+        return read_header(path, names)
+    exam = examine(path, frozenset(int(Tag(k)) for k in names))
     if exam.defect is not None:
         raise DeflatedDataSetError(exam.defect)
     ds = header_from_elements(exam.elements, False, True)

@@ -225,8 +225,14 @@ class Node:
             self.receiver.start()
         if fw_on:
             from dicomnode.forwarder import Forwarder
+            from dicomnode.ledger.queries import DeliveryLookup
 
-            self.forwarder = Forwarder(cfg.forwarder, tls.client_context(cfg.tls))
+            self.forwarder = Forwarder(
+                cfg.forwarder,
+                tls.client_context(cfg.tls),
+                destinations=cfg.destinations,
+                delivered=DeliveryLookup(cfg.ledger_path) if cfg.ledger.enabled else None,
+            )
             self.forwarder.start()
         if self.console is not None:
             self.console.start()

@@ -71,19 +71,31 @@ def test_events_from_log_records_are_written_with_header_and_checksum(
             "SENT y",
             extra=ledger_extra(EventKind.FORWARDED, sop_uid="1.2.3.4.5", destination="T@h:1"),
         )
+        log.info(  # the forwarder names study and series itself (RT completeness asks by them)
+            "SENT z",
+            extra=ledger_extra(
+                EventKind.FORWARDED,
+                sop_uid="1.2.3.4.5",
+                study_uid="1.2.3.4",
+                series_uid="1.2.3.4.9",
+                destination="U@h:1",
+            ),
+        )
         log.info("an ordinary line without an event")
         assert writer.flush(30)
     finally:
         log.removeHandler(handler)
     rows = _rows(tmp_path / "ledger.sqlite")
-    assert [r["kind"] for r in rows] == ["stored", "forwarded"]
-    stored, sent = rows
+    assert [r["kind"] for r in rows] == ["stored", "forwarded", "forwarded"]
+    stored, sent, named = rows
+    assert named["patient_id"] == "PID7" and named["series_uid"] == "1.2.3.4.9"  # still completed
     assert stored["patient_id"] == "PID7" and stored["study_uid"] == "1.2.3.4"
     assert stored["checksum"] == hashlib.sha256(obj.read_bytes()).hexdigest()
     assert sent["study_uid"] == "1.2.3.4" and sent["patient_id"] == "PID7"  # looked up by SOP UID
     counters = writer.counters()
     assert counters[("received_objects", (("calling_ae", "CT1"),))] == 1.0
     assert counters[("forwarded_objects", (("destination", "T@h:1"),))] == 1.0
+    assert counters[("forwarded_objects", (("destination", "U@h:1"),))] == 1.0
 
 
 def test_counters_survive_restart_and_retention(

@@ -16,9 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
-from typing import Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from dicomnode.dul.pdu import MAX_PRESENTATION_CONTEXTS
+
+if TYPE_CHECKING:
+    from dicomnode.forwarder.completeness import Reference
 
 #: Name of the parked-files folder directly below the watch folder.
 FAILED_DIR_NAME: Final = "failed"
@@ -267,6 +270,11 @@ class ObjectInfo:
         (0008,0060), may be empty.
     series_number, instance_number : int or None
         Integer values, None when missing or not a number.
+    series_instance_uid, study_instance_uid : str
+        (0020,000E) and (0020,000D), may be empty.
+    references : tuple of Reference
+        What an RT object needs at the destination before it
+        (:func:`~.completeness.references_of`); empty for other objects.
     data_start : int
         Offset of the data set in the file as the header read found it (the
         SCU sends from there without reading the File Meta again); -1 when
@@ -280,6 +288,9 @@ class ObjectInfo:
     modality: str = ""
     series_number: int | None = None
     instance_number: int | None = None
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    references: tuple[Reference, ...] = ()
     data_start: int = -1
 
 

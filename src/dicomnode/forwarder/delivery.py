@@ -31,6 +31,7 @@ from dicomnode.forwarder.batching import (
     order_objects,
     plan_stages,
 )
+from dicomnode.forwarder.completeness import GateAction, describe_missing
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
 from dicomnode.forwarder.lanes import run_stage
@@ -42,6 +43,7 @@ from dicomnode.forwarder.outcome import (
     park_stamp,
     remove_empty_folders,
 )
+from dicomnode.forwarder.rtgate import GateCheck, incomplete_reason
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.ledger.events import EventKind, ledger_extra
 
@@ -61,6 +63,7 @@ def send_group(
     on_file_done: Callable[[], None] | None = None,
     refusals: Mapping[str, int] | None = None,
     max_associations: int = 1,
+    gate: GateCheck | None = None,
 ) -> GroupResult:
     """Send one group in clinical order and apply each file's outcome on disk at once.
 
@@ -90,6 +93,10 @@ def send_group(
         one, each send-order class goes over up to this many associations at
         the same time, and a class starts only when every object of the
         classes before it was answered.
+    gate : callable, optional
+        The RT completeness check of this destination (:meth:`.rtgate.RtGate.check`),
+        asked after the headers are read and before any association: WAIT sends
+        nothing and returns with ``waiting`` set; PARK parks the group.
     """
     result = GroupResult()
     stamp = park_stamp(time.time())
@@ -115,6 +122,17 @@ def send_group(
         infos.append(found)
 
     ordered = order_objects(infos, config.send_order)
+    verdict = gate(job, ordered) if gate is not None and ordered else None
+    if verdict is not None and verdict.action is GateAction.WAIT:
+        result.waiting = describe_missing(verdict.missing)
+        return result
+    if verdict is not None and verdict.action is GateAction.PARK:
+        for obj in ordered:
+            jf = by_key[obj.rel_path]
+            why = ParkReason(None, incomplete_reason(verdict), obj.sop_instance_uid)
+            if is_unchanged(jf) and park_job_file(job, jf, why, stamp):
+                result.parked += 1
+        return result
     if ordered:
         logger.info(
             "BATCH-READY group=%s files=%d objects=%d target=%s@%s:%d",
@@ -150,6 +168,8 @@ def send_group(
                 extra=ledger_extra(
                     EventKind.FORWARDED,
                     sop_uid=obj.sop_instance_uid or None,
+                    series_uid=obj.series_instance_uid or None,
+                    study_uid=obj.study_instance_uid or None,
                     path=str(jf.path),
                     destination=destination,
                     status=f"0x{status:04X}",

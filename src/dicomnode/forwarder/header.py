@@ -11,8 +11,10 @@ are decoded from their raw bytes without building a pydicom data set; code
 that needs more of the header (e.g. sequences) adds its tags to the same walk
 and decodes them with :func:`header_dataset`. Data sets without File Meta
 Information (as DCMTK's storescu sends them) are accepted when their UIDs
-read as UIDs (read by pydicom: the rare, slow path). Reads files; never
-writes, moves or sends. Log verb: ``UID-MISMATCH``.
+read as UIDs (read by pydicom: the rare, slow path). The RT references
+(:mod:`.completeness`) come from the same walk: the reference sequences are
+collected raw and decoded by pydicom only for RT objects. Reads files; never
+writes, moves or sends. Log verbs: ``UID-MISMATCH``, ``REFERENCES-UNREADABLE``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from typing import TYPE_CHECKING, Final
 
 from dicomnode.dul.meta import has_preamble
 from dicomnode.dul.pdu import uid_text
-from dicomnode.forwarder.batching import EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, ObjectInfo
+from dicomnode.forwarder.batching import (
+    EXPLICIT_VR_BE,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    ObjectInfo,
+    object_category,
+)
+from dicomnode.forwarder.completeness import REFERENCE_KEYWORDS, Reference, references_of
 from dicomnode.forwarder.job import JobFile
 from dicomnode.forwarder.outcome import ParkReason
 from dicomnode.integrity import Examination, examine
@@ -40,12 +49,33 @@ SOP_INSTANCE_UID: Final = 0x00080018
 MODALITY: Final = 0x00080060
 SERIES_NUMBER: Final = 0x00200011
 INSTANCE_NUMBER: Final = 0x00200013
+STUDY_INSTANCE_UID: Final = 0x0020000D
+SERIES_INSTANCE_UID: Final = 0x0020000E
+#: The sequences :func:`~.completeness.references_of` reads (:data:`REFERENCE_KEYWORDS`).
+REFERENCE_TAGS: Final = frozenset(
+    {
+        0x300C0002,  # ReferencedRTPlanSequence
+        0x300C0060,  # ReferencedStructureSetSequence
+        0x30060010,  # ReferencedFrameOfReferenceSequence
+    }
+)
+#: Send order classes whose references are checked before sending.
+_RT_CATEGORIES: Final = frozenset({"RTDOSE", "RTRECORD", "RTPLAN", "RTSTRUCT"})
 #: File Meta elements (group 0002) compared with the data set's own UIDs.
 _MEDIA_SOP_CLASS: Final = 0x0002
 _MEDIA_SOP_INSTANCE: Final = 0x0003
 #: Top-level tags whose raw values the forwarder's one header walk collects.
 FORWARD_TAGS: Final = frozenset(
-    {SOP_CLASS_UID, SOP_INSTANCE_UID, MODALITY, SERIES_NUMBER, INSTANCE_NUMBER}
+    {
+        SOP_CLASS_UID,
+        SOP_INSTANCE_UID,
+        MODALITY,
+        SERIES_NUMBER,
+        INSTANCE_NUMBER,
+        STUDY_INSTANCE_UID,
+        SERIES_INSTANCE_UID,
+        *REFERENCE_TAGS,
+    }
 )
 
 
@@ -108,16 +138,43 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     checked = _check_uids(jf, sop_class, sop_uid, meta_class, meta_uid)
     if checked is not None:
         return checked
+    modality = raw_text(exam, MODALITY)
+    references: tuple[Reference, ...] = ()
+    if object_category(modality, sop_class) in _RT_CATEGORIES:
+        references = rt_references(header_dataset(exam), modality, sop_class, jf.display)
     return ObjectInfo(
         rel_path=key,
         sop_class_uid=sop_class,
         sop_instance_uid=sop_uid,
         transfer_syntax_uid=ts,
-        modality=raw_text(exam, MODALITY),
+        modality=modality,
         series_number=_int_or_none(raw_text(exam, SERIES_NUMBER)),
         instance_number=_int_or_none(raw_text(exam, INSTANCE_NUMBER)),
+        series_instance_uid=raw_text(exam, SERIES_INSTANCE_UID),
+        study_instance_uid=raw_text(exam, STUDY_INSTANCE_UID),
+        references=references,
         data_start=exam.data_start,
     )
+
+
+def rt_references(
+    ds: Dataset, modality: str, sop_class: str, display: str
+) -> tuple[Reference, ...]:
+    """Return an object's RT references (:func:`~.completeness.references_of`), none if unreadable.
+
+    A malformed reference sequence does not stop the object: it is sent as any
+    other object, after a ``REFERENCES-UNREADABLE`` line.
+    """
+    try:
+        return references_of(ds, modality, sop_class)
+    except Exception as exc:  # pydicom raises many types on a malformed sequence
+        logger.warning(
+            "REFERENCES-UNREADABLE file=%s: %s: %s; its RT references are not checked",
+            escaped(display),
+            type(exc).__name__,
+            escaped(str(exc)),
+        )
+        return ()
 
 
 def _check_uids(
@@ -171,14 +228,18 @@ def _inspect_without_meta(
     defect = bare_data_set_defect(jf.path, ts)
     if defect is not None:
         return ParkReason(None, f"truncated or malformed DICOM file: {defect}", sop_uid)
+    modality = text_of(ds, "Modality")
     return ObjectInfo(
         rel_path=key,
         sop_class_uid=sop_class,
         sop_instance_uid=sop_uid,
         transfer_syntax_uid=ts,
-        modality=text_of(ds, "Modality"),
+        modality=modality,
         series_number=_int_or_none(text_of(ds, "SeriesNumber")),
         instance_number=_int_or_none(text_of(ds, "InstanceNumber")),
+        series_instance_uid=text_of(ds, "SeriesInstanceUID"),
+        study_instance_uid=text_of(ds, "StudyInstanceUID"),
+        references=rt_references(ds, modality, sop_class, jf.display),
         data_start=0,
     )
 
@@ -202,7 +263,12 @@ def read_bare_header(path: Path) -> Dataset | None:
     from dicomnode.dicomtags import HEADER_TAGS, text_of
 
     try:
-        ds = dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        ds = dcmread(
+            path,
+            force=True,
+            stop_before_pixels=True,
+            specific_tags=[*HEADER_TAGS, *REFERENCE_KEYWORDS],
+        )
     except Exception:  # anything that is not a data set
         return None
     sop_class, sop_uid = text_of(ds, "SOPClassUID"), text_of(ds, "SOPInstanceUID")

@@ -69,7 +69,8 @@ class GroupResult:
 
     ``deferred`` counts the kept objects the target refused temporarily while it
     accepted others; ``held`` says later objects waited for them (clinical
-    order); ``refusals`` holds the refusal counts of the kept files by display name.
+    order); ``refusals`` holds the refusal counts of the kept files by display name;
+    ``waiting`` says the RT completeness gate held the group (``RTPLAN:<uid>,…``).
     """
 
     sent: int = 0
@@ -81,6 +82,8 @@ class GroupResult:
     deferred: int = 0
     held: bool = False
     refusals: dict[str, int] = field(default_factory=dict)
+    #: Set when the RT completeness gate holds the group: what it misses (nothing was sent).
+    waiting: str = ""
 
 
 def job_from_snapshot(watch_folder: Path, snap: GroupSnapshot) -> GroupJob:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
-from dicomnode.config import ForwarderConfig
+from dicomnode.config import DestinationConfig, ForwarderConfig
 from dicomnode.errors import ConfigError
 from dicomnode.forwarder.batching import (
     FileEntry,
@@ -35,6 +35,7 @@ from dicomnode.forwarder.batching import (
 from dicomnode.forwarder.delivery import make_sender, park_job_file, send_group
 from dicomnode.forwarder.job import GroupJob, GroupResult, is_unchanged, job_from_snapshot
 from dicomnode.forwarder.outcome import ParkReason, park_stamp
+from dicomnode.forwarder.rtgate import DEFAULT_DESTINATION, RtGate
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.forwarder.state import RetryState, StateStore
 from dicomnode.forwarder.watcher import (
@@ -45,6 +46,7 @@ from dicomnode.forwarder.watcher import (
     scan_folder,
 )
 from dicomnode.ledger.events import EventKind, ledger_extra
+from dicomnode.ledger.queries import DeliveryLookup
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class Forwarder:
         Watch folder, target, timers, order, retry policy.
     ssl_context : ssl.SSLContext or None
         Client TLS context for the target; None for plain TCP.
+    destinations : sequence of DestinationConfig
+        ``[Destination:NAME]`` sections (their ``rt_completeness_wait_s``).
+    delivered : DeliveryLookup, optional
+        The ledger's record of earlier deliveries, for the RT completeness gate.
 
     Raises
     ------
@@ -67,7 +73,13 @@ class Forwarder:
         When no target is configured.
     """
 
-    def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        config: ForwarderConfig,
+        ssl_context: ssl.SSLContext | None = None,
+        destinations: Sequence[DestinationConfig] = (),
+        delivered: DeliveryLookup | None = None,
+    ) -> None:
         if not config.has_target:
             raise ConfigError("[FolderWatcher] target_ip and target_aet are needed to forward")
         if config.transport == "pynetdicom":
@@ -92,6 +104,7 @@ class Forwarder:
         self._scheduler: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._last_success: float | None = None
+        self._rt = RtGate(config, destinations, delivered)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -204,6 +217,7 @@ class Forwarder:
         for key in self._tracker.group_keys():
             if key not in groups and key not in busy:
                 self._tracker.forget(key)
+                self._rt.forget(key)
         for snap in groups.values():
             self._tracker.observe(snap, now)
         for key in list(self._retry):
@@ -229,6 +243,8 @@ class Forwarder:
             state = self._retry.get(key)
             if state is not None and 0 < state.next_attempt - wall <= self.config.retry_max_delay_s:
                 continue  # still backing off (a wait beyond the maximum means the clock jumped)
+            if self._rt.should_hold(key, self._tracker.snapshot(key), DEFAULT_DESTINATION):
+                continue  # waits, unchanged, for the RT objects it references
             fresh = group_entries(scan_folder(self.watch_folder, key)).get(key)
             if fresh is None:
                 self._tracker.forget(key)
@@ -259,6 +275,7 @@ class Forwarder:
                 self._stop.is_set,
                 refusals=previous.refusals if previous is not None else None,
                 max_associations=self.config.max_associations,
+                gate=self._rt.for_destination(DEFAULT_DESTINATION),
             )
             self._after(job, result)
         except Exception:
@@ -277,6 +294,8 @@ class Forwarder:
         label = group_label(key)
         if result.sent:
             self._last_success = time.time()
+        if result.waiting:
+            return  # held by the RT completeness gate: nothing was tried
         reason = result.network_error
         if reason is None and (result.deferred or result.held):
             reason = (
@@ -341,7 +360,8 @@ class Forwarder:
         """Return what the console and /healthz show: groups waiting, sending, backing off.
 
         Keys: ``running`` (scheduler alive), ``sending`` (group keys), ``retry``
-        (group key -> :class:`~.state.RetryState`), ``last_success`` (wall time or None).
+        (group key -> :class:`~.state.RetryState`), ``last_success`` (wall time or None),
+        ``waiting`` (group key -> what the RT completeness gate waits for).
         """
         with self._lock:
             sending = sorted(self._inflight)
@@ -351,6 +371,7 @@ class Forwarder:
             "sending": sending,
             "retry": dict(self._retry),
             "last_success": self._last_success,
+            "waiting": self._rt.waiting(),
         }
 
     def _heartbeat(self) -> None:

@@ -26,6 +26,8 @@ class EventKind(str, Enum):
     FORWARDED = "forwarded"
     FORWARD_REFUSED = "forward_refused"
     RETRIED = "retried"
+    #: A group held for a destination because RT objects it references are missing.
+    WAITING = "waiting"
     PARKED = "parked"
     MOVED_BACK = "moved_back"
     DELETED = "deleted"

@@ -9,11 +9,14 @@ Imports only the standard library.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
-from dicomnode.ledger.events import COLUMNS
+from dicomnode.ledger.events import COLUMNS, EventKind
+from dicomnode.ledger.schema import LedgerUnavailable, open_reader
 
 #: Columns of an exported event, in order.
 EXPORT_COLUMNS: Final = ("id", "ts", "kind", *COLUMNS)
@@ -210,3 +213,94 @@ def stored_counters(conn: sqlite3.Connection) -> dict[tuple[str, str], float]:
     return {
         (r[0], r[1]): float(r[2]) for r in conn.execute("SELECT name, labels, value FROM counters")
     }
+
+
+#: Most SOP Instance UIDs one delivery question names (bounded cost: one indexed probe each).
+MAX_DELIVERY_UIDS: Final = 64
+
+
+def delivered_sql(count: int) -> str:
+    """Return the query of :func:`was_delivered` for ``count`` UIDs (probes ``events_sop``)."""
+    marks = ", ".join("?" * count)
+    # ``+kind``: probe by SOP UID (events_sop), never scan every forwarded event
+    return (
+        f"SELECT 1 FROM events WHERE sop_uid IN ({marks}) AND +kind = ? AND +destination = ? "
+        "LIMIT 1"
+    )
+
+
+def was_delivered(conn: sqlite3.Connection, destination: str, sop_uids: Sequence[str]) -> bool:
+    """Return True when ``destination`` acknowledged any of ``sop_uids`` (a ``forwarded`` event).
+
+    Served by the ``events_sop`` index; at most :data:`MAX_DELIVERY_UIDS` UIDs are asked.
+    """
+    uids = list(dict.fromkeys(u for u in sop_uids if u))[:MAX_DELIVERY_UIDS]
+    if not uids:
+        return False
+    row = conn.execute(
+        delivered_sql(len(uids)), (*uids, EventKind.FORWARDED.value, destination)
+    ).fetchone()
+    return row is not None
+
+
+def was_series_delivered(
+    conn: sqlite3.Connection, destination: str, study_uid: str, series_uid: str
+) -> bool:
+    """Return True when ``destination`` acknowledged an object of ``series_uid`` of ``study_uid``.
+
+    Served by the ``events_study`` index (an unknown study asks nothing).
+    """
+    if not study_uid or not series_uid:
+        return False
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE study_uid = ? AND series_uid = ? AND +kind = ? "
+        "AND +destination = ? LIMIT 1",
+        (study_uid, series_uid, EventKind.FORWARDED.value, destination),
+    ).fetchone()
+    return row is not None
+
+
+class DeliveryLookup:
+    """Ask the ledger, read-only, what a destination acknowledged before.
+
+    The connection is opened on first use and reopened after an error; a
+    ledger that is missing or unreadable answers "not delivered" (the caller
+    then waits, which is the safe side). Safe to call from several threads.
+
+    Parameters
+    ----------
+    path : Path
+        The ledger file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def objects(self, destination: str, sop_uids: Sequence[str]) -> bool:
+        """Return True when ``destination`` acknowledged any of ``sop_uids``."""
+        return self._ask(lambda c: was_delivered(c, destination, sop_uids))
+
+    def series(self, destination: str, study_uid: str, series_uid: str) -> bool:
+        """Return True when ``destination`` acknowledged an object of the series."""
+        return self._ask(lambda c: was_series_delivered(c, destination, study_uid, series_uid))
+
+    def _ask(self, question: Callable[[sqlite3.Connection], bool]) -> bool:
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = open_reader(self.path)
+                return bool(question(self._conn))
+            except (LedgerUnavailable, sqlite3.Error):
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                return False
+
+    def close(self) -> None:
+        """Close the connection (a later question opens it again)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

@@ -341,7 +341,7 @@ class LedgerWriter:
         kind = row.get("kind")
         if kind in ("stored", "recovered") and not row.get("checksum") and row.get("path"):
             row["checksum"] = file_sha256(str(row["path"]))
-        if kind in _LOOKUP_KINDS and not row.get("study_uid"):
+        if kind in _LOOKUP_KINDS and not (row.get("study_uid") and row.get("patient_id")):
             found: Any = None
             if row.get("sop_uid") in batch:
                 found = batch[row["sop_uid"]]

@@ -514,6 +514,8 @@ class Console:
                 retry = status["retry"].get(key)
                 if key in status["sending"]:
                     why = "sending now"
+                elif key in status.get("waiting", {}):
+                    why = f"waiting for RT references: {status['waiting'][key]}"
                 elif retry is not None and retry.next_attempt > now:
                     why = f"backing off after a network failure (attempt {retry.attempts})"
                 elif has_pending_conversion(watch, key):
