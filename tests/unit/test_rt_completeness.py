@@ -36,6 +36,7 @@ from dicomnode.forwarder.completeness import (
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, JobFile
 from dicomnode.forwarder.rtgate import RtGate, job_fingerprint, snapshot_fingerprint
+from dicomnode.integrity import Examination
 from dicomnode.ledger import queries
 from dicomnode.ledger.schema import open_ledger
 from tests.factories import ROOT, bundled, make_image, rt_set, save
@@ -143,15 +144,15 @@ def test_references_of_a_hostile_object_are_bounded() -> None:
 def test_inspect_file_collects_references_in_its_one_header_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The forwarder's single header read returns the references (no second parse)."""
+    """The forwarder's single header walk returns the references (no second parse)."""
     reads: list[Path] = []
-    real = header_mod.read_header_bounded
+    real = header_mod.examine
 
-    def counting(path: Path, keywords: object = None) -> Dataset:
+    def counting(path: Path, wanted: frozenset[int] = frozenset()) -> Examination:
         reads.append(path)
-        return real(path, keywords)  # type: ignore[arg-type]
+        return real(path, wanted)
 
-    monkeypatch.setattr(header_mod, "read_header_bounded", counting)
+    monkeypatch.setattr(header_mod, "examine", counting)
     rt = rt_set(image_series="1.2.3.4")
     infos = {n: info_of(save(ds, tmp_path / f"{n}.dcm")) for n, ds in rt.items()}
     assert len(reads) == 3
