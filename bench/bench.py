@@ -19,6 +19,10 @@ Sections:
   of the sender.
 * CONCURRENCY: 4 storescu at once (the files split in 4) -> dicomnode, against
   1 storescu with all files -> dicomnode; ratio = aggregate MB/s of 4 / of 1.
+* DELAYED: ``dicomnode send`` with ``max_associations = 4`` over a link with
+  5 ms added each way (tc netem in a network namespace, else
+  ``bench/delay_proxy.py``), against storescu over the same link, both to
+  ``storescp --fork``.
 
 ``TCP_NODELAY=1`` is exported to DCMTK (Debian's DCMTK leaves Nagle on, which
 costs ~40 ms per C-STORE on loopback); ``--nagle-default`` turns that off.
