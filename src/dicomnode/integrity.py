@@ -72,6 +72,13 @@ _ITEM_END: Final = 0xFFFEE00D
 _SEQ_END: Final = 0xFFFEE0DD
 #: Float Pixel Data, Double Float Pixel Data, Pixel Data.
 _PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: Explicit VRs with a 2-byte length (PS3.5 Table 7.1-2): the walker's fast path.
+_SHORT_VRS: Final = frozenset(
+    {
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+        b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    }
+)  # fmt: skip
 #: Deeper nesting than this is refused (protects the walker from crafted input).
 MAX_DEPTH: Final = 32
 
@@ -145,6 +152,8 @@ class _Walker:
         self.tag_length = struct.Struct(order + "HHL")
         self.short_length = struct.Struct(order + "H")
         self.long_length = struct.Struct(order + "L")
+        #: Tag, VR and 2-byte length of an explicit VR element with a short VR, in one unpack.
+        self.short_head = struct.Struct(order + "HH2sH")
         self.wanted = wanted
         #: Stop the walk (:class:`_Stop`) at the first top-level tag above this (0 = never).
         self.stop_after = 0
@@ -192,6 +201,11 @@ class _Walker:
         """Walk elements up to ``end`` (or to an item delimiter when ``until_item_end``)."""
         if depth > MAX_DEPTH:
             raise _Defect(f"sequences nested deeper than {MAX_DEPTH} levels")
+        buf = self.buf
+        short_head = self.short_head
+        top = depth == 0
+        wanted = self.wanted if top else frozenset()
+        stop_after = self.stop_after if top else 0
         while True:
             pos = self.pos
             if pos >= end:
@@ -199,46 +213,49 @@ class _Walker:
                     raise _Defect("item without its delimiter: the data set is cut off")
                 return
             if not until_item_end and end - pos < 8:
-                if self.buf[pos:end].strip(b"\x00"):
+                if buf[pos:end].strip(b"\x00"):
                     raise _Defect(f"{end - pos} stray bytes at the end of the data set")
                 self.pos = end
                 return
             if implicit or pos + 8 > end:
                 tag, vr, length = self._tag_length(end, implicit)
             else:  # inlined _tag_length for the common explicit VR short element
-                head = self.buf[pos : pos + 8]
-                group, elem, length = self.tag_length.unpack(head)
-                vr = head[4:6]
-                if group == 0xFFFE or vr in LONG_VRS or not (vr.isalpha() and vr.isupper()):
+                group, elem, vr, length = short_head.unpack(buf[pos : pos + 8])
+                if group == 0xFFFE or (
+                    vr not in _SHORT_VRS and (vr in LONG_VRS or not (vr.isalpha() and vr.isupper()))
+                ):
                     tag, vr, length = self._tag_length(end, implicit)
                 else:
                     tag = (group << 16) | elem
-                    (length,) = self.short_length.unpack(head[6:8])
                     self.pos = pos + 8
-            if tag == _ITEM_END:
-                if until_item_end:
-                    return
-                raise _Defect(f"item delimiter outside an item at byte {pos}")
-            if tag in (_ITEM, _SEQ_END):
-                raise _Defect(f"item tag outside a sequence at byte {pos}")
-            if depth == 0 and tag in _PIXEL_TAGS:
-                self.collecting = False
-            if depth == 0 and self.stop_after and (tag > self.stop_after or tag in _PIXEL_TAGS):
-                raise _Stop
+            if tag >= _ITEM:  # group FFFE: only delimiters may appear here
+                if tag == _ITEM_END:
+                    if until_item_end:
+                        return
+                    raise _Defect(f"item delimiter outside an item at byte {pos}")
+                if tag in (_ITEM, _SEQ_END):
+                    raise _Defect(f"item tag outside a sequence at byte {pos}")
+            if top:
+                if tag in _PIXEL_TAGS:
+                    self.collecting = False
+                if stop_after and (tag > stop_after or tag in _PIXEL_TAGS):
+                    raise _Stop
             if length != _UNDEFINED:
                 value_at = self.pos
-                self._skip(length, end, tag)
-                if self.collecting and depth == 0 and tag in self.wanted:
-                    self.found[tag] = (vr, self.buf[value_at : value_at + length])
+                if value_at + length > end:
+                    self._skip(length, end, tag)  # raises the defect
+                self.pos = value_at + length
+                if tag in wanted and self.collecting:
+                    self.found[tag] = (vr, buf[value_at : value_at + length])
                 continue
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
             nested_implicit = implicit or vr == b"UN"
             value_at = self.pos
             self.walk_items(end, depth + 1, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
-            if self.collecting and depth == 0 and tag in self.wanted:
+            if tag in wanted and self.collecting:
                 # the items without the sequence delimiter: a defined-length value
-                self.found[tag] = (vr, self.buf[value_at : self.pos - 8])
+                self.found[tag] = (vr, buf[value_at : self.pos - 8])
 
     def walk_items(self, end: int, depth: int, implicit: bool, encapsulated: bool) -> None:
         """Walk the items of an undefined-length element up to its sequence delimiter."""
