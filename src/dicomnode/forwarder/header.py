@@ -140,7 +140,9 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         return checked
     modality = raw_text(exam, MODALITY)
     references: tuple[Reference, ...] = ()
-    if object_category(modality, sop_class) in _RT_CATEGORIES:
+    if object_category(modality, sop_class) in _RT_CATEGORIES and any(
+        tag in exam.elements for tag in REFERENCE_TAGS
+    ):  # without a reference sequence there is nothing to decode (nor pydicom to import)
         references = rt_references(header_dataset(exam), modality, sop_class, jf.display)
     return ObjectInfo(
         rel_path=key,
