@@ -418,6 +418,51 @@ def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
     return Examination(None, syntax, implicit, little, walker.found, meta, start)
 
 
+def sequence_items(
+    value: bytes, implicit: bool, little: bool, wanted: frozenset[int]
+) -> list[dict[int, tuple[bytes, bytes]]]:
+    """Return the ``wanted`` elements of each item of a sequence value, in item order.
+
+    ``value`` is a sequence's items as :func:`examine` collects them (the
+    sequence delimiter left off, or present). Each item gives
+    ``tag -> (VR or b"" when implicit, raw value)`` of its own (not nested)
+    elements; a nested sequence comes as its items, to be split the same way.
+
+    Raises
+    ------
+    ValueError
+        When the items are malformed (the same rules as :func:`examine`).
+    """
+    order = "<" if little else ">"
+    head = struct.Struct(order + "HHL")
+    items: list[dict[int, tuple[bytes, bytes]]] = []
+    pos, end = 0, len(value)
+    try:
+        while pos + 8 <= end:
+            group, elem, length = head.unpack_from(value, pos)
+            tag = (group << 16) | elem
+            if tag == _SEQ_END:
+                break
+            if tag != _ITEM:
+                raise _Defect(f"expected an item at byte {pos}")
+            walker = _Walker(value, implicit, little, wanted)
+            walker.pos = pos + 8
+            if length == _UNDEFINED:
+                walker.walk_dataset(end, 0, implicit, until_item_end=True)
+                pos = walker.pos
+            else:
+                if pos + 8 + length > end:
+                    raise _Defect(f"item at byte {pos} claims {length} bytes")
+                pos += 8 + length
+                walker.walk_dataset(pos, 0, implicit, until_item_end=False)
+            items.append(walker.found)
+    except _Defect as defect:
+        raise ValueError(str(defect)) from None
+    except (struct.error, OverflowError) as exc:
+        raise ValueError(f"malformed sequence: {exc}") from None
+    return items
+
+
 def _inflated(buf: _Buffer, start: int, size: int) -> Iterator[bytes]:
     """Yield the inflated data set of ``buf[start:size]`` in pieces; enforce the ratio limit.
 

@@ -33,10 +33,19 @@ from dicomnode.forwarder.batching import (
     ObjectInfo,
     object_category,
 )
-from dicomnode.forwarder.completeness import REFERENCE_KEYWORDS, Reference, references_of
+from dicomnode.forwarder.completeness import (
+    MAX_EVIDENCE_IMAGES,
+    MAX_REFERENCES,
+    REFERENCE_KEYWORDS,
+    RTPLAN,
+    RTSTRUCT,
+    SERIES,
+    Reference,
+    references_of,
+)
 from dicomnode.forwarder.job import JobFile
 from dicomnode.forwarder.outcome import ParkReason
-from dicomnode.integrity import Examination, examine
+from dicomnode.integrity import Examination, examine, sequence_items
 from dicomnode.logsafe import escape
 
 if TYPE_CHECKING:
@@ -142,8 +151,8 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
     references: tuple[Reference, ...] = ()
     if object_category(modality, sop_class) in _RT_CATEGORIES and any(
         tag in exam.elements for tag in REFERENCE_TAGS
-    ):  # without a reference sequence there is nothing to decode (nor pydicom to import)
-        references = rt_references(header_dataset(exam), modality, sop_class, jf.display)
+    ):
+        references = raw_references(exam, modality, sop_class, jf.display)
     return ObjectInfo(
         rel_path=key,
         sop_class_uid=sop_class,
@@ -157,6 +166,76 @@ def inspect_file(jf: JobFile, key: PurePosixPath) -> ObjectInfo | ParkReason:
         references=references,
         data_start=exam.data_start,
     )
+
+
+_REFERENCED_SOP_INSTANCE_UID: Final = 0x00081155
+_RT_REFERENCED_STUDY_SEQUENCE: Final = 0x30060012
+_RT_REFERENCED_SERIES_SEQUENCE: Final = 0x30060014
+_CONTOUR_IMAGE_SEQUENCE: Final = 0x30060016
+
+
+def raw_references(
+    exam: Examination, modality: str, sop_class: str, display: str
+) -> tuple[Reference, ...]:
+    """Return the RT references from the raw sequences of one header walk, no pydicom.
+
+    The same references, in the same order, as :func:`~.completeness.references_of`
+    on the pydicom data set (the unit tests compare the two). Malformed sequences:
+    a ``REFERENCES-UNREADABLE`` line and no references, as :func:`rt_references`.
+    """
+    implicit, little = exam.implicit, exam.little
+
+    def items(
+        fields: dict[int, tuple[bytes, bytes]], tag: int, wanted: frozenset[int]
+    ) -> list[dict[int, tuple[bytes, bytes]]]:
+        found = fields.get(tag)
+        return sequence_items(found[1], implicit, little, wanted) if found else []
+
+    def text(fields: dict[int, tuple[bytes, bytes]], tag: int) -> str:
+        found = fields.get(tag)
+        return found[1].decode("ascii", "replace").strip().rstrip("\x00").strip() if found else ""
+
+    referenced = frozenset({_REFERENCED_SOP_INSTANCE_UID})
+    category = object_category(modality, sop_class)
+    refs: list[Reference] = []
+    try:
+        if category in ("RTDOSE", "RTRECORD"):
+            for item in items(exam.elements, 0x300C0002, referenced):
+                refs.append(Reference(RTPLAN, text(item, _REFERENCED_SOP_INSTANCE_UID)))
+        elif category == "RTPLAN":
+            for item in items(exam.elements, 0x300C0060, referenced):
+                refs.append(Reference(RTSTRUCT, text(item, _REFERENCED_SOP_INSTANCE_UID)))
+        elif category == "RTSTRUCT":
+            own_study = text(exam.elements, STUDY_INSTANCE_UID)
+            studies = frozenset({_RT_REFERENCED_STUDY_SEQUENCE})
+            study_fields = frozenset({_REFERENCED_SOP_INSTANCE_UID, _RT_REFERENCED_SERIES_SEQUENCE})
+            series_fields = frozenset({SERIES_INSTANCE_UID, _CONTOUR_IMAGE_SEQUENCE})
+            for frame in items(exam.elements, 0x30060010, studies):
+                for study in items(frame, _RT_REFERENCED_STUDY_SEQUENCE, study_fields):
+                    study_uid = text(study, _REFERENCED_SOP_INSTANCE_UID) or own_study
+                    for series in items(study, _RT_REFERENCED_SERIES_SEQUENCE, series_fields):
+                        series_uid = text(series, SERIES_INSTANCE_UID)
+                        if not series_uid:
+                            continue
+                        images = [
+                            uid
+                            for image in items(series, _CONTOUR_IMAGE_SEQUENCE, referenced)
+                            if (uid := text(image, _REFERENCED_SOP_INSTANCE_UID))
+                        ]
+                        refs.append(
+                            Reference(
+                                SERIES, series_uid, study_uid, tuple(images[:MAX_EVIDENCE_IMAGES])
+                            )
+                        )
+    except ValueError as exc:
+        logger.warning(
+            "REFERENCES-UNREADABLE file=%s: %s: %s; its RT references are not checked",
+            escaped(display),
+            type(exc).__name__,
+            escaped(str(exc)),
+        )
+        return ()
+    return tuple(dict.fromkeys(r for r in refs if r.uid))[:MAX_REFERENCES]
 
 
 def rt_references(
