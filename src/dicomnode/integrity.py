@@ -373,7 +373,7 @@ def examine(
         When a file cannot be opened or read.
     """
     if isinstance(source, Path):
-        with source.open("rb") as fh:
+        with open(source, "rb", buffering=0) as fh:  # only its descriptor is used
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
                 return _examine(b"", 0, wanted)
