@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol
 
 from dicomnode.errors import StorageError
 from dicomnode.logsafe import escape
@@ -108,12 +108,206 @@ def fsync_file(fh: BinaryIO) -> None:
     os.fsync(fh.fileno())
 
 
+def _libc() -> Any:
+    """Return the C library through ctypes on Linux, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC: Final = _libc()
+
+
+def _syncfs_reports_errors() -> bool:
+    """Return True on Linux 5.8 or later, where ``syncfs`` reports write errors of the files it flushes."""
+    if _LIBC is None:
+        return False
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+#: Whether a batch of files may be flushed by one ``syncfs`` (else one fsync each).
+_SYNCFS_BATCHES: Final = _syncfs_reports_errors()
+#: ``SYNC_FILE_RANGE_WRITE``: start writing the range's dirty pages, do not wait.
+_SYNC_FILE_RANGE_WRITE: Final = 2
+
+
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux only).
+
+    Durability still comes only from a later fsync; this just lets the disk work
+    while the caller receives the rest of the object. ``nbytes`` 0 means to the
+    end of the file. Errors are ignored: the fsync that follows reports them.
+    """
+    if _LIBC is not None:
+        import ctypes
+
+        _LIBC.sync_file_range(
+            fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE
+        )
+
+
+def syncfs(fd: int) -> bool:
+    """Flush the whole file system holding ``fd`` (Linux ``syncfs``); False where not used.
+
+    Not used (False) before Linux 5.8, whose ``syncfs`` did not report write
+    errors: a file's failed write would then go unnoticed.
+
+    Raises
+    ------
+    OSError
+        When the file system reports a write error.
+    """
+    if _LIBC is None or not _SYNCFS_BATCHES:
+        return False
+    if _LIBC.syncfs(fd) != 0:
+        import ctypes
+
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return True
+
+
+class _SyncRequest:
+    """One caller's wish to have ``item`` flushed, and what came of it."""
+
+    __slots__ = ("done", "error", "item")
+
+    def __init__(self, item: object) -> None:
+        self.item = item
+        self.done = False
+        self.error: OSError | None = None
+
+
+class GroupSync:
+    """Group commit of flushes: requests that arrive while a flush runs share the next one.
+
+    A caller asks :meth:`sync` for one item (a file descriptor or a folder)
+    and gets control back only once that item is on disk. When no flush is
+    running it flushes its own request at once (no thread switch: a lone
+    association pays nothing for the grouping). When a flush is running it
+    waits; when that flush ends, one of the waiters becomes the leader and
+    flushes *every* request queued meanwhile in one batch, then wakes the rest.
+    So several associations finishing objects at the same moment do not each
+    wait for their own disk flush behind each other's: they wait for at most
+    one flush in progress plus the one batch that contains their own.
+
+    Parameters
+    ----------
+    flush_batch : callable
+        Given the queued items (in arrival order), flushes them and returns one
+        ``OSError`` or None per item. It may raise (then every item of the batch
+        gets that error, when it is an ``OSError``).
+    """
+
+    def __init__(self, flush_batch: Callable[[list[Any]], list[OSError | None]]) -> None:
+        self._flush_batch = flush_batch
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_SyncRequest] = []
+        self._busy = False
+        #: Largest batch flushed so far (for measurements and tests).
+        self.largest_batch = 0
+
+    def sync(self, item: object) -> None:
+        """Return once ``item`` is flushed (by this caller or in a batch led by another).
+
+        Raises
+        ------
+        OSError
+            When flushing ``item`` failed.
+        """
+        cond = self._cond
+        with cond:
+            if not self._busy:  # nothing in flight: flush at once, with whatever is queued
+                self._busy = True
+                batch, self._queue = self._queue, []
+                request = _SyncRequest(item)
+                batch.append(request)
+            else:
+                request = _SyncRequest(item)
+                self._queue.append(request)
+                while self._busy and not request.done:
+                    cond.wait()
+                if request.done:
+                    if request.error is not None:
+                        raise request.error
+                    return
+                batch, self._queue = self._queue, []
+                self._busy = True
+        errors: list[OSError | None] = [None] * len(batch)
+        try:
+            errors = self._flush_batch([r.item for r in batch])
+        except OSError as exc:
+            errors = [exc] * len(batch)
+        finally:
+            with cond:
+                for queued, error in zip(batch, errors, strict=False):
+                    queued.error = error
+                    queued.done = True
+                if len(batch) > self.largest_batch:
+                    self.largest_batch = len(batch)
+                self._busy = False
+                if len(batch) > 1 or self._queue:  # someone waits: for this batch or to lead
+                    cond.notify_all()
+        if request.error is not None:
+            raise request.error
+
+
+def fsync_files(fds: list[Any]) -> list[OSError | None]:
+    """Flush the files ``fds`` to disk; return each one's error or None (a :class:`GroupSync` batch).
+
+    One file is fsynced. Several files (all on one file system: the receiver's
+    temp folder) are flushed by one ``syncfs`` on Linux: every fsync ends in its
+    own disk cache flush, so k files would cost k flushes, one ``syncfs`` costs
+    one (plus whatever else is dirty on that file system). Elsewhere, or when
+    ``syncfs`` is unavailable, each file is fsynced.
+    """
+    if len(fds) > 1:
+        try:
+            if syncfs(fds[0]):
+                return [None] * len(fds)
+        except OSError as exc:
+            return [exc] * len(fds)
+    errors: list[OSError | None] = []
+    for fd in fds:
+        try:
+            os.fsync(fd)
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+    return errors
+
+
+def fsync_dirs(folders: list[Any]) -> list[OSError | None]:
+    """Flush each distinct folder of ``folders`` once (a :class:`GroupSync` batch; never fails).
+
+    Like :func:`fsync_dir`, a folder that cannot be opened or flushed is
+    skipped silently.
+    """
+    for folder in dict.fromkeys(folders):
+        fsync_dir(folder)
+    return [None] * len(folders)
+
+
 def part_path(final: Path) -> Path:
     """Return a unique hidden in-progress name beside ``final``."""
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
 
 
-def place_file(src: Path, final: Path, create_folders: bool = True) -> None:
+def place_file(
+    src: Path,
+    final: Path,
+    create_folders: bool = True,
+    sync_dir: Callable[[Path], None] | None = None,
+) -> None:
     """Move the complete, closed file ``src`` to ``final`` atomically.
 
     ``src`` must already be fsynced. If ``final`` exists it is replaced in one
@@ -124,6 +318,8 @@ def place_file(src: Path, final: Path, create_folders: bool = True) -> None:
 
     With ``create_folders=False`` a missing folder raises FileNotFoundError
     (the caller resolves folders itself, see :class:`FolderResolver`).
+    ``sync_dir`` flushes the folder of ``final`` (default :func:`fsync_dir`;
+    the receiver passes a :class:`GroupSync` so concurrent objects share flushes).
 
     Raises
     ------
@@ -146,7 +342,7 @@ def place_file(src: Path, final: Path, create_folders: bool = True) -> None:
                 raise
             _copy_across_volumes(src, final)
             break
-    fsync_dir(final.parent)
+    (sync_dir or fsync_dir)(final.parent)
     # New folders are only durable once the folders holding their names are flushed too.
     for folder in dict.fromkeys(c.parent for c in created):
         fsync_dir(folder)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from dicomnode import storage
 from dicomnode.organise import FolderLevel
+from dicomnode.storage import GroupSync, fsync_files
+from tests.conftest import wait_until
 
 
 def _spy_fsync_dir(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
@@ -125,3 +129,80 @@ def test_place_folder_renames_staged_series_or_reports_the_existing_one(tmp_path
     staged.mkdir()
     folder2, moved2 = storage.FolderResolver().place_folder(staged, tmp_path, PLAN_B)
     assert (folder2, moved2) == (folder, False)
+
+
+# -- GroupSync: group commit of flushes ---------------------------------------------
+
+
+def test_group_sync_requests_arriving_during_a_flush_share_the_next_one() -> None:
+    first_started, release_first = threading.Event(), threading.Event()
+    batches: list[list[object]] = []
+
+    def flush(items: list[object]) -> list[OSError | None]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            first_started.set()
+            assert release_first.wait(30)
+        return [None] * len(items)
+
+    group = GroupSync(flush)
+    leader = threading.Thread(target=group.sync, args=("a",))
+    leader.start()
+    assert first_started.wait(30)
+    followers = [threading.Thread(target=group.sync, args=(name,)) for name in "bcd"]
+    for follower in followers:
+        follower.start()
+    assert wait_until(lambda: len(group._queue) == 3, 30)
+    release_first.set()
+    for thread in [leader, *followers]:
+        thread.join(30)
+        assert not thread.is_alive()
+    assert batches[0] == ["a"]
+    assert sorted(batches[1]) == ["b", "c", "d"]  # one flush for the three, not three
+    assert len(batches) == 2
+    assert group.largest_batch == 3
+
+
+def test_group_sync_reports_each_callers_own_error() -> None:
+    def flush(items: list[object]) -> list[OSError | None]:
+        return [OSError(5, "EIO") if item == "bad" else None for item in items]
+
+    group = GroupSync(flush)
+    group.sync("good")
+    with pytest.raises(OSError, match="EIO"):
+        group.sync("bad")
+
+
+def test_fsync_files_flushes_every_file_of_a_batch(tmp_path: Path) -> None:
+    fds = [os.open(tmp_path / f"{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
+    try:
+        for fd in fds:
+            os.write(fd, b"x")
+        assert fsync_files(fds) == [None, None, None]
+        assert fsync_files(fds[:1]) == [None]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    closed = fds[0]
+    errors = fsync_files([closed])
+    assert isinstance(errors[0], OSError)
+
+
+def test_group_sync_many_threads_all_return_and_every_item_is_flushed_once() -> None:
+    flushed: list[object] = []
+
+    def flush(items: list[object]) -> list[OSError | None]:
+        flushed.extend(items)
+        return [None] * len(items)
+
+    group = GroupSync(flush)
+    threads = [
+        threading.Thread(target=lambda n=n: [group.sync((n, i)) for i in range(200)])
+        for n in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+    assert sorted(flushed) == sorted((n, i) for n in range(6) for i in range(200))  # type: ignore[type-var]

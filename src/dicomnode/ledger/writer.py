@@ -142,6 +142,12 @@ class LedgerWriter:
 
     def start(self) -> None:
         """Start the writer thread (it opens the ledger and reconciles in the background)."""
+        if self.reconcile_roots and not any(
+            True for root in self.reconcile_roots for _ in self._walk(root)
+        ):
+            # Nothing on disk at start-up: nothing to recover, and pydicom (about 20 MB)
+            # stays out of this process when nothing else in it needs pydicom.
+            self.reconcile_roots = ()
         if self.reconcile_roots:
             # Reconciliation reads headers with pydicom: import it here, in the caller's
             # thread, not while the caller may be importing it too (a package imported by

@@ -14,7 +14,7 @@ its N-EVENT-REPORT was answered. Reports the requester's own association
 could not carry go on a new association to the ``[Destination:NAME]`` whose
 ``ae_title`` is the calling AE, retried with growing delays
 (:func:`~.commitment.retry_delay`). At start the files a previous run left
-become ``orphan-*`` (:func:`orphan_pending`) and any process of the node claims
+become ``orphan-*`` (:func:`~dicomnode.receiver.startup.orphan_pending`) and any process of the node claims
 each one by renaming it (atomic: one process wins), so pending reports
 survive a restart, also with a pool of receiver processes.
 
@@ -88,43 +88,17 @@ from dicomnode.receiver.commitment import (
     retry_delay,
 )
 from dicomnode.receiver.policy import route_for
+from dicomnode.receiver.startup import ORPHAN_PREFIX, PENDING_DIR
 from dicomnode.storage import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
-#: Hidden folder of destination_dir holding the pending reports.
-PENDING_DIR: Final = ".storage-commitment"
-#: Name prefix of pending reports left by a previous run, claimed by any process.
-ORPHAN_PREFIX: Final = "orphan-"
 #: Longest walk of an AE folder looking for instances the index does not know.
 WALK_LIMIT_S: Final = 60.0
 #: Instances remembered by the in-memory index (per process).
 INDEX_SIZE: Final = 200_000
 #: How often the retrier looks for orphaned reports of other processes.
 _SCAN_S: Final = 30.0
-
-
-def orphan_pending(destination_dir: Path, owner: str | None = None) -> int:
-    """Mark pending reports of processes that are gone as orphans, for any process to claim.
-
-    Called once per node start for all of them (``owner`` None), and when a
-    pool restarts a crashed process for that process's (``owner``: its prefix).
-    """
-    folder = destination_dir / PENDING_DIR
-    count = 0
-    with contextlib.suppress(FileNotFoundError):
-        for path in folder.iterdir():
-            if owner is not None and not path.name.startswith(f"{owner}~"):
-                continue
-            if path.suffix == ".json" and not path.name.startswith(ORPHAN_PREFIX):
-                key = path.name.split("~", 1)[-1]
-                with contextlib.suppress(OSError):
-                    os.replace(path, folder / f"{ORPHAN_PREFIX}{key}")
-                    count += 1
-            elif path.name.endswith(".part"):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-    return count
 
 
 def _candidates(uid: str) -> str:

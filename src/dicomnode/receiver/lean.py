@@ -16,7 +16,8 @@ promises does not change:
   receiver processes), with a real A-ASSOCIATE-RJ; presentation contexts by
   :mod:`~dicomnode.receiver.negotiation`;
 * each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
-  Information header, bytes as received; fsynced and closed, then filed by
+  Information header, bytes as received; fsynced (group commit with the
+  process's other associations, :class:`~dicomnode.storage.GroupSync`) and closed, then filed by
   :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk,
   header, atomic rename, folder fsync) *before* the C-STORE-RSP is sent;
 * the disk guard is checked when a request arrives (nothing is written below
@@ -115,6 +116,7 @@ from dicomnode.receiver.committer import Committer
 from dicomnode.receiver.negotiation import accepted_roles, negotiate
 from dicomnode.receiver.pending import Negotiator
 from dicomnode.receiver.store import ReceivedObject, StoreHandler
+from dicomnode.storage import GroupSync, fsync_files, start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ _UNRECOGNIZED_OPERATION: Final = 0x0211
 #: Largest Action Information accepted with an N-ACTION (about 100 000 references).
 _MAX_ACTION_BYTES: Final = 16 * 1024 * 1024
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
+#: Writeback of a large object's data is started every this many bytes received.
+_WRITEBACK_BYTES: Final = 256 * 1024
 
 
 class _Drop(Exception):
@@ -162,6 +166,9 @@ class _Transfer:
         Why nothing is written (the disk guard).
     fd : int, optional
         ``path`` already created and opened for writing (see :func:`create_temp`).
+    flush : callable, optional
+        Flushes the file to disk given its descriptor (default ``os.fsync``; the
+        server passes its :class:`~dicomnode.storage.GroupSync`).
     """
 
     def __init__(
@@ -171,8 +178,11 @@ class _Transfer:
         limit: int,
         write_error: OSError | None = None,
         fd: int = -1,
+        flush: Callable[[int], None] = os.fsync,
     ) -> None:
         self.path = path
+        self.flush = flush
+        self._written_back = 0
         self.limit = limit
         self.write_error = write_error
         self.too_large = False
@@ -210,6 +220,12 @@ class _Transfer:
         except OSError as exc:
             self.write_error = exc
             self._truncate()
+            return
+        if self.written - self._written_back >= _WRITEBACK_BYTES:
+            # A large object: let the disk write what has arrived while the rest
+            # arrives, so the fsync at the end has less left to wait for.
+            start_writeback(self.fd, self._written_back, self.written - self._written_back)
+            self._written_back = self.written
 
     def _truncate(self) -> None:
         with contextlib.suppress(OSError):
@@ -221,7 +237,7 @@ class _Transfer:
             return
         try:
             if self.write_error is None and not self.too_large:
-                os.fsync(self.fd)
+                self.flush(self.fd)
         except OSError as exc:
             self.write_error = exc
         finally:
@@ -783,6 +799,8 @@ class LeanServer:
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
         self.tmp_prefix = tmp_prefix
         self.temp_files: _TempFiles | None = None
+        #: Flushes of completed temp files, shared by objects finished at the same moment.
+        self.file_sync = GroupSync(fsync_files)
         self._shared = listen_socket is not None
         self._listen = listen_socket
         self._room = node_has_room or (lambda n: n <= cfg.max_associations)
@@ -870,7 +888,9 @@ class LeanServer:
             )
         except OSError as exc:
             return _Transfer(None, b"", 0, exc)
-        return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
+        return _Transfer(
+            path, head, limit + len(head) if limit else 0, fd=fd, flush=self.file_sync.sync
+        )
 
     def _on_request(
         self, sock: socket.socket, address: tuple[str, int], request: A_ASSOCIATE_RQ

@@ -110,6 +110,25 @@ def start_converter(cfg: NodeConfig, resume: bool) -> tuple[Any, Any]:
     return worker, worker.submit
 
 
+def one_malloc_arena() -> None:
+    """Ask glibc for one malloc arena in this process (Linux; before its threads start).
+
+    By default glibc gives threads their own arenas (up to 8 per CPU), each
+    keeping freed memory for itself; a worker's association, temp-file and
+    log threads allocate little, so one shared arena costs no measurable speed
+    and keeps a few MB per process off the receiver's resident size.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(
     cfg: NodeConfig, index: int, sock: socket.socket, log_pipe: Any, conn: Any, load: Any
 ) -> None:
@@ -119,6 +138,7 @@ def _worker_main(
     or SIGTERM arrives. Signals readiness by sending ``"ready"``.
     """
     _die_with_parent()
+    one_malloc_arena()
     keep_codecs_out()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl+C
     local_stop = threading.Event()
@@ -306,10 +326,10 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
-        from dicomnode.receiver.committer import orphan_pending
-        from dicomnode.receiver.server import sweep_stale_parts
+        from dicomnode.receiver.startup import orphan_pending, sweep_stale_parts
         from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
+        one_malloc_arena()  # the parent's log pumps share one arena too
         rc = self.cfg.receiver
         check_writable(rc.destination_dir)
         check_writable(rc.errors_dir)
@@ -355,7 +375,7 @@ class ReceiverPool:
             self.cfg.receiver.destination_dir / INCOMING_TMP, worker_temp_prefix(index)
         )
         # ... and its pending storage commitment reports go to whichever process claims them.
-        from dicomnode.receiver.committer import orphan_pending
+        from dicomnode.receiver.startup import orphan_pending
 
         orphan_pending(self.cfg.receiver.destination_dir, worker_temp_prefix(index))
         parent_conn, child_conn = self._ctx.Pipe()

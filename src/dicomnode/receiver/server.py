@@ -15,41 +15,17 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import threading
-import time
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
 from dicomnode.receiver.admission import SharedLoad
-from dicomnode.receiver.committer import Committer, orphan_pending
+from dicomnode.receiver.committer import Committer
 from dicomnode.receiver.lean import LeanServer
+from dicomnode.receiver.startup import orphan_pending, sweep_stale_parts
 from dicomnode.receiver.store import PostStore, StoreHandler
-from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_parts, clean_stale_temp
+from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
 
 logger = logging.getLogger(__name__)
-
-
-def sweep_stale_parts(cfg: ReceiverConfig) -> threading.Thread:
-    """Remove ``.part`` files a killed node left in its AE folders and errors folder.
-
-    Runs once at start; only files older than the start are removed (see
-    :func:`dicomnode.storage.clean_stale_parts`), so copies begun since are
-    left alone. AE folders outside ``destination_dir`` (where copies across
-    volumes go, typically a drained watch folder) are swept before this
-    returns; the destination's own tree, which may be a large archive, in a
-    background thread.
-    """
-    started = time.time()
-    mapped = [folder for _, folder in cfg.ae_mappings]
-    outside = [f for f in mapped if not f.is_relative_to(cfg.destination_dir)]
-    clean_stale_parts(outside, started)
-    inside = [cfg.destination_dir / "incoming", cfg.errors_dir]
-    inside += [f for f in mapped if f.is_relative_to(cfg.destination_dir)]
-    thread = threading.Thread(
-        target=clean_stale_parts, args=(inside, started), name="PartSweep", daemon=True
-    )
-    thread.start()
-    return thread
 
 
 class Receiver:

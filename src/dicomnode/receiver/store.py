@@ -44,7 +44,14 @@ from dicomnode.organise import (
 )
 from dicomnode.receiver import policy
 from dicomnode.status import StoreStatus
-from dicomnode.storage import FolderResolver, free_space_mb, place_file, quarantine
+from dicomnode.storage import (
+    FolderResolver,
+    GroupSync,
+    free_space_mb,
+    fsync_dirs,
+    place_file,
+    quarantine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +206,8 @@ class StoreHandler:
         self._max_bytes = cfg.max_object_mb * 1_000_000
         self._plans: dict[object, tuple[tuple[FolderLevel, ...], str]] = {}
         self._resolver = FolderResolver(lock_dir=cfg.destination_dir)
+        #: Folder flushes after renames, shared by objects filed at the same moment.
+        self.folder_sync = GroupSync(fsync_dirs)
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -322,7 +331,7 @@ class StoreHandler:
         for attempt in range(4):
             try:
                 final = self._resolver.resolve(ae_root, plan) / name
-                place_file(tmp, final, create_folders=False)
+                place_file(tmp, final, create_folders=False, sync_dir=self.folder_sync.sync)
                 return final
             except FileNotFoundError:
                 # A forwarder removed the (emptied) folder since it was found: find
@@ -410,16 +419,16 @@ class StoreHandler:
             )
             return int(StoreStatus.OUT_OF_RESOURCES)
         plan, name = self._plan(header, sop_uid)
-        final = ae_root.joinpath(*(level.name for level in plan), name)
         try:
             final = self._place(tmp, ae_root, plan, name)
         except OSError as exc:
+            planned = ae_root.joinpath(*(level.name for level in plan), name)
             return self._fail(
                 tmp,
                 calling,
                 where,
                 StoreStatus.OUT_OF_RESOURCES,
-                f"cannot write {final}: {exc.strerror or exc}",
+                f"cannot write {planned}: {exc.strerror or exc}",
                 sop_uid,
             )
         ms = (time.monotonic() - started) * 1000
