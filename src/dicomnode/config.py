@@ -597,6 +597,15 @@ class ForwarderConfig:
         lo=1,
         hi=1000,
     )
+    max_associations: int = setting(
+        1,
+        "FolderWatcher",
+        Kind.INT,
+        "Associations at once to the target while sending one group (each send-order "
+        "class waits for the one before)",
+        lo=1,
+        hi=32,
+    )
     rt_completeness_wait_s: float = setting(
         300.0,
         "FolderWatcher",
@@ -678,6 +687,7 @@ class ForwarderConfig:
             ae_title=self.target_aet,
             host=self.target_ip,
             port=self.target_port,
+            max_associations=self.max_associations,
         )
         return (default, *self.destinations)
 
@@ -1417,6 +1427,7 @@ def _forwarder_destinations(
                 host=forwarder.target_ip,
                 port=forwarder.target_port,
                 tls=tls.enabled,
+                max_associations=forwarder.max_associations,
             ),
         )
     for dest in found:

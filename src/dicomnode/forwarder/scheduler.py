@@ -492,6 +492,7 @@ class Forwarder:
                 apply=_DestinationApplier(self, job, name, plans),
                 name=name if self.routed else "",
                 known={path: fp.info for path, fp in plans.items()},
+                max_associations=self._dests[name].max_associations,
                 gate=lambda share, objects: self._rt.check(share, objects, name, whole=whole),
             )
             self._after(job, result, name, plans)
@@ -727,15 +728,16 @@ class _DestinationApplier:
         self.name = name
         self.plans = plans
 
-    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> Path | None:
         """Commit ``acknowledged`` for this destination; delete the file when it is settled."""
         fp = self.plans.get(jf.path)
         if fp is None:  # not planned (cannot happen): behave like the single target
             delete_delivered(jf.path, self.job.prune_root)
-            return
+            return None
         states = self.forwarder._record(self.name, fp, DeliveryState.ACKNOWLEDGED)
         if states is not None:
             self.forwarder._settle(self.job, fp, states)
+        return None
 
     def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
         """Park the file (or a copy) for this destination and record ``refused``."""
