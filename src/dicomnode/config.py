@@ -1083,10 +1083,21 @@ def _resolve(base: Path, value: str) -> Path:
     return base / value
 
 
+class _IniParser(configparser.ConfigParser):
+    """configparser with both delimiters, where ``=`` wins over an earlier ``:``.
+
+    ``key: value`` still loads (configparser's default, which the original
+    tool's config.ini could use), and ``tag:StudyDescription = *QA*`` is the
+    key ``tag:StudyDescription``: a colon separates key and value only when no
+    ``=`` follows it on the line.
+    """
+
+    OPTCRE = re.compile(r"(?P<option>.*?)\s*(?P<vi>=|:(?![^=]*=))\s*(?P<value>.*)$")
+
+
 def _read_parser(text: str, source: str) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(
+    parser = _IniParser(
         interpolation=None,
-        delimiters=("=",),  # keys like ``tag:StudyDescription`` contain a colon
         inline_comment_prefixes=("#", ";"),
         comment_prefixes=("#", ";"),
         strict=True,
