@@ -19,6 +19,10 @@ Sections:
   of the sender.
 * CONCURRENCY: 4 storescu at once (the files split in 4) -> dicomnode, against
   1 storescu with all files -> dicomnode; ratio = aggregate MB/s of 4 / of 1.
+* DELAYED: ``dicomnode send`` with ``max_associations = 4`` over a link with
+  5 ms added each way (tc netem in a network namespace, else
+  ``bench/delay_proxy.py``), against storescu over the same link, both to
+  ``storescp --fork``.
 
 ``TCP_NODELAY=1`` is exported to DCMTK (Debian's DCMTK leaves Nagle on, which
 costs ~40 ms per C-STORE on loopback); ``--nagle-default`` turns that off.
@@ -67,11 +71,13 @@ MB: Final = 1_000_000
 TARGETS: Final[dict[tuple[str, str], tuple[str, float]]] = {
     ("RECEIVE", "ct512"): ("ratio", 0.75),  # issue 18 (issue 7: 0.40)
     ("RECEIVE", "small"): ("ratio", 0.75),  # issue 18 (issue 7: 0.30)
-    ("FORWARD", "ct512"): ("ratio", 0.35),
-    ("FORWARD", "small"): ("ratio", 0.28),
+    ("FORWARD", "ct512"): ("ratio", 0.70),  # issue 18 (issue 7: 0.35)
+    ("FORWARD", "small"): ("ratio", 0.70),  # issue 18 (issue 7: 0.28)
     ("MEMORY", "big"): ("rss_mb", 120.0),
     ("CONCURRENCY", "small"): ("ratio", 2.0),  # issue 18 (issue 7: 1.5)
     ("CONCURRENCY", "ct512"): ("ratio", 1.6),  # issue 18
+    # issue 16: N = 4 associations over a 10 ms round trip, against storescu over the same link
+    ("DELAYED", "small"): ("ratio", 3.0),
 }
 
 
@@ -136,6 +142,9 @@ class Options:
     keep: bool
     python: str
     probe: bool = False
+    delayed_dataset: str = "small"
+    delay_ms: float = 5.0
+    delayed_associations: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +166,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def is_listening(port: int) -> bool:
-    """Return True when some socket is in LISTEN state on ``port`` (Linux /proc)."""
+def is_listening(port: int, pid: int | None = None) -> bool:
+    """Return True when some socket is in LISTEN state on ``port`` (Linux /proc).
+
+    With ``pid``, the tables of that process's network namespace are read.
+    """
     wanted = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = f"/proc/{pid}/net" if pid is not None else "/proc/net"
+    for table in (f"{base}/tcp", f"{base}/tcp6"):
         with contextlib.suppress(OSError), open(table) as fh:
             for line in fh.readlines()[1:]:
                 cols = line.split()
@@ -308,6 +321,8 @@ class Receiver:
         self.log = workdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._fh: IO[bytes] | None = None
+        #: Put in front of the command (``ip netns exec NAME`` for the DELAYED link).
+        self.prefix: list[str] = []
 
     def command(self) -> list[str]:
         """Return the command line of the receiver."""
@@ -315,6 +330,8 @@ class Receiver:
 
     def is_ready(self) -> bool:
         """Return True when the receiver accepts associations."""
+        if self.prefix and self.proc is not None:
+            return is_listening(self.port, self.proc.pid)  # its own network namespace
         return is_listening(self.port)
 
     def stored_files(self) -> int:
@@ -326,7 +343,7 @@ class Receiver:
         self.store.mkdir(parents=True, exist_ok=True)
         self._fh = self.log.open("wb")
         self.proc = subprocess.Popen(
-            self.command(), env=self.env, stdout=self._fh, stderr=subprocess.STDOUT
+            [*self.prefix, *self.command()], env=self.env, stdout=self._fh, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout_s
         while not self.is_ready():
@@ -379,17 +396,71 @@ class DcmtkReceiver(Receiver):
 
     name = "storescp"
 
-    def __init__(self, workdir: Path, env: dict[str, str], tools: Tools) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str], tools: Tools, fork: bool = False
+    ) -> None:
         super().__init__(workdir, env)
         self.tools = tools
+        self.fork = fork
 
     def command(self) -> list[str]:
-        """Return the storescp command line."""
-        return [self.tools.storescp, "-aet", DCMTK_AET, "-od", str(self.store), str(self.port)]
+        """Return the storescp command line (``--fork``: one process per association)."""
+        fork = ["--fork"] if self.fork else []
+        return [
+            self.tools.storescp,
+            *fork,
+            "-aet",
+            DCMTK_AET,
+            "-od",
+            str(self.store),
+            str(self.port),
+        ]
 
     def stored_files(self) -> int:
         """Count the files storescp wrote."""
         return _count_files(self.store)
+
+
+class DelayedLink(Receiver):
+    """A receiver behind ``bench/delay_proxy.py``: senders connect to the proxy's port."""
+
+    name = "delay-proxy"
+
+    def __init__(self, inner: Receiver, python: str, delay_ms: float) -> None:
+        super().__init__(inner.workdir, inner.env)
+        self.inner = inner
+        self.python = python
+        self.delay_ms = delay_ms
+
+    def command(self) -> list[str]:
+        """Return the proxy's command line: this port -> the receiver's, delayed."""
+        script = str(BENCH_DIR / "delay_proxy.py")
+        return [
+            self.python,
+            script,
+            str(self.port),
+            str(self.inner.port),
+            "--delay-ms",
+            f"{self.delay_ms:g}",
+        ]
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the receiver, then the proxy in front of it."""
+        self.inner.start(timeout_s)
+        super().start(timeout_s)
+
+    def pids(self) -> list[int]:
+        """Return the receiver's processes (the proxy is the link, not the receiver)."""
+        return self.inner.pids()
+
+    def stored_files(self) -> int:
+        """Return the receiver's count."""
+        return self.inner.stored_files()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the proxy, then the receiver."""
+        super().stop(timeout_s)
+        self.inner.stop(timeout_s)
 
 
 class NodeReceiver(Receiver):
@@ -597,6 +668,20 @@ def split_files(files: Sequence[Path], parts: int) -> list[list[Path]]:
     return [c for c in chunks if c]
 
 
+def compile_package(python: str) -> None:
+    """Byte-compile dicomnode's modules for ``python``, as ``pip install`` does.
+
+    A shell with ``PYTHONDONTWRITEBYTECODE`` set (some CI and agent shells) would
+    otherwise make every ``dicomnode send`` compile the package from source
+    (~0.1 s of CPU), which an installed node never does.
+    """
+    code = "import dicomnode, os; print(os.path.dirname(dicomnode.__file__))"
+    found = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+    folder = found.stdout.strip()
+    if found.returncode == 0 and folder:
+        subprocess.run([python, "-m", "compileall", "-q", folder], capture_output=True, check=False)
+
+
 def forwarder_available(python: str) -> bool:
     """Return True when ``dicomnode send`` can run (its forwarder imports cleanly)."""
     check = [python, "-c", "from dicomnode.forwarder import send_paths"]
@@ -611,6 +696,47 @@ class Dataset:
     folder: Path
     files: tuple[Path, ...]
     total_bytes: int
+
+
+def netem_namespace(delay_ms: float) -> tuple[str | None, str]:
+    """Create a network namespace whose loopback delays every packet by ``delay_ms``.
+
+    Returns ``(name, description)``, or ``(None, why not)`` when ``tc netem`` cannot
+    be used here (needs root, iproute2 and the kernel's ``sch_netem``). Both the
+    receiver and the senders then run inside it (``ip netns exec``) on its 127.0.0.1,
+    so each direction is delayed once: ``2 * delay_ms`` round trip.
+    """
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return None, "needs root and iproute2 (ip, tc)"
+    name = f"dnbench{os.getpid()}"
+
+    def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+
+    made = run("ip", "netns", "add", name)
+    if made.returncode != 0:
+        return None, f"ip netns add failed: {made.stderr.strip()}"
+    netem = ["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", f"{delay_ms:g}ms"]
+    steps = (
+        ("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"),
+        ("ip", "netns", "exec", name, *netem),
+    )
+    for step in steps:
+        done = run(*step)
+        if done.returncode != 0:
+            run("ip", "netns", "del", name)
+            why = done.stderr.strip() or f"exit {done.returncode}"
+            return None, f"`{' '.join(step[4:])}` failed: {why}"
+    return name, (
+        f"tc netem delay {delay_ms:g} ms on the loopback of network namespace {name} "
+        f"({2 * delay_ms:g} ms round trip)"
+    )
+
+
+def remove_namespace(name: str | None) -> None:
+    """Delete the namespace made by :func:`netem_namespace` (nothing when None)."""
+    if name is not None:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 class Bench:
@@ -629,6 +755,10 @@ class Bench:
         else:
             self.env.pop("TCP_NODELAY", None)
         self._serial = 0
+        compile_package(opts.python)
+        #: The DELAYED link: a netem namespace, or None for the userspace delay line.
+        self.netns: str | None = None
+        self.link_note = ""
         self.can_send = forwarder_available(opts.python)
         if not self.can_send:
             log("FORWARD: not available (dicomnode.forwarder.send_paths cannot be imported)")
@@ -756,7 +886,9 @@ class Bench:
             [self.opts.python, script, "127.0.0.1", str(recv.port), DCMTK_AET, str(data.folder)]
         ]
 
-    def node_send(self, data: Dataset) -> Callable[[Path, Receiver], list[list[str]]]:
+    def node_send(
+        self, data: Dataset, associations: int = 1
+    ) -> Callable[[Path, Receiver], list[list[str]]]:
         """Return a sender factory: ``dicomnode send`` of a hard-linked copy of the data."""
 
         def make(workdir: Path, recv: Receiver) -> list[list[str]]:
@@ -768,12 +900,66 @@ class Bench:
                 f"[Directories]\ndestination_dir = {workdir / 'unused'}\n"
                 "[Security]\ntrusted_ae_titles = *\n"
                 f"[FolderWatcher]\nwatch_folder = {outgoing}\n"
+                f"max_associations = {associations}\n"
                 "[Logging]\nverbose = false\n",
                 encoding="utf-8",
             )
             return [node_send_cmd(self.opts.python, config, recv.port, DCMTK_AET, folder)]
 
         return make
+
+    # -- the delayed link --------------------------------------------------------------
+
+    def setup_delayed_link(self) -> None:
+        """Choose the DELAYED link: tc netem in a namespace, else the userspace delay line."""
+        delay = self.opts.delay_ms
+        self.netns, note = netem_namespace(delay)
+        if self.netns is None:
+            note = (
+                f"tc netem not available here ({note}); the link is bench/delay_proxy.py, a "
+                f"userspace delay line of {delay:g} ms each way ({2 * delay:g} ms round trip)"
+            )
+        self.link_note = note
+        self.say(f"DELAYED link: {note}")
+
+    def delayed_receiver(self, workdir: Path) -> Receiver:
+        """Return storescp (one process per association) at the far end of the delayed link."""
+        inner = DcmtkReceiver(workdir, self.env, self.tools, fork=True)
+        if self.netns is not None:
+            inner.prefix = ["ip", "netns", "exec", self.netns]
+            return inner
+        return DelayedLink(inner, self.opts.python, self.opts.delay_ms)
+
+    def over_link(
+        self, senders: Callable[[Path, Receiver], list[list[str]]]
+    ) -> Callable[[Path, Receiver], list[list[str]]]:
+        """Return ``senders`` run inside the netem namespace (unchanged for the delay line)."""
+        if self.netns is None:
+            return senders
+        prefix = ["ip", "netns", "exec", self.netns]
+        return lambda workdir, recv: [[*prefix, *cmd] for cmd in senders(workdir, recv)]
+
+    def run_delayed(self, rep: int, data: Dataset) -> None:
+        """storescu, then dicomnode send with N associations, over the same delayed link."""
+        self.measure(
+            "DELAYED",
+            data,
+            "dcmtk storescu->storescp",
+            rep,
+            self.delayed_receiver,
+            self.over_link(self.storescu_to([data.folder], DCMTK_AET)),
+            baseline=True,
+        )
+        if self.can_send:
+            n = self.opts.delayed_associations
+            self.measure(
+                "DELAYED",
+                data,
+                f"dicomnode send N={n}->storescp",
+                rep,
+                self.delayed_receiver,
+                self.over_link(self.node_send(data, n)),
+            )
 
     # -- sections --------------------------------------------------------------------
 
@@ -861,6 +1047,8 @@ class Bench:
         if "concurrency" in sections:
             for name in self.opts.conc_datasets:
                 self.run_concurrency(rep, datasets[name])
+        if "delayed" in sections:
+            self.run_delayed(rep, datasets[self.opts.delayed_dataset])
 
     def run_memory(self, rep: int, data: Dataset) -> None:
         """Receive and send the ~1 GB object; the DCMTK pair gives the time ratio."""
@@ -923,7 +1111,7 @@ def _baseline_of(row: Measurement, rows: Sequence[Measurement]) -> Measurement |
     """Return the same-rep baseline a row is compared with (None for baselines)."""
     if row.baseline:
         return None
-    section = row.section if row.section in {"MEMORY", "CONCURRENCY"} else "PAIR"
+    section = row.section if row.section in {"MEMORY", "CONCURRENCY", "DELAYED"} else "PAIR"
     for other in rows:
         if (
             other.baseline
@@ -1002,6 +1190,8 @@ SECTION_TITLES: Final = {
     "FORWARD": "FORWARD: sender -> DCMTK storescp (ratio vs storescu -> storescp)",
     "MEMORY": "MEMORY: one ~1 GB RT Dose (ratio vs storescu -> storescp)",
     "CONCURRENCY": "CONCURRENCY: storescu -> dicomnode (ratio = aggregate MB/s vs 1 sender)",
+    "DELAYED": "DELAYED: forward over a link with added delay "
+    "(ratio vs storescu -> storescp over the same link)",
 }
 HEADER: Final = (
     "| dataset | case | ok | wall s | files/s | MB/s | ratio | sender CPU s | receiver CPU s "
@@ -1043,7 +1233,11 @@ def render_tables(summaries: Sequence[Summary]) -> list[str]:
 
 def verdicts(summaries: Sequence[Summary]) -> list[str]:
     """Return one line per issue-7 target: measured value, target, PASS/FAIL."""
-    lines = ["", "### Targets (receive and concurrency: issue 18; forward and memory: issue 7)", ""]
+    lines = [
+        "",
+        "### Targets (receive, forward, concurrency: issue 18; memory: issue 7; DELAYED: issue 16)",
+        "",
+    ]
     for s in summaries:
         target = TARGETS.get((s.section, s.dataset))
         if target is None or s.baseline or "dicomnode" not in s.case:
@@ -1164,6 +1358,7 @@ def write_report(
     rows: Sequence[Measurement],
     started: dt.datetime,
     can_send: bool = True,
+    link_note: str = "",
 ) -> str:
     """Write results.md and results.jsonl into ``opts.out``; return the Markdown."""
     summaries = summarise(rows)
@@ -1173,6 +1368,8 @@ def write_report(
             "",
             "**FORWARD: not available** (dicomnode.forwarder.send_paths cannot be imported).",
         ]
+    if link_note:
+        lines.append(f"- DELAYED link: {link_note}")
     lines += render_tables(summaries) + verdicts(summaries) + anchors(rows) + failures(rows)
     text = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(text, encoding="utf-8")
@@ -1207,6 +1404,8 @@ def load_datasets(opts: Options, log: Callable[[str], None]) -> dict[str, Datase
     names = list(dict.fromkeys([*opts.datasets, *opts.conc_datasets]))
     if "memory" in opts.sections and "big" not in names:
         names.append("big")
+    if "delayed" in opts.sections and opts.delayed_dataset not in names:
+        names.append(opts.delayed_dataset)
     out = {}
     for name in names:
         folder = make_data.ensure_dataset(specs[name], opts.data, log)
@@ -1228,8 +1427,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--sections",
-        default="receive,forward,memory,concurrency",
-        help="any of receive,forward,memory,concurrency (all)",
+        default="receive,forward,memory,concurrency,delayed",
+        help="any of receive,forward,memory,concurrency,delayed (all)",
+    )
+    parser.add_argument(
+        "--delayed-dataset", default="small", help="dataset of the DELAYED section (small)"
+    )
+    parser.add_argument(
+        "--delay-ms", type=float, default=5.0, help="DELAYED: one-way delay in ms (5)"
+    )
+    parser.add_argument(
+        "--delayed-associations",
+        type=int,
+        default=4,
+        help="DELAYED: dicomnode's max_associations (4)",
     )
     parser.add_argument(
         "--conc-datasets", default="small,ct512", help="concurrency datasets (small,ct512)"
@@ -1250,14 +1461,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--python", default=sys.executable, help="interpreter running dicomnode")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = set(sections) - {"receive", "forward", "memory", "concurrency"}
+    unknown = set(sections) - {"receive", "forward", "memory", "concurrency", "delayed"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
     conc = tuple(d.strip() for d in args.conc_datasets.split(",") if d.strip())
     if "concurrency" not in sections:
         conc = ()
-    bad = (set(datasets) | set(conc)) - set(make_data.FULL_SPECS)
+    bad = (set(datasets) | set(conc) | {args.delayed_dataset}) - set(make_data.FULL_SPECS)
     if bad:
         parser.error(f"unknown dataset(s): {', '.join(sorted(bad))}")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -1276,6 +1487,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         keep=args.keep,
         python=args.python,
         probe=args.with_probe,
+        delayed_dataset=args.delayed_dataset,
+        delay_ms=args.delay_ms,
+        delayed_associations=args.delayed_associations,
     )
 
 
@@ -1304,11 +1518,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     datasets = load_datasets(opts, say)
     bench = Bench(opts, tools, say)
     say(f"bench: {opts.reps} rep(s), results in {opts.out}")
-    with _stopped_cleanly(bench.work, opts.keep):
-        for rep in range(1, opts.reps + 1):
-            say(f"rep {rep}/{opts.reps}")
-            bench.run_rep(rep, datasets)
-    text = write_report(opts, tools, datasets, bench.results, started, bench.can_send)
+    if "delayed" in opts.sections:
+        bench.setup_delayed_link()
+    try:
+        with _stopped_cleanly(bench.work, opts.keep):
+            for rep in range(1, opts.reps + 1):
+                say(f"rep {rep}/{opts.reps}")
+                bench.run_rep(rep, datasets)
+    finally:
+        remove_namespace(bench.netns)
+    text = write_report(
+        opts, tools, datasets, bench.results, started, bench.can_send, bench.link_note
+    )
     print(text)
     return 0 if all(r.ok for r in bench.results) else 1
 

@@ -123,25 +123,29 @@ def profile_send(data: bench.Dataset, out: Path, tools: bench.Tools, rate: int) 
         opts = bench.parse_args(["--out", str(work)])
         runner = bench.Bench(opts, tools, print)
         cmd = runner.node_send(data)(work, recv)[0]
-        subprocess.run(
-            [
-                pyspy(),
-                "record",
-                "--rate",
-                str(rate),
-                "--format",
-                "raw",
-                "--threads",
-                "--output",
-                str(raw),
-                "--nonblocking",
-                "--",
-                *cmd,
-            ],
-            env=run_env,
-            check=False,
-            capture_output=True,
-        )
+        # the sender's log goes to a file, as in make bench: a pipe read by this process
+        # would make each log line look expensive (the writer waits on the reader)
+        with (work / "sender.log").open("wb") as log:
+            subprocess.run(
+                [
+                    pyspy(),
+                    "record",
+                    "--rate",
+                    str(rate),
+                    "--format",
+                    "raw",
+                    "--threads",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                    "--",
+                    *cmd,
+                ],
+                env=run_env,
+                check=False,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         print(f"send: {recv.wait_stored(len(data.files))} of {len(data.files)} stored")
     finally:
         recv.stop()

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dicomnode import __version__, config, logsetup, service, tls
+from dicomnode import __version__, config, logsetup, tls
 from dicomnode.config import NodeConfig, validate_ae_title
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.status import ExitStatus
@@ -390,6 +390,8 @@ def _send(args: argparse.Namespace, cfg: NodeConfig) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: NodeConfig) -> int:
+    from dicomnode import service  # the node itself; one-shot commands do not load it
+
     options = service.RunOptions(receiver=not args.no_receiver, forwarder=not args.no_watcher)
     if not options.receiver and not options.forwarder:
         print(

@@ -626,6 +626,15 @@ class ForwarderConfig:
         lo=1,
         hi=1000,
     )
+    max_associations: int = setting(
+        1,
+        "FolderWatcher",
+        Kind.INT,
+        "Associations at once to the target while sending one group (each send-order "
+        "class waits for the one before)",
+        lo=1,
+        hi=32,
+    )
     rt_completeness_wait_s: float = setting(
         300.0,
         "FolderWatcher",
@@ -707,6 +716,7 @@ class ForwarderConfig:
             ae_title=self.target_aet,
             host=self.target_ip,
             port=self.target_port,
+            max_associations=self.max_associations,
         )
         return (default, *self.destinations)
 
@@ -1121,10 +1131,21 @@ def _resolve(base: Path, value: str) -> Path:
     return base / value
 
 
+class _IniParser(configparser.ConfigParser):
+    """configparser with both delimiters, where ``=`` wins over an earlier ``:``.
+
+    ``key: value`` still loads (configparser's default, which the original
+    tool's config.ini could use), and ``tag:StudyDescription = *QA*`` is the
+    key ``tag:StudyDescription``: a colon separates key and value only when no
+    ``=`` follows it on the line.
+    """
+
+    OPTCRE = re.compile(r"(?P<option>.*?)\s*(?P<vi>=|:(?![^=]*=))\s*(?P<value>.*)$")
+
+
 def _read_parser(text: str, source: str) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(
+    parser = _IniParser(
         interpolation=None,
-        delimiters=("=",),  # keys like ``tag:StudyDescription`` contain a colon
         inline_comment_prefixes=("#", ";"),
         comment_prefixes=("#", ";"),
         strict=True,
@@ -1488,6 +1509,11 @@ def _forwarder_destinations(
                 host=forwarder.target_ip,
                 port=forwarder.target_port,
                 tls=(section is not None and section.tls) or tls.enabled,
+                max_associations=(
+                    section.max_associations
+                    if section is not None and section.max_associations != 1
+                    else forwarder.max_associations
+                ),
             ),
         )
     elif section is not None:

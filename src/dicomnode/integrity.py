@@ -19,8 +19,8 @@ more than :data:`MAX_INFLATION_RATIO` times its compressed size beyond
 :data:`INFLATION_FLOOR_BYTES` is a defect (a deflate bomb). Memory stays flat
 whatever the object claims. :func:`read_header_bounded` gives the forwarder
 and others the same bounded header read. Imports the standard library,
-pydicom's UID constants, :mod:`dicomnode.dul.meta` (the one File Meta reader)
-and :mod:`dicomnode.dicomtags` for :func:`read_header_bounded`.
+:mod:`dicomnode.dul.meta` (the one File Meta reader)
+and :mod:`dicomnode.dicomtags` for :func:`read_header_bounded` (pydicom only there).
 
 Length: a little over 500 lines: the element walker and the bounded inflation
 it walks deflated data sets through are one check with one defect vocabulary.
@@ -33,26 +33,26 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-)
 
 from dicomnode.dul.meta import LONG_VRS, TRANSFER_SYNTAX_ELEMENT, MetaError, read_file_meta
 from dicomnode.dul.pdu import uid_text
 
+#: Transfer syntaxes whose encoding the walk must know (the values of pydicom.uid; not imported
+#: here, so a process that only walks headers never pays pydicom's import).
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
+DEFLATED_VR_LE: Final = "1.2.840.10008.1.2.1.99"
 #: Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate, A.7).
 #: (Deflated Image Frame Compression, 1.2.840.10008.1.2.8.1, deflates frames only.)
 #: (JPIP Referenced Deflate has no constant in pydicom.uid.)
-DEFLATED_SYNTAXES: Final = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"})
+DEFLATED_SYNTAXES: Final = frozenset({DEFLATED_VR_LE, "1.2.840.10008.1.2.4.95"})
 #: Inflated bytes kept in memory to walk a deflated data set's header (all of it if it fits).
 MAX_DEFLATED_HEADER_BYTES: Final = 4 * 1024 * 1024
 #: A deflated data set may inflate to more than this many times its compressed size ...
@@ -64,12 +64,21 @@ _INFLATE_IN_BYTES: Final = 64 * 1024
 _INFLATE_OUT_BYTES: Final = 256 * 1024
 #: First read of the File Meta Information (read again 16 times larger while it does not fit).
 _META_HEAD_BYTES: Final = 4096
+#: Bytes a :class:`_FileView` reads at a time (a small object's whole header in one read).
+_VIEW_BLOCK_BYTES: Final = 64 * 1024
 _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM: Final = 0xFFFEE000
 _ITEM_END: Final = 0xFFFEE00D
 _SEQ_END: Final = 0xFFFEE0DD
 #: Float Pixel Data, Double Float Pixel Data, Pixel Data.
 _PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: Explicit VRs with a 2-byte length (PS3.5 Table 7.1-2): the walker's fast path.
+_SHORT_VRS: Final = frozenset(
+    {
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+        b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    }
+)  # fmt: skip
 #: Deeper nesting than this is refused (protects the walker from crafted input).
 MAX_DEPTH: Final = 32
 
@@ -95,15 +104,27 @@ class _FileView:
 
     Used for files other processes may still change: a memory map would
     kill the process with SIGBUS if the file were truncated during the walk,
-    while a short read here only ends the walk as a defect.
+    while a short read here only ends the walk as a defect. Reads go through
+    one block of :data:`_VIEW_BLOCK_BYTES` (``pread``), so a header walk costs
+    one read for a small object and a few for a large one: skipped values
+    (pixel data) are never read.
     """
 
     def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
+        self.fd = fh.fileno()
+        self.block = b""
+        self.block_at = 0
 
     def __getitem__(self, where: slice) -> bytes:
-        self.fh.seek(where.start)
-        return self.fh.read(max(0, where.stop - where.start))
+        start, stop = where.start, max(where.start, where.stop)
+        at = start - self.block_at
+        if at >= 0 and stop - self.block_at <= len(self.block):
+            return self.block[at : stop - self.block_at]
+        if stop - start > _VIEW_BLOCK_BYTES:
+            return os.pread(self.fd, stop - start, start)
+        self.block = os.pread(self.fd, _VIEW_BLOCK_BYTES, start)
+        self.block_at = start
+        return self.block[: stop - start]
 
 
 _Buffer = bytes | mmap.mmap | _FileView
@@ -131,6 +152,8 @@ class _Walker:
         self.tag_length = struct.Struct(order + "HHL")
         self.short_length = struct.Struct(order + "H")
         self.long_length = struct.Struct(order + "L")
+        #: Tag, VR and 2-byte length of an explicit VR element with a short VR, in one unpack.
+        self.short_head = struct.Struct(order + "HH2sH")
         self.wanted = wanted
         #: Stop the walk (:class:`_Stop`) at the first top-level tag above this (0 = never).
         self.stop_after = 0
@@ -178,6 +201,11 @@ class _Walker:
         """Walk elements up to ``end`` (or to an item delimiter when ``until_item_end``)."""
         if depth > MAX_DEPTH:
             raise _Defect(f"sequences nested deeper than {MAX_DEPTH} levels")
+        buf = self.buf
+        short_head = self.short_head
+        top = depth == 0
+        wanted = self.wanted if top else frozenset()
+        stop_after = self.stop_after if top else 0
         while True:
             pos = self.pos
             if pos >= end:
@@ -185,42 +213,49 @@ class _Walker:
                     raise _Defect("item without its delimiter: the data set is cut off")
                 return
             if not until_item_end and end - pos < 8:
-                if self.buf[pos:end].strip(b"\x00"):
+                if buf[pos:end].strip(b"\x00"):
                     raise _Defect(f"{end - pos} stray bytes at the end of the data set")
                 self.pos = end
                 return
             if implicit or pos + 8 > end:
                 tag, vr, length = self._tag_length(end, implicit)
             else:  # inlined _tag_length for the common explicit VR short element
-                head = self.buf[pos : pos + 8]
-                group, elem, length = self.tag_length.unpack(head)
-                vr = head[4:6]
-                if group == 0xFFFE or vr in LONG_VRS or not (vr.isalpha() and vr.isupper()):
+                group, elem, vr, length = short_head.unpack(buf[pos : pos + 8])
+                if group == 0xFFFE or (
+                    vr not in _SHORT_VRS and (vr in LONG_VRS or not (vr.isalpha() and vr.isupper()))
+                ):
                     tag, vr, length = self._tag_length(end, implicit)
                 else:
                     tag = (group << 16) | elem
-                    (length,) = self.short_length.unpack(head[6:8])
                     self.pos = pos + 8
-            if tag == _ITEM_END:
-                if until_item_end:
-                    return
-                raise _Defect(f"item delimiter outside an item at byte {pos}")
-            if tag in (_ITEM, _SEQ_END):
-                raise _Defect(f"item tag outside a sequence at byte {pos}")
-            if depth == 0 and tag in _PIXEL_TAGS:
-                self.collecting = False
-            if depth == 0 and self.stop_after and (tag > self.stop_after or tag in _PIXEL_TAGS):
-                raise _Stop
+            if tag >= _ITEM:  # group FFFE: only delimiters may appear here
+                if tag == _ITEM_END:
+                    if until_item_end:
+                        return
+                    raise _Defect(f"item delimiter outside an item at byte {pos}")
+                if tag in (_ITEM, _SEQ_END):
+                    raise _Defect(f"item tag outside a sequence at byte {pos}")
+            if top:
+                if tag in _PIXEL_TAGS:
+                    self.collecting = False
+                if stop_after and (tag > stop_after or tag in _PIXEL_TAGS):
+                    raise _Stop
             if length != _UNDEFINED:
                 value_at = self.pos
-                self._skip(length, end, tag)
-                if self.collecting and depth == 0 and tag in self.wanted:
-                    self.found[tag] = (vr, self.buf[value_at : value_at + length])
+                if value_at + length > end:
+                    self._skip(length, end, tag)  # raises the defect
+                self.pos = value_at + length
+                if tag in wanted and self.collecting:
+                    self.found[tag] = (vr, buf[value_at : value_at + length])
                 continue
             # Undefined length: a sequence, encapsulated pixel data, or UN holding an
             # implicit VR little endian sequence (PS3.5 6.2.2).
             nested_implicit = implicit or vr == b"UN"
+            value_at = self.pos
             self.walk_items(end, depth + 1, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
+            if tag in wanted and self.collecting:
+                # the items without the sequence delimiter: a defined-length value
+                self.found[tag] = (vr, buf[value_at : self.pos - 8])
 
     def walk_items(self, end: int, depth: int, implicit: bool, encapsulated: bool) -> None:
         """Walk the items of an undefined-length element up to its sequence delimiter."""
@@ -244,6 +279,12 @@ class _Walker:
 
 def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
     """Return (transfer syntax UID, offset of the data set) of a Part 10 object."""
+    values, start = _read_meta_values(buf, size)
+    return uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b"")), start
+
+
+def _read_meta_values(buf: _Buffer, size: int) -> tuple[dict[int, bytes], int]:
+    """Return (File Meta values by element number, offset of the data set) of a Part 10 object."""
     want = _META_HEAD_BYTES
     while True:
         head = buf[0 : min(size, want)]
@@ -257,7 +298,7 @@ def _read_meta(buf: _Buffer, size: int) -> tuple[str, int]:
                 raise _Defect("File Meta Information runs past the end of the file") from None
             want *= 16
             continue
-        return uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b"")), start
+        return values, start
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +315,15 @@ class Examination:
         The encoding the data set was walked with (see :func:`examine`).
     elements : dict
         ``tag -> (VR or b"" when implicit, raw value)`` of the wanted top-level
-        elements present with a defined length (of the inflated data set when
-        the object is deflated).
+        elements present before the pixel data (of the inflated data set when
+        the object is deflated). A sequence of undefined length is given as its
+        items without the sequence delimiter.
+    meta : dict
+        ``element number of group 0002 -> raw value`` of the File Meta
+        Information (empty when it could not be read).
+    data_start : int
+        Offset of the data set in the file, -1 when the File Meta Information
+        could not be read (no preamble, or malformed).
     """
 
     defect: str | None
@@ -283,6 +331,8 @@ class Examination:
     implicit: bool = False
     little: bool = True
     elements: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    meta: dict[int, bytes] = field(default_factory=dict)
+    data_start: int = -1
 
     @property
     def deflated(self) -> bool:
@@ -323,11 +373,14 @@ def examine(
         When a file cannot be opened or read.
     """
     if isinstance(source, Path):
-        with source.open("rb") as fh:
+        with open(source, "rb", buffering=0) as fh:  # only its descriptor is used
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
                 return _examine(b"", 0, wanted)
             if not private:
+                if size <= _VIEW_BLOCK_BYTES:  # a small object: one read, walked in memory
+                    data = os.pread(fh.fileno(), size, 0)
+                    return _examine(data, len(data), wanted)
                 return _examine(_FileView(fh), size, wanted)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return _examine(mapped, len(mapped), wanted)
@@ -338,12 +391,17 @@ def examine(
 def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
     syntax = ""
     implicit, little = False, True
+    meta: dict[int, bytes] = {}
+    start = -1
     try:
-        syntax, start = _read_meta(buf, size)
+        values, data_start = _read_meta_values(buf, size)
+        syntax = uid_text(values.get(TRANSFER_SYNTAX_ELEMENT, b""))
+        meta, start = values, data_start
         if syntax in DEFLATED_SYNTAXES:
-            return _examine_deflated(buf, start, size, syntax, wanted)
-        implicit = syntax == ImplicitVRLittleEndian
-        little = syntax != ExplicitVRBigEndian
+            exam = _examine_deflated(buf, start, size, syntax, wanted)
+            return replace(exam, meta=meta, data_start=start)
+        implicit = syntax == IMPLICIT_VR_LE
+        little = syntax != EXPLICIT_VR_BE
         if not implicit and start + 6 <= size:
             # Some senders write implicit VR under an explicit transfer syntax;
             # pydicom reads those, so judge them by what they really are.
@@ -353,10 +411,56 @@ def _examine(buf: _Buffer, size: int, wanted: frozenset[int]) -> Examination:
         walker.pos = start
         walker.walk_dataset(size, 0, implicit, until_item_end=False)
     except _Defect as defect:
-        return Examination(str(defect), syntax, implicit, little)
+        return Examination(str(defect), syntax, implicit, little, {}, meta, start)
     except (struct.error, ValueError, OverflowError) as exc:
-        return Examination(f"malformed element structure: {exc}", syntax, implicit, little)
-    return Examination(None, syntax, implicit, little, walker.found)
+        why = f"malformed element structure: {exc}"
+        return Examination(why, syntax, implicit, little, {}, meta, start)
+    return Examination(None, syntax, implicit, little, walker.found, meta, start)
+
+
+def sequence_items(
+    value: bytes, implicit: bool, little: bool, wanted: frozenset[int]
+) -> list[dict[int, tuple[bytes, bytes]]]:
+    """Return the ``wanted`` elements of each item of a sequence value, in item order.
+
+    ``value`` is a sequence's items as :func:`examine` collects them (the
+    sequence delimiter left off, or present). Each item gives
+    ``tag -> (VR or b"" when implicit, raw value)`` of its own (not nested)
+    elements; a nested sequence comes as its items, to be split the same way.
+
+    Raises
+    ------
+    ValueError
+        When the items are malformed (the same rules as :func:`examine`).
+    """
+    order = "<" if little else ">"
+    head = struct.Struct(order + "HHL")
+    items: list[dict[int, tuple[bytes, bytes]]] = []
+    pos, end = 0, len(value)
+    try:
+        while pos + 8 <= end:
+            group, elem, length = head.unpack_from(value, pos)
+            tag = (group << 16) | elem
+            if tag == _SEQ_END:
+                break
+            if tag != _ITEM:
+                raise _Defect(f"expected an item at byte {pos}")
+            walker = _Walker(value, implicit, little, wanted)
+            walker.pos = pos + 8
+            if length == _UNDEFINED:
+                walker.walk_dataset(end, 0, implicit, until_item_end=True)
+                pos = walker.pos
+            else:
+                if pos + 8 + length > end:
+                    raise _Defect(f"item at byte {pos} claims {length} bytes")
+                pos += 8 + length
+                walker.walk_dataset(pos, 0, implicit, until_item_end=False)
+            items.append(walker.found)
+    except _Defect as defect:
+        raise ValueError(str(defect)) from None
+    except (struct.error, OverflowError) as exc:
+        raise ValueError(f"malformed sequence: {exc}") from None
+    return items
 
 
 def _inflated(buf: _Buffer, start: int, size: int) -> Iterator[bytes]:

@@ -47,10 +47,14 @@ def test_bench_quick_run_completes_and_writes_results(tmp_path: Path) -> None:
     assert ("FORWARD", "rt", "dicomnode send->storescp") in cases
     assert ("MEMORY", "big", "storescu->dicomnode") in cases
     assert ("CONCURRENCY", "small", "4 storescu->dicomnode") in cases
+    assert ("DELAYED", "small", "dicomnode send N=4->storescp") in cases
+    assert ("DELAYED", "small", "dcmtk storescu->storescp") in cases
     assert all(r["ok"] and r["files_stored"] == r["files_expected"] for r in rows)
     assert all(r["receiver_rss_mb"] > 0 for r in rows)
 
     report = (out / "results.md").read_text()
-    for title in ("### RECEIVE", "### FORWARD", "### MEMORY", "### CONCURRENCY", "### Targets"):
+    titles = ("### RECEIVE", "### FORWARD", "### MEMORY", "### CONCURRENCY", "### DELAYED")
+    for title in (*titles, "### Targets"):
         assert title in report
     assert "All measurements complete." in report
+    assert "DELAYED link: " in report  # netem, or why not and the delay line instead

@@ -154,6 +154,7 @@ def test_routes_by_modality_sop_class_and_calling_ae_unmatched_parked(
     save(rt["rtdose"], group / "dose.dcm")  # matches no route: parked
     start(forwarders, cfg)
     assert wait_until(lambda: not pending(cfg.watch_folder), 60), pending(cfg.watch_folder)
+    assert wait_until(lambda: len(a.order()) == 2 and len(b.order()) == 2, 30)
     assert sorted(a.received_sops()) == sorted([ct.SOPInstanceUID, mr.SOPInstanceUID])
     assert sorted(b.received_sops()) == sorted([mr.SOPInstanceUID, rt["rtplan"].SOPInstanceUID])
     log = (cfg.failed_dir / "send_errors.log").read_text()
@@ -189,6 +190,7 @@ def test_one_destination_down_the_other_gets_everything_then_the_first_catches_u
     assert wait_until(lambda: "A:awaiting=0/sending=0/retrying=0,B:awaiting=12" in caplog.text, 20)
     b.start()
     assert wait_until(lambda: not pending(cfg.watch_folder), 60), pending(cfg.watch_folder)
+    assert wait_until(lambda: len(b.order()) == 12, 30)
     assert sorted(b.received_sops()) == sorted(sent)
     assert len(a.order()) == 12, "A must not get its objects again"
     assert took_s < 45
@@ -210,6 +212,7 @@ def test_destination_refusing_a_sop_class_gets_its_copy_parked_others_delivered(
     save(plan, group / "plan.dcm")
     start(forwarders, cfg)
     assert wait_until(lambda: not pending(cfg.watch_folder), 60), pending(cfg.watch_folder)
+    assert wait_until(lambda: len(a.order()) == 3 and len(b.order()) == 2, 30)
     assert sorted(a.received_sops()) == sorted([*cts, plan.SOPInstanceUID])
     assert sorted(b.received_sops()) == sorted(cts)
     parked = [p for p in files_in(cfg.failed_dir) if p.suffix == ".dcm"]
@@ -237,7 +240,8 @@ def test_identical_objects_dropped_again_are_skipped_changed_ones_sent(
     with caplog.at_level(logging.INFO, logger="dicomnode"):
         start(forwarders, cfg)
         assert wait_until(lambda: not pending(cfg.watch_folder), 60)
-        assert len(a.order()) == 3 and len(b.order()) == 3
+        # storescp notes a reception (--exec-on-reception) around its response: wait for it
+        assert wait_until(lambda: len(a.order()) == 3 and len(b.order()) == 3, 30)
         for name, data in copies.items():  # the same export again
             (group / name).parent.mkdir(parents=True, exist_ok=True)
             (group / name).write_bytes(data)
@@ -348,6 +352,7 @@ def test_kill_9_mid_send_to_two_destinations_loses_nothing_resends_at_most_in_fl
     assert before[0] < n or before[1] < n, "the kill came too late to test anything"
     again = start_node(["--config", str(ini), "--no-receiver"])
     assert wait_until(lambda: not pending(watch), 180), again.output()
+    assert wait_until(lambda: len(set(a.order())) == n and len(set(b.order())) == n, 30)
     for scp in (a, b):
         assert sorted(set(scp.received_sops())) == sorted(sent)  # nothing lost
         assert len(scp.order()) <= n + 1, (

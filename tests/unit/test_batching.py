@@ -221,3 +221,101 @@ def test_judge_refusal_counts_only_refusals_of_one_object() -> None:
     assert judge_refusal(0, None, 3) == (RefusalVerdict.TARGET_WIDE, 0)
     assert judge_refusal(1, None, 3) == (RefusalVerdict.COUNTED, 2)
     assert judge_refusal(2, None, 3) == (RefusalVerdict.PARK, 3)
+
+
+def test_common_image_classes_are_image_storage_classes_by_pydicom() -> None:
+    """The built-in table only saves the UID dictionary lookup: pydicom agrees with each entry."""
+    from pydicom.uid import UID
+
+    from dicomnode.forwarder.batching import _COMMON_IMAGE_CLASSES, object_category
+
+    for uid in _COMMON_IMAGE_CLASSES:
+        assert "Image Storage" in UID(uid).name, uid
+        assert object_category("", uid) == "IMAGES"
+    # classes outside the table are still looked up by name
+    assert object_category("", "1.2.840.10008.5.1.4.1.1.77.1.4") == "IMAGES"  # VL Photographic
+    assert object_category("", "1.2.840.10008.5.1.4.1.1.88.22") == "OTHER"  # Enhanced SR
+
+
+def test_send_path_does_not_import_pydicom() -> None:
+    """A plain send reads headers with the node's own walker: pydicom stays unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dicomnode.cli, dicomnode.forwarder, dicomnode.forwarder.header; "
+        "print('pydicom' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- parallel associations
+
+
+def _group(images: int) -> list[ObjectInfo]:
+    objs = [obj(f"ct{i:03d}", CT, "CT", 1, i) for i in range(images)]
+    objs += [
+        obj("rs", RTSTRUCT, "RTSTRUCT"),
+        obj("rp", RTPLAN, "RTPLAN"),
+        obj("rd1", RTDOSE, "RTDOSE"),
+        obj("rd2", RTDOSE, "RTDOSE"),
+    ]
+    return order_objects(objs, DEFAULT_SEND_ORDER)
+
+
+def test_plan_stages_one_association_is_todays_single_run() -> None:
+    from dicomnode.forwarder.batching import plan_stages
+
+    ordered = _group(10)
+    assert plan_stages(ordered, DEFAULT_SEND_ORDER, 1) == [[plan_associations(ordered)]]
+    assert plan_stages([], DEFAULT_SEND_ORDER, 4) == []
+
+
+def test_plan_stages_deals_each_class_into_lanes_and_keeps_the_class_barrier() -> None:
+    from dicomnode.forwarder.batching import category_rank, plan_stages
+
+    ordered = _group(10)
+    stages = plan_stages(ordered, DEFAULT_SEND_ORDER, 4)
+    # one stage per class, in send order: images, RTSTRUCT, RTPLAN, RTDOSE
+    kinds = [
+        {
+            object_category(o.modality, o.sop_class_uid)
+            for lane in stage
+            for objs, _ in lane
+            for o in objs
+        }
+        for stage in stages
+    ]
+    assert kinds == [{"IMAGES"}, {"RTSTRUCT"}, {"RTPLAN"}, {"RTDOSE"}]
+    images = stages[0]
+    assert len(images) == 4
+    sizes = [sum(len(objs) for objs, _ in lane) for lane in images]
+    assert sizes == [3, 3, 2, 2]  # near-equal, the first lanes take the remainder
+    # lanes hold consecutive objects, so concatenated they give the send order back
+    flat = [o for stage in stages for lane in stage for objs, _ in lane for o in objs]
+    assert flat == ordered
+    ranks = [category_rank(o, DEFAULT_SEND_ORDER) for o in flat]
+    assert ranks == sorted(ranks)
+    # never more lanes than objects: one structure set is one association
+    assert len(stages[1]) == 1 and len(stages[3]) == 2
+    # every association proposes the contexts its objects need
+    for stage in stages:
+        for lane in stage:
+            for objs, contexts in lane:
+                offered = {c.sop_class_uid for c in contexts}
+                assert {o.sop_class_uid for o in objs} <= offered
+
+
+@given(
+    images=st.integers(min_value=0, max_value=40),
+    n=st.integers(min_value=1, max_value=8),
+)
+def test_plan_stages_sends_every_object_once_in_order(images: int, n: int) -> None:
+    from dicomnode.forwarder.batching import plan_stages
+
+    ordered = _group(images)
+    stages = plan_stages(ordered, DEFAULT_SEND_ORDER, n)
+    flat = [o for stage in stages for lane in stage for objs, _ in lane for o in objs]
+    assert flat == ordered
+    assert all(1 <= len(stage) <= n for stage in stages)

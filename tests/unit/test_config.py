@@ -272,3 +272,18 @@ def test_config_unknown_key_lists_the_declared_keys(tmp_path: Path) -> None:
         config.load(path)
     declared = sorted(k for s, k, *_ in config.all_keys() if s == "FolderWatcher")
     assert f"accepted keys: {', '.join(declared)}" in str(info.value)
+
+
+def test_config_colon_separates_only_without_a_later_equals(tmp_path: Path) -> None:
+    """``key: value`` (configparser's other delimiter) loads; ``tag:Keyword = glob`` is one key."""
+    path = tmp_path / "c.ini"
+    path.write_text(
+        "[General]\nAE_Title: NODE1\n[Security]\ntrusted_ae_titles: CT1\n"
+        "[FolderWatcher]\ntarget_aet: PACS\ntarget_ip = 127.0.0.1\n"
+        "[Route:qa]\ndestinations = default\ntag:StudyDescription = *QA*, *phantom*\n"
+    )
+    cfg = config.load(path)
+    assert cfg.receiver.ae_title == "NODE1"
+    assert cfg.forwarder.target_aet == "PACS"
+    (route,) = cfg.forwarder.routes
+    assert route.tags == (("StudyDescription", ("*QA*", "*phantom*")),)

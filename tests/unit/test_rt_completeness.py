@@ -36,6 +36,7 @@ from dicomnode.forwarder.completeness import (
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, JobFile
 from dicomnode.forwarder.rtgate import RtGate, job_fingerprint, snapshot_fingerprint
+from dicomnode.integrity import Examination
 from dicomnode.ledger import queries
 from dicomnode.ledger.schema import open_ledger
 from tests.factories import ROOT, bundled, make_image, rt_set, save
@@ -143,15 +144,15 @@ def test_references_of_a_hostile_object_are_bounded() -> None:
 def test_inspect_file_collects_references_in_its_one_header_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The forwarder's single header read returns the references (no second parse)."""
+    """The forwarder's single header walk returns the references (no second parse)."""
     reads: list[Path] = []
-    real = header_mod.read_header_bounded
+    real = header_mod.examine
 
-    def counting(path: Path, keywords: object = None) -> Dataset:
+    def counting(path: Path, wanted: frozenset[int] = frozenset()) -> Examination:
         reads.append(path)
-        return real(path, keywords)  # type: ignore[arg-type]
+        return real(path, wanted)
 
-    monkeypatch.setattr(header_mod, "read_header_bounded", counting)
+    monkeypatch.setattr(header_mod, "examine", counting)
     rt = rt_set(image_series="1.2.3.4")
     infos = {n: info_of(save(ds, tmp_path / f"{n}.dcm")) for n, ds in rt.items()}
     assert len(reads) == 3
@@ -159,6 +160,55 @@ def test_inspect_file_collects_references_in_its_one_header_read(
     assert infos["rtplan"].references == (Reference(RTSTRUCT, str(rt["rtstruct"].SOPInstanceUID)),)
     assert infos["rtstruct"].references == (Reference(SERIES, "1.2.3.4"),)
     assert infos["rtplan"].series_instance_uid == str(rt["rtplan"].SeriesInstanceUID)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_raw_references_equal_pydicoms(tmp_path: Path, implicit: bool) -> None:
+    """The forwarder decodes the reference sequences from raw bytes: as pydicom reads them."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    rt = rt_set(image_series="1.2.3.4")
+    # nested undefined-length items (as many exports write them) and several references
+    rt["rtdose"].ReferencedRTPlanSequence.append(Dataset())
+    rt["rtdose"].ReferencedRTPlanSequence[
+        -1
+    ].ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
+    rt["rtdose"].ReferencedRTPlanSequence[-1].ReferencedSOPInstanceUID = "1.2.3.99"
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    for name, ds in rt.items():
+        ds.file_meta.TransferSyntaxUID = syntax
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+        got = info_of(path).references
+        full = dcmread(path)
+        expected = references_of(full, str(full.Modality), str(full.SOPClassUID))
+        assert got == expected and got, name
+        assert [r.study_uid for r in got] == [r.study_uid for r in expected]
+        assert [r.images for r in got] == [r.images for r in expected]
+
+
+def test_inspect_file_of_rt_objects_does_not_import_pydicom(tmp_path: Path) -> None:
+    """References come from the raw walk: forwarding an RT set keeps pydicom out (memory)."""
+    import subprocess
+    import sys
+
+    paths = [save(ds, tmp_path / f"{n}.dcm") for n, ds in rt_set(image_series="1.2.3").items()]
+    code = (
+        "import sys\n"
+        "from pathlib import Path, PurePosixPath\n"
+        "from dicomnode.forwarder.header import inspect_file\n"
+        "from dicomnode.forwarder.job import JobFile\n"
+        "for p in map(Path, sys.argv[1:]):\n"
+        "    st = p.stat()\n"
+        "    jf = JobFile(p, p.name, PurePosixPath(p.name), st.st_size, st.st_mtime_ns)\n"
+        "    assert inspect_file(jf, PurePosixPath(p.name)).references, p\n"
+        "print('pydicom' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_inspect_file_reads_references_of_a_bare_data_set(tmp_path: Path) -> None:
@@ -172,10 +222,10 @@ def test_inspect_file_sends_an_object_whose_references_cannot_be_read(
 ) -> None:
     """A reference sequence pydicom cannot decode: one line, the object is sent unchecked."""
 
-    def broken(ds: Dataset, modality: str, sop_class: str) -> tuple[Reference, ...]:
+    def broken(*_args: object) -> list[dict[int, tuple[bytes, bytes]]]:
         raise ValueError("item length beyond the sequence")
 
-    monkeypatch.setattr(header_mod, "references_of", broken)
+    monkeypatch.setattr(header_mod, "sequence_items", broken)
     info = info_of(save(rt_set()["rtdose"], tmp_path / "dose\nx.dcm"))
     assert info.references == ()
     [line] = [r.getMessage() for r in caplog.records if "REFERENCES-UNREADABLE" in r.getMessage()]

@@ -4,19 +4,19 @@ Everything here is a function of its arguments: the current time is always passe
 in as ``now`` (seconds, from whatever clock the caller uses consistently), nothing
 writes files, opens sockets, starts threads or reads the clock. The I/O layers
 (:mod:`.watcher`, :mod:`.sender`, :mod:`.outcome`, :mod:`.state`) feed it facts
-and act on its answers. Imports pydicom (UID names only) and the standard library;
-never pynetdicom or watchdog.
+and act on its answers. Imports the standard library, and pydicom (UID names)
+only for a SOP class missing from :data:`_COMMON_IMAGE_CLASSES`, so a one-shot
+send does not pay pydicom's import; never pynetdicom or watchdog.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Final
-
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from dicomnode.dul.pdu import MAX_PRESENTATION_CONTEXTS
 
@@ -34,11 +34,12 @@ TEMP_SUFFIXES: Final = (".part", ".tmp")
 #: Largest number of presentation contexts one association may propose (PS3.8 9.3.2.2).
 MAX_CONTEXTS: Final = MAX_PRESENTATION_CONTEXTS
 
-EXPLICIT_VR_LE: Final = ExplicitVRLittleEndian
-IMPLICIT_VR_LE: Final = ImplicitVRLittleEndian
+EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
 #: Transfer syntaxes proposed for every SOP class so the object can be converted.
 FALLBACK_SYNTAXES: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
-UNCOMPRESSED_SYNTAXES: Final = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE, ExplicitVRBigEndian})
+UNCOMPRESSED_SYNTAXES: Final = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE, EXPLICIT_VR_BE})
 
 _RT_BY_MODALITY: Final = {
     "RTSTRUCT": "RTSTRUCT",
@@ -56,6 +57,30 @@ _RT_BY_SOP_CLASS: Final = {
     "1.2.840.10008.5.1.4.1.1.481.7": "RTRECORD",  # RT Treatment Summary Record
     "1.2.840.10008.5.1.4.1.1.481.9": "RTRECORD",  # RT Ion Beams Treatment Record
 }
+
+#: Image Storage SOP classes named here so the common case needs no UID dictionary
+#: (pydicom names each "... Image Storage"; tests check it); others are looked up.
+_COMMON_IMAGE_CLASSES: Final = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray - For Presentation
+        "1.2.840.10008.5.1.4.1.1.2",  # CT
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
+        "1.2.840.10008.5.1.4.1.1.4",  # MR
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
+        "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine
+        "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography
+        "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+    }
+)
 
 
 # --------------------------------------------------------------------------- files and groups
@@ -250,6 +275,10 @@ class ObjectInfo:
     references : tuple of Reference
         What an RT object needs at the destination before it
         (:func:`~.completeness.references_of`); empty for other objects.
+    data_start : int
+        Offset of the data set in the file as the header read found it (the
+        SCU sends from there without reading the File Meta again); -1 when
+        unknown.
     """
 
     rel_path: PurePosixPath
@@ -262,8 +291,10 @@ class ObjectInfo:
     series_instance_uid: str = ""
     study_instance_uid: str = ""
     references: tuple[Reference, ...] = ()
+    data_start: int = -1
 
 
+@functools.lru_cache(maxsize=1024)
 def object_category(modality: str, sop_class_uid: str) -> str:
     """Return the send-order token of an object: IMAGES, OTHER, RTSTRUCT, RTPLAN, RTDOSE, RTRECORD.
 
@@ -276,12 +307,21 @@ def object_category(modality: str, sop_class_uid: str) -> str:
     token = _RT_BY_MODALITY.get(modality.strip().upper())
     if token:
         return token
-    name = UID(sop_class_uid).name if sop_class_uid else ""
+    if sop_class_uid in _COMMON_IMAGE_CLASSES:
+        return "IMAGES"
+    name = uid_name(sop_class_uid) if sop_class_uid else ""
     if "Treatment Record" in name:
         return "RTRECORD"
     if "Image Storage" in name:
         return "IMAGES"
     return "OTHER"
+
+
+def uid_name(uid: str) -> str:
+    """Return pydicom's name of ``uid`` (the UID itself when unknown); imports pydicom."""
+    from pydicom.uid import UID
+
+    return str(UID(uid).name)
 
 
 def category_rank(obj: ObjectInfo, send_order: Sequence[str]) -> int:
@@ -392,6 +432,70 @@ def plan_associations(
     if run:
         plans.append((run, run_ctx))
     return plans
+
+
+#: One association: its objects in send order and the contexts it proposes.
+AssociationPlan: TypeAlias = tuple[list[ObjectInfo], list[ContextSpec]]
+
+
+def plan_stages(
+    objects: Sequence[ObjectInfo],
+    send_order: Sequence[str],
+    max_associations: int = 1,
+    max_contexts: int = MAX_CONTEXTS,
+) -> list[list[list[AssociationPlan]]]:
+    """Plan the associations of ordered objects: stages run one after another, lanes at once.
+
+    A stage is a list of lanes that run at the same time; a lane is a list of
+    associations run one after another (:func:`plan_associations`, split only
+    by the context limit). With ``max_associations == 1`` everything is one
+    stage of one lane: the group goes over as few associations as possible, as
+    it always did. With ``N > 1`` each send-order class (IMAGES, then OTHER,
+    RTSTRUCT, ...; :func:`category_rank`) is a stage of its own, its objects
+    dealt into up to ``N`` lanes of consecutive objects of near-equal size. A
+    stage starts only when the one before has finished, so nothing of a later
+    class reaches the target before every earlier object was answered.
+
+    Parameters
+    ----------
+    objects : sequence of ObjectInfo
+        Objects already in send order (:func:`order_objects`).
+    send_order : sequence of str
+        The category tokens that ordered them.
+    max_associations : int
+        Associations at once (at least 1).
+    max_contexts : int
+        Presentation contexts per association.
+
+    Returns
+    -------
+    list of stages
+        Each stage a list of lanes, each lane a list of ``(objects, contexts)``.
+    """
+    if not objects:
+        return []
+    if max_associations <= 1:
+        return [[plan_associations(objects, max_contexts)]]
+    classes: list[list[ObjectInfo]] = []
+    last_rank: int | None = None
+    for obj in objects:
+        rank = category_rank(obj, send_order)
+        if rank != last_rank:
+            classes.append([])
+            last_rank = rank
+        classes[-1].append(obj)
+    stages: list[list[list[AssociationPlan]]] = []
+    for members in classes:
+        lanes = min(max_associations, len(members))
+        size, extra = divmod(len(members), lanes)
+        stage: list[list[AssociationPlan]] = []
+        start = 0
+        for lane in range(lanes):
+            end = start + size + (1 if lane < extra else 0)
+            stage.append(plan_associations(members[start:end], max_contexts))
+            start = end
+        stages.append(stage)
+    return stages
 
 
 # --------------------------------------------------------------------------- outcome and retry

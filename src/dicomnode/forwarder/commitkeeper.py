@@ -668,9 +668,10 @@ class _HeldApplier:
         self.job = job
         self.sent: set[Path] = set()
 
-    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
-        """Keep the file where it is held (the next request asks for it)."""
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> Path | None:
+        """Keep the file where it is held (the next request asks for it); nothing to prune."""
         self.sent.add(jf.path)
+        return None
 
     def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
         """Park the file in ``failed/`` with a ``send_errors.log`` line."""

@@ -32,11 +32,12 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final
-
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING, Final
 
 from dicomnode.forwarder.batching import ObjectInfo, object_category
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 #: Reference kinds, as written in ``missing=KIND:<uid>``.
 RTPLAN: Final = "RTPLAN"
@@ -100,6 +101,8 @@ def _text(item: Dataset, keyword: str) -> str:
 
 def _uids(items: object, keyword: str) -> list[str]:
     """Return the non-empty UID values of ``keyword`` in the items of a sequence."""
+    from pydicom.dataset import Dataset  # only RT objects get here, their header read by pydicom
+
     out: list[str] = []
     if not isinstance(items, Iterable):
         return out

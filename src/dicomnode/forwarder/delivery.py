@@ -1,7 +1,8 @@
 """Delivery of one group: send in clinical order, then apply each file's outcome on disk at once.
 
 :func:`send_group` plans the associations of a claimed group
-(:func:`~.batching.plan_associations`), sends them with the SCU
+(:func:`~.batching.plan_stages`: one association, or with ``max_associations``
+several at once per send-order class, :mod:`.lanes`), sends them with the SCU
 (:func:`make_sender`: the lean SCU of :mod:`.lean`) and applies every per-file
 decision immediately: delivered files are deleted, refused ones parked under
 ``failed/`` with a ``send_errors.log`` line (:func:`park_job_file`), files kept
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -29,13 +31,20 @@ from dicomnode.forwarder.batching import (
     group_label,
     judge_refusal,
     order_objects,
-    plan_associations,
+    plan_stages,
 )
 from dicomnode.forwarder.completeness import GateAction, describe_missing
 from dicomnode.forwarder.header import inspect_file
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged
+from dicomnode.forwarder.lanes import run_stage
 from dicomnode.forwarder.lean import LeanAssociationSender
-from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
+from dicomnode.forwarder.outcome import (
+    ParkReason,
+    delete_delivered,
+    park_file,
+    park_stamp,
+    remove_empty_folders,
+)
 from dicomnode.forwarder.rtgate import GateCheck, incomplete_reason
 from dicomnode.forwarder.sender import AssociationSender
 from dicomnode.ledger.events import EventKind, ledger_extra
@@ -51,8 +60,8 @@ def make_sender(config: ForwarderConfig, ssl_context: ssl.SSLContext | None) -> 
 class OutcomeApplier(Protocol):
     """What happens on disk (and in the delivery store) when a file reached an outcome."""
 
-    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
-        """The target acknowledged ``jf`` (success or warning)."""
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> Path | None:
+        """The target acknowledged ``jf``; return a folder to prune at the end, if any."""
 
     def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
         """The target refused ``jf`` (or it cannot be sent); True when it was parked."""
@@ -64,9 +73,11 @@ class MoveApplier:
     def __init__(self, job: GroupJob) -> None:
         self.job = job
 
-    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
-        """Delete the file and the folders it leaves empty."""
-        delete_delivered(jf.path, self.job.prune_root)
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> Path | None:
+        """Delete the file; its folder is pruned once, at the end of the group."""
+        if delete_delivered(jf.path, self.job.prune_root, prune=False):
+            return jf.path.parent
+        return None
 
     def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
         """Move the file to ``failed/<stamp>_<group>/`` with a ``send_errors.log`` line."""
@@ -80,6 +91,7 @@ def send_group(
     should_stop: Callable[[], bool],
     on_file_done: Callable[[], None] | None = None,
     refusals: Mapping[str, int] | None = None,
+    max_associations: int = 1,
     apply: OutcomeApplier | None = None,
     name: str = "",
     known: Mapping[Path, ObjectInfo] | None = None,
@@ -108,6 +120,11 @@ def send_group(
         Called after each file reached an outcome (progress bars).
     refusals : mapping, optional
         Earlier temporary refusals per file (display name), from the retry state.
+    max_associations : int
+        Associations at once (:func:`~.batching.plan_stages`): with more than
+        one, each send-order class goes over up to this many associations at
+        the same time, and a class starts only when every object of the
+        classes before it was answered.
     gate : callable, optional
         The RT completeness check of this destination (:meth:`.rtgate.RtGate.check`),
         asked after the headers are read and before any association: WAIT sends
@@ -176,6 +193,36 @@ def send_group(
     last_result = [time.monotonic()]  # per-object duration for the ledger
     counts = dict(refusals or {})
     decided: set[PurePosixPath] = set()
+    emptied: set[Path] = set()  # folders of deleted files: pruned once, at the end
+    stage_sent = [0]  # objects acknowledged in the current stage
+    guard = threading.Lock()  # lanes of one stage report from several threads
+    unlogged: list[tuple[JobFile, ObjectInfo, int, float]] = []  # SENT, line not yet written
+
+    def log_sent() -> None:
+        """Write the ``SENT`` lines (and ledger events) of the acknowledged, deleted files."""
+        with guard:
+            batch = unlogged[:]
+            unlogged.clear()
+        for jf, obj, status, took_ms in batch:
+            logger.info(
+                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X%s",
+                label,
+                jf.display,
+                obj.sop_instance_uid,
+                status,
+                suffix,
+                extra=ledger_extra(
+                    EventKind.FORWARDED,
+                    sop_uid=obj.sop_instance_uid or None,
+                    series_uid=obj.series_instance_uid or None,
+                    study_uid=obj.study_instance_uid or None,
+                    path=str(jf.path),
+                    destination=destination,
+                    status=f"0x{status:04X}",
+                    duration_ms=took_ms,
+                ),
+            )
+
     # a transient refusal whose meaning the next answer of the target decides
     pending: tuple[ObjectInfo, int | None, str] | None = None
     # lowest send-order rank of a refused object that is kept (neither acknowledged nor parked)
@@ -266,6 +313,7 @@ def send_group(
         elif outcome is SendOutcome.RETRY:
             resolve(False)  # the target (or the network) fails for everything
         if outcome is SendOutcome.SENT:
+            stage_sent[0] += 1
             counts.pop(jf.display, None)
             if not is_unchanged(jf):
                 logger.warning(
@@ -275,26 +323,12 @@ def send_group(
                 )
                 result.changed = True
                 return
-            applier.delivered(jf, obj)
+            folder = applier.delivered(jf, obj)
+            if folder is not None:
+                emptied.add(folder)
             result.sent += 1
-            logger.info(
-                "SENT group=%s file=%s sop_instance_uid=%s status=0x%04X%s",
-                label,
-                jf.display,
-                obj.sop_instance_uid,
-                status if status is not None else 0,
-                suffix,
-                extra=ledger_extra(
-                    EventKind.FORWARDED,
-                    sop_uid=obj.sop_instance_uid or None,
-                    series_uid=obj.series_instance_uid or None,
-                    study_uid=obj.study_instance_uid or None,
-                    path=str(jf.path),
-                    destination=destination,
-                    status=f"0x{status or 0:04X}",
-                    duration_ms=took_ms,
-                ),
-            )
+            # the SENT line is written while the target works on the next object
+            unlogged.append((jf, obj, status if status is not None else 0, took_ms))
         elif outcome is SendOutcome.REFUSED:
             refuse(jf, obj, ParkReason(status, reason, obj.sop_instance_uid))
         elif outcome is SendOutcome.RETRY:
@@ -331,18 +365,48 @@ def send_group(
     def locate(obj: ObjectInfo) -> Path:
         return by_key[obj.rel_path].path
 
-    plans = plan_associations(ordered)
-    for n, (objects, contexts) in enumerate(plans):
-        end = sender.run(locate, objects, contexts, on_result, check, should_stop)
-        if end.network_error is not None:
-            result.network_error = end.network_error
-            for later, _ in plans[n + 1 :]:
-                for obj in later:
+    def on_result_guarded(
+        obj: ObjectInfo, outcome: SendOutcome, status: int | None, reason: str
+    ) -> None:
+        with guard:
+            on_result(obj, outcome, status, reason)
+
+    def check_guarded(obj: ObjectInfo) -> bool:
+        with guard:
+            return check(obj)
+
+    stages = plan_stages(ordered, config.send_order, max_associations)
+    try:
+        for n, stage in enumerate(stages):
+            if len(stage) > 1:
+                logger.debug("STAGE group=%s lanes=%d", label, len(stage))
+            stage_sent[0] = 0
+            end = run_stage(
+                sender, stage, locate, on_result_guarded, check_guarded, should_stop, log_sent
+            )
+            log_sent()
+            if len(stage) > 1:
+                # Lanes answer at the same time: an object acknowledged on another lane
+                # of this stage shows the target accepts others, whether its answer
+                # came before or after the transient refusal.
+                resolve(True if stage_sent[0] else None)
+            if end.network_error is not None:
+                result.network_error = end.network_error
+                for obj in end.untried:
                     result.retry.append((by_key[obj.rel_path], obj))
-            break
-        if end.stopped:
-            result.stopped = not result.changed and not result.held
-            break
+                for later in stages[n + 1 :]:
+                    for lane in later:
+                        for objects, _ in lane:
+                            for obj in objects:
+                                result.retry.append((by_key[obj.rel_path], obj))
+                break
+            if end.stopped:
+                result.stopped = not result.changed and not result.held
+                break
+    finally:
+        log_sent()
+        for folder in sorted(emptied, key=lambda f: len(f.parts), reverse=True):
+            remove_empty_folders(folder, job.prune_root)
     resolve(None)
     if result.held:
         kept = {id(jf) for jf, _ in result.retry}

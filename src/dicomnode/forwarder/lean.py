@@ -22,7 +22,12 @@ made this choice). One association per :meth:`~LeanAssociationSender.run`:
   the object converted (:mod:`~dicomnode.forwarder.transcode`: inflated,
   byte-swapped or decompressed, pixel values checked) into an accepted
   uncompressed syntax; if that is impossible it is refused (parked).
-* The C-STORE-RSP is read before the next object (like storescu); its Status
+* While the target stores an object, the next one is read ahead: its file is
+  opened and its command and first PDUs are put into the buffer (and the
+  caller's ``idle`` work, its log lines, is done); it is sent only after the
+  response came and the caller's ``check`` of it passed. Only one object is
+  ever in flight.
+* The C-STORE-RSP is read before the next object is sent (like storescu); its Status
   decides SENT / REFUSED. A transient refusal (0xA7xx, 0xFE00) of one object is
   reported ``DEFERRED`` and the next object is tried; a second one in a row
   means the target refuses everything (down, out of space): the association
@@ -51,20 +56,19 @@ data set source in :mod:`.source`.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.config import ForwarderConfig
 from dicomnode.dul.commitment import REQUEST_COMMITMENT, encode_action_info
@@ -134,12 +138,7 @@ from dicomnode.forwarder.source import (
     memory_reader,
     zero_padded,
 )
-from dicomnode.forwarder.transcode import (
-    TranscodeError,
-    choose_syntax,
-    syntax_name,
-    transcode,
-)
+from dicomnode.integrity import DEFLATED_VR_LE
 from dicomnode.status import describe_status, is_success_or_warning
 
 logger = logging.getLogger(__name__)
@@ -156,6 +155,23 @@ _BATCH_BYTES: Final = 1024 * 1024
 ReportCallback = Callable[[int, bytes, str], int]
 
 
+@dataclass(slots=True)
+class _Ready:
+    """The next object's first write, prepared in the buffer while the target stored the last."""
+
+    obj: ObjectInfo
+    fh: io.FileIO
+    message_id: int
+    cid: int
+    length: int
+    fill: Fill
+    #: Buffer offsets of the prepared write (command PDU, then data PDUs).
+    start: int
+    head: int
+    #: Data set bytes the prepared write holds.
+    position: int
+
+
 # --------------------------------------------------------------------------- sender
 
 
@@ -164,8 +180,9 @@ class LeanAssociationSender(AssociationSender):
 
     A drop-in replacement of :class:`AssociationSender`: it inherits the
     configuration, the lock and the per-file reporting of the rest of a run;
-    nothing of pynetdicom's association machinery is used. Not for concurrent :meth:`run` calls; :meth:`abort` may
-    be called from any thread. Parameters as for :class:`AssociationSender`.
+    nothing of pynetdicom's association machinery is used. Not for concurrent
+    :meth:`run` calls (associations at once use :meth:`helpers`); :meth:`abort`
+    may be called from any thread. Parameters as for :class:`AssociationSender`.
     """
 
     def __init__(self, config: ForwarderConfig, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -174,12 +191,14 @@ class LeanAssociationSender(AssociationSender):
         self._buffer = bytearray()
 
     def abort(self) -> None:
-        """Abort the association in progress, if any (used by a forced stop)."""
+        """Abort the association in progress, and those of the helpers, if any (a forced stop)."""
         with self._lock:
             conn = self._conn
         if conn is not None and not conn.aborted:
             logger.warning("ABORTING association to %s", self.config.target_aet)
             conn.abort()
+        for helper in self._helpers_now():
+            helper.abort()
 
     # -- association ------------------------------------------------------------
 
@@ -278,6 +297,7 @@ class LeanAssociationSender(AssociationSender):
         on_result: ResultCallback,
         check: CheckCallback,
         should_stop: Callable[[], bool],
+        idle: Callable[[], None] | None = None,
     ) -> RunEnd:
         """Send ``objects`` in the given order over one association.
 
@@ -317,7 +337,7 @@ class LeanAssociationSender(AssociationSender):
                 peer_max,
             )
             return self._send_objects(
-                conn, accepted, peer_max, locate, objects, on_result, check, should_stop
+                conn, accepted, peer_max, locate, objects, on_result, check, should_stop, idle
             )
         finally:
             with self._lock:
@@ -334,6 +354,7 @@ class LeanAssociationSender(AssociationSender):
         on_result: ResultCallback,
         check: CheckCallback,
         should_stop: Callable[[], bool],
+        idle: Callable[[], None] | None,
     ) -> RunEnd:
         chunk = max(peer_max - 6, 1)
         stride = _PDATA_HEAD_LEN + chunk
@@ -342,44 +363,69 @@ class LeanAssociationSender(AssociationSender):
             self._buffer = bytearray(size)
         message_id = 0
         deferred_last = False  # the previous object got a transient refusal
-        for index, obj in enumerate(objects):
-            if should_stop() or not check(obj):
-                self._release(conn)
-                return RunEnd(stopped=True)
-            by_syntax = accepted.get(obj.sop_class_uid)
-            if not by_syntax:
-                on_result(obj, SendOutcome.REFUSED, None, "SOP class not accepted by the target")
-                continue
-            message_id = message_id % 0xFFFF + 1
-            try:
-                sent = self._send_object(conn, locate(obj), obj, by_syntax, message_id, chunk)
-                if sent is not None:
-                    on_result(obj, SendOutcome.REFUSED, None, sent)
-                    continue
-                status = self._read_status(conn, message_id)
-            except FileNotFoundError:
-                logger.warning("VANISHED %s before it could be sent", obj.rel_path)
-                continue
-            except LinkError as exc:
-                reason = str(exc)
-                self._report_rest(objects, index, on_result, reason)
-                conn.abort()
-                return RunEnd(network_error=reason)
-            if is_success_or_warning(status):
-                on_result(obj, SendOutcome.SENT, status, describe_status(status))
-                deferred_last = False
-            elif is_transient_status(status):
-                reason = f"target refused temporarily: 0x{status:04X} {describe_status(status)}"
-                if deferred_last:
-                    # two in a row: the target refuses everything (down, out of space)
-                    self._report_rest(objects, index, on_result, reason)
+        ready: _Ready | None = None  # the next object, read while the target stores this one
+        try:
+            for index, obj in enumerate(objects):
+                use, ready = (ready if ready is not None and ready.obj is obj else None), None
+                if should_stop() or not check(obj):
+                    if use is not None:
+                        use.fh.close()
                     self._release(conn)
+                    return RunEnd(stopped=True)
+                by_syntax = accepted.get(obj.sop_class_uid)
+                if not by_syntax:
+                    on_result(
+                        obj, SendOutcome.REFUSED, None, "SOP class not accepted by the target"
+                    )
+                    continue
+                try:
+                    if use is not None:
+                        message_id = use.message_id
+                        try:
+                            self._send_ready(conn, use, chunk)
+                        finally:
+                            use.fh.close()
+                    else:
+                        message_id = message_id % 0xFFFF + 1
+                        sent = self._send_object(
+                            conn, locate(obj), obj, by_syntax, message_id, chunk
+                        )
+                        if sent is not None:
+                            on_result(obj, SendOutcome.REFUSED, None, sent)
+                            continue
+                    if index + 1 < len(objects):
+                        ready = self._prepare(
+                            locate, objects[index + 1], accepted, message_id % 0xFFFF + 1, chunk
+                        )
+                    if idle is not None:
+                        idle()  # the caller's deferred work, while the target stores the object
+                    status = self._read_status(conn, message_id)
+                except FileNotFoundError:
+                    logger.warning("VANISHED %s before it could be sent", obj.rel_path)
+                    continue
+                except LinkError as exc:
+                    reason = str(exc)
+                    self._report_rest(objects, index, on_result, reason)
+                    conn.abort()
                     return RunEnd(network_error=reason)
-                on_result(obj, SendOutcome.DEFERRED, status, reason)
-                deferred_last = True
-            else:
-                on_result(obj, SendOutcome.REFUSED, status, describe_status(status))
-                deferred_last = False
+                if is_success_or_warning(status):
+                    on_result(obj, SendOutcome.SENT, status, describe_status(status))
+                    deferred_last = False
+                elif is_transient_status(status):
+                    reason = f"target refused temporarily: 0x{status:04X} {describe_status(status)}"
+                    if deferred_last:
+                        # two in a row: the target refuses everything (down, out of space)
+                        self._report_rest(objects, index, on_result, reason)
+                        self._release(conn)
+                        return RunEnd(network_error=reason)
+                    on_result(obj, SendOutcome.DEFERRED, status, reason)
+                    deferred_last = True
+                else:
+                    on_result(obj, SendOutcome.REFUSED, status, describe_status(status))
+                    deferred_last = False
+        finally:
+            if ready is not None:
+                ready.fh.close()
         self._release(conn)
         return RunEnd()
 
@@ -404,14 +450,17 @@ class LeanAssociationSender(AssociationSender):
             The association cannot go on.
         """
         try:
-            fh = path.open("rb", buffering=0)
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
         except FileNotFoundError:
             raise
         except OSError as exc:
             return f"cannot send this file: {exc}"
         with fh:
             try:
-                data_start, size = locate_data_set(fh)
+                if obj.data_start >= 0:  # found by the header read: not read again
+                    data_start, size = obj.data_start, os.fstat(fh.fileno()).st_size
+                else:
+                    data_start, size = locate_data_set(fh)
             except (UnreadableFile, MetaError, OSError) as exc:
                 return f"cannot send this file: {exc}"
             command = c_store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
@@ -421,7 +470,7 @@ class LeanAssociationSender(AssociationSender):
                 return self._send_converted(conn, path, obj, by_syntax, command, data_start, chunk)
             length = size - data_start
             fill = file_reader(fh.fileno(), data_start)
-            if syntax == DeflatedExplicitVRLittleEndian and length % 2:
+            if syntax == DEFLATED_VR_LE and length % 2:
                 # PS3.5 A.5: an odd-length deflate stream gets one trailing NULL byte
                 fill = zero_padded(fill, length)
                 length += 1
@@ -439,6 +488,14 @@ class LeanAssociationSender(AssociationSender):
         chunk: int,
     ) -> str | None:
         """Convert the object into a syntax the target accepted and send it, or say why not."""
+        # imported here: transcoding needs pydicom, which a plain send never imports
+        from dicomnode.forwarder.transcode import (
+            TranscodeError,
+            choose_syntax,
+            syntax_name,
+            transcode,
+        )
+
         offered = set(by_syntax)
         target = choose_syntax(obj.transfer_syntax_uid, offered)
         names = ", ".join(sorted(syntax_name(ts) for ts in offered))
@@ -490,9 +547,6 @@ class LeanAssociationSender(AssociationSender):
         between the PDU headers; the command PDU shares the first write. A
         source that ends early breaks the message: the association is aborted.
         """
-        buf = self._buffer
-        view = memoryview(buf)
-        per_write = max(1, (len(buf) - _COMMAND_ROOM) // (_PDATA_HEAD_LEN + chunk))
         conn.set_timeout(self.config.network_timeout_s)
         command_pdu: bytes | None = (
             p_data_tf(cid, PDV_COMMAND | PDV_LAST, command) if len(command) <= chunk else None
@@ -508,43 +562,117 @@ class LeanAssociationSender(AssociationSender):
             command_pdu = None
         position = 0
         while True:
-            views: list[memoryview] = []
-            head = _COMMAND_ROOM
-            end = position
-            for _ in range(per_write):
-                want = min(length - end, chunk)
-                end += want
-                last = end >= length
-                _PDATA_HEAD.pack_into(
-                    buf,
-                    head,
-                    PduType.P_DATA_TF,
-                    0,
-                    want + 6,
-                    want + 2,
-                    cid,
-                    PDV_LAST if last else 0x00,
-                )
-                head += _PDATA_HEAD_LEN
-                views.append(view[head : head + want])
-                head += want
-                if last:
-                    break
             try:
-                fill(views, position)
+                head, position = self._fill_write(cid, length, fill, chunk, position)
             except SourceEnded as exc:
                 raise LinkError(f"file shrank while being sent: {exc}") from exc
             except OSError as exc:
                 raise LinkError(f"reading the file failed while sending it: {exc}") from exc
-            position = end
             start = _COMMAND_ROOM
             if command_pdu is not None:
                 start -= len(command_pdu)
-                buf[start:_COMMAND_ROOM] = command_pdu
+                self._buffer[start:_COMMAND_ROOM] = command_pdu
                 command_pdu = None
-            conn.send(view[start:head], "sending a data set")
+            conn.send(memoryview(self._buffer)[start:head], "sending a data set")
             if position >= length:
                 return
+
+    def _fill_write(
+        self, cid: int, length: int, fill: Fill, chunk: int, position: int
+    ) -> tuple[int, int]:
+        """Put the PDUs of the next write into the buffer after :data:`_COMMAND_ROOM`.
+
+        Returns the buffer offset after the last PDU and the data set position
+        after them. Raises what ``fill`` raises (:class:`SourceEnded`, OSError).
+        """
+        buf = self._buffer
+        view = memoryview(buf)
+        per_write = max(1, (len(buf) - _COMMAND_ROOM) // (_PDATA_HEAD_LEN + chunk))
+        views: list[memoryview] = []
+        head = _COMMAND_ROOM
+        end = position
+        for _ in range(per_write):
+            want = min(length - end, chunk)
+            end += want
+            last = end >= length
+            _PDATA_HEAD.pack_into(
+                buf,
+                head,
+                PduType.P_DATA_TF,
+                0,
+                want + 6,
+                want + 2,
+                cid,
+                PDV_LAST if last else 0x00,
+            )
+            head += _PDATA_HEAD_LEN
+            views.append(view[head : head + want])
+            head += want
+            if last:
+                break
+        fill(views, position)
+        return head, end
+
+    # -- the next object, read while the target stores the current one ------------
+
+    def _prepare(
+        self,
+        locate: Callable[[ObjectInfo], Path],
+        obj: ObjectInfo,
+        accepted: dict[str, dict[str, int]],
+        message_id: int,
+        chunk: int,
+    ) -> _Ready | None:
+        """Open ``obj`` and put its command and first data PDUs into the buffer, or None.
+
+        Only for an object sent as it is (its syntax accepted, its data set
+        offset known); anything unusual (conversion, a command that needs
+        PDUs of its own, a file that cannot be read now) is left to the normal
+        path, which reports it. Nothing is sent here.
+        """
+        by_syntax = accepted.get(obj.sop_class_uid)
+        cid = by_syntax.get(obj.transfer_syntax_uid) if by_syntax else None
+        if cid is None or obj.data_start < 0:
+            return None
+        command = c_store_rq(message_id, obj.sop_class_uid, obj.sop_instance_uid)
+        command_pdu = p_data_tf(cid, PDV_COMMAND | PDV_LAST, command)
+        if len(command) > chunk or len(command_pdu) > _COMMAND_ROOM:
+            return None
+        try:
+            fh = open(locate(obj), "rb", buffering=0)  # noqa: SIM115 (closed by the caller)
+        except OSError:
+            return None
+        try:
+            length = os.fstat(fh.fileno()).st_size - obj.data_start
+            fill = file_reader(fh.fileno(), obj.data_start)
+            if obj.transfer_syntax_uid == DEFLATED_VR_LE and length % 2:
+                fill = zero_padded(fill, length)
+                length += 1
+            if length < 0:
+                raise SourceEnded("the file is shorter than its header")
+            head, position = self._fill_write(cid, length, fill, chunk, 0)
+        except (OSError, SourceEnded):
+            fh.close()
+            return None
+        start = _COMMAND_ROOM - len(command_pdu)
+        self._buffer[start:_COMMAND_ROOM] = command_pdu
+        return _Ready(obj, fh, message_id, cid, length, fill, start, head, position)
+
+    def _send_ready(self, conn: PduLink, ready: _Ready, chunk: int) -> None:
+        """Send a prepared object: the write already in the buffer, then the rest of its data."""
+        conn.set_timeout(self.config.network_timeout_s)
+        conn.send(memoryview(self._buffer)[ready.start : ready.head], "sending a data set")
+        position = ready.position
+        while position < ready.length:
+            try:
+                head, position = self._fill_write(
+                    ready.cid, ready.length, ready.fill, chunk, position
+                )
+            except SourceEnded as exc:
+                raise LinkError(f"file shrank while being sent: {exc}") from exc
+            except OSError as exc:
+                raise LinkError(f"reading the file failed while sending it: {exc}") from exc
+            conn.send(memoryview(self._buffer)[_COMMAND_ROOM:head], "sending a data set")
 
     def _read_status(self, conn: PduLink, message_id: int) -> int:
         """Wait for the C-STORE-RSP to ``message_id`` and return its Status.

@@ -129,7 +129,14 @@ def send_paths(
     failed = False
     try:
         for job in jobs:
-            result = send_group(job, config, sender, lambda: False, bar.step)
+            result = send_group(
+                job,
+                config,
+                sender,
+                lambda: False,
+                bar.step,
+                max_associations=config.max_associations,
+            )
             sent += result.sent
             if result.network_error or result.parked or result.changed or result.retry:
                 failed = True

@@ -81,7 +81,14 @@ def _one_line(text: str) -> str:
 
 def remove_empty_parents(path: Path, stop_at: Path) -> None:
     """Remove ``path``'s parent folders while they are empty, up to but not including ``stop_at``."""
-    folder = path.parent
+    remove_empty_folders(path.parent, stop_at)
+
+
+def remove_empty_folders(folder: Path, stop_at: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to but not including ``stop_at``.
+
+    Only folders that resolve to a place strictly inside ``stop_at`` are removed.
+    """
     stop = stop_at.resolve()
     while True:
         try:
@@ -97,8 +104,11 @@ def remove_empty_parents(path: Path, stop_at: Path) -> None:
         folder = folder.parent
 
 
-def delete_delivered(path: Path, watch_folder: Path) -> bool:
-    """Delete an acknowledged file and the folders it leaves empty.
+def delete_delivered(path: Path, watch_folder: Path, prune: bool = True) -> bool:
+    """Delete an acknowledged file and (with ``prune``) the folders it leaves empty.
+
+    ``prune=False`` leaves the folders to the caller, who removes the emptied
+    ones once per group (:func:`remove_empty_folders`) instead of once per file.
 
     Returns
     -------
@@ -106,13 +116,14 @@ def delete_delivered(path: Path, watch_folder: Path) -> bool:
         True when the file is gone (also when it was already gone).
     """
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
         logger.error("DELETE-FAILED %s: %s (it may be sent again)", path, exc)
         return False
-    remove_empty_parents(path, watch_folder)
+    if prune:
+        remove_empty_parents(path, watch_folder)
     return True
 
 

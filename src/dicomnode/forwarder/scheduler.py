@@ -526,6 +526,7 @@ class Forwarder:
                     apply=_DestinationApplier(self, job, name, plans, batch),
                     name=name if self.routed else "",
                     known={path: fp.info for path, fp in plans.items()},
+                    max_associations=self._dests[name].max_associations,
                     gate=lambda share, objects: self._rt.check(share, objects, name, whole=whole),
                 )
             finally:
@@ -779,7 +780,7 @@ class _DestinationApplier:
         self.plans = plans
         self.batch = batch
 
-    def delivered(self, jf: JobFile, obj: ObjectInfo) -> None:
+    def delivered(self, jf: JobFile, obj: ObjectInfo) -> Path | None:
         """Commit ``acknowledged`` for this destination; delete the file when it is settled.
 
         For a committing destination the file is first handed to its keeper
@@ -792,15 +793,16 @@ class _DestinationApplier:
             alone = fp is None or fp.route.destinations == (self.name,)
             checksum = fp.ident.checksum if fp is not None else ""
             if not self.batch.hold(jf, obj, move=alone, checksum=checksum):
-                return
+                return None
             if fp is None:
-                return
+                return None
         if fp is None:  # not planned (cannot happen): behave like the single target
             delete_delivered(jf.path, self.job.prune_root)
-            return
+            return None
         states = self.forwarder._record(self.name, fp, DeliveryState.ACKNOWLEDGED)
         if states is not None:
             self.forwarder._settle(self.job, fp, states)
+        return None
 
     def refused(self, jf: JobFile, why: ParkReason, stamp: str) -> bool:
         """Park the file (or a copy) for this destination and record ``refused``."""

@@ -68,6 +68,23 @@ class AssociationSender:
         self.config = config
         self.ssl_context = ssl_context
         self._lock = threading.Lock()
+        self._helpers: list[AssociationSender] = []
+
+    def helpers(self, count: int) -> list[AssociationSender]:
+        """Return ``count`` more senders of the same kind for associations at once.
+
+        They are created on first use and kept (their buffers are reused from
+        group to group); :meth:`abort` aborts theirs too. Each one runs one
+        association at a time, like this one.
+        """
+        with self._lock:
+            while len(self._helpers) < count:
+                self._helpers.append(type(self)(self.config, self.ssl_context))
+            return self._helpers[:count]
+
+    def _helpers_now(self) -> list[AssociationSender]:
+        with self._lock:
+            return list(self._helpers)
 
     def abort(self) -> None:
         """Abort the association in progress, if any (used by a forced stop)."""
@@ -81,6 +98,7 @@ class AssociationSender:
         on_result: ResultCallback,
         check: CheckCallback,
         should_stop: Callable[[], bool],
+        idle: Callable[[], None] | None = None,
     ) -> RunEnd:
         """Send ``objects`` in the given order over one association.
 
@@ -102,6 +120,9 @@ class AssociationSender:
             Asked right before each object is sent; False ends the run (stopped).
         should_stop : callable
             Polled between objects; True ends the run (stopped).
+        idle : callable, optional
+            Called while the target works on an object (its data sent, its
+            response not yet read): the caller's deferred work (log lines).
 
         Returns
         -------
