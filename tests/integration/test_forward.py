@@ -257,8 +257,18 @@ def start_forwarder(forwarders: list[Forwarder], cfg: ForwarderConfig) -> Forwar
 
 
 def files_in(folder: Path) -> list[Path]:
-    """Return the files below ``folder``, without the forwarder's own state (delivery record)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and STATE_DIR_NAME not in p.parts)
+    """Return the files below ``folder``, without the forwarder's own state (delivery record).
+
+    ``os.walk`` rather than ``rglob``: the forwarder prunes emptied folders while
+    a test looks, and a folder vanishing mid-walk must not fail the test.
+    """
+    found = [
+        Path(root) / name
+        for root, _dirs, names in os.walk(folder)
+        if STATE_DIR_NAME not in Path(root).parts
+        for name in names
+    ]
+    return sorted(found)
 
 
 def write_study(folder: Path, n_ct: int = 3) -> dict[str, str]:
