@@ -13,6 +13,7 @@ resent by their senders; nothing half-written becomes visible).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 
@@ -149,7 +150,7 @@ class Receiver:
             return
         lean.stop(grace_s)
         self.committer.stop()
-        logger.info("STOPPED receiver")
+        logger.info("STOPPED receiver pid=%d", os.getpid())
 
 
 __all__ = ["Receiver", "StorageError"]
