@@ -1456,9 +1456,12 @@ def _destinations(
                 "(routes list names separated by commas; failed/<name>/ is a folder)"
             )
         sec.check_unknown(known)
-        if dest.ae_title and any(d.ae_title == dest.ae_title for d in found):
+        other = next((d for d in found if dest.ae_title and d.ae_title == dest.ae_title), None)
+        if other is not None:
             raise ConfigError(
-                f"{source}: [{name}] ae_title = {dest.ae_title} is already another destination's"
+                f"{source}: [{name}] ae_title = {dest.ae_title} is already the AE title of "
+                f"[Destination:{other.name}]; an AE title names one remote node (storage "
+                "commitment reports are matched by it): give each node its own AE title"
             )
         found.append(dest)
     return tuple(found)

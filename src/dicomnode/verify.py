@@ -1,11 +1,14 @@
 """C-ECHO SCU for ``dicomnode echo``: verify that a DICOM node answers.
 
-The only module besides the receiver and the forwarder's sender that uses
-pynetdicom; it keeps the CLI free of network code.
+The only runtime module that still uses pynetdicom (the receiver and the
+forwarder use dicomnode's own upper layer, :mod:`dicomnode.dul`); it keeps the
+CLI free of network code. pynetdicom's own log lines are silenced while it runs:
+the one-line :class:`EchoResult` message says what happened.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -39,6 +42,23 @@ def echo(
     EchoResult
         ``ok`` is True only for a 0x0000 response.
     """
+    library_log = logging.getLogger("pynetdicom")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)  # its ERROR lines repeat ours, out of order
+    try:
+        return _echo(host, port, called_aet, calling_aet, timeout_s, ssl_context)
+    finally:
+        library_log.setLevel(level)
+
+
+def _echo(
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None,
+) -> EchoResult:
     started = time.monotonic()
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(Verification)

@@ -287,3 +287,16 @@ def test_config_colon_separates_only_without_a_later_equals(tmp_path: Path) -> N
     assert cfg.forwarder.target_aet == "PACS"
     (route,) = cfg.forwarder.routes
     assert route.tags == (("StudyDescription", ("*QA*", "*phantom*")),)
+
+
+def test_config_two_destinations_with_one_ae_title_are_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.ini"
+    path.write_text(
+        "[Security]\ntrusted_ae_titles = CT1\n"
+        "[Destination:TPS]\nae_title = STORESCP\nhost = 127.0.0.1\nport = 1\n"
+        "[Destination:RV]\nae_title = STORESCP\nhost = 127.0.0.1\nport = 2\n"
+    )
+    with pytest.raises(ConfigError, match=r"\[Destination:RV\].*\[Destination:TPS\].*own AE title"):
+        config.load(path)
