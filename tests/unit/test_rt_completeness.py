@@ -8,6 +8,7 @@ ledger for the "delivered before" lookup. No sockets, no threads.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from pathlib import Path, PurePosixPath
@@ -543,3 +544,33 @@ def test_gate_counts_what_the_ledger_shows_delivered_to_that_destination(tmp_pat
     job, infos = _job(tmp_path, {"rtdose": rt["rtdose"], "rtplan": rt["rtplan"]})
     assert gate.check(job, infos).action is GateAction.SEND
     assert gate.check(job, infos, "QA").action is GateAction.WAIT
+
+
+def test_uid_mismatch_is_warned_once_per_version_of_a_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A group waiting for its RT references is looked at again and again: one warning per file."""
+    import os
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from dicomnode.forwarder.outcome import ParkReason
+
+    path = tmp_path / "rtplan.dcm"  # pydicom's rtplan.dcm: File Meta and data set UIDs differ
+    shutil.copyfile(str(get_testdata_file("rtplan.dcm")), path)
+
+    def job() -> JobFile:
+        st = path.stat()
+        return JobFile(
+            path, "g/rtplan.dcm", PurePosixPath("rtplan.dcm"), st.st_size, st.st_mtime_ns
+        )
+
+    caplog.set_level(logging.WARNING, logger="dicomnode")
+    for _ in range(3):
+        assert not isinstance(inspect_file(job(), PurePosixPath("0/rtplan.dcm")), ParkReason)
+    assert caplog.text.count("UID-MISMATCH") == 1
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a new version
+    inspect_file(job(), PurePosixPath("0/rtplan.dcm"))
+    assert caplog.text.count("UID-MISMATCH") == 2

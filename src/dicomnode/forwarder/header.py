@@ -14,13 +14,16 @@ Information (as DCMTK's storescu sends them) are accepted when their UIDs
 read as UIDs (read by pydicom: the rare, slow path). The RT references
 (:mod:`.completeness`) come from the same walk: the reference sequences are
 collected raw and decoded by pydicom only for RT objects. Reads files; never
-writes, moves or sends. Log verbs: ``UID-MISMATCH``, ``REFERENCES-UNREADABLE``.
+writes, moves or sends. Log verbs: ``UID-MISMATCH`` (once per version of a file, however often a
+waiting group is looked at again), ``REFERENCES-UNREADABLE``.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+import threading
+from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final
 
@@ -52,6 +55,33 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
+
+
+class _OncePerFile:
+    """Remember which file versions were warned about, so a waiting group's rescans stay quiet.
+
+    A file is one version per (path, size, mtime); at most ``limit`` are kept
+    (the oldest forgotten first). Thread-safe: forwarder workers share it.
+    """
+
+    def __init__(self, limit: int = 10000) -> None:
+        self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def first(self, jf: JobFile) -> bool:
+        """Return True the first time ``jf`` (this version of the file) is asked about."""
+        key = (str(jf.path), jf.size, jf.mtime_ns)
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen[key] = None
+            if len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+            return True
+
+
+_UID_MISMATCH_WARNED: Final = _OncePerFile()
 
 SOP_CLASS_UID: Final = 0x00080016
 SOP_INSTANCE_UID: Final = 0x00080018
@@ -269,7 +299,8 @@ def _check_uids(
     for name, uid in (("SOP Class UID", sop_class), ("SOP Instance UID", sop_uid)):
         if not is_sendable_uid(uid):
             return ParkReason(None, f"invalid {name} {escaped(uid)!r}", escaped(sop_uid))
-    if (meta_class and meta_class != sop_class) or (meta_uid and meta_uid != sop_uid):
+    mismatch = (meta_class and meta_class != sop_class) or (meta_uid and meta_uid != sop_uid)
+    if mismatch and _UID_MISMATCH_WARNED.first(jf):
         logger.warning(
             "UID-MISMATCH file=%s: File Meta says sop_class_uid=%s sop_instance_uid=%s, "
             "the data set says sop_class_uid=%s sop_instance_uid=%s; the data set's are sent",
