@@ -71,15 +71,23 @@ class StoreSCP:
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
 
+    #: Options before the AE title (``--fork`` for one process per association).
+    leading_args: tuple[str, ...] = ()
+
+    def reception_note(self) -> str:
+        """Return the shell command storescp runs for each file it stored."""
+        return f"echo #f >> {self.order_file}"
+
     def start(self) -> StoreSCP:
         cmd = [
             self.exe,
+            *self.leading_args,
             "--aetitle",
             TARGET_AET,
             "--output-directory",
             str(self.out),
             "--exec-on-reception",
-            f"echo #f >> {self.order_file}",
+            self.reception_note(),
             "--exec-sync",
             *self.extra_args,
             str(self.port),

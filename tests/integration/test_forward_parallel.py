@@ -10,7 +10,6 @@ class barrier (no RTSTRUCT before every image was answered, and so on).
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from dicomnode.forwarder import Forwarder, send_paths
-from tests.conftest import free_port, peer_env, require_tool, wait_for_port, wait_until
+from tests.conftest import free_port, wait_until
 from tests.factories import make_image, rt_set, save
 from tests.integration.test_forward import (
-    TARGET_AET,
+    StoreSCP,
     error_log,
     fconfig,
     files_in,
@@ -35,48 +34,14 @@ pytestmark = [
 ]
 
 
-class ForkingStoreSCP:
+class ForkingStoreSCP(StoreSCP):
     """DCMTK storescp, one process per association, logging ``<file> <association pid>``."""
 
-    def __init__(self, tmp: Path, port: int | None = None) -> None:
-        self.exe = require_tool("storescp")
-        self.port = port or free_port()
-        self.out = tmp / "storescp-out"
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.order_file = tmp / "storescp-order.txt"
-        self.log = tmp / "storescp.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+    leading_args = ("--fork",)
 
-    def start(self) -> ForkingStoreSCP:
-        cmd = [
-            self.exe,
-            "--fork",
-            "--aetitle",
-            TARGET_AET,
-            "--output-directory",
-            str(self.out),
-            # the hook's shell is a child of the process serving the association
-            "--exec-on-reception",
-            f'echo "#f $PPID" >> {self.order_file}',
-            "--exec-sync",
-            str(self.port),
-        ]
-        self._fh = self.log.open("ab")
-        self.proc = subprocess.Popen(cmd, env=peer_env(), stdout=self._fh, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, proc=self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if hasattr(self, "_fh"):
-            self._fh.close()
+    def reception_note(self) -> str:
+        # the hook's shell is a child of the process serving the association
+        return f'echo "#f $PPID" >> {self.order_file}'
 
     def arrivals(self) -> list[tuple[str, str]]:
         """Return ``(file name, association pid)`` in arrival order."""
