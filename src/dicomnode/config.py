@@ -501,6 +501,16 @@ class ReceiverConfig:
         lo=0,
         hi=10**9,
     )
+    journal_mb: int = setting(
+        64,
+        "Directories",
+        Kind.INT,
+        "Size of each receiver process's receive journal under destination_dir/.incoming-tmp/journal; "
+        "objects up to a quarter of it are made durable by one journal flush, larger ones by "
+        "fsync of file and folder; 0 = no journal (fsync every object)",
+        lo=0,
+        hi=65536,
+    )
     receiver_processes: int = setting(
         0,
         "Network",

@@ -102,6 +102,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush the file at ``path`` to disk.
+
+    Raises
+    ------
+    OSError
+        When it cannot be opened or flushed.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_file(fh: BinaryIO) -> None:
     """Flush Python and OS buffers of an open file to disk."""
     fh.flush()

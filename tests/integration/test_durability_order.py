@@ -1,12 +1,20 @@
 """The order of system calls behind every acknowledged object, watched with strace.
 
 For each object the receiver stored, the trace of the whole node (all processes and
-threads, one file, in completion order) must show: the last write of its temp file,
-then a flush covering it (an ``fsync``/``fdatasync`` of that file, or a ``syncfs``
-started after that write), then the ``rename`` to its final name, then an ``fsync`` of
-the final folder started after the rename, and only then the send of the C-STORE-RSP
-carrying its SOP Instance UID. Several senders at once exercise the group commit,
-where one thread flushes the files and folders of others.
+threads, one file, in completion order) must show one of the two durable orders:
+
+* with the receive journal (the default): its record — a write to the journal file
+  naming its final path and carrying its bytes (in the same ``pwritev``, or copied from
+  its temp file by ``copy_file_range``) — then an ``fdatasync`` of the journal started
+  after that write and completed, then the ``rename`` to its final name, and only then
+  the send of the C-STORE-RSP carrying its SOP Instance UID;
+* without it (``journal_mb = 0``): the last write of its temp file, then a flush
+  covering it (an ``fsync``/``fdatasync`` of that file, or a ``syncfs`` started after
+  that write), then the ``rename`` to its final name, then an ``fsync`` of the final
+  folder started after the rename, and only then the send of the C-STORE-RSP.
+
+Several senders at once exercise the group commit, where one thread flushes the
+journal records, files and folders of others.
 """
 
 from __future__ import annotations
@@ -32,10 +40,14 @@ from tests.factories import make_image, save
 
 pytestmark = pytest.mark.interop
 
-_SYSCALLS = "write,pwrite64,writev,fsync,fdatasync,syncfs,rename,renameat,renameat2,sendto"
+_SYSCALLS = (
+    "write,pwrite64,writev,pwritev,pwritev2,copy_file_range,fsync,fdatasync,syncfs,"
+    "rename,renameat,renameat2,sendto"
+)
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
 _CALL = re.compile(r"^(\w+)\((.*)$", re.S)
 _FD = re.compile(r"^\d+<(.*?)>")
+_FDS = re.compile(r"\d+<(.*?)>")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
@@ -48,6 +60,8 @@ class Trace:
     syncfs: list[tuple[int, int]] = field(default_factory=list)
     renamed: dict[str, tuple[str, int]] = field(default_factory=dict)  # final -> (tmp, end)
     sends: list[tuple[int, str]] = field(default_factory=list)  # (start, text)
+    # Writes to a receive journal: (end, text, journal path, the copied temp file or "").
+    journal_writes: list[tuple[int, str, str, str]] = field(default_factory=list)
 
 
 def parse(text: str) -> Trace:
@@ -75,7 +89,13 @@ def parse(text: str) -> Trace:
         name, args = call.groups()
         fd = _FD.match(args)
         path = fd.group(1) if fd else ""
-        if name in {"write", "pwrite64", "writev"} and ".incoming-tmp" in path:
+        if name in {"pwrite64", "pwritev", "pwritev2"} and path.endswith("receive.journal"):
+            trace.journal_writes.append((index, args, path, ""))
+        elif name == "copy_file_range":
+            fds = _FDS.findall(args)  # (from, to)
+            if len(fds) >= 2 and fds[1].endswith("receive.journal"):
+                trace.journal_writes.append((index, "", fds[1], fds[0]))
+        elif name in {"write", "pwrite64", "writev"} and ".incoming-tmp" in path:
             trace.last_write[path] = index
         elif name in {"fsync", "fdatasync"} and path:
             trace.flushed.setdefault(path, []).append((start, index))
@@ -116,15 +136,48 @@ def check_object(trace: Trace, final: Path, uid: str) -> str | None:
     return None
 
 
-def test_every_acknowledged_object_is_flushed_renamed_and_folder_flushed_before_its_response(
-    tmp_path: Path, port: int, node_env: dict[str, str]
+def check_journaled(trace: Trace, final: Path, uid: str) -> str | None:
+    """Return what is out of order for one object acknowledged through the journal, or None."""
+    if str(final) not in trace.renamed:
+        return "no rename to its final name"
+    tmp, renamed_at = trace.renamed[str(final)]
+    records = [w for w in trace.journal_writes if str(final) in w[1]]
+    if not records:
+        return "no journal record naming its final path"
+    at, text, journal, _ = records[-1]
+    if "iov_len" not in text or text.count("iov_base") < 2:
+        copies = [w for w in trace.journal_writes if w[3] == tmp and w[2] == journal and w[0] > at]
+        if not copies:
+            return "its bytes were neither in the record's write nor copied from its temp file"
+        at = max(c[0] for c in copies)
+    flushes = [end for start, end in trace.flushed.get(journal, []) if start > at]
+    if not flushes:
+        return "no flush of the journal after its record was written"
+    sends = [start for start, text in trace.sends if uid in text]
+    if not sends:
+        return "no C-STORE-RSP with its UID was sent"
+    first_send = min(sends)
+    if min(flushes) > first_send:
+        return "acknowledged before its journal record was flushed"
+    if renamed_at > first_send:
+        return "acknowledged before its rename"
+    return None
+
+
+@pytest.mark.parametrize("journal_mb", [64, 0], ids=["journal", "fsync-per-object"])
+def test_every_acknowledged_object_is_durable_before_its_response(
+    tmp_path: Path, port: int, node_env: dict[str, str], journal_mb: int
 ) -> None:
     strace = require_tool("strace")
     cfg = write_config(
         tmp_path / "c.ini",
         {
             "Network": {"receive_port": port, "receiver_processes": 1},
-            "Directories": {"destination_dir": tmp_path / "dest", "min_free_space_mb": 0},
+            "Directories": {
+                "destination_dir": tmp_path / "dest",
+                "min_free_space_mb": 0,
+                "journal_mb": journal_mb,
+            },
             "Security": {"trusted_ae_titles": "*"},
             "Tools": {"enhanced_mr_conversion": "off"},
         },
@@ -143,9 +196,20 @@ def test_every_acknowledged_object_is_flushed_renamed_and_folder_flushed_before_
     )
     try:
         wait_for_port(port, timeout_s=60, proc=traced)
+        # Every fourth object is 512 KB (beyond what the receiver keeps in memory:
+        # its journal record is copied from the temp file).
         groups = [
             [
-                save(make_image("CT", patient_id=f"P{g}", instance=i), tmp_path / f"in{g}/{i}.dcm")
+                save(
+                    make_image(
+                        "CT",
+                        rows=512 if i % 4 == 3 else 16,
+                        cols=512 if i % 4 == 3 else 16,
+                        patient_id=f"P{g}",
+                        instance=i,
+                    ),
+                    tmp_path / f"in{g}/{i}.dcm",
+                )
                 for i in range(8)
             ]
             for g in range(3)
@@ -178,8 +242,9 @@ def test_every_acknowledged_object_is_flushed_renamed_and_folder_flushed_before_
     assert len(stored) == 24
     assert wait_until(trace_file.exists, 5)
     trace = parse(trace_file.read_text(errors="replace"))
+    check = check_journaled if journal_mb else check_object
     problems = {
-        str(p): check_object(trace, p, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID))
+        str(p): check(trace, p, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID))
         for p in stored
     }
     assert {k: v for k, v in problems.items() if v is not None} == {}

@@ -68,6 +68,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -196,6 +197,8 @@ class _Transfer:
         self.write_error = write_error
         self.too_large = False
         self.written = 0
+        #: CRC-32 of everything written (the receive journal's record checksum).
+        self.crc = 0
         self.fd = -1
         #: The content written so far while it is small enough to keep (else None).
         self.content: bytearray | None = bytearray()
@@ -221,6 +224,7 @@ class _Transfer:
                 content += data
             else:
                 self.content = None
+        self.crc = zlib.crc32(data, self.crc)
         try:
             while data:
                 done = os.write(self.fd, data)
@@ -240,12 +244,15 @@ class _Transfer:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
 
-    def complete(self) -> None:
-        """Flush the file to disk and close it (an error becomes ``write_error``)."""
+    def complete(self, flush: bool = True) -> None:
+        """Flush the file to disk (unless the receive journal will) and close it.
+
+        An error becomes ``write_error``.
+        """
         if self.fd < 0:
             return
         try:
-            if self.write_error is None and not self.too_large:
+            if flush and self.write_error is None and not self.too_large:
                 self.flush(self.fd)
         except OSError as exc:
             self.write_error = exc
@@ -667,7 +674,11 @@ class _Association:
         if self._request_field() != C_STORE_RQ or self.commitment_only:
             self._refuse_operation(self._request_field())
             return
-        transfer.complete()
+        journal = self.server.handler.journal
+        journaled = (
+            journal is not None and transfer.write_error is None and journal.fits(transfer.written)
+        )
+        transfer.complete(flush=not journaled)
         affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
         error = transfer.write_error
         if transfer.path is None and error is None:
@@ -682,6 +693,8 @@ class _Association:
             too_large=transfer.too_large,
             content=transfer.content if error is None else None,
             command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
+            flushed=not journaled,
+            crc=transfer.crc,
         )
         filing = self.server.handler.finish(received, defer_report=True)
         self._respond(filing.status)

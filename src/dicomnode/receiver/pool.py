@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
+from pathlib import Path
 from typing import Any
 
 from dicomnode.codecs import keep_codecs_out
@@ -326,14 +327,25 @@ class ReceiverPool:
         DicomNodeError
             When a worker fails to start.
         """
+        from dicomnode.receiver.journal import journal_path, recover_journals
         from dicomnode.receiver.startup import orphan_pending, sweep_stale_parts
-        from dicomnode.storage import INCOMING_TMP, check_writable, clean_stale_temp
+        from dicomnode.storage import (
+            INCOMING_TMP,
+            check_writable,
+            clean_stale_temp,
+            worker_temp_prefix,
+        )
 
         one_malloc_arena()  # the parent's log pumps share one arena too
         rc = self.cfg.receiver
         check_writable(rc.destination_dir)
         check_writable(rc.errors_dir)
         clean_stale_temp(rc.destination_dir / INCOMING_TMP)
+        # Acknowledged objects a stopped node had only in its journals are placed first.
+        recover_journals(
+            rc.destination_dir,
+            [journal_path(Path(), worker_temp_prefix(i)).name for i in range(self.processes)],
+        )
         sweep_stale_parts(rc)
         orphan_pending(rc.destination_dir)
         self._sock = bind_listening_socket(self.cfg.receiver)

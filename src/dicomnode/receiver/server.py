@@ -16,9 +16,11 @@ import logging
 import os
 import socket
 import ssl
+from pathlib import Path
 
 from dicomnode.config import ReceiverConfig
 from dicomnode.errors import StorageError
+from dicomnode.receiver import journal
 from dicomnode.receiver.admission import SharedLoad
 from dicomnode.receiver.committer import Committer
 from dicomnode.receiver.lean import LeanServer
@@ -79,6 +81,9 @@ class Receiver:
         check_writable(self.cfg.destination_dir)
         check_writable(self.cfg.errors_dir)
         clean_stale_temp(self.cfg.destination_dir / INCOMING_TMP)
+        journal.recover_journals(
+            self.cfg.destination_dir, [journal.journal_path(Path(), self.temp_prefix).name]
+        )
         sweep_stale_parts(self.cfg)
         orphan_pending(self.cfg.destination_dir)
 
@@ -109,6 +114,11 @@ class Receiver:
         if load is not None:
             limit = self.cfg.max_associations
             room = lambda active: load.admit(active, limit)  # noqa: E731
+        if self.cfg.journal_mb and journal.SUPPORTED:
+            self.handler.journal, _ = journal.Journal.open(
+                journal.journal_path(self.cfg.destination_dir, self.temp_prefix),
+                self.cfg.journal_mb * 1024 * 1024,
+            )
         self._lean = LeanServer(
             self.cfg,
             self.handler,
@@ -149,6 +159,9 @@ class Receiver:
         if lean is None:
             return
         lean.stop(grace_s)
+        if self.handler.journal is not None:
+            self.handler.journal.close()
+            self.handler.journal = None
         self.committer.stop()
         logger.info("STOPPED receiver pid=%d", os.getpid())
 

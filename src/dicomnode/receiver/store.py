@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,12 +44,14 @@ from dicomnode.organise import (
     modality_prefix,
 )
 from dicomnode.receiver import policy
+from dicomnode.receiver.journal import Journal
 from dicomnode.status import StoreStatus
 from dicomnode.storage import (
     FolderResolver,
     GroupSync,
     free_space_mb,
     fsync_dirs,
+    fsync_path,
     place_file,
     quarantine,
 )
@@ -116,7 +119,8 @@ class ReceivedObject:
     ----------
     tmp : Path
         The received object (File Meta Information + data set as received),
-        already fsynced and closed, in the temp folder of the destination volume.
+        closed, in the temp folder of the destination volume; fsynced unless
+        ``flushed`` is False (then the receive journal makes it durable).
     calling, where : str
         Calling AE title and "ip:port" of the peer, for routing and logs.
     started : float
@@ -136,6 +140,11 @@ class ReceivedObject:
         Instance UID: the File Meta Information is built from the command, and
         a file whose header contradicts its data set would later be refused by
         the forwarding target.
+    flushed : bool
+        False when ``tmp`` was not fsynced: :meth:`StoreHandler.finish` writes
+        it to the receive journal (one flush) before placing it.
+    crc : int or None
+        CRC-32 of the bytes of ``tmp``, computed while they arrived.
     """
 
     tmp: Path
@@ -147,6 +156,8 @@ class ReceivedObject:
     too_large: bool = False
     content: bytes | bytearray | None = None
     command_uids: tuple[str, str] | None = None
+    flushed: bool = True
+    crc: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +219,8 @@ class StoreHandler:
         self._resolver = FolderResolver(lock_dir=cfg.destination_dir)
         #: Folder flushes after renames, shared by objects filed at the same moment.
         self.folder_sync = GroupSync(fsync_dirs)
+        #: The process's receive journal (set by the receiver when ``journal_mb`` > 0).
+        self.journal: Journal | None = None
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -257,16 +270,7 @@ class StoreHandler:
                 else:
                     status = self._refuse_too_large(calling, where, affected_uid, None)
             else:
-                status = self._store(
-                    tmp,
-                    calling,
-                    where,
-                    received.started,
-                    affected_uid,
-                    received.content,
-                    reports,
-                    received.command_uids,
-                )
+                status = self._store(received, reports)
         except Exception as exc:
             logger.exception("STORE-FAILED calling_ae=%s peer=%s unexpected error", calling, where)
             self._keep(tmp, affected_uid, f"unexpected error: {exc!r}")
@@ -320,18 +324,40 @@ class StoreHandler:
         plan, prefix = known
         return plan, instance_file_name(prefix, sop_uid)
 
-    def _place(self, tmp: Path, ae_root: Path, plan: tuple[FolderLevel, ...], name: str) -> Path:
-        """Rename ``tmp`` into the folder of ``plan`` (found or created by identity).
+    def _place(
+        self,
+        received: ReceivedObject,
+        size: int,
+        ae_root: Path,
+        plan: tuple[FolderLevel, ...],
+        name: str,
+    ) -> Path:
+        """Make the received object durable in the folder of ``plan`` (found or created by identity).
+
+        A flushed temp file is renamed and its folder flushed; an unflushed one
+        is first written to the receive journal (one flush), then renamed.
 
         Raises
         ------
         OSError
-            When the folder cannot be created or the file not moved.
+            When the folder cannot be created, the journal not written or the file not moved.
         """
+        tmp = received.tmp
+        journal = self.journal
+        if not received.flushed and (journal is None or not journal.fits(size)):
+            fsync_path(tmp)  # not expected: the transport journals only what fits
+            journal = None
         for attempt in range(4):
             try:
                 final = self._resolver.resolve(ae_root, plan) / name
-                place_file(tmp, final, create_folders=False, sync_dir=self.folder_sync.sync)
+                if journal is not None and not received.flushed:
+                    entry = journal.commit(final, received.content, tmp, size, received.crc)
+                    try:
+                        os.replace(tmp, final)
+                    finally:
+                        journal.placed(entry)
+                else:
+                    place_file(tmp, final, create_folders=False, sync_dir=self.folder_sync.sync)
                 return final
             except FileNotFoundError:
                 # A forwarder removed the (emptied) folder since it was found: find
@@ -360,17 +386,13 @@ class StoreHandler:
                 return header, f"unreadable object: {exc}"
         return header, None
 
-    def _store(
-        self,
-        tmp: Path,
-        calling: str,
-        where: str,
-        started: float,
-        affected_uid: str,
-        content: bytes | bytearray | None,
-        reports: list[Callable[[], None]] | None,
-        command_uids: tuple[str, str] | None = None,
-    ) -> int:
+    def _store(self, received: ReceivedObject, reports: list[Callable[[], None]] | None) -> int:
+        tmp, calling, where = received.tmp, received.calling, received.where
+        affected_uid, content, command_uids = (
+            received.affected_uid,
+            received.content,
+            received.command_uids,
+        )
         if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
             logger.error(
                 "STORE-FAILED calling_ae=%s peer=%s status=0xA700 reason=free space below "
@@ -420,7 +442,7 @@ class StoreHandler:
             return int(StoreStatus.OUT_OF_RESOURCES)
         plan, name = self._plan(header, sop_uid)
         try:
-            final = self._place(tmp, ae_root, plan, name)
+            final = self._place(received, size, ae_root, plan, name)
         except OSError as exc:
             planned = ae_root.joinpath(*(level.name for level in plan), name)
             return self._fail(
@@ -431,7 +453,7 @@ class StoreHandler:
                 f"cannot write {planned}: {exc.strerror or exc}",
                 sop_uid,
             )
-        ms = (time.monotonic() - started) * 1000
+        ms = (time.monotonic() - received.started) * 1000
         stored_line = functools.partial(
             logger.info,
             "STORED calling_ae=%s sop_instance_uid=%s bytes=%d ms=%.0f path=%s",

@@ -1,0 +1,611 @@
+"""The receive journal: one flush of a preallocated file makes an object durable.
+
+A receiver process writes every object it is about to acknowledge, with the
+name it will have, as one record into its own journal file (a circular file
+of fixed size under ``<destination>/.incoming-tmp/journal/``) and flushes that
+file with one ``fdatasync``; then it renames the (unflushed) temp file to its
+final name and answers success. Objects finished at the same moment by the
+process's associations share one flush (group commit). A background thread
+later makes the placed files and their folders durable in batches (one
+``syncfs`` per file system, or ``fsync`` of each file and folder where
+``syncfs`` does not report errors) and only then retires their records by
+writing a checkpoint into the journal's header.
+
+Why: a new file's ``fsync`` and its folder's ``fsync`` after the rename are two
+journal commits of the file system, each with a disk cache flush. Overwriting
+already allocated blocks of one file needs only the data written and one cache
+flush, so the acknowledgement waits for one cheaper flush instead of two.
+
+Recovery (:meth:`Journal.open`, before any object is served, and by the pool's
+parent for every journal before its workers start): every record of the
+journal's current generation not retired by the checkpoint whose checksum is
+intact is compared with the file at its final name; a file that is missing or
+differs is written again from the record (temp file, fsync, rename, folder
+fsync), so no acknowledged object is lost and none is left partial, whatever
+moment the process or the machine stopped. A record whose checksum fails was
+never acknowledged (its flush had not completed) and is ignored. Then the
+placed files are flushed and a new generation begins.
+
+Log verbs: ``JOURNAL-RECOVERED``, ``JOURNAL-REPLAYED``, ``JOURNAL-FLUSH-FAILED``.
+Imports the standard library and :mod:`dicomnode.storage` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from dicomnode.logsafe import escape
+from dicomnode.storage import GroupSync, fsync_dir, make_folders, part_path, syncfs
+
+logger = logging.getLogger(__name__)
+
+#: Folder of destination_dir holding the journals (in the hidden temp folder, whose
+#: stale-file sweep removes files only: the journals stay).
+JOURNAL_DIR: Final = ".incoming-tmp/journal"
+#: File name ending of a journal (``<process prefix>receive.journal``).
+JOURNAL_SUFFIX: Final = "receive.journal"
+#: Whether this platform can journal (``fdatasync`` and a ``syncfs`` that reports errors).
+SUPPORTED: Final = hasattr(os, "fdatasync") and hasattr(os, "copy_file_range")
+
+_BLOCK: Final = 4096
+#: Records start at this offset; the first block holds two checkpoint slots.
+_DATA_START: Final = _BLOCK
+_SLOT_OFFSETS: Final = (0, 512)
+_HEADER: Final = struct.Struct(
+    "<4sHHQQQQQI"
+)  # magic, version, clean, generation, seq, offset, n, 0, crc
+_HEADER_MAGIC: Final = b"DNJH"
+_RECORD: Final = struct.Struct(
+    "<4sHHQQIQI"
+)  # magic, version, 0, generation, seq, path len, data len, crc
+_RECORD_MAGIC: Final = b"DNJR"
+_VERSION: Final = 1
+#: A checkpoint is written at the latest this long after an object was placed.
+CHECKPOINT_INTERVAL_S: Final = 0.25
+#: An appender waits at most this long for space (a failing disk); then the store is refused.
+_SPACE_WAIT_S: Final = 30.0
+
+
+def journal_path(destination_dir: Path, prefix: str) -> Path:
+    """Return the journal file of the receiver process with temp-file ``prefix``."""
+    return destination_dir / JOURNAL_DIR / f"{prefix}{JOURNAL_SUFFIX}"
+
+
+def _aligned(size: int) -> int:
+    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+@dataclass(slots=True)
+class Entry:
+    """One record in the journal, from its reservation until its checkpoint."""
+
+    seq: int
+    offset: int
+    end: int
+    final: Path
+    done: bool = False
+    placed_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Checkpoint:
+    generation: int
+    seq: int
+    offset: int
+    counter: int
+    clean: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`Journal.open` found: records replayed (file rewritten) and found intact."""
+
+    replayed: int = 0
+    intact: int = 0
+    failed: int = 0
+
+
+def _read_checkpoint(fd: int) -> _Checkpoint | None:
+    best: _Checkpoint | None = None
+    for offset in _SLOT_OFFSETS:
+        raw = os.pread(fd, _HEADER.size, offset)
+        if len(raw) < _HEADER.size:
+            continue
+        magic, version, clean, generation, seq, ckpt_offset, counter, _, crc = _HEADER.unpack(raw)
+        if magic != _HEADER_MAGIC or version != _VERSION:
+            continue
+        if zlib.crc32(raw[: _HEADER.size - 4]) != crc:
+            continue
+        slot = _Checkpoint(generation, seq, ckpt_offset, counter, bool(clean))
+        if best is None or slot.counter > best.counter:
+            best = slot
+    return best
+
+
+def _pack_checkpoint(slot: _Checkpoint) -> bytes:
+    head = _HEADER.pack(
+        _HEADER_MAGIC,
+        _VERSION,
+        int(slot.clean),
+        slot.generation,
+        slot.seq,
+        slot.offset,
+        slot.counter,
+        0,
+        0,
+    )
+    return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+
+
+def _record_head(generation: int, seq: int, path: bytes, data_crc: int, size: int) -> bytes:
+    """Return a record's header and path, its checksum covering both and the data's CRC."""
+    head = _RECORD.pack(_RECORD_MAGIC, _VERSION, 0, generation, seq, len(path), size, 0)
+    crc = zlib.crc32(path, zlib.crc32(head[:-4]))
+    crc = zlib.crc32(struct.pack("<I", data_crc), crc)
+    return head[:-4] + struct.pack("<I", crc) + path + struct.pack("<I", data_crc)
+
+
+def _scan(fd: int, capacity: int, generation: int, from_seq: int) -> list[tuple[int, Path, bytes]]:
+    """Return the intact records of ``generation`` numbered ``from_seq`` or later, by number.
+
+    Every block start is looked at (records are block aligned), so a torn record
+    hides nothing after it; a record is intact when its header, name and data
+    match their checksums.
+    """
+    wanted = _RECORD_MAGIC + struct.pack("<HHQ", _VERSION, 0, generation)
+    found: dict[int, tuple[int, Path, bytes]] = {}
+    offset = _DATA_START
+    chunk = 1 << 20
+    while offset < capacity:
+        block = os.pread(fd, min(chunk, capacity - offset), offset)
+        if not block:
+            break
+        for at in range(0, len(block), _BLOCK):
+            if block[at : at + len(wanted)] != wanted:
+                continue
+            record = _read_record(fd, offset + at, capacity)
+            if record is not None and record[0] >= from_seq:
+                found[record[0]] = record
+        offset += len(block)
+    return [found[seq] for seq in sorted(found)]
+
+
+def _read_record(fd: int, offset: int, capacity: int) -> tuple[int, Path, bytes] | None:
+    raw = os.pread(fd, _RECORD.size, offset)
+    if len(raw) < _RECORD.size:
+        return None
+    _, _, _, _, seq, path_len, size, crc = _RECORD.unpack(raw)
+    if path_len > 65536 or offset + _RECORD.size + path_len + 4 + size > capacity:
+        return None
+    rest = os.pread(fd, path_len + 4 + size, offset + _RECORD.size)
+    if len(rest) < path_len + 4 + size:
+        return None
+    path, data_crc_raw, data = rest[:path_len], rest[path_len : path_len + 4], rest[path_len + 4 :]
+    check = zlib.crc32(data_crc_raw, zlib.crc32(path, zlib.crc32(raw[:-4])))
+    if check != crc or zlib.crc32(data) != struct.unpack("<I", data_crc_raw)[0]:
+        return None
+    return seq, Path(os.fsdecode(path)), data
+
+
+def _same_content(final: Path, data: bytes) -> bool:
+    try:
+        if final.stat().st_size != len(data):
+            return False
+        return final.read_bytes() == data
+    except OSError:
+        return False
+
+
+def _replay(final: Path, data: bytes) -> None:
+    make_folders(final.parent)
+    tmp = part_path(final)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(final.parent)
+
+
+def flush_placed(paths: Iterable[Path]) -> None:
+    """Make the files ``paths`` and their folders durable: one ``syncfs`` per file system.
+
+    Where ``syncfs`` is not used (it did not report write errors before Linux
+    5.8), each file and each folder is fsynced. A file that is gone (already
+    forwarded and deleted) needs nothing.
+
+    Raises
+    ------
+    OSError
+        When the file system reports a write error.
+    """
+    folders = list(dict.fromkeys(p.parent for p in paths))
+    by_device: dict[int, Path] = {}
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            by_device.setdefault(folder.stat().st_dev, folder)
+    for folder in by_device.values():
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            if syncfs(fd):
+                continue
+        finally:
+            os.close(fd)
+        for path in paths:
+            try:
+                file_fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(file_fd)
+            finally:
+                os.close(file_fd)
+        for each in folders:
+            fsync_dir(each)
+        return
+
+
+class Journal:
+    """One receiver process's journal (see the module text); thread-safe.
+
+    Parameters
+    ----------
+    path : Path
+        The journal file; created (preallocated) when missing.
+    capacity_bytes : int
+        Its size. Objects up to a quarter of it are journaled (:meth:`fits`).
+    """
+
+    def __init__(self, path: Path, capacity_bytes: int) -> None:
+        self.path = path
+        self.capacity = max(_aligned(capacity_bytes), _DATA_START + 4 * _BLOCK)
+        self.max_object_bytes = (self.capacity - _DATA_START) // 4
+        self._fd = -1
+        self._generation = 0
+        self._next_seq = 1
+        self._head = _DATA_START
+        self._counter = 0
+        self._entries: deque[Entry] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._want_checkpoint = False
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._flush = GroupSync(self._flush_batch)
+        #: Checkpoints written (for tests and measurements).
+        self.checkpoints = 0
+
+    # -- opening and recovery ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, capacity_bytes: int) -> tuple[Journal, Recovery]:
+        """Recover ``path`` (see the module text), begin a new generation and start the checkpointer.
+
+        Raises
+        ------
+        OSError
+            When the journal cannot be created, read or written.
+        """
+        journal = cls(path, capacity_bytes)
+        recovery = journal._recover_and_reset()
+        journal._thread = threading.Thread(
+            target=journal._checkpointer, name="JournalCheckpoint", daemon=True
+        )
+        journal._thread.start()
+        return journal, recovery
+
+    def _recover_and_reset(self) -> Recovery:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = fd
+        recovery = Recovery()
+        slot = _read_checkpoint(fd)
+        if slot is not None:
+            self._counter = slot.counter
+            self._generation = slot.generation
+            if not slot.clean:
+                records = _scan(fd, os.fstat(fd).st_size, slot.generation, slot.seq)
+                recovery = recover_records(records, self.path)
+        if os.fstat(fd).st_size != self.capacity:
+            os.ftruncate(fd, min(os.fstat(fd).st_size, self.capacity))
+            with contextlib.suppress(OSError):  # not every file system can preallocate
+                os.posix_fallocate(fd, 0, self.capacity)
+        # A new, unguessable generation: records of the old one (and any bytes a peer
+        # sent that look like records) are never taken for this one's.
+        old = self._generation
+        while self._generation in (old, 0):
+            self._generation = secrets.randbits(64)
+        self._write_checkpoint(self._next_seq, _DATA_START)
+        os.fsync(fd)
+        fsync_dir(self.path.parent)
+        return recovery
+
+    def _write_checkpoint(self, seq: int, offset: int, clean: bool = False) -> None:
+        self._counter += 1
+        slot = _Checkpoint(self._generation, seq, offset, self._counter, clean)
+        os.pwrite(self._fd, _pack_checkpoint(slot), _SLOT_OFFSETS[self._counter % 2])
+
+    # -- the acknowledgement path --------------------------------------------------------------
+
+    def fits(self, size: int) -> bool:
+        """Return True when an object of ``size`` bytes is journaled (else fsync it as a file)."""
+        return size <= self.max_object_bytes
+
+    def commit(
+        self,
+        final: Path,
+        content: bytes | bytearray | None,
+        tmp: Path,
+        size: int,
+        data_crc: int | None = None,
+    ) -> Entry:
+        """Write the object (``content``, or the file ``tmp``) as a record for ``final``; flush it.
+
+        ``data_crc`` is the CRC-32 of the object's bytes when the caller has it
+        (computed while receiving); otherwise it is computed here.
+
+        Returns once the record is on disk; the caller then renames ``tmp`` to
+        ``final`` and tells :meth:`placed` (also when that failed).
+
+        Raises
+        ------
+        OSError
+            When the record cannot be written or flushed, or no space frees up
+            in the journal (the object must then be refused).
+        """
+        name = os.fsencode(final)
+        if data_crc is None:
+            data_crc = zlib.crc32(content) if content is not None else _file_crc(tmp)
+        entry = self._reserve(_aligned(_RECORD.size + len(name) + 4 + size), final)
+        try:
+            head = _record_head(self._generation, entry.seq, name, data_crc, size)
+            if content is not None:
+                os.pwritev(self._fd, [head, content], entry.offset)
+            else:
+                os.pwrite(self._fd, head, entry.offset)
+                _copy_into(tmp, self._fd, entry.offset + len(head), size)
+            self._flush.sync(entry)
+        except BaseException:
+            self.placed(entry)
+            raise
+        return entry
+
+    def placed(self, entry: Entry) -> None:
+        """Mark ``entry`` placed (or abandoned): it may be retired by the next checkpoint."""
+        with self._cond:
+            entry.done = True
+            entry.placed_at = time.monotonic()
+            if self._used() * 2 > self.capacity:
+                self._want_checkpoint = True
+            if self._want_checkpoint:
+                self._cond.notify_all()
+
+    def _flush_batch(self, items: list[object]) -> list[OSError | None]:
+        os.fdatasync(self._fd)
+        return [None] * len(items)
+
+    def _reserve(self, length: int, final: Path) -> Entry:
+        if length > self.capacity - _DATA_START:
+            raise OSError(errno.EFBIG, "object larger than the receive journal")
+        deadline = time.monotonic() + _SPACE_WAIT_S
+        with self._cond:
+            while True:
+                offset = self._free_at(length)
+                if offset is not None:
+                    entry = Entry(self._next_seq, offset, offset + length, final)
+                    self._next_seq += 1
+                    self._head = entry.end
+                    self._entries.append(entry)
+                    return entry
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    raise OSError(errno.ENOSPC, "receive journal full (placed files not flushed)")
+                self._want_checkpoint = True
+                self._cond.notify_all()
+                self._cond.wait(min(left, 1.0))
+
+    def _free_at(self, length: int) -> int | None:
+        """Return where a record of ``length`` bytes may go now, or None (lock held).
+
+        Unretired records occupy ``[tail, head)``, wrapping at the end of the
+        file; a new record never reaches ``tail`` (head == tail means empty).
+        """
+        head, end = self._head, self.capacity
+        if not self._entries:
+            return head if head + length <= end else _DATA_START
+        tail = self._entries[0].offset
+        if head > tail:
+            if head + length <= end:
+                return head
+            return _DATA_START if _DATA_START + length < tail else None
+        return head if head + length < tail else None
+
+    def _used(self) -> int:
+        """Return the bytes held by unretired records (lock held)."""
+        if not self._entries:
+            return 0
+        used = self._head - self._entries[0].offset
+        return used if used > 0 else used + self.capacity - _DATA_START
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpointer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._ready_to_checkpoint():
+                    self._cond.wait(CHECKPOINT_INTERVAL_S / 2)
+                done = self._done_prefix()
+                if self._closing and not done:
+                    return
+            self._checkpoint(done)
+
+    def _ready_to_checkpoint(self) -> bool:
+        """Return True when the oldest record is placed and a checkpoint is due (lock held)."""
+        if not self._entries or not self._entries[0].done:
+            return False
+        if self._want_checkpoint or self._closing:
+            return True
+        return time.monotonic() - self._entries[0].placed_at >= CHECKPOINT_INTERVAL_S
+
+    def _done_prefix(self) -> list[Entry]:
+        done: list[Entry] = []
+        for entry in self._entries:
+            if not entry.done:
+                break
+            done.append(entry)
+        return done
+
+    def _checkpoint(self, done: list[Entry]) -> None:
+        try:
+            flush_placed([e.final for e in done])
+        except OSError as exc:
+            logger.error(
+                "JOURNAL-FLUSH-FAILED journal=%s objects=%d reason=%s: their records are kept "
+                "and replayed at the next start",
+                self.path,
+                len(done),
+                exc.strerror or exc,
+            )
+            with self._cond:
+                self._cond.wait(1.0)
+            return
+        with self._cond:
+            for _ in done:
+                self._entries.popleft()
+            seq = self._entries[0].seq if self._entries else self._next_seq
+            offset = self._entries[0].offset if self._entries else self._head
+            self._want_checkpoint = False
+            self._write_checkpoint(seq, offset)
+            self.checkpoints += 1
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self._flush.sync(None)
+
+    def close(self) -> None:
+        """Retire every placed record (flush and checkpoint), stop the checkpointer, close."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                with self._cond:
+                    if not self._entries:  # all retired: the next start need not scan
+                        self._write_checkpoint(self._next_seq, self._head, clean=True)
+                os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _copy_into(src: Path, fd: int, offset: int, size: int) -> None:
+    src_fd = os.open(src, os.O_RDONLY)
+    try:
+        copied = 0
+        while copied < size:
+            done = os.copy_file_range(src_fd, fd, size - copied, copied, offset + copied)
+            if done == 0:
+                raise OSError(errno.EIO, f"{src} shorter than {size} bytes")
+            copied += done
+    finally:
+        os.close(src_fd)
+
+
+def recover_records(records: list[tuple[int, Path, bytes]], journal: Path) -> Recovery:
+    """Make every journaled object durable at its final name; return what was done.
+
+    A file that is missing or differs from its record is written again from
+    the record; the others (intact) are flushed where they are.
+    """
+    replayed = intact = failed = 0
+    kept: list[Path] = []
+    for _, final, data in records:
+        try:
+            if _same_content(final, data):
+                intact += 1
+                kept.append(final)
+                continue
+            _replay(final, data)
+            replayed += 1
+            logger.warning(
+                "JOURNAL-REPLAYED path=%s bytes=%d journal=%s reason=the acknowledged object was "
+                "missing or incomplete at its final name after a stop",
+                escape(str(final)),
+                len(data),
+                journal,
+            )
+        except OSError as exc:
+            failed += 1
+            logger.error(
+                "JOURNAL-REPLAY-FAILED path=%s journal=%s reason=%s",
+                escape(str(final)),
+                journal,
+                exc.strerror or exc,
+            )
+    if kept:
+        flush_placed(kept)
+    if records:
+        logger.info(
+            "JOURNAL-RECOVERED journal=%s records=%d intact=%d replayed=%d failed=%d",
+            journal,
+            len(records),
+            intact,
+            replayed,
+            failed,
+        )
+    return Recovery(replayed, intact, failed)
+
+
+def recover_journals(destination_dir: Path, keep: Iterable[str]) -> Recovery:
+    """Recover every journal below ``destination_dir`` (the node's start, before any process serves).
+
+    Journals whose file names are not in ``keep`` (a previous run had more
+    receiver processes) are deleted once recovered.
+
+    Raises
+    ------
+    OSError
+        When a journal cannot be read or a replayed object cannot be written.
+    """
+    folder = destination_dir / JOURNAL_DIR
+    wanted = set(keep)
+    total = Recovery()
+    with contextlib.suppress(FileNotFoundError):
+        for path in sorted(folder.iterdir()):
+            if not path.name.endswith(JOURNAL_SUFFIX) or not path.is_file():
+                continue
+            journal, found = Journal.open(path, path.stat().st_size)
+            journal.close()
+            total = Recovery(
+                total.replayed + found.replayed,
+                total.intact + found.intact,
+                total.failed + found.failed,
+            )
+            if path.name not in wanted:
+                path.unlink()
+    return total

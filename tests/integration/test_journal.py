@@ -1,0 +1,157 @@
+"""The receive journal on real files: what a killed process leaves is recovered, nothing more.
+
+A child process commits records and places files the way the receiver does, then
+kills itself with SIGKILL before the checkpoint; the test then damages the placed
+files as a power loss would (missing, empty, half written) and reopens the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dicomnode.receiver.journal import SUPPORTED, Journal, journal_path, recover_journals
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the receive journal needs fdatasync")
+
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from dicomnode.receiver.journal import Journal
+
+    path, out, count, size, capacity = sys.argv[1:6]
+    journal, _ = Journal.open(Path(path), int(capacity))
+    for i in range(int(count)):
+        final = Path(out) / f"obj{i}.dcm"
+        tmp = Path(out) / f".tmp{i}"
+        data = bytes([i % 251]) * int(size) + f"#{i}".encode()
+        tmp.write_bytes(data)
+        content = data if i % 2 else None  # in memory, or copied from the temp file
+        entry = journal.commit(final, content, tmp, len(data))
+        os.replace(tmp, final)
+        journal.placed(entry)
+    print(journal.checkpoints, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def _data(i: int, size: int) -> bytes:
+    return bytes([i % 251]) * size + f"#{i}".encode()
+
+
+def _killed_writer(tmp_path: Path, count: int, size: int, capacity: int = 1 << 20) -> Path:
+    """Run the child; return the journal it left (it was killed after placing ``count`` files)."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    path = journal_path(tmp_path / "dest", "w0-")
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(out), str(count), str(size), str(capacity)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -9, done.stderr
+    return path
+
+
+def test_objects_lost_or_torn_after_a_kill_are_written_again_from_the_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _killed_writer(tmp_path, 6, 3000)
+    out = tmp_path / "out"
+    (out / "obj0.dcm").unlink()  # the rename never reached the disk
+    (out / "obj1.dcm").write_bytes(b"")  # the name did, the data did not
+    (out / "obj2.dcm").write_bytes(_data(2, 3000)[:1000])  # half of it did
+    caplog.set_level(logging.INFO, logger="dicomnode")
+    journal, recovery = Journal.open(path, 1 << 20)
+    journal.close()
+    assert (recovery.replayed, recovery.intact, recovery.failed) == (3, 3, 0)
+    for i in range(6):
+        assert (out / f"obj{i}.dcm").read_bytes() == _data(i, 3000)
+    assert sum("JOURNAL-REPLAYED" in r.getMessage() for r in caplog.records) == 3
+    assert any("JOURNAL-RECOVERED" in r.getMessage() for r in caplog.records)
+    assert not list(out.glob(".*.part"))
+    # Recovered once: a second start finds a clean journal and touches nothing.
+    (out / "obj3.dcm").unlink()
+    journal, recovery = Journal.open(path, 1 << 20)
+    journal.close()
+    assert recovery.replayed == 0 and not (out / "obj3.dcm").exists()
+
+
+def test_a_torn_record_is_ignored_and_the_others_still_recovered(tmp_path: Path) -> None:
+    path = _killed_writer(tmp_path, 4, 5000)
+    out = tmp_path / "out"
+    raw = bytearray(path.read_bytes())
+    marker = raw.find(b"#3")  # the last record's data: its flush never completed
+    assert marker > 0
+    raw[marker - 100 : marker] = b"\0" * 100
+    path.write_bytes(bytes(raw))
+    for i in range(4):
+        (out / f"obj{i}.dcm").unlink()
+    journal, recovery = Journal.open(path, 1 << 20)
+    journal.close()
+    assert recovery.replayed == 3
+    assert sorted(p.name for p in out.glob("*.dcm")) == ["obj0.dcm", "obj1.dcm", "obj2.dcm"]
+    assert (out / "obj2.dcm").read_bytes() == _data(2, 5000)
+
+
+def test_records_retired_by_a_checkpoint_are_not_replayed(tmp_path: Path) -> None:
+    """A placed file made durable and then forwarded (deleted) must not come back."""
+    path = journal_path(tmp_path / "dest", "")
+    journal, _ = Journal.open(path, 1 << 20)
+    final = tmp_path / "a.dcm"
+    tmp = tmp_path / ".a.tmp"
+    tmp.write_bytes(b"x" * 100)
+    entry = journal.commit(final, None, tmp, 100)
+    os.replace(tmp, final)
+    journal.placed(entry)
+    assert wait_until(lambda: journal.checkpoints >= 1, 30)
+    final.unlink()  # forwarded and deleted
+    os.close(journal._fd)  # a crash: no clean close
+    journal._fd = -1
+    journal, recovery = Journal.open(path, 1 << 20)
+    journal.close()
+    assert recovery.replayed == 0 and not final.exists()
+
+
+def test_a_small_journal_wraps_around_and_keeps_every_object(tmp_path: Path) -> None:
+    # 40 objects of ~3 KB through a journal of 24 KB (five records at most): it must
+    # wait for checkpoints to free space, never overwrite an unretired record.
+    path = _killed_writer(tmp_path, 40, 3000, capacity=24 * 1024)
+    out = tmp_path / "out"
+    for p in out.glob("*.dcm"):
+        p.write_bytes(b"")  # as if no placed file had reached the disk
+    journal, recovery = Journal.open(path, 24 * 1024)
+    journal.close()
+    assert recovery.replayed >= 1
+    # Every object not retired before the kill is whole again; retired ones were durable.
+    replayed = [i for i in range(40) if (out / f"obj{i}.dcm").stat().st_size]
+    assert replayed == list(range(40 - len(replayed), 40))
+    for i in replayed:
+        assert (out / f"obj{i}.dcm").read_bytes() == _data(i, 3000)
+
+
+def test_objects_too_large_for_the_journal_are_left_to_fsync(tmp_path: Path) -> None:
+    journal, _ = Journal.open(journal_path(tmp_path, ""), 64 * 1024)
+    try:
+        assert journal.fits(12 * 1024)
+        assert not journal.fits(64 * 1024)
+    finally:
+        journal.close()
+
+
+def test_start_recovers_every_journal_and_drops_the_unused(tmp_path: Path) -> None:
+    path = _killed_writer(tmp_path, 2, 100)
+    (tmp_path / "out" / "obj1.dcm").unlink()
+    recovery = recover_journals(tmp_path / "dest", keep=[])
+    assert recovery.replayed == 1 and (tmp_path / "out" / "obj1.dcm").exists()
+    assert not path.exists()
