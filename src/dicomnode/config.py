@@ -506,8 +506,8 @@ class ReceiverConfig:
         "Directories",
         Kind.INT,
         "Size of each receiver process's receive journal under destination_dir/.incoming-tmp/journal; "
-        "objects up to a quarter of it are made durable by one journal flush, larger ones by "
-        "fsync of file and folder; 0 = no journal (fsync every object)",
+        "objects up to 256 KB (and a quarter of it) are made durable by one journal flush, "
+        "larger ones by fsync of file and folder; 0 = no journal (fsync every object)",
         lo=0,
         hi=65536,
     )
