@@ -360,12 +360,8 @@ class Journal:
         content: bytes | bytearray | None,
         tmp: Path,
         size: int,
-        data_crc: int | None = None,
     ) -> Entry:
         """Write the object (``content``, or the file ``tmp``) as a record for ``final``; flush it.
-
-        ``data_crc`` is the CRC-32 of the object's bytes when the caller has it
-        (computed while receiving); otherwise it is computed here.
 
         Returns once the record is on disk; the caller then renames ``tmp`` to
         ``final`` and tells :meth:`placed` (also when that failed).
@@ -377,8 +373,7 @@ class Journal:
             in the journal (the object must then be refused).
         """
         name = os.fsencode(final)
-        if data_crc is None:
-            data_crc = zlib.crc32(content) if content is not None else _file_crc(tmp)
+        data_crc = zlib.crc32(content) if content is not None else _file_crc(tmp)
         entry = self._reserve(_aligned(_RECORD.size + len(name) + 4 + size), final)
         try:
             head = _record_head(self._generation, entry.seq, name, data_crc, size)
@@ -498,7 +493,14 @@ class Journal:
             seq = self._entries[0].seq if self._entries else self._next_seq
             offset = self._entries[0].offset if self._entries else self._head
             self._want_checkpoint = False
-            self._write_checkpoint(seq, offset)
+            try:
+                self._write_checkpoint(seq, offset)
+            except OSError as exc:  # the retired records are durable; only the header is behind
+                logger.error(
+                    "JOURNAL-FLUSH-FAILED journal=%s reason=cannot write its checkpoint: %s",
+                    self.path,
+                    exc.strerror or exc,
+                )
             self.checkpoints += 1
             self._cond.notify_all()
         with contextlib.suppress(OSError):
@@ -511,12 +513,17 @@ class Journal:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(30)
+        with self._cond:
+            busy = bool(self._entries)
         if self._fd >= 0:
             with contextlib.suppress(OSError):
-                with self._cond:
-                    if not self._entries:  # all retired: the next start need not scan
-                        self._write_checkpoint(self._next_seq, self._head, clean=True)
+                if not busy:  # all retired: the next start need not scan
+                    self._write_checkpoint(self._next_seq, self._head, clean=True)
                 os.fdatasync(self._fd)
+            if busy:
+                # An association aborted at the stop may still write its record: the
+                # descriptor stays open (never reused for another file) until the exit.
+                return
             os.close(self._fd)
             self._fd = -1
 

@@ -68,7 +68,6 @@ import sys
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -197,8 +196,6 @@ class _Transfer:
         self.write_error = write_error
         self.too_large = False
         self.written = 0
-        #: CRC-32 of everything written (the receive journal's record checksum).
-        self.crc = 0
         self.fd = -1
         #: The content written so far while it is small enough to keep (else None).
         self.content: bytearray | None = bytearray()
@@ -224,7 +221,6 @@ class _Transfer:
                 content += data
             else:
                 self.content = None
-        self.crc = zlib.crc32(data, self.crc)
         try:
             while data:
                 done = os.write(self.fd, data)
@@ -694,7 +690,6 @@ class _Association:
             content=transfer.content if error is None else None,
             command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
             flushed=not journaled,
-            crc=transfer.crc,
         )
         filing = self.server.handler.finish(received, defer_report=True)
         self._respond(filing.status)

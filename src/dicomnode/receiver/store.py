@@ -143,8 +143,6 @@ class ReceivedObject:
     flushed : bool
         False when ``tmp`` was not fsynced: :meth:`StoreHandler.finish` writes
         it to the receive journal (one flush) before placing it.
-    crc : int or None
-        CRC-32 of the bytes of ``tmp``, computed while they arrived.
     """
 
     tmp: Path
@@ -157,7 +155,6 @@ class ReceivedObject:
     content: bytes | bytearray | None = None
     command_uids: tuple[str, str] | None = None
     flushed: bool = True
-    crc: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +348,7 @@ class StoreHandler:
             try:
                 final = self._resolver.resolve(ae_root, plan) / name
                 if journal is not None and not received.flushed:
-                    entry = journal.commit(final, received.content, tmp, size, received.crc)
+                    entry = journal.commit(final, received.content, tmp, size)
                     try:
                         os.replace(tmp, final)
                     finally:
