@@ -288,7 +288,9 @@ def test_hardening_stalled_peers_are_dropped_without_affecting_others(
     assert f"CT_{victim.SOPInstanceUID}.dcm" not in names
     assert len(names) == 20
     temp = dest / ".incoming-tmp"
-    assert wait_until(lambda: not any(temp.iterdir()), 10), list(temp.iterdir())
+    assert wait_until(lambda: not any(p.is_file() for p in temp.iterdir()), 10), list(
+        temp.iterdir()
+    )
     assert_logged(node, "DISCARDED incomplete transfer")
     assert_nothing_half_written(dest)
 
@@ -317,7 +319,7 @@ def test_hardening_disk_guard_refuses_before_filing_and_recovers(
         big_lines = [ln for ln in node.output().splitlines() if str(big.SOPInstanceUID) in ln]
         assert any("below min_free_space_mb=6" in ln for ln in big_lines), big_lines
         assert not any("No space left" in ln for ln in big_lines), big_lines
-        assert not any((dest / ".incoming-tmp").iterdir())
+        assert not any(p.is_file() for p in (dest / ".incoming-tmp").iterdir())
         refused = storescu(port, [first])
         assert "Success" not in refused.stderr
         assert stored(dest) == []
@@ -379,7 +381,9 @@ def test_hardening_full_disk_gives_failure_statuses_and_no_partial_files(
         assert_nothing_half_written(dest)
         assert_logged(node, "STORE-FAILED", "0xA700")
         temp = dest / ".incoming-tmp"
-        assert wait_until(lambda: not any(temp.iterdir()), 10), list(temp.iterdir())
+        assert wait_until(lambda: not any(p.is_file() for p in temp.iterdir()), 10), list(
+            temp.iterdir()
+        )
 
         assert echoscu(port)
         for path in by_name.values():

@@ -37,6 +37,7 @@ import errno
 import logging
 import os
 import secrets
+import shutil
 import struct
 import threading
 import time
@@ -80,8 +81,33 @@ _VERSION: Final = 1
 MAX_OBJECT_BYTES: Final = 256 * 1024
 #: A checkpoint is written at the latest this long after an object was placed.
 CHECKPOINT_INTERVAL_S: Final = 0.25
+#: Smaller journals are not made (see :func:`journal_size`).
+_MIN_JOURNAL_BYTES: Final = 1 << 20
 #: An appender waits at most this long for space (a failing disk); then the store is refused.
 _SPACE_WAIT_S: Final = 30.0
+
+
+def journal_size(path: Path, wanted_bytes: int) -> int:
+    """Return the size to give the journal ``path``: ``wanted_bytes``, unless its volume is small.
+
+    A journal not yet that large takes at most a sixteenth of the free space
+    of its volume; below 1 MiB it is not worth having (0: fsync every object).
+    """
+    try:
+        existing = path.stat().st_size
+    except OSError:
+        existing = 0
+    if existing >= wanted_bytes:
+        return wanted_bytes
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        room = shutil.disk_usage(probe).free + existing
+    except OSError:
+        return 0
+    size = min(wanted_bytes, room // 16)
+    return size if size >= _MIN_JOURNAL_BYTES else 0
 
 
 def journal_path(destination_dir: Path, prefix: str) -> Path:
@@ -331,8 +357,13 @@ class Journal:
                 recovery = recover_records(records, self.path)
         if os.fstat(fd).st_size != self.capacity:
             os.ftruncate(fd, min(os.fstat(fd).st_size, self.capacity))
-            with contextlib.suppress(OSError):  # not every file system can preallocate
+            try:
                 os.posix_fallocate(fd, 0, self.capacity)
+            except OSError:
+                os.ftruncate(fd, 0)  # recovered already: give the space back
+                os.close(fd)
+                self._fd = -1
+                raise
         # A new, unguessable generation: records of the old one (and any bytes a peer
         # sent that look like records) are never taken for this one's.
         old = self._generation

@@ -114,11 +114,7 @@ class Receiver:
         if load is not None:
             limit = self.cfg.max_associations
             room = lambda active: load.admit(active, limit)  # noqa: E731
-        if self.cfg.journal_mb and journal.SUPPORTED:
-            self.handler.journal, _ = journal.Journal.open(
-                journal.journal_path(self.cfg.destination_dir, self.temp_prefix),
-                self.cfg.journal_mb * 1024 * 1024,
-            )
+        self.handler.journal = self._open_journal()
         self._lean = LeanServer(
             self.cfg,
             self.handler,
@@ -139,6 +135,32 @@ class Receiver:
             self.cfg.receive_port,
             "on" if self.ssl_context else "off",
         )
+
+    def _open_journal(self) -> journal.Journal | None:
+        """Open this process's receive journal (recovering it), or None: fsync every object."""
+        if not self.cfg.journal_mb or not journal.SUPPORTED:
+            return None
+        path = journal.journal_path(self.cfg.destination_dir, self.temp_prefix)
+        size = journal.journal_size(path, self.cfg.journal_mb * 1024 * 1024)
+        if not size:
+            logger.warning(
+                "JOURNAL-OFF journal=%s reason=the destination volume has too little free space "
+                "for journal_mb=%d: every object is fsynced with its folder (slower, as durable)",
+                path,
+                self.cfg.journal_mb,
+            )
+            return None
+        try:
+            opened, _ = journal.Journal.open(path, size)
+        except OSError as exc:
+            logger.warning(
+                "JOURNAL-OFF journal=%s reason=%s: every object is fsynced with its folder "
+                "(slower, as durable)",
+                path,
+                exc.strerror or exc,
+            )
+            return None
+        return opened
 
     def active_associations(self) -> int:
         """Return the number of connections currently served."""

@@ -341,8 +341,12 @@ class StoreHandler:
         """
         tmp = received.tmp
         journal = self.journal
-        if not received.flushed and (journal is None or not journal.fits(size)):
-            fsync_path(tmp)  # not expected: the transport journals only what fits
+        if not received.flushed and (
+            journal is None or not journal.fits(size) or ae_root not in self._local_roots
+        ):
+            # An AE folder outside destination_dir (maybe another volume: the object is
+            # copied there, fsynced) is filed the classic way; the temp file is flushed first.
+            fsync_path(tmp)
             journal = None
         for attempt in range(4):
             try:
