@@ -12,12 +12,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dicomnode.errors import StorageError
 from dicomnode.receiver.journal import SUPPORTED, Journal, journal_path, recover_journals
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_for_port, wait_until, write_config
+
+StartNode = Callable[..., Any]
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="the receive journal needs fdatasync")
 
@@ -48,11 +53,18 @@ def _data(i: int, size: int) -> bytes:
     return bytes([i % 251]) * size + f"#{i}".encode()
 
 
-def _killed_writer(tmp_path: Path, count: int, size: int, capacity: int = 1 << 20) -> Path:
+def _killed_writer(
+    tmp_path: Path,
+    count: int,
+    size: int,
+    capacity: int = 1 << 20,
+    out: Path | None = None,
+    dest: Path | None = None,
+) -> Path:
     """Run the child; return the journal it left (it was killed after placing ``count`` files)."""
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    path = journal_path(tmp_path / "dest", "w0-")
+    out = out or tmp_path / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    path = journal_path(dest or tmp_path / "dest", "w0-")
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), str(out), str(count), str(size), str(capacity)],
         capture_output=True,
@@ -155,3 +167,45 @@ def test_start_recovers_every_journal_and_drops_the_unused(tmp_path: Path) -> No
     recovery = recover_journals(tmp_path / "dest", keep=[])
     assert recovery.replayed == 1 and (tmp_path / "out" / "obj1.dcm").exists()
     assert not path.exists()
+
+
+def test_a_replay_that_cannot_write_keeps_the_journal_and_stops_the_start(tmp_path: Path) -> None:
+    path = _killed_writer(tmp_path, 3, 100)
+    out = tmp_path / "out"
+    for p in out.iterdir():
+        p.unlink()
+    out.rmdir()
+    out.write_bytes(b"a file where the folder was")  # the objects cannot be written
+    with pytest.raises(StorageError, match="could not be written"):
+        recover_journals(tmp_path / "dest", keep=[])
+    assert path.exists()  # kept, though not in ``keep``: it still holds them
+    out.unlink()  # the operator fixes the cause: the next start places them all
+    assert recover_journals(tmp_path / "dest", keep=["w0-receive.journal"]).replayed == 3
+    assert sorted(p.name for p in out.iterdir()) == ["obj0.dcm", "obj1.dcm", "obj2.dcm"]
+
+
+def test_the_node_places_what_a_killed_node_left_in_its_journal_before_it_listens(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    dest = tmp_path / "dest"
+    series = dest / "incoming" / "P1" / "S1" / "SE1"
+    _killed_writer(tmp_path, 4, 2000, out=series, dest=dest)
+    for p in series.iterdir():
+        p.write_bytes(b"")  # a power loss: names on disk, data not
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.ini",
+        {
+            "Network": {"receive_port": port, "receiver_processes": 2},
+            "Directories": {"destination_dir": dest, "min_free_space_mb": 0},
+            "Security": {"trusted_ae_titles": "*"},
+        },
+    )
+    node = start_node(["--config", str(cfg), "--no-watcher"], port=port)
+    wait_for_port(port)
+    for i in range(4):
+        assert (series / f"obj{i}.dcm").read_bytes() == _data(i, 2000)
+    assert wait_until(lambda: "LISTENING" in node.output(), 60), node.output()
+    out = node.output()
+    assert out.count("JOURNAL-REPLAYED") == 4, out
+    assert out.index("JOURNAL-RECOVERED") < out.index("LISTENING"), out

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from dicomnode.errors import StorageError
 from dicomnode.logsafe import escape
 from dicomnode.storage import GroupSync, fsync_dir, make_folders, part_path, syncfs
 
@@ -354,7 +355,12 @@ class Journal:
             self._generation = slot.generation
             if not slot.clean:
                 records = _scan(fd, os.fstat(fd).st_size, slot.generation, slot.seq)
-                recovery = recover_records(records, self.path)
+                try:
+                    recovery = recover_records(records, self.path)
+                except OSError:
+                    os.close(fd)
+                    self._fd = -1
+                    raise
         if os.fstat(fd).st_size != self.capacity:
             os.ftruncate(fd, min(os.fstat(fd).st_size, self.capacity))
             try:
@@ -409,7 +415,9 @@ class Journal:
         try:
             head = _record_head(self._generation, entry.seq, name, data_crc, size)
             if content is not None:
-                os.pwritev(self._fd, [head, content], entry.offset)
+                written = os.pwritev(self._fd, [head, content], entry.offset)
+                if written != len(head) + len(content):
+                    raise OSError(errno.EIO, f"short write to the receive journal {self.path}")
             else:
                 os.pwrite(self._fd, head, entry.offset)
                 _copy_into(tmp, self._fd, entry.offset + len(head), size)
@@ -585,6 +593,11 @@ def recover_records(records: list[tuple[int, Path, bytes]], journal: Path) -> Re
 
     A file that is missing or differs from its record is written again from
     the record; the others (intact) are flushed where they are.
+
+    Raises
+    ------
+    OSError
+        When an object could not be written (the journal must then be kept).
     """
     replayed = intact = failed = 0
     kept: list[Path] = []
@@ -613,6 +626,14 @@ def recover_records(records: list[tuple[int, Path, bytes]], journal: Path) -> Re
             )
     if kept:
         flush_placed(kept)
+    if failed:
+        # Starting anyway would begin a new generation and forget these objects.
+        raise OSError(
+            errno.EIO,
+            f"{failed} acknowledged object(s) in the receive journal {journal} could not be "
+            "written to their folders (see JOURNAL-REPLAY-FAILED); the journal is kept and "
+            "replayed at the next start: fix the cause (free space, permissions) and start again",
+        )
     if records:
         logger.info(
             "JOURNAL-RECOVERED journal=%s records=%d intact=%d replayed=%d failed=%d",
@@ -633,8 +654,9 @@ def recover_journals(destination_dir: Path, keep: Iterable[str]) -> Recovery:
 
     Raises
     ------
-    OSError
-        When a journal cannot be read or a replayed object cannot be written.
+    StorageError
+        When a journal cannot be read or a replayed object cannot be written
+        (the journal is kept: the node must not start and forget them).
     """
     folder = destination_dir / JOURNAL_DIR
     wanted = set(keep)
@@ -643,7 +665,12 @@ def recover_journals(destination_dir: Path, keep: Iterable[str]) -> Recovery:
         for path in sorted(folder.iterdir()):
             if not path.name.endswith(JOURNAL_SUFFIX) or not path.is_file():
                 continue
-            journal, found = Journal.open(path, path.stat().st_size)
+            try:
+                journal, found = Journal.open(path, path.stat().st_size)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot recover the receive journal {path}: {exc.strerror or exc}"
+                ) from exc
             journal.close()
             total = Recovery(
                 total.replayed + found.replayed,

@@ -344,7 +344,9 @@ class ReceiverPool:
         # Acknowledged objects a stopped node had only in its journals are placed first.
         recover_journals(
             rc.destination_dir,
-            [journal_path(Path(), worker_temp_prefix(i)).name for i in range(self.processes)],
+            [journal_path(Path(), worker_temp_prefix(i)).name for i in range(self.processes)]
+            if rc.journal_mb
+            else [],
         )
         sweep_stale_parts(rc)
         orphan_pending(rc.destination_dir)

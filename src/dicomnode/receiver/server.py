@@ -82,7 +82,8 @@ class Receiver:
         check_writable(self.cfg.errors_dir)
         clean_stale_temp(self.cfg.destination_dir / INCOMING_TMP)
         journal.recover_journals(
-            self.cfg.destination_dir, [journal.journal_path(Path(), self.temp_prefix).name]
+            self.cfg.destination_dir,
+            [journal.journal_path(Path(), self.temp_prefix).name] if self.cfg.journal_mb else [],
         )
         sweep_stale_parts(self.cfg)
         orphan_pending(self.cfg.destination_dir)
