@@ -99,7 +99,18 @@ def test_console_finds_study_and_retries_a_parked_file(  # type: ignore[no-untyp
     assert wait_until(lambda: len(parked_files(watch)) == 3, 90), node.output()
     target.start()
     ARTIFACTS.mkdir(exist_ok=True)
-    wait = WebDriverWait(driver, 60)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # The pages refresh themselves: an element found just before a refresh goes stale.
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+
+    def click(by: str, value: str) -> None:
+        def clicked(d: object) -> bool:
+            driver.find_element(by, value).click()
+            return True
+
+        wait.until(clicked)
+
     try:
         base = f"http://127.0.0.1:{web_port}"
         driver.get(base + "/")
@@ -108,9 +119,9 @@ def test_console_finds_study_and_retries_a_parked_file(  # type: ignore[no-untyp
         box = wait.until(ec.presence_of_element_located((By.ID, "patient")))
         box.send_keys("PHANTOM")
         driver.find_element(By.ID, "search").click()
-        link = wait.until(ec.element_to_be_clickable((By.LINK_TEXT, PATIENT)))
+        wait.until(ec.element_to_be_clickable((By.LINK_TEXT, PATIENT)))
         assert "PHANTOM^RETRY" in driver.find_element(By.ID, "studies").text
-        link.click()
+        click(By.LINK_TEXT, PATIENT)
         series = wait.until(ec.presence_of_element_located((By.ID, "series")))
         assert "CT" in series.text and "3" in series.text
         assert "parked" in driver.find_element(By.ID, "deliveries").text
