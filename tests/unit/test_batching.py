@@ -243,7 +243,8 @@ def test_send_path_does_not_import_pydicom() -> None:
     import sys
 
     code = (
-        "import sys, dicomnode.cli, dicomnode.forwarder, dicomnode.forwarder.header; "
+        "import sys, dicomnode.cli, dicomnode.forwarder, dicomnode.forwarder.header, "
+        "dicomnode.forwarder.lean, dicomnode.forwarder.oneshot; "
         "print('pydicom' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -68,8 +68,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
 from dicomnode.config import ForwarderConfig
 from dicomnode.dul.commitment import REQUEST_COMMITMENT, encode_action_info
 from dicomnode.dul.dimse import (
@@ -117,6 +115,7 @@ from dicomnode.dul.pdu import (
     uid_text,
 )
 from dicomnode.forwarder.batching import (
+    FALLBACK_SYNTAXES,
     ContextSpec,
     ObjectInfo,
     SendOutcome,
@@ -754,11 +753,7 @@ def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tup
         cfg.target_aet,
         cfg.calling_aet,
         APPLICATION_CONTEXT,
-        (
-            ProposedContext(
-                1, STORAGE_COMMITMENT_SOP_CLASS, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-            ),
-        ),
+        (ProposedContext(1, STORAGE_COMMITMENT_SOP_CLASS, FALLBACK_SYNTAXES),),
         cfg.max_pdu_bytes,
         roles=(RoleSelection(STORAGE_COMMITMENT_SOP_CLASS, scu=True, scp=True),),
     )
@@ -780,9 +775,7 @@ def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tup
     chosen = [
         r.transfer_syntax
         for r in answer.results
-        if r.context_id == 1
-        and r.result == ACCEPTANCE
-        and r.transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        if r.context_id == 1 and r.result == ACCEPTANCE and r.transfer_syntax in FALLBACK_SYNTAXES
     ]
     if not chosen:
         raise LinkError(f"{where} did not accept the Storage Commitment Push Model context")
