@@ -16,10 +16,12 @@ promises does not change:
   receiver processes), with a real A-ASSOCIATE-RJ; presentation contexts by
   :mod:`~dicomnode.receiver.negotiation`;
 * each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
-  Information header, bytes as received; fsynced (group commit with the
-  process's other associations, :class:`~dicomnode.storage.GroupSync`) and closed, then filed by
-  :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk,
-  header, atomic rename, folder fsync) *before* the C-STORE-RSP is sent;
+  Information header, bytes as received; closed — and fsynced (group commit with the
+  process's other associations, :class:`~dicomnode.storage.GroupSync`) unless the
+  process's receive journal (:mod:`.journal`) takes it —, then filed by
+  :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk, header,
+  journal record flushed or file fsynced, atomic rename, folder fsync when not
+  journaled) *before* the C-STORE-RSP is sent;
 * the disk guard is checked when a request arrives (nothing is written below
   ``min_free_space_mb``), a write error (disk full) is recorded and the rest of
   the object discarded so the peer gets 0xA700, and ``max_object_mb`` stops

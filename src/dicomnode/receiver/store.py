@@ -1,10 +1,12 @@
 """Filing of received objects, shared by both receiver transports.
 
-:meth:`StoreHandler.finish` turns a completely received, fsynced temp file
-into the C-STORE status: disk guard and ``max_object_mb``, the element
-structure check (:mod:`dicomnode.integrity`), the header (only), the final
-path (:mod:`dicomnode.organise`) and the atomic rename with folder fsync
-(:mod:`dicomnode.storage`). Success is answered only after that rename.
+:meth:`StoreHandler.finish` turns a completely received temp file into the
+C-STORE status: disk guard and ``max_object_mb``, the element structure check
+(:mod:`dicomnode.integrity`), the header (only), the final path
+(:mod:`dicomnode.organise`), then durability — its receive journal record
+flushed (:mod:`.journal`) or the file fsynced — and the atomic rename (with
+folder fsync when not journaled, :mod:`dicomnode.storage`). Success is
+answered only after that rename.
 Objects that cannot be filed are kept in ``errors/`` with a note. Log verbs:
 ``STORED``, ``STORE-FAILED``, ``ECHO``.
 """
@@ -243,7 +245,9 @@ class StoreHandler:
         -------
         Filing
             ``status`` is one of:
-            0x0000 Success: the object is fsynced and renamed into its final place.
+            0x0000 Success: the object is on disk (its receive journal record
+            flushed, or the file fsynced) and renamed into its final place (its
+            folder fsynced when not journaled).
             0xA700 Refused, out of resources: disk guard, object too large, the
             received data could not be written to the temp file (disk full), or an
             OS error while filing it (permission, bad path).
