@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 from dicomnode.errors import StorageError
-from dicomnode.receiver.journal import SUPPORTED, Journal, journal_path, recover_journals
+from dicomnode.receiver.journal import (
+    SUPPORTED,
+    Journal,
+    JournalInUse,
+    journal_path,
+    recover_journals,
+)
 from tests.conftest import free_port, wait_for_port, wait_until, write_config
 
 StartNode = Callable[..., Any]
@@ -209,3 +215,29 @@ def test_the_node_places_what_a_killed_node_left_in_its_journal_before_it_listen
     out = node.output()
     assert out.count("JOURNAL-REPLAYED") == 4, out
     assert out.index("JOURNAL-RECOVERED") < out.index("LISTENING"), out
+
+
+def test_a_journal_in_use_is_neither_opened_nor_recovered_by_another_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second node on the same destination must not reset a live node's journal."""
+    path = journal_path(tmp_path / "dest", "w0-")
+    journal, _ = Journal.open(path, 1 << 20)
+    final, tmp = tmp_path / "a.dcm", tmp_path / ".a.tmp"
+    tmp.write_bytes(b"y" * 100)
+    entry = journal.commit(final, None, tmp, 100)
+    try:
+        with pytest.raises(JournalInUse):
+            Journal.open(path, 1 << 20)
+        caplog.set_level(logging.WARNING, logger="dicomnode")
+        assert recover_journals(tmp_path / "dest", keep=[]).replayed == 0
+        assert path.exists()
+        assert any("JOURNAL-IN-USE" in r.getMessage() for r in caplog.records)
+    finally:
+        os.replace(tmp, final)
+        journal.placed(entry)
+        journal.close()
+    # Closed cleanly: now anyone may open it, and there is nothing to replay.
+    again, recovery = Journal.open(path, 1 << 20)
+    again.close()
+    assert recovery.replayed == 0 and recovery.intact == 0

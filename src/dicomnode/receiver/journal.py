@@ -52,6 +52,11 @@ from dicomnode.errors import StorageError
 from dicomnode.logsafe import escape
 from dicomnode.storage import GroupSync, fsync_dir, make_folders, part_path, syncfs
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows, where the journal is not used
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 #: Folder of destination_dir holding the journals (in the hidden temp folder, whose
@@ -86,6 +91,10 @@ CHECKPOINT_INTERVAL_S: Final = 0.25
 _MIN_JOURNAL_BYTES: Final = 1 << 20
 #: An appender waits at most this long for space (a failing disk); then the store is refused.
 _SPACE_WAIT_S: Final = 30.0
+
+
+class JournalInUse(OSError):
+    """The journal is locked by another live process (a second node on the same destination)."""
 
 
 def journal_size(path: Path, wanted_bytes: int) -> int:
@@ -347,6 +356,14 @@ class Journal:
     def _recover_and_reset(self) -> Recovery:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is not None:
+            try:  # held while open: released by close or by the process's death
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise JournalInUse(
+                    errno.EBUSY, f"{self.path} is in use by another process"
+                ) from None
         self._fd = fd
         recovery = Recovery()
         slot = _read_checkpoint(fd)
@@ -667,6 +684,13 @@ def recover_journals(destination_dir: Path, keep: Iterable[str]) -> Recovery:
                 continue
             try:
                 journal, found = Journal.open(path, path.stat().st_size)
+            except JournalInUse:
+                logger.warning(
+                    "JOURNAL-IN-USE journal=%s reason=another process (a second node on this "
+                    "destination_dir?) holds it: left alone",
+                    path,
+                )
+                continue
             except OSError as exc:
                 raise StorageError(
                     f"cannot recover the receive journal {path}: {exc.strerror or exc}"
