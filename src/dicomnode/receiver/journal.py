@@ -12,9 +12,10 @@ later makes the placed files and their folders durable in batches (one
 writing a checkpoint into the journal's header.
 
 Why: a new file's ``fsync`` and its folder's ``fsync`` after the rename are two
-journal commits of the file system, each with a disk cache flush. Overwriting
-already allocated blocks of one file needs only the data written and one cache
-flush, so the acknowledgement waits for one cheaper flush instead of two.
+metadata commits of the file system, each ending in a disk cache flush.
+Overwriting already allocated blocks of one file needs only the data written
+and one cache flush, so the acknowledgement waits for one cheaper flush
+instead of two (0.16 ms against 0.67 ms for a 10 KB object on the bench VM).
 
 Recovery (:meth:`Journal.open`, before any object is served, and by the pool's
 parent for every journal before its workers start): every record of the
@@ -26,8 +27,10 @@ moment the process or the machine stopped. A record whose checksum fails was
 never acknowledged (its flush had not completed) and is ignored. Then the
 placed files are flushed and a new generation begins.
 
-Log verbs: ``JOURNAL-RECOVERED``, ``JOURNAL-REPLAYED``, ``JOURNAL-FLUSH-FAILED``.
-Imports the standard library and :mod:`dicomnode.storage` only.
+Log verbs: ``JOURNAL-RECOVERED``, ``JOURNAL-REPLAYED``, ``JOURNAL-REPLAY-FAILED``,
+``JOURNAL-FLUSH-FAILED``, ``JOURNAL-IN-USE`` (``JOURNAL-OFF`` from the receiver).
+Imports the standard library, :mod:`dicomnode.storage`, :mod:`dicomnode.errors`
+and :mod:`dicomnode.logsafe`.
 """
 
 from __future__ import annotations
@@ -64,20 +67,21 @@ logger = logging.getLogger(__name__)
 JOURNAL_DIR: Final = ".incoming-tmp/journal"
 #: File name ending of a journal (``<process prefix>receive.journal``).
 JOURNAL_SUFFIX: Final = "receive.journal"
-#: Whether this platform can journal (``fdatasync`` and a ``syncfs`` that reports errors).
+#: Whether this platform journals (``fdatasync`` and ``copy_file_range``: Linux);
+#: elsewhere every object is fsynced with its folder.
 SUPPORTED: Final = hasattr(os, "fdatasync") and hasattr(os, "copy_file_range")
 
 _BLOCK: Final = 4096
 #: Records start at this offset; the first block holds two checkpoint slots.
 _DATA_START: Final = _BLOCK
 _SLOT_OFFSETS: Final = (0, 512)
-_HEADER: Final = struct.Struct(
-    "<4sHHQQQQQI"
-)  # magic, version, clean, generation, seq, offset, n, 0, crc
+#: Checkpoint slot: magic, version, clean, generation, first unretired seq, its offset,
+#: write counter (the higher of the two slots wins), reserved, CRC-32 of the rest.
+_HEADER: Final = struct.Struct("<4sHHQQQQQI")
 _HEADER_MAGIC: Final = b"DNJH"
-_RECORD: Final = struct.Struct(
-    "<4sHHQQIQI"
-)  # magic, version, 0, generation, seq, path len, data len, crc
+#: Record header: magic, version, reserved, generation, seq, path length, data length,
+#: CRC-32 of header, path and the data's CRC-32 (which follows the path).
+_RECORD: Final = struct.Struct("<4sHHQQIQI")
 _RECORD_MAGIC: Final = b"DNJR"
 _VERSION: Final = 1
 #: Larger objects are not journaled: for them writing the bytes twice (record, then
@@ -199,15 +203,16 @@ def _record_head(generation: int, seq: int, path: bytes, data_crc: int, size: in
     return head[:-4] + struct.pack("<I", crc) + path + struct.pack("<I", data_crc)
 
 
-def _scan(fd: int, capacity: int, generation: int, from_seq: int) -> list[tuple[int, Path, bytes]]:
-    """Return the intact records of ``generation`` numbered ``from_seq`` or later, by number.
+def _scan(fd: int, capacity: int, generation: int, from_seq: int) -> list[int]:
+    """Return the offsets of the intact records of ``generation`` numbered ``from_seq`` or later.
 
-    Every block start is looked at (records are block aligned), so a torn record
-    hides nothing after it; a record is intact when its header, name and data
-    match their checksums.
+    In record order. Every block start is looked at (records are block
+    aligned), so a torn record hides nothing after it; a record is intact when
+    its header, name and data match their checksums. Only offsets are kept: a
+    record is read again when it is replayed (memory stays at one record).
     """
     wanted = _RECORD_MAGIC + struct.pack("<HHQ", _VERSION, 0, generation)
-    found: dict[int, tuple[int, Path, bytes]] = {}
+    found: dict[int, int] = {}
     offset = _DATA_START
     chunk = 1 << 20
     while offset < capacity:
@@ -219,7 +224,7 @@ def _scan(fd: int, capacity: int, generation: int, from_seq: int) -> list[tuple[
                 continue
             record = _read_record(fd, offset + at, capacity)
             if record is not None and record[0] >= from_seq:
-                found[record[0]] = record
+                found[record[0]] = offset + at
         offset += len(block)
     return [found[seq] for seq in sorted(found)]
 
@@ -278,6 +283,7 @@ def flush_placed(paths: Iterable[Path]) -> None:
     OSError
         When the file system reports a write error.
     """
+    paths = list(paths)
     folders = list(dict.fromkeys(p.parent for p in paths))
     by_device: dict[int, Path] = {}
     for folder in folders:
@@ -371,9 +377,13 @@ class Journal:
             self._counter = slot.counter
             self._generation = slot.generation
             if not slot.clean:
-                records = _scan(fd, os.fstat(fd).st_size, slot.generation, slot.seq)
+                size = os.fstat(fd).st_size
+                offsets = _scan(fd, size, slot.generation, slot.seq)
+                records = (_read_record(fd, offset, size) for offset in offsets)
                 try:
-                    recovery = recover_records(records, self.path)
+                    recovery = _recover_records(
+                        (r for r in records if r is not None), len(offsets), self.path
+                    )
                 except OSError:
                     os.close(fd)
                     self._fd = -1
@@ -605,11 +615,15 @@ def _copy_into(src: Path, fd: int, offset: int, size: int) -> None:
         os.close(src_fd)
 
 
-def recover_records(records: list[tuple[int, Path, bytes]], journal: Path) -> Recovery:
+def _recover_records(
+    records: Iterable[tuple[int, Path, bytes]], count: int, journal: Path
+) -> Recovery:
     """Make every journaled object durable at its final name; return what was done.
 
     A file that is missing or differs from its record is written again from
-    the record; the others (intact) are flushed where they are.
+    the record; the others (intact) are flushed where they are. ``records``
+    yields (number, final path, bytes) one at a time; ``count`` is how many it
+    holds (for the summary line).
 
     Raises
     ------
@@ -651,11 +665,11 @@ def recover_records(records: list[tuple[int, Path, bytes]], journal: Path) -> Re
             "written to their folders (see JOURNAL-REPLAY-FAILED); the journal is kept and "
             "replayed at the next start: fix the cause (free space, permissions) and start again",
         )
-    if records:
+    if count:
         logger.info(
             "JOURNAL-RECOVERED journal=%s records=%d intact=%d replayed=%d failed=%d",
             journal,
-            len(records),
+            count,
             intact,
             replayed,
             failed,
