@@ -428,8 +428,18 @@ def send_group(
     return result
 
 
-def park_job_file(job: GroupJob, jf: JobFile, why: ParkReason, stamp: str) -> bool:
-    """Park ``jf`` of ``job`` under ``failed/`` with ``why``; True when it was moved."""
+def park_job_file(
+    job: GroupJob,
+    jf: JobFile,
+    why: ParkReason,
+    stamp: str,
+    destination: str = "",
+    copy: bool = False,
+) -> bool:
+    """Park ``jf`` of ``job`` under ``failed/[<destination>/]`` with ``why``; True when parked.
+
+    ``copy`` keeps the original (other destinations still need it).
+    """
     return (
         park_file(
             jf.path,
@@ -441,6 +451,8 @@ def park_job_file(job: GroupJob, jf: JobFile, why: ParkReason, stamp: str) -> bo
             why=why,
             wall_time=time.time(),
             prune_root=job.prune_root,
+            destination=destination,
+            copy=copy,
         )
         is not None
     )

@@ -258,13 +258,7 @@ def raw_references(
                             )
                         )
     except ValueError as exc:
-        logger.warning(
-            "REFERENCES-UNREADABLE file=%s: %s: %s; its RT references are not checked",
-            escaped(display),
-            type(exc).__name__,
-            escaped(str(exc)),
-        )
-        return ()
+        return _unreadable_references(display, exc)
     return tuple(dict.fromkeys(r for r in refs if r.uid))[:MAX_REFERENCES]
 
 
@@ -279,13 +273,18 @@ def rt_references(
     try:
         return references_of(ds, modality, sop_class)
     except Exception as exc:  # pydicom raises many types on a malformed sequence
-        logger.warning(
-            "REFERENCES-UNREADABLE file=%s: %s: %s; its RT references are not checked",
-            escaped(display),
-            type(exc).__name__,
-            escaped(str(exc)),
-        )
-        return ()
+        return _unreadable_references(display, exc)
+
+
+def _unreadable_references(display: str, exc: Exception) -> tuple[Reference, ...]:
+    """Log ``REFERENCES-UNREADABLE`` for a file and return no references."""
+    logger.warning(
+        "REFERENCES-UNREADABLE file=%s: %s: %s; its RT references are not checked",
+        escaped(display),
+        type(exc).__name__,
+        escaped(str(exc)),
+    )
+    return ()
 
 
 def _check_uids(

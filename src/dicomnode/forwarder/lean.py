@@ -246,28 +246,7 @@ class LeanAssociationSender(AssociationSender):
             rq = request.encode()
         except (ValueError, UnicodeEncodeError) as exc:
             raise LinkError(f"association to {where} failed: {exc}") from exc
-        conn.set_timeout(cfg.acse_timeout_s)
-        conn.send(rq, "requesting the association")
-        try:
-            pdu_type, body = conn.read_pdu("negotiating the association")
-        except LinkTimeout as exc:
-            raise LinkError(
-                f"no association with {where} (no answer within acse_timeout_s)"
-            ) from exc
-        if pdu_type == PduType.A_ASSOCIATE_AC:
-            return _accepted(A_ASSOCIATE_AC.decode(body), proposed)
-        if pdu_type == PduType.A_ASSOCIATE_RJ:
-            try:
-                why = A_ASSOCIATE_RJ.decode(body).describe()
-            except ValueError:
-                why = ""
-            raise LinkError(f"association rejected by {where} ({why})")
-        if pdu_type == PduType.A_ABORT:
-            raise LinkError(f"association aborted by {where}")
-        conn.abort()
-        raise LinkError(
-            f"no association with {where} (unexpected PDU 0x{pdu_type:02X}, protocol error)"
-        )
+        return _accepted(A_ASSOCIATE_AC.decode(_associate(conn, rq, cfg.acse_timeout_s)), proposed)
 
     def _release(self, conn: PduLink) -> None:
         """A-RELEASE-RQ and wait for A-RELEASE-RP (at most acse_timeout_s); never raises."""
@@ -739,6 +718,38 @@ class LeanAssociationSender(AssociationSender):
         return status
 
 
+def _associate(conn: PduLink, request: bytes, acse_timeout_s: float) -> bytes:
+    """Send an encoded A-ASSOCIATE-RQ; return the body of the peer's A-ASSOCIATE-AC.
+
+    Raises
+    ------
+    LinkError
+        When no answer comes within ``acse_timeout_s``, the peer rejects or
+        aborts, or answers with another PDU (the link is then aborted).
+    """
+    where = conn.where
+    conn.set_timeout(acse_timeout_s)
+    conn.send(request, "requesting the association")
+    try:
+        pdu_type, body = conn.read_pdu("negotiating the association")
+    except LinkTimeout as exc:
+        raise LinkError(f"no association with {where} (no answer within acse_timeout_s)") from exc
+    if pdu_type == PduType.A_ASSOCIATE_AC:
+        return body
+    if pdu_type == PduType.A_ASSOCIATE_RJ:
+        try:
+            why = A_ASSOCIATE_RJ.decode(body).describe()
+        except ValueError:
+            why = ""
+        raise LinkError(f"association rejected by {where} ({why})")
+    if pdu_type == PduType.A_ABORT:
+        raise LinkError(f"association aborted by {where}")
+    conn.abort()
+    raise LinkError(
+        f"no association with {where} (unexpected PDU 0x{pdu_type:02X}, protocol error)"
+    )
+
+
 def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tuple[str, int, bool]:
     """Negotiate the Storage Commitment context; return (transfer syntax, peer max PDU, report here).
 
@@ -757,21 +768,7 @@ def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tup
         cfg.max_pdu_bytes,
         roles=(RoleSelection(STORAGE_COMMITMENT_SOP_CLASS, scu=True, scp=True),),
     )
-    conn.set_timeout(cfg.acse_timeout_s)
-    conn.send(request.encode(), "requesting the association")
-    try:
-        pdu_type, body = conn.read_pdu("negotiating the association")
-    except LinkTimeout as exc:
-        raise LinkError(f"no association with {where} (no answer within acse_timeout_s)") from exc
-    if pdu_type == PduType.A_ASSOCIATE_RJ:
-        try:
-            why = A_ASSOCIATE_RJ.decode(body).describe()
-        except ValueError:
-            why = ""
-        raise LinkError(f"association rejected by {where} ({why})")
-    if pdu_type != PduType.A_ASSOCIATE_AC:
-        raise LinkError(f"no association with {where} (PDU 0x{pdu_type:02X})")
-    answer = A_ASSOCIATE_AC.decode(body)
+    answer = A_ASSOCIATE_AC.decode(_associate(conn, request.encode(), cfg.acse_timeout_s))
     chosen = [
         r.transfer_syntax
         for r in answer.results

@@ -57,7 +57,7 @@ from dicomnode.forwarder.delivery import make_sender, park_job_file, send_group
 from dicomnode.forwarder.fanout import Action, DeliveryState, is_settled, next_action
 from dicomnode.forwarder.holding import Batch, unclaimed_batches
 from dicomnode.forwarder.job import GroupJob, GroupResult, JobFile, is_unchanged, job_from_snapshot
-from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_file, park_stamp
+from dicomnode.forwarder.outcome import ParkReason, delete_delivered, park_stamp
 from dicomnode.forwarder.plan import FilePlan, plan_file
 from dicomnode.forwarder.rtgate import RtGate
 from dicomnode.forwarder.sender import AssociationSender
@@ -586,20 +586,7 @@ class Forwarder:
         if not self.routed or fp is None:
             return park_job_file(job, jf, why, stamp)
         alone = fp.route.destinations == (name,)
-        parked = park_file(
-            jf.path,
-            park_root=job.park_root,
-            group=job.key,
-            inside=jf.inside,
-            display=jf.display,
-            stamp=stamp,
-            why=why,
-            wall_time=time.time(),
-            prune_root=job.prune_root,
-            destination=name,
-            copy=not alone,
-        )
-        if parked is None:
+        if not park_job_file(job, jf, why, stamp, destination=name, copy=not alone):
             return False
         states = self._record(name, fp, DeliveryState.REFUSED)
         if states is not None and not alone:

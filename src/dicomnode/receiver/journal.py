@@ -53,7 +53,14 @@ from typing import Final
 
 from dicomnode.errors import StorageError
 from dicomnode.logsafe import escape
-from dicomnode.storage import GroupSync, fsync_dir, make_folders, part_path, syncfs
+from dicomnode.storage import (
+    GroupSync,
+    fsync_dir,
+    fsync_dirs,
+    fsync_path,
+    syncfs,
+    write_bytes_atomic,
+)
 
 try:
     import fcntl
@@ -255,22 +262,6 @@ def _same_content(final: Path, data: bytes) -> bool:
         return False
 
 
-def _replay(final: Path, data: bytes) -> None:
-    make_folders(final.parent)
-    tmp = part_path(final)
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(final.parent)
-
-
 def flush_placed(paths: Iterable[Path]) -> None:
     """Make the files ``paths`` and their folders durable: one ``syncfs`` per file system.
 
@@ -297,16 +288,9 @@ def flush_placed(paths: Iterable[Path]) -> None:
         finally:
             os.close(fd)
         for path in paths:
-            try:
-                file_fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(file_fd)
-            finally:
-                os.close(file_fd)
-        for each in folders:
-            fsync_dir(each)
+            with contextlib.suppress(FileNotFoundError):
+                fsync_path(path)
+        fsync_dirs(folders)
         return
 
 
@@ -638,7 +622,7 @@ def _recover_records(
                 intact += 1
                 kept.append(final)
                 continue
-            _replay(final, data)
+            write_bytes_atomic(data, final)
             replayed += 1
             logger.warning(
                 "JOURNAL-REPLAYED path=%s bytes=%d journal=%s reason=the acknowledged object was "
