@@ -10,8 +10,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from dicomnode.forwarder import Forwarder
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -118,6 +122,15 @@ def python_cmd() -> list[str]:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def forwarders() -> Iterator[list[Forwarder]]:
+    """Forwarders a test starts (append them); each is stopped at teardown."""
+    started: list[Forwarder] = []
+    yield started
+    for fw in started:
+        fw.stop(5.0)
 
 
 @pytest.fixture

@@ -227,14 +227,6 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.stop()
 
 
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    started: list[Forwarder] = []
-    yield started
-    for fw in started:
-        fw.stop(5.0)
-
-
 def fconfig(tmp_path: Path, port: int, **kw: object) -> ForwarderConfig:
     base = ForwarderConfig(
         watch_folder=tmp_path / "watch",

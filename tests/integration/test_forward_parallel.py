@@ -58,14 +58,6 @@ def forking_storescp(tmp_path: Path) -> Iterator[ForkingStoreSCP]:
     scp.stop()
 
 
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    started: list[Forwarder] = []
-    yield started
-    for fw in started:
-        fw.stop(5.0)
-
-
 def most_at_once(arrivals: list[tuple[str, str]]) -> int:
     """Return the most associations whose first-to-last arrival spans overlap at one point."""
     spans: dict[str, list[int]] = {}

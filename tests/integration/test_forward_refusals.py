@@ -14,7 +14,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,6 @@ pytestmark = [
     pytest.mark.interop,
     pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning"),
 ]
-
-
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    started: list[Forwarder] = []
-    yield started
-    for fw in started:
-        fw.stop(5.0)
 
 
 class RefusingSCP:

@@ -59,14 +59,6 @@ def peers(tmp_path: Path) -> Iterator[dict[str, StoreSCP]]:
         scp.stop()
 
 
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    started: list[Forwarder] = []
-    yield started
-    for fw in started:
-        fw.stop(5.0)
-
-
 def peer(peers: dict[str, StoreSCP], tmp_path: Path, name: str, start: bool = True) -> StoreSCP:
     scp = StoreSCP(tmp_path / f"peer-{name}")
     peers[name] = scp

@@ -20,7 +20,6 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,14 +219,6 @@ class _StoreSCP(StoreSCP):
     def __init__(self, tmp: Path, *args: str) -> None:
         super().__init__(tmp)
         self.extra_args = list(args)
-
-
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    started: list[Forwarder] = []
-    yield started
-    for fw in started:
-        fw.stop(5.0)
 
 
 def test_forward_each_syntax_unchanged_to_a_target_that_accepts_it(
