@@ -11,7 +11,6 @@ restart of the node).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sqlite3
@@ -35,13 +34,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from tests.conftest import (
     free_port,
-    peer_env,
-    require_tool,
-    wait_for_port,
     wait_until,
     write_config,
 )
 from tests.factories import make_image, save
+from tests.integration.orthanc_peer import OrthancPeer
 
 pytestmark = pytest.mark.interop
 
@@ -283,64 +280,10 @@ def ledger_scu_kinds(tmp_path: Path) -> set[str]:
 # --------------------------------------------------------------------------- Orthanc
 
 
-class Orthanc:
-    """Orthanc (AE ORTHANC) that knows the node as modality ``node``; REST on a free port."""
-
-    def __init__(self, tmp: Path, node_port: int) -> None:
-        self.exe = require_tool("Orthanc")
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        root = tmp / "orthanc"
-        root.mkdir()
-        cfg = {
-            "Name": "commitdest",
-            "DicomAet": "ORTHANC",
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(root / "storage"),
-            "IndexDirectory": str(root / "index"),
-            "DicomCheckCalledAet": False,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-            "DicomModalities": {"node": ["NODE", "127.0.0.1", node_port]},
-        }
-        (root / "orthanc.json").write_text(json.dumps(cfg))
-        self.log_path = root / "orthanc.log"
-        self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [self.exe, "--verbose", str(root / "orthanc.json")],
-            env=peer_env(),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.dicom_port, proc=self.proc)
-        wait_for_port(self.http_port, proc=self.proc)
-
-    def sop_instance_uids(self) -> set[str]:
-        found = set()
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.http_port}/instances?expand", timeout=60
-        ) as rsp:
-            for item in json.loads(rsp.read()):
-                found.add(str(item["MainDicomTags"]["SOPInstanceUID"]))
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def test_commitment_orthanc_commits_everything_then_files_are_deleted(
     tmp_path: Path, port: int, start_node: Any
 ) -> None:
-    orthanc = Orthanc(tmp_path, port)
+    orthanc = OrthancPeer(tmp_path, port)
     try:
         cfg, watch = node_config(
             tmp_path, port, "ORTHANC", orthanc.dicom_port, twin=True, commitment_timeout_s=60

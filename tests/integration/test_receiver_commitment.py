@@ -9,11 +9,8 @@ SCP on its own port named by a ``[Destination:NAME]``, on a new association.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
-import subprocess
 import threading
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from tests.conftest import free_port, peer_env, require_tool, wait_for_port, wait_until
+from tests.conftest import free_port, wait_until
+from tests.integration.orthanc_peer import OrthancPeer
 from tests.integration.test_hardening import StartNode, ok_object, start, storescu
 
 pytestmark = pytest.mark.interop
@@ -259,58 +257,8 @@ def test_commitment_report_survives_restart_while_requester_is_down(
     assert wait_until(lambda: not list((dest / PENDING).glob("*.json")), 10)
 
 
-class _Orthanc:
-    """Orthanc (AE ORTHANC) that knows the node as modality ``node``; REST on a free port."""
-
-    def __init__(self, tmp: Path, node_port: int) -> None:
-        self.exe = require_tool("Orthanc")
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        root = tmp / "orthanc"
-        root.mkdir()
-        cfg = {
-            "Name": "committest",
-            "DicomAet": "ORTHANC",
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(root / "storage"),
-            "IndexDirectory": str(root / "index"),
-            "DicomCheckCalledAet": False,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-            "DicomModalities": {"node": ["NODE", "127.0.0.1", node_port]},
-        }
-        (root / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = (root / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen(
-            [self.exe, str(root / "orthanc.json")],
-            env=peer_env(),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.dicom_port, proc=self.proc)
-        wait_for_port(self.http_port, proc=self.proc)
-
-    def call(self, path: str, body: object = None, raw: bytes | None = None) -> Any:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data)
-        with urllib.request.urlopen(req, timeout=60) as rsp:
-            return json.loads(rsp.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def test_commitment_orthanc_as_requester(tmp_path: Path, port: int, start_node: StartNode) -> None:
-    orthanc = _Orthanc(tmp_path, port)
+    orthanc = OrthancPeer(tmp_path, port)
     try:
         extra = {
             "Destination:orthanc": {
