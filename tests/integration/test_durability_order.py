@@ -3,9 +3,8 @@
 For each object the receiver stored, the trace of the whole node (all processes and
 threads, one file, in completion order) must show one of the two durable orders:
 
-* with the receive journal (the default, objects up to 256 KB): its record — a write to the journal file
-  naming its final path and carrying its bytes (in the same ``pwritev``, or copied from
-  its temp file by ``copy_file_range``) — then an ``fdatasync`` of the journal started
+* with the receive journal (the default, objects up to 256 KB): its record — one ``pwritev`` to the journal
+  file naming its final path and carrying its bytes — then an ``fdatasync`` of the journal started
   after that write and completed, then the ``rename`` to its final name, and only then
   the send of the C-STORE-RSP carrying its SOP Instance UID;
 * without it (``journal_mb = 0``, or a larger object): the last write of its temp file, then a flush
@@ -41,13 +40,11 @@ from tests.factories import make_image, save
 pytestmark = pytest.mark.interop
 
 _SYSCALLS = (
-    "write,pwrite64,writev,pwritev,pwritev2,copy_file_range,fsync,fdatasync,syncfs,"
-    "rename,renameat,renameat2,sendto"
+    "write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,syncfs,rename,renameat,renameat2,sendto"
 )
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
 _CALL = re.compile(r"^(\w+)\((.*)$", re.S)
 _FD = re.compile(r"^\d+<(.*?)>")
-_FDS = re.compile(r"\d+<(.*?)>")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
@@ -60,8 +57,8 @@ class Trace:
     syncfs: list[tuple[int, int]] = field(default_factory=list)
     renamed: dict[str, tuple[str, int]] = field(default_factory=dict)  # final -> (tmp, end)
     sends: list[tuple[int, str]] = field(default_factory=list)  # (start, text)
-    # Writes to a receive journal: (end, text, journal path, the copied temp file or "").
-    journal_writes: list[tuple[int, str, str, str]] = field(default_factory=list)
+    # Writes to a receive journal: (end, text, journal path).
+    journal_writes: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 def parse(text: str) -> Trace:
@@ -90,11 +87,7 @@ def parse(text: str) -> Trace:
         fd = _FD.match(args)
         path = fd.group(1) if fd else ""
         if name in {"pwrite64", "pwritev", "pwritev2"} and path.endswith("receive.journal"):
-            trace.journal_writes.append((index, args, path, ""))
-        elif name == "copy_file_range":
-            fds = _FDS.findall(args)  # (from, to)
-            if len(fds) >= 2 and fds[1].endswith("receive.journal"):
-                trace.journal_writes.append((index, "", fds[1], fds[0]))
+            trace.journal_writes.append((index, args, path))
         elif name in {"write", "pwrite64", "writev"} and ".incoming-tmp" in path:
             trace.last_write[path] = index
         elif name in {"fsync", "fdatasync"} and path:
@@ -140,16 +133,13 @@ def check_journaled(trace: Trace, final: Path, uid: str) -> str | None:
     """Return what is out of order for one object acknowledged through the journal, or None."""
     if str(final) not in trace.renamed:
         return "no rename to its final name"
-    tmp, renamed_at = trace.renamed[str(final)]
+    _, renamed_at = trace.renamed[str(final)]
     records = [w for w in trace.journal_writes if str(final) in w[1]]
     if not records:
         return "no journal record naming its final path"
-    at, text, journal, _ = records[-1]
-    if "iov_len" not in text or text.count("iov_base") < 2:
-        copies = [w for w in trace.journal_writes if w[3] == tmp and w[2] == journal and w[0] > at]
-        if not copies:
-            return "its bytes were neither in the record's write nor copied from its temp file"
-        at = max(c[0] for c in copies)
+    at, text, journal = records[-1]
+    if text.count("iov_base") < 2:
+        return "its bytes were not in the record's write"
     flushes = [end for start, end in trace.flushed.get(journal, []) if start > at]
     if not flushes:
         return "no flush of the journal after its record was written"

@@ -45,8 +45,7 @@ _CHILD = textwrap.dedent(
         tmp = Path(out) / f".tmp{i}"
         data = bytes([i % 251]) * int(size) + f"#{i}".encode()
         tmp.write_bytes(data)
-        content = data if i % 2 else None  # in memory, or copied from the temp file
-        entry = journal.commit(final, content, tmp, len(data))
+        entry = journal.commit(final, data)
         os.replace(tmp, final)
         journal.placed(entry)
     print(journal.checkpoints, flush=True)
@@ -129,7 +128,7 @@ def test_records_retired_by_a_checkpoint_are_not_replayed(tmp_path: Path) -> Non
     final = tmp_path / "a.dcm"
     tmp = tmp_path / ".a.tmp"
     tmp.write_bytes(b"x" * 100)
-    entry = journal.commit(final, None, tmp, 100)
+    entry = journal.commit(final, tmp.read_bytes())
     os.replace(tmp, final)
     journal.placed(entry)
     assert wait_until(lambda: journal.checkpoints >= 1, 30)
@@ -225,7 +224,7 @@ def test_a_journal_in_use_is_neither_opened_nor_recovered_by_another_process(
     journal, _ = Journal.open(path, 1 << 20)
     final, tmp = tmp_path / "a.dcm", tmp_path / ".a.tmp"
     tmp.write_bytes(b"y" * 100)
-    entry = journal.commit(final, None, tmp, 100)
+    entry = journal.commit(final, tmp.read_bytes())
     try:
         with pytest.raises(JournalInUse):
             Journal.open(path, 1 << 20)

@@ -42,6 +42,7 @@ import os
 import secrets
 import shutil
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -74,9 +75,9 @@ logger = logging.getLogger(__name__)
 JOURNAL_DIR: Final = ".incoming-tmp/journal"
 #: File name ending of a journal (``<process prefix>receive.journal``).
 JOURNAL_SUFFIX: Final = "receive.journal"
-#: Whether this platform journals (``fdatasync`` and ``copy_file_range``: Linux);
-#: elsewhere every object is fsynced with its folder.
-SUPPORTED: Final = hasattr(os, "fdatasync") and hasattr(os, "copy_file_range")
+#: Whether this platform journals (Linux: ``fdatasync``, ``syncfs``); elsewhere every
+#: object is fsynced with its folder.
+SUPPORTED: Final = sys.platform.startswith("linux") and hasattr(os, "fdatasync")
 
 _BLOCK: Final = 4096
 #: Records start at this offset; the first block holds two checkpoint slots.
@@ -402,17 +403,11 @@ class Journal:
         """Return True when an object of ``size`` bytes is journaled (else fsync it as a file)."""
         return size <= self.max_object_bytes
 
-    def commit(
-        self,
-        final: Path,
-        content: bytes | bytearray | None,
-        tmp: Path,
-        size: int,
-    ) -> Entry:
-        """Write the object (``content``, or the file ``tmp``) as a record for ``final``; flush it.
+    def commit(self, final: Path, content: bytes | bytearray) -> Entry:
+        """Write the object's bytes ``content`` as a record for ``final``; flush it.
 
-        Returns once the record is on disk; the caller then renames ``tmp`` to
-        ``final`` and tells :meth:`placed` (also when that failed).
+        Returns once the record is on disk; the caller then renames its temp
+        file to ``final`` and tells :meth:`placed` (also when that failed).
 
         Raises
         ------
@@ -421,17 +416,13 @@ class Journal:
             in the journal (the object must then be refused).
         """
         name = os.fsencode(final)
-        data_crc = zlib.crc32(content) if content is not None else _file_crc(tmp)
+        size = len(content)
         entry = self._reserve(_aligned(_RECORD.size + len(name) + 4 + size), final)
         try:
-            head = _record_head(self._generation, entry.seq, name, data_crc, size)
-            if content is not None:
-                written = os.pwritev(self._fd, [head, content], entry.offset)
-                if written != len(head) + len(content):
-                    raise OSError(errno.EIO, f"short write to the receive journal {self.path}")
-            else:
-                os.pwrite(self._fd, head, entry.offset)
-                _copy_into(tmp, self._fd, entry.offset + len(head), size)
+            head = _record_head(self._generation, entry.seq, name, zlib.crc32(content), size)
+            written = os.pwritev(self._fd, [head, content], entry.offset)
+            if written != len(head) + size:
+                raise OSError(errno.EIO, f"short write to the receive journal {self.path}")
             self._flush.sync(entry)
         except BaseException:
             self.placed(entry)
@@ -576,27 +567,6 @@ class Journal:
                 return
             os.close(self._fd)
             self._fd = -1
-
-
-def _file_crc(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _copy_into(src: Path, fd: int, offset: int, size: int) -> None:
-    src_fd = os.open(src, os.O_RDONLY)
-    try:
-        copied = 0
-        while copied < size:
-            done = os.copy_file_range(src_fd, fd, size - copied, copied, offset + copied)
-            if done == 0:
-                raise OSError(errno.EIO, f"{src} shorter than {size} bytes")
-            copied += done
-    finally:
-        os.close(src_fd)
 
 
 def _recover_records(

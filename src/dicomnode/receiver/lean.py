@@ -674,7 +674,10 @@ class _Association:
             return
         journal = self.server.handler.journal
         journaled = (
-            journal is not None and transfer.write_error is None and journal.fits(transfer.written)
+            journal is not None
+            and transfer.write_error is None
+            and transfer.content is not None  # the journal takes objects held in memory
+            and journal.fits(transfer.written)
         )
         transfer.complete(flush=not journaled)
         affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))

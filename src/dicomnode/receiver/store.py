@@ -345,8 +345,12 @@ class StoreHandler:
         """
         tmp = received.tmp
         journal = self.journal
+        content = received.content
         if not received.flushed and (
-            journal is None or not journal.fits(size) or ae_root not in self._local_roots
+            journal is None
+            or content is None
+            or not journal.fits(size)
+            or ae_root not in self._local_roots
         ):
             # An AE folder outside destination_dir (maybe another volume: the object is
             # copied there, fsynced) is filed the classic way; the temp file is flushed first.
@@ -355,8 +359,8 @@ class StoreHandler:
         for attempt in range(4):
             try:
                 final = self._resolver.resolve(ae_root, plan) / name
-                if journal is not None and not received.flushed:
-                    entry = journal.commit(final, received.content, tmp, size)
+                if journal is not None and content is not None and not received.flushed:
+                    entry = journal.commit(final, content)
                     try:
                         os.replace(tmp, final)
                     finally:
