@@ -77,12 +77,9 @@ def ini_text(
     return text + routes
 
 
-def routed_config(
-    tmp_path: Path, ports: dict[str, int], routes: str, **kw: object
-) -> ForwarderConfig:
-    text = ini_text(tmp_path / "watch", ports, routes)
-    fw = config.parse(text, "test.ini", tmp_path).forwarder
-    fast = replace(
+def fast(fw: ForwarderConfig, **kw: object) -> ForwarderConfig:
+    """Return ``fw`` with test-speed timers and limits, then ``kw``."""
+    quick = replace(
         fw,
         max_workers=2,
         heartbeat_interval=1.0,
@@ -96,7 +93,14 @@ def routed_config(
         network_timeout_s=10.0,
         rt_completeness_wait_s=0.0,  # these groups hold plans without their structure sets
     )
-    return replace(fast, **kw)  # type: ignore[arg-type]
+    return replace(quick, **kw)  # type: ignore[arg-type]
+
+
+def routed_config(
+    tmp_path: Path, ports: dict[str, int], routes: str, **kw: object
+) -> ForwarderConfig:
+    text = ini_text(tmp_path / "watch", ports, routes)
+    return fast(config.parse(text, "test.ini", tmp_path).forwarder, **kw)
 
 
 def start(forwarders: list[Forwarder], cfg: ForwarderConfig) -> Forwarder:
@@ -256,7 +260,7 @@ def test_single_target_skips_duplicates_too_and_window_zero_turns_it_off(
     a = peer(peers, tmp_path, "A")
     text = ini_text(tmp_path / "watch", {}, "", default_port=a.port)
     base = config.parse(text, "t.ini", tmp_path).forwarder
-    cfg = replace(base, inactivity_timeout=0.5, process_timer_interval=0.2, duplicate_window_s=0)
+    cfg = fast(base, duplicate_window_s=0)
     group = cfg.watch_folder / "PAT4"
     write_cts(group, 2, patient="PAT4")
     copies = {p.name: p.read_bytes() for p in group.iterdir()}
@@ -413,14 +417,7 @@ def test_rt_completeness_is_checked_per_destination_share(
     text = text.replace(f"port = {b.port}\n", f"port = {b.port}\nrt_completeness_wait_s = 0\n")
     text += "[Route:rt]\ndestinations = A, B\n"
     base = config.parse(text, "t.ini", tmp_path).forwarder
-    cfg = replace(
-        base,
-        inactivity_timeout=0.5,
-        process_timer_interval=0.2,
-        retry_initial_delay_s=0.2,
-        retry_max_delay_s=0.5,
-        rt_completeness_wait_s=120.0,
-    )
+    cfg = fast(base, rt_completeness_wait_s=120.0)
     rt = rt_set("PAT7")
     group = cfg.watch_folder / "PAT7"
     save(rt["rtplan"], group / "plan.dcm")
