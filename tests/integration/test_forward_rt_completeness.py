@@ -40,7 +40,6 @@ from tests.integration.test_forward import (
     error_log,
     fconfig,
     files_in,
-    forwarders,  # noqa: F401  (fixture)
     start_forwarder,
     storescp,  # noqa: F401  (fixture)
 )
@@ -69,7 +68,7 @@ def uid(ds: Dataset) -> str:
 def test_rt_dose_and_plan_wait_for_their_structure_set_then_arrive_in_order(
     tmp_path: Path,
     storescp: StoreSCP,  # noqa: F811
-    forwarders: list[Forwarder],  # noqa: F811
+    forwarders: list[Forwarder],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO", logger="dicomnode")
@@ -103,7 +102,7 @@ def test_rt_dose_and_plan_wait_for_their_structure_set_then_arrive_in_order(
 def test_rt_wait_expiry_parks_or_sends_with_a_warning(
     tmp_path: Path,
     storescp: StoreSCP,  # noqa: F811
-    forwarders: list[Forwarder],  # noqa: F811
+    forwarders: list[Forwarder],
     caplog: pytest.LogCaptureFixture,
     action: str,
 ) -> None:
@@ -139,7 +138,7 @@ def test_rt_wait_expiry_parks_or_sends_with_a_warning(
 def test_rt_check_off_with_zero_wait(
     tmp_path: Path,
     storescp: StoreSCP,  # noqa: F811
-    forwarders: list[Forwarder],  # noqa: F811
+    forwarders: list[Forwarder],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO", logger="dicomnode")
@@ -154,7 +153,7 @@ def test_rt_check_off_with_zero_wait(
 def test_rt_default_wait_holds_a_lone_dose(
     tmp_path: Path,
     storescp: StoreSCP,  # noqa: F811
-    forwarders: list[Forwarder],  # noqa: F811
+    forwarders: list[Forwarder],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The check is on by default (ForwarderConfig's documented 300 s)."""
