@@ -86,8 +86,26 @@ else:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries to disk (POSIX only; a no-op on Windows)."""
+#: What ``fsync`` of a folder answers where the file system cannot flush folders
+#: (some network and FUSE file systems): nothing to wait for, not a failure.
+_FOLDER_FLUSH_UNSUPPORTED: Final = frozenset(
+    {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+)
+
+
+def flush_folder(path: Path) -> None:
+    """Flush a folder's entries to disk (POSIX only; a no-op on Windows).
+
+    A folder that cannot be opened (removed meanwhile, unreadable) or whose
+    file system cannot flush folders is skipped: there is nothing to wait for.
+
+    Raises
+    ------
+    OSError
+        When the flush itself fails (an I/O error, a full disk): the names in
+        the folder may not survive a power loss, so nothing placed there may be
+        reported as stored.
+    """
     if _IS_WINDOWS:
         return
     try:
@@ -96,10 +114,17 @@ def fsync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _FOLDER_FLUSH_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk as :func:`flush_folder` does, never raising (best effort)."""
+    with contextlib.suppress(OSError):
+        flush_folder(path)
 
 
 def fsync_path(path: Path) -> None:
@@ -276,8 +301,8 @@ class GroupSync:
             raise request.error
 
 
-def fsync_files(fds: list[Any]) -> list[OSError | None]:
-    """Flush the files ``fds`` to disk; return each one's error or None (a :class:`GroupSync` batch).
+def fsync_paths(paths: list[Any]) -> list[OSError | None]:
+    """Flush the files at ``paths`` to disk; return each one's error or None (a :class:`GroupSync` batch).
 
     One file is fsynced. Several files (all on one file system: the receiver's
     temp folder) are flushed by one ``syncfs`` on Linux: every fsync ends in its
@@ -285,16 +310,20 @@ def fsync_files(fds: list[Any]) -> list[OSError | None]:
     one (plus whatever else is dirty on that file system). Elsewhere, or when
     ``syncfs`` is unavailable, each file is fsynced.
     """
-    if len(fds) > 1:
+    if len(paths) > 1:
         try:
-            if syncfs(fds[0]):
-                return [None] * len(fds)
+            fd = os.open(paths[0], os.O_RDONLY)
+            try:
+                if syncfs(fd):
+                    return [None] * len(paths)
+            finally:
+                os.close(fd)
         except OSError as exc:
-            return [exc] * len(fds)
+            return [exc] * len(paths)
     errors: list[OSError | None] = []
-    for fd in fds:
+    for path in paths:
         try:
-            os.fsync(fd)
+            fsync_path(path)
             errors.append(None)
         except OSError as exc:
             errors.append(exc)
@@ -302,14 +331,19 @@ def fsync_files(fds: list[Any]) -> list[OSError | None]:
 
 
 def fsync_dirs(folders: list[Any]) -> list[OSError | None]:
-    """Flush each distinct folder of ``folders`` once (a :class:`GroupSync` batch; never fails).
+    """Flush each distinct folder of ``folders`` once; return each one's error or None (a :class:`GroupSync` batch).
 
-    Like :func:`fsync_dir`, a folder that cannot be opened or flushed is
-    skipped silently.
+    As :func:`flush_folder`: a folder that cannot be opened, or whose file
+    system cannot flush folders, is no error; a failed flush is.
     """
+    outcome: dict[Any, OSError | None] = {}
     for folder in dict.fromkeys(folders):
-        fsync_dir(folder)
-    return [None] * len(folders)
+        try:
+            flush_folder(folder)
+            outcome[folder] = None
+        except OSError as exc:
+            outcome[folder] = exc
+    return [outcome[folder] for folder in folders]
 
 
 def part_path(final: Path) -> Path:
@@ -333,7 +367,7 @@ def place_file(
 
     With ``create_folders=False`` a missing folder raises FileNotFoundError
     (the caller resolves folders itself, see :class:`FolderResolver`).
-    ``sync_dir`` flushes the folder of ``final`` (default :func:`fsync_dir`;
+    ``sync_dir`` flushes the folder of ``final`` (default :func:`flush_folder`;
     the receiver passes a :class:`GroupSync` so concurrent objects share flushes).
 
     Raises
@@ -357,10 +391,10 @@ def place_file(
                 raise
             _copy_across_volumes(src, final)
             break
-    (sync_dir or fsync_dir)(final.parent)
+    (sync_dir or flush_folder)(final.parent)
     # New folders are only durable once the folders holding their names are flushed too.
     for folder in dict.fromkeys(c.parent for c in created):
-        fsync_dir(folder)
+        flush_folder(folder)
 
 
 def make_folders(folder: Path) -> list[Path]:
@@ -452,7 +486,7 @@ class FolderResolver:
         for level in plan:
             folder = self._level(folder, level, root, created)
         for parent in dict.fromkeys(c.parent for c in created):
-            fsync_dir(parent)
+            flush_folder(parent)
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[key] = folder
@@ -507,7 +541,7 @@ class FolderResolver:
             if target.is_dir():
                 return target, False
             os.rename(staged, target)
-        fsync_dir(parent)
+        flush_folder(parent)
         return target, True
 
     def _level(self, parent: Path, level: FolderLevel, root: Path, created: list[Path]) -> Path:
@@ -607,7 +641,7 @@ def write_bytes_atomic(data: bytes, final: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(final.parent)
+    flush_folder(final.parent)
 
 
 def write_dataset_atomic(ds: Dataset, final: Path) -> None:
@@ -623,7 +657,7 @@ def write_dataset_atomic(ds: Dataset, final: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(final.parent)
+    flush_folder(final.parent)
 
 
 def quarantine(src: Path | None, errors_dir: Path, name_hint: str, reason: str) -> Path | None:
@@ -652,6 +686,7 @@ def quarantine(src: Path | None, errors_dir: Path, name_hint: str, reason: str) 
         errors_dir.mkdir(parents=True, exist_ok=True)
         if src is not None and src.exists():
             target = errors_dir / f"{base}.dcm"
+            fsync_path(src)  # the receiver hands it over unflushed
             place_file(src, target)
         write_bytes_atomic(
             f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}\nreason: {escape(reason)}\n".encode(),

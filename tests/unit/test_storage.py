@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -11,20 +12,20 @@ import pytest
 
 from dicomnode import storage
 from dicomnode.organise import FolderLevel
-from dicomnode.storage import GroupSync, fsync_files
+from dicomnode.storage import GroupSync, fsync_dirs, fsync_paths
 from tests.conftest import wait_until
 
 
 def _spy_fsync_dir(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Record the folders place_file flushes (the real fsync still runs)."""
     calls: list[Path] = []
-    real = storage.fsync_dir
+    real = storage.flush_folder
 
     def spy(path: Path) -> None:
         calls.append(path)
         real(path)
 
-    monkeypatch.setattr(storage, "fsync_dir", spy)
+    monkeypatch.setattr(storage, "flush_folder", spy)
     return calls
 
 
@@ -173,19 +174,40 @@ def test_group_sync_reports_each_callers_own_error() -> None:
         group.sync("bad")
 
 
-def test_fsync_files_flushes_every_file_of_a_batch(tmp_path: Path) -> None:
-    fds = [os.open(tmp_path / f"{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
-    try:
-        for fd in fds:
-            os.write(fd, b"x")
-        assert fsync_files(fds) == [None, None, None]
-        assert fsync_files(fds[:1]) == [None]
-    finally:
-        for fd in fds:
-            os.close(fd)
-    closed = fds[0]
-    errors = fsync_files([closed])
-    assert isinstance(errors[0], OSError)
+def test_fsync_paths_flushes_every_file_of_a_batch(tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i}" for i in range(3)]
+    for path in paths:
+        path.write_bytes(b"x")
+    assert fsync_paths(paths) == [None, None, None]
+    assert fsync_paths(paths[:1]) == [None]
+    errors = fsync_paths([tmp_path / "gone"])
+    assert isinstance(errors[0], FileNotFoundError)
+
+
+def test_folder_flush_skips_what_cannot_be_flushed_and_reports_what_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /proc cannot flush folders (EINVAL) and a removed folder has nothing to flush:
+    # neither stops a store. A real flush error must (the new names may be lost).
+    storage.flush_folder(Path("/proc"))
+    assert fsync_dirs([Path("/proc"), tmp_path / "gone", tmp_path]) == [None, None, None]
+    real = os.fsync
+
+    def failing(fd: int) -> None:  # no device here fails on demand: inject the disk's answer
+        if os.path.samefile(f"/proc/self/fd/{fd}", tmp_path):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        storage.flush_folder(tmp_path)
+    errors = fsync_dirs([tmp_path, Path("/proc"), tmp_path])
+    assert [type(e) for e in errors] == [OSError, type(None), OSError]
+    storage.fsync_dir(tmp_path)  # the best-effort variant still never raises
+    src = tmp_path / "obj.tmp"
+    src.write_bytes(b"data")
+    with pytest.raises(OSError, match="Input/output"):
+        storage.place_file(src, tmp_path / "CT_1.dcm")
 
 
 def test_group_sync_many_threads_all_return_and_every_item_is_flushed_once() -> None:

@@ -291,7 +291,9 @@ def flush_placed(paths: Iterable[Path]) -> None:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 fsync_path(path)
-        fsync_dirs(folders)
+        for error in fsync_dirs(folders):
+            if error is not None:
+                raise error
         return
 
 

@@ -16,12 +16,11 @@ promises does not change:
   receiver processes), with a real A-ASSOCIATE-RJ; presentation contexts by
   :mod:`~dicomnode.receiver.negotiation`;
 * each object streamed to ``<destination>/.incoming-tmp`` behind a File Meta
-  Information header, bytes as received; closed — and fsynced (group commit with the
-  process's other associations, :class:`~dicomnode.storage.GroupSync`) unless the
-  process's receive journal (:mod:`.journal`) takes it —, then filed by
-  :meth:`~dicomnode.receiver.store.StoreHandler.finish` (integrity walk, header,
-  journal record flushed or file fsynced, atomic rename, folder fsync when not
-  journaled) *before* the C-STORE-RSP is sent;
+  Information header, bytes as received; closed (the disk starts writing its
+  last bytes), then filed by :meth:`~dicomnode.receiver.store.StoreHandler.finish`
+  (integrity walk and naming while the disk writes, then journal record flushed
+  or file fsynced — group commit with the process's other associations —,
+  atomic rename, folder fsync when not journaled) *before* the C-STORE-RSP is sent;
 * the disk guard is checked when a request arrives (nothing is written below
   ``min_free_space_mb``), a write error (disk full) is recorded and the rest of
   the object discarded so the peer gets 0xA700, and ``max_object_mb`` stops
@@ -127,7 +126,7 @@ from dicomnode.receiver.negotiation import accepted_roles, negotiate
 from dicomnode.receiver.pending import Negotiator
 from dicomnode.receiver.reports import record_report
 from dicomnode.receiver.store import ReceivedObject, StoreHandler
-from dicomnode.storage import GroupSync, fsync_files, start_writeback
+from dicomnode.storage import start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +176,6 @@ class _Transfer:
         Why nothing is written (the disk guard).
     fd : int, optional
         ``path`` already created and opened for writing (see :func:`create_temp`).
-    flush : callable, optional
-        Flushes the file to disk given its descriptor (default ``os.fsync``; the
-        server passes its :class:`~dicomnode.storage.GroupSync`).
     """
 
     def __init__(
@@ -189,10 +185,8 @@ class _Transfer:
         limit: int,
         write_error: OSError | None = None,
         fd: int = -1,
-        flush: Callable[[int], None] = os.fsync,
     ) -> None:
         self.path = path
-        self.flush = flush
         self._written_back = 0
         self.limit = limit
         self.write_error = write_error
@@ -242,22 +236,21 @@ class _Transfer:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
 
-    def complete(self, flush: bool = True) -> None:
-        """Flush the file to disk (unless the receive journal will) and close it.
+    def complete(self, writeback: bool = True) -> None:
+        """Close the file; with ``writeback``, first start writing what the disk does not have yet.
 
-        An error becomes ``write_error``.
+        The file is *not* flushed here: the store handler checks and names the
+        object while the disk writes its last bytes, then fsyncs it (or writes it
+        to the receive journal, then ``writeback`` is False: the journal's
+        checkpoint flushes placed files in bulk).
         """
         if self.fd < 0:
             return
-        try:
-            if flush and self.write_error is None and not self.too_large:
-                self.flush(self.fd)
-        except OSError as exc:
-            self.write_error = exc
-        finally:
-            fd, self.fd = self.fd, -1
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        fd, self.fd = self.fd, -1
+        if writeback and self.write_error is None and not self.too_large:
+            start_writeback(fd, self._written_back, 0)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def discard(self) -> None:
         """Close and delete the partial file (the object was never acknowledged)."""
@@ -679,7 +672,7 @@ class _Association:
             and transfer.content is not None  # the journal takes objects held in memory
             and journal.fits(transfer.written)
         )
-        transfer.complete(flush=not journaled)
+        transfer.complete(writeback=not journaled)
         affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
         error = transfer.write_error
         if transfer.path is None and error is None:
@@ -694,7 +687,7 @@ class _Association:
             too_large=transfer.too_large,
             content=transfer.content if error is None else None,
             command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
-            flushed=not journaled,
+            flushed=False,
         )
         filing = self.server.handler.finish(received, defer_report=True)
         self._respond(filing.status)
@@ -862,8 +855,6 @@ class LeanServer:
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
         self.tmp_prefix = tmp_prefix
         self.temp_files: _TempFiles | None = None
-        #: Flushes of completed temp files, shared by objects finished at the same moment.
-        self.file_sync = GroupSync(fsync_files)
         self._shared = listen_socket is not None
         self._listen = listen_socket
         self._room = node_has_room or (lambda n: n <= cfg.max_associations)
@@ -951,9 +942,7 @@ class LeanServer:
             )
         except OSError as exc:
             return _Transfer(None, b"", 0, exc)
-        return _Transfer(
-            path, head, limit + len(head) if limit else 0, fd=fd, flush=self.file_sync.sync
-        )
+        return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
 
     def _on_request(
         self, sock: socket.socket, address: tuple[str, int], request: A_ASSOCIATE_RQ

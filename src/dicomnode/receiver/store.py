@@ -53,7 +53,7 @@ from dicomnode.storage import (
     GroupSync,
     free_space_mb,
     fsync_dirs,
-    fsync_path,
+    fsync_paths,
     place_file,
     quarantine,
 )
@@ -122,7 +122,7 @@ class ReceivedObject:
     tmp : Path
         The received object (File Meta Information + data set as received),
         closed, in the temp folder of the destination volume; fsynced unless
-        ``flushed`` is False (then the receive journal makes it durable).
+        ``flushed`` is False (then :meth:`StoreHandler.finish` makes it durable).
     calling, where : str
         Calling AE title and "ip:port" of the peer, for routing and logs.
     started : float
@@ -143,8 +143,10 @@ class ReceivedObject:
         a file whose header contradicts its data set would later be refused by
         the forwarding target.
     flushed : bool
-        False when ``tmp`` was not fsynced: :meth:`StoreHandler.finish` writes
-        it to the receive journal (one flush) before placing it.
+        False when ``tmp`` was not fsynced (the lean transport never flushes:
+        the object is checked and named while the disk writes its last bytes):
+        :meth:`StoreHandler.finish` writes it to the receive journal (one flush)
+        or fsyncs it before placing it.
     """
 
     tmp: Path
@@ -216,6 +218,8 @@ class StoreHandler:
         self._max_bytes = cfg.max_object_mb * 1_000_000
         self._plans: dict[object, tuple[tuple[FolderLevel, ...], str]] = {}
         self._resolver = FolderResolver(lock_dir=cfg.destination_dir)
+        #: Flushes of received temp files, shared by objects filed at the same moment.
+        self.file_sync = GroupSync(fsync_paths)
         #: Folder flushes after renames, shared by objects filed at the same moment.
         self.folder_sync = GroupSync(fsync_dirs)
         #: The process's receive journal (set by the receiver when ``journal_mb`` > 0).
@@ -335,8 +339,10 @@ class StoreHandler:
     ) -> Path:
         """Make the received object durable in the folder of ``plan`` (found or created by identity).
 
-        A flushed temp file is renamed and its folder flushed; an unflushed one
-        is first written to the receive journal (one flush), then renamed.
+        An unflushed temp file is written to the receive journal (one flush)
+        and renamed, or (too large for the journal, no journal, an AE folder
+        elsewhere) fsynced, renamed and its folder flushed; a flushed one is
+        renamed and its folder flushed.
 
         Raises
         ------
@@ -353,8 +359,9 @@ class StoreHandler:
             or ae_root not in self._local_roots
         ):
             # An AE folder outside destination_dir (maybe another volume: the object is
-            # copied there, fsynced) is filed the classic way; the temp file is flushed first.
-            fsync_path(tmp)
+            # copied there, fsynced) is filed the classic way; the temp file is flushed first
+            # (group commit: objects of other associations finishing now share the flush).
+            self.file_sync.sync(tmp)
             journal = None
         for attempt in range(4):
             try:
