@@ -912,6 +912,15 @@ class NodeConfig:
     window_title: str = setting(
         "dicomnode", "General", Kind.TEXT, "Console window title", site_specific=True
     )
+    stop_grace_s: float = setting(
+        5.0,
+        "General",
+        Kind.SECONDS,
+        "On a stop (Ctrl+C, SIGTERM, service stop), how long running transfers may finish "
+        "before they are aborted (a second signal aborts at once)",
+        lo=0.1,
+        hi=3600.0,
+    )
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)

@@ -323,5 +323,5 @@ def run(config: NodeConfig, options: RunOptions, stop: threading.Event | None = 
             while not stop.wait(0.5):
                 node.supervise()
         finally:
-            node.stop()
+            node.stop(config.stop_grace_s)
     logger.info("STOPPED")

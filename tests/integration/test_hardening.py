@@ -23,7 +23,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import peer_env, require_tool, run_storescu, wait_until, write_config
+from tests.conftest import (
+    peer_env,
+    require_tool,
+    run_storescu,
+    stays_false,
+    wait_until,
+    write_config,
+)
 from tests.factories import ROOT, make_image, save
 from tests.integration.rawpeer import (
     PDU_ASSOCIATE_AC,
@@ -602,11 +609,16 @@ def test_hardening_sigterm_mid_transfer_stops_fast_and_keeps_every_ack(
 def test_hardening_second_signal_forces_exit(
     tmp_path: Path, port: int, start_node: StartNode
 ) -> None:
-    node, _ = start(tmp_path, port, start_node)
+    # A clean stop waits up to stop_grace_s for the open association: long enough here
+    # that the second signal always finds it waiting, however slow the machine.
+    extra = {"General": {"ae_title": "NODE", "stop_grace_s": 600}}
+    node, _ = start(tmp_path, port, start_node, extra=extra)
     with RawPeer(port) as idle:  # an open association makes the clean stop wait
         assert idle.associate() == PDU_ASSOCIATE_AC
         node.proc.send_signal(signal.SIGINT)
         assert wait_until(lambda: "SHUTDOWN requested" in node.output(), 10)
+        # Past the default grace (5 s) the clean stop is still waiting: stop_grace_s counts.
+        assert stays_false(lambda: node.proc.poll() is not None, 7.0), node.output()
         node.proc.send_signal(signal.SIGINT)
         # forced, not clean: a clean stop would wait for the open association and exit 0
         code = node.proc.wait(60)

@@ -114,7 +114,7 @@ BASE = "[Security]\ntrusted_ae_titles = A\n"
         ("[Security]\ntrusted_ae_titles =\n", r"trusted_ae_titles is empty"),
         (
             "[General]\nae_titel = X\n",
-            r"\[General\] unknown key 'ae_titel'; accepted keys: ae_title, window_title",
+            r"\[General\] unknown key 'ae_titel'; accepted keys: ae_title, stop_grace_s, window_title",
         ),
         ("[Netwrok]\nreceive_port = 1\n", r"unknown section \[Netwrok\]"),
         ("[Logging]\nverbose = maybe\n", r"verbose = 'maybe' is invalid; accepted: true or false"),

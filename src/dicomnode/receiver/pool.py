@@ -135,7 +135,8 @@ def _worker_main(
 ) -> None:
     """Entry point of one receiver process.
 
-    Runs until the parent sends ``"stop"`` on ``conn``, closes it (parent died),
+    Runs until the parent sends ``("stop", grace_s)`` on ``conn`` (running associations
+    then get ``grace_s`` to finish), closes it (parent died),
     or SIGTERM arrives. Signals readiness by sending ``"ready"``.
     """
     _die_with_parent()
@@ -178,15 +179,19 @@ def _worker_main(
     )
     receiver.start(prepare=False)
     conn.send("ready")
+    grace_s = 5.0
     try:
         while not local_stop.is_set():
             receiver.publish_load()  # keeps max_associations node-wide and self-healing
-            if conn.poll(0.5) and conn.recv() == "stop":
-                break
+            if conn.poll(0.5):
+                message = conn.recv()
+                if isinstance(message, tuple) and message[:1] == ("stop",):
+                    grace_s = float(message[1])
+                    break
     except (EOFError, OSError):
         pass  # the parent is gone: stop serving
     finally:
-        receiver.stop()
+        receiver.stop(grace_s)
         if converter is not None:
             converter.stop()
         log_handler.close()
@@ -456,7 +461,7 @@ class ReceiverPool:
         self._stopping = True
         for worker in self._workers.values():
             with contextlib.suppress(Exception):
-                worker.conn.send("stop")
+                worker.conn.send(("stop", grace_s))
         deadline = time.monotonic() + grace_s + 2.0
         for worker in self._workers.values():
             proc = worker.process
