@@ -836,7 +836,7 @@ class LoggingConfig:
         "WARNING",
         "Logging",
         Kind.SPECIAL,
-        "Level of the pynetdicom library's own log",
+        "Not used (the node no longer runs pynetdicom; kept for old files)",
         choices=("debug", "info", "warning", "error", "critical"),
     )
 

@@ -1,21 +1,42 @@
 """C-ECHO SCU for ``dicomnode echo``: verify that a DICOM node answers.
 
-The only runtime module that still uses pynetdicom (the receiver and the
-forwarder use dicomnode's own upper layer, :mod:`dicomnode.dul`); it keeps the
-CLI free of network code. pynetdicom's own log lines are silenced while it runs:
-the one-line :class:`EchoResult` message says what happened.
+Speaks dicomnode's own upper layer (:mod:`dicomnode.dul.scu`, as the forwarder
+does): one association proposing Verification in Implicit VR Little Endian,
+one C-ECHO-RQ, release. The one-line :class:`EchoResult` message says what
+happened, in the forwarder's words for the same failures.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Final
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from dicomnode.dul.dimse import (
+    MESSAGE_ID_RESPONDED,
+    STATUS,
+    VERIFICATION_SOP_CLASS,
+    c_echo_rq,
+    command_us,
+)
+from dicomnode.dul.link import LinkError, LinkTimeout
+from dicomnode.dul.pdu import (
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RQ,
+    ACCEPTANCE,
+    APPLICATION_CONTEXT,
+    PDV_COMMAND,
+    PDV_LAST,
+    ProposedContext,
+    p_data_tf,
+)
+from dicomnode.dul.scu import associate, open_link, read_message, release
+
+#: Implicit VR Little Endian: the transfer syntax every DICOM node accepts (PS3.5 10.1).
+_IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+#: Largest PDU we accept from the peer (the answer to one C-ECHO is small).
+_MAX_PDU: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,63 +58,68 @@ def echo(
 ) -> EchoResult:
     """Associate with ``called_aet@host:port``, send C-ECHO, release.
 
+    ``timeout_s`` bounds the connection, the association and the wait for the
+    response, each.
+
     Returns
     -------
     EchoResult
         ``ok`` is True only for a 0x0000 response.
     """
-    library_log = logging.getLogger("pynetdicom")
-    level = library_log.level
-    library_log.setLevel(logging.CRITICAL)  # its ERROR lines repeat ours, out of order
-    try:
-        return _echo(host, port, called_aet, calling_aet, timeout_s, ssl_context)
-    finally:
-        library_log.setLevel(level)
-
-
-def _echo(
-    host: str,
-    port: int,
-    called_aet: str,
-    calling_aet: str,
-    timeout_s: float,
-    ssl_context: ssl.SSLContext | None,
-) -> EchoResult:
     started = time.monotonic()
-    ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = timeout_s
-    ae.dimse_timeout = timeout_s
-    ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    tls_args = (ssl_context, host) if ssl_context is not None else None
     where = f"{called_aet}@{host}:{port}"
-    try:
-        assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
-    except (OSError, socket.gaierror) as exc:
-        return EchoResult(False, f"ECHO-FAILED {where}: {exc}", 0.0)
 
     def elapsed() -> float:
         return (time.monotonic() - started) * 1000
 
-    if assoc.is_rejected:
-        return EchoResult(
-            False, f"ECHO-FAILED {where}: association rejected (check AE titles)", elapsed()
-        )
-    if not assoc.is_established:
-        return EchoResult(
-            False,
-            f"ECHO-FAILED {where}: no association (connection refused, aborted or timed out)",
-            elapsed(),
-        )
     try:
-        status = assoc.send_c_echo()
+        request = A_ASSOCIATE_RQ(
+            called_aet,
+            calling_aet,
+            APPLICATION_CONTEXT,
+            (ProposedContext(1, VERIFICATION_SOP_CLASS, (_IMPLICIT_VR_LE,)),),
+            _MAX_PDU,
+        ).encode()
+    except (ValueError, UnicodeEncodeError) as exc:
+        return EchoResult(False, f"ECHO-FAILED {where}: {exc}", 0.0)
+    try:
+        conn = open_link(host, port, where, timeout_s, ssl_context)
+    except LinkError as exc:
+        return _failed(where, exc, 0.0)
+    try:
+        answer = A_ASSOCIATE_AC.decode(associate(conn, request, timeout_s))
+        if not any(r.context_id == 1 and r.result == ACCEPTANCE for r in answer.results):
+            release(conn, timeout_s)
+            return EchoResult(
+                False, f"ECHO-FAILED {where}: Verification not accepted by the peer", elapsed()
+            )
+        conn.send(p_data_tf(1, PDV_COMMAND | PDV_LAST, c_echo_rq(1)), "sending the C-ECHO")
+        conn.set_timeout(timeout_s)
+        response, _data = read_message(conn, "waiting for the C-ECHO response")
+        release(conn, timeout_s)
+    except LinkTimeout:
+        conn.abort()
+        return EchoResult(
+            False, f"ECHO-FAILED {where}: no response within {timeout_s:g} s", elapsed()
+        )
+    except (LinkError, ValueError) as exc:
+        conn.abort()
+        return _failed(where, exc, elapsed())
     finally:
-        if assoc.is_established:
-            assoc.release()
-    code = getattr(status, "Status", None)
-    if code is None:
-        return EchoResult(False, f"ECHO-FAILED {where}: no response", elapsed())
-    if int(code) != 0:
-        return EchoResult(False, f"ECHO-FAILED {where}: status 0x{int(code):04X}", elapsed())
+        conn.close()
+    status = command_us(response, STATUS)
+    if status is None or command_us(response, MESSAGE_ID_RESPONDED) != 1:
+        return EchoResult(False, f"ECHO-FAILED {where}: malformed response", elapsed())
+    if status != 0:
+        return EchoResult(False, f"ECHO-FAILED {where}: status 0x{status:04X}", elapsed())
     return EchoResult(True, f"ECHO-OK {where} in {elapsed():.0f} ms", elapsed())
+
+
+def _failed(where: str, exc: Exception, elapsed_ms: float) -> EchoResult:
+    """One ``ECHO-FAILED`` line naming the peer once (link errors already name it)."""
+    text = str(exc)
+    return EchoResult(
+        False,
+        f"ECHO-FAILED {text}" if where in text else f"ECHO-FAILED {where}: {text}",
+        elapsed_ms,
+    )

@@ -8,14 +8,17 @@ test_negotiation.py.
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomRQ
 from pynetdicom.pdu import P_DATA_TF as PynetdicomPDATA
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicomnode.dul import dimse
 from dicomnode.dul import pdu as dul
 from dicomnode.dul.meta import MetaError, file_meta, read_file_meta
 from tests.factories import make_image, save
@@ -105,6 +108,16 @@ def test_iter_pdvs_reads_pynetdicom_p_data_tf() -> None:
     assert list(dul.iter_pdvs(dul.p_data_tf(5, dul.PDV_LAST, b"xy")[6:])) == [(5, 0x02, b"xy")]
     with pytest.raises(ValueError, match="malformed"):
         list(dul.iter_pdvs(raw[6:-1]))
+
+
+def test_c_echo_rq_decodes_as_pynetdicom_reads_it() -> None:
+    raw = dimse.c_echo_rq(5)
+    rq = decode(BytesIO(raw), True, True)
+    assert rq.CommandField == dimse.C_ECHO_RQ
+    assert rq.MessageID == 5
+    assert rq.AffectedSOPClassUID == dimse.VERIFICATION_SOP_CLASS
+    assert rq.CommandDataSetType == dimse.NO_DATA_SET
+    assert rq.CommandGroupLength == len(raw) - 12
 
 
 def test_read_file_meta_finds_the_data_set_of_a_pydicom_file(tmp_path: Path) -> None:

@@ -111,6 +111,18 @@ def c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> by
     )
 
 
+def c_echo_rq(message_id: int) -> bytes:
+    """Encode a C-ECHO-RQ command set (Verification, no data set)."""
+    return command_set(
+        [
+            (AFFECTED_SOP_CLASS, VERIFICATION_SOP_CLASS.encode("ascii")),
+            (COMMAND_FIELD, us(C_ECHO_RQ)),
+            (MESSAGE_ID, us(message_id)),
+            (DATA_SET_TYPE, us(NO_DATA_SET)),
+        ]
+    )
+
+
 def response_command(
     request_field: int, message_id: int, sop_class: str, sop_instance: str, status: int
 ) -> bytes:

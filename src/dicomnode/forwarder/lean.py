@@ -59,7 +59,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 import ssl
 import struct
 import time
@@ -75,14 +74,12 @@ from dicomnode.dul.dimse import (
     AFFECTED_SOP_INSTANCE,
     C_STORE_RSP,
     COMMAND_FIELD,
-    DATA_SET_TYPE,
     ERROR_COMMENT,
     EVENT_TYPE_ID,
     MESSAGE_ID,
     MESSAGE_ID_RESPONDED,
     N_ACTION_RSP,
     N_EVENT_REPORT_RQ,
-    NO_DATA_SET,
     STATUS,
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_SOP_CLASS,
@@ -96,10 +93,7 @@ from dicomnode.dul.link import LinkError, LinkTimeout, PduLink
 from dicomnode.dul.meta import MetaError
 from dicomnode.dul.pdu import (
     A_ASSOCIATE_AC,
-    A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
-    A_RELEASE_RP_PDU,
-    A_RELEASE_RQ_PDU,
     ACCEPTANCE,
     APPLICATION_CONTEXT,
     PDU_HEADER,
@@ -114,6 +108,7 @@ from dicomnode.dul.pdu import (
     p_data_tf,
     uid_text,
 )
+from dicomnode.dul.scu import associate, open_link, read_message, release
 from dicomnode.forwarder.batching import (
     FALLBACK_SYNTAXES,
     ContextSpec,
@@ -208,23 +203,9 @@ class LeanAssociationSender(AssociationSender):
     def _connect(self) -> PduLink:
         """Open the TCP (and TLS) connection; raise LinkError with the sender's wording."""
         cfg = self.config
-        where = self._where()
-        try:
-            sock = socket.create_connection(
-                (cfg.target_ip, cfg.target_port), timeout=cfg.acse_timeout_s
-            )
-        except OSError as exc:
-            raise LinkError(
-                f"cannot connect to {where} (connection refused or timed out): {exc}"
-            ) from exc
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=cfg.target_ip)
-        except OSError as exc:
-            sock.close()
-            raise LinkError(f"association to {where} failed: TLS handshake failed: {exc}") from exc
-        return PduLink(sock, where, self.ssl_context is not None, cfg.acse_timeout_s)
+        return open_link(
+            cfg.target_ip, cfg.target_port, self._where(), cfg.acse_timeout_s, self.ssl_context
+        )
 
     def _negotiate(
         self, conn: PduLink, contexts: Sequence[ContextSpec]
@@ -246,24 +227,11 @@ class LeanAssociationSender(AssociationSender):
             rq = request.encode()
         except (ValueError, UnicodeEncodeError) as exc:
             raise LinkError(f"association to {where} failed: {exc}") from exc
-        return _accepted(A_ASSOCIATE_AC.decode(_associate(conn, rq, cfg.acse_timeout_s)), proposed)
+        return _accepted(A_ASSOCIATE_AC.decode(associate(conn, rq, cfg.acse_timeout_s)), proposed)
 
     def _release(self, conn: PduLink) -> None:
         """A-RELEASE-RQ and wait for A-RELEASE-RP (at most acse_timeout_s); never raises."""
-        try:
-            conn.send(A_RELEASE_RQ_PDU, "releasing the association")
-            conn.set_timeout(self.config.acse_timeout_s)
-            while True:
-                pdu_type, _body = conn.read_pdu("releasing the association")
-                if pdu_type == PduType.A_RELEASE_RP:
-                    return
-                if pdu_type == PduType.A_RELEASE_RQ:  # release collision (PS3.8 7.2.2)
-                    conn.send(A_RELEASE_RP_PDU, "releasing the association")
-                    continue
-                if pdu_type == PduType.A_ABORT:
-                    return
-        except (LinkError, LinkTimeout) as exc:
-            logger.debug("release of the association to %s incomplete: %s", conn.where, exc)
+        release(conn, self.config.acse_timeout_s)
 
     # -- run ----------------------------------------------------------------------
 
@@ -718,38 +686,6 @@ class LeanAssociationSender(AssociationSender):
         return status
 
 
-def _associate(conn: PduLink, request: bytes, acse_timeout_s: float) -> bytes:
-    """Send an encoded A-ASSOCIATE-RQ; return the body of the peer's A-ASSOCIATE-AC.
-
-    Raises
-    ------
-    LinkError
-        When no answer comes within ``acse_timeout_s``, the peer rejects or
-        aborts, or answers with another PDU (the link is then aborted).
-    """
-    where = conn.where
-    conn.set_timeout(acse_timeout_s)
-    conn.send(request, "requesting the association")
-    try:
-        pdu_type, body = conn.read_pdu("negotiating the association")
-    except LinkTimeout as exc:
-        raise LinkError(f"no association with {where} (no answer within acse_timeout_s)") from exc
-    if pdu_type == PduType.A_ASSOCIATE_AC:
-        return body
-    if pdu_type == PduType.A_ASSOCIATE_RJ:
-        try:
-            why = A_ASSOCIATE_RJ.decode(body).describe()
-        except ValueError:
-            why = ""
-        raise LinkError(f"association rejected by {where} ({why})")
-    if pdu_type == PduType.A_ABORT:
-        raise LinkError(f"association aborted by {where}")
-    conn.abort()
-    raise LinkError(
-        f"no association with {where} (unexpected PDU 0x{pdu_type:02X}, protocol error)"
-    )
-
-
 def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tuple[str, int, bool]:
     """Negotiate the Storage Commitment context; return (transfer syntax, peer max PDU, report here).
 
@@ -768,7 +704,7 @@ def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tup
         cfg.max_pdu_bytes,
         roles=(RoleSelection(STORAGE_COMMITMENT_SOP_CLASS, scu=True, scp=True),),
     )
-    answer = A_ASSOCIATE_AC.decode(_associate(conn, request.encode(), cfg.acse_timeout_s))
+    answer = A_ASSOCIATE_AC.decode(associate(conn, request.encode(), cfg.acse_timeout_s))
     chosen = [
         r.transfer_syntax
         for r in answer.results
@@ -781,50 +717,6 @@ def _commitment_association(sender: LeanAssociationSender, conn: PduLink) -> tup
     )
     peer_max = answer.max_pdu if 0 < answer.max_pdu <= MAX_SEND_PDU_BYTES else MAX_SEND_PDU_BYTES
     return chosen[0], peer_max, report_here
-
-
-def _read_message(conn: PduLink, what: str) -> tuple[dict[int, bytes], bytes | None]:
-    """Read one DIMSE message (command set and, if one follows, its data set).
-
-    Raises
-    ------
-    LinkTimeout
-        When nothing arrives within the current timeout.
-    LinkError
-        On A-ABORT, A-RELEASE-RQ, another PDU or a malformed one.
-    """
-    command = bytearray()
-    data = bytearray()
-    parsed: dict[int, bytes] | None = None
-    while True:
-        pdu_type, body = conn.read_pdu(what)
-        if pdu_type == PduType.A_ABORT:
-            raise LinkError(f"association aborted by {conn.where} while {what}")
-        if pdu_type == PduType.A_RELEASE_RQ:
-            conn.send(A_RELEASE_RP_PDU, "releasing the association")
-            raise LinkError(f"{conn.where} released the association while {what}")
-        if pdu_type != PduType.P_DATA_TF:
-            raise LinkError(f"unexpected PDU 0x{pdu_type:02X} from {conn.where} while {what}")
-        try:
-            pdvs = list(iter_pdvs(body))
-        except ValueError:
-            raise LinkError(f"malformed P-DATA-TF from {conn.where}") from None
-        for _cid, control, fragment in pdvs:
-            if control & PDV_COMMAND:
-                command += fragment
-                if control & PDV_LAST:
-                    try:
-                        parsed = parse_command(command)
-                    except ValueError as exc:
-                        raise LinkError(f"malformed command from {conn.where}: {exc}") from exc
-                    if command_us(parsed, DATA_SET_TYPE) == NO_DATA_SET:
-                        return parsed, None
-            else:
-                if parsed is None:
-                    raise LinkError(f"data set before its command from {conn.where}")
-                data += fragment
-                if control & PDV_LAST:
-                    return parsed, bytes(data)
 
 
 def request_commitment(
@@ -891,7 +783,7 @@ def request_commitment(
         while True:
             conn.set_timeout(cfg.dimse_timeout_s)
             try:
-                rsp, body = _read_message(conn, "waiting for the N-ACTION response")
+                rsp, body = read_message(conn, "waiting for the N-ACTION response")
             except LinkTimeout as exc:
                 raise LinkError(
                     f"no N-ACTION response from {conn.where} within dimse_timeout_s "
@@ -940,7 +832,7 @@ def _serve_report(
             return  # it comes (came) on a new association to the node's port
     conn.set_timeout(max(wait_s, 10.0))  # a message that started must be complete
     try:
-        request, data = _read_message(conn, "waiting for a storage commitment report")
+        request, data = read_message(conn, "waiting for a storage commitment report")
     except LinkTimeout:
         raise LinkError(f"{conn.where} stopped in the middle of a message") from None
     if command_us(request, COMMAND_FIELD) != N_EVENT_REPORT_RQ or data is None:
