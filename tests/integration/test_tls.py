@@ -293,3 +293,25 @@ def test_tls_handshake_trickled_byte_by_byte_is_cut_at_acse_deadline(
     done = _dcmtk("storescu", port, _client_tls(pki), [path])
     assert done.returncode == 0, done.stderr
     assert len(_stored(dest)) == 1
+
+
+def test_tls_dicomnode_echo_over_tls_with_and_without_client_certificate(
+    tmp_path: Path, port: int, start_node: StartNode, pki: Pki
+) -> None:
+    """``dicomnode echo``'s own upper layer (dicomnode.verify) speaks DICOM TLS."""
+    from dicomnode.verify import echo
+
+    node, _ = _start_tls_node(tmp_path, port, start_node, pki)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    result = echo("127.0.0.1", port, "NODE", "SENDER", timeout_s=20, ssl_context=ctx)
+    assert result.ok, result.message
+    assert wait_until(lambda: "ECHO calling_ae=SENDER" in node.output()), node.output()
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname = False
+    anonymous.load_verify_locations(cafile=str(pki.ca))
+    refused = echo("127.0.0.1", port, "NODE", "SENDER", timeout_s=20, ssl_context=anonymous)
+    assert not refused.ok
+    assert refused.message.startswith("ECHO-FAILED") and "\n" not in refused.message
