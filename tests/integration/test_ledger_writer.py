@@ -113,8 +113,9 @@ def test_counters_survive_restart_and_retention(
 
 
 def test_reconcile_records_unknown_objects_once(
-    tmp_path: Path, writers: list[LedgerWriter]
+    tmp_path: Path, writers: list[LedgerWriter], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dicomnode.ledger.writer")
     root = tmp_path / "incoming"
     known = save(make_image("CT", patient_id="K"), root / "p" / "known.dcm")
     unknown = save(make_image("MR", patient_id="U"), root / "p" / "unknown.dcm")
@@ -133,6 +134,12 @@ def test_reconcile_records_unknown_objects_once(
     assert [r["path"] for r in recovered] == [str(unknown)]
     assert recovered[0]["patient_id"] == "U" and recovered[0]["modality"] == "MR"
     assert recovered[0]["checksum"] == hashlib.sha256(unknown.read_bytes()).hexdigest()
+    # The count is of objects recorded; the text file beside them is not one.
+    lines = [r.getMessage() for r in caplog.records if "LEDGER-RECOVERED" in r.getMessage()]
+    assert lines == [
+        "LEDGER-RECOVERED 1 object(s) found on disk but not in the ledger "
+        "(1 other file(s) not DICOM, not recorded)"
+    ]
     writers[-1].stop()
     _start(writers, path, reconcile_roots=[root])
     assert len(_rows(path, "SELECT * FROM events WHERE kind = 'recovered'")) == 1

@@ -438,6 +438,7 @@ class LedgerWriter:
             folders.update(str(paths).split("\n"))
         found: list[tuple[float, dict[str, Any]]] = []
         seen: set[str] = set()
+        recovered = 0
         for root in self.reconcile_roots:
             for path in self._walk(root):
                 if path in known or path in seen or os.path.dirname(path) in folders:
@@ -473,14 +474,18 @@ class LedgerWriter:
                         },
                     )
                 )
+                recovered += 1
                 if len(found) >= _BATCH:
                     self._write(found)
                     found = []
         if found:
             self._write(found)
-        if seen:
+        if recovered:
+            others = len(seen) - recovered
             logger.info(
-                "LEDGER-RECOVERED %d object(s) found on disk but not in the ledger", len(seen)
+                "LEDGER-RECOVERED %d object(s) found on disk but not in the ledger%s",
+                recovered,
+                f" ({others} other file(s) not DICOM, not recorded)" if others else "",
             )
 
     def _walk(self, root: Path) -> Iterable[str]:
