@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from dicomnode.dul.dimse import (
+    C_ECHO_RQ,
+    COMMAND_FIELD,
     MESSAGE_ID_RESPONDED,
+    RESPONSE,
     STATUS,
     VERIFICATION_SOP_CLASS,
     c_echo_rq,
@@ -108,7 +111,11 @@ def echo(
     finally:
         conn.close()
     status = command_us(response, STATUS)
-    if status is None or command_us(response, MESSAGE_ID_RESPONDED) != 1:
+    if (
+        status is None
+        or command_us(response, COMMAND_FIELD) != C_ECHO_RQ | RESPONSE
+        or command_us(response, MESSAGE_ID_RESPONDED) != 1
+    ):
         return EchoResult(False, f"ECHO-FAILED {where}: malformed response", elapsed())
     if status != 0:
         return EchoResult(False, f"ECHO-FAILED {where}: status 0x{status:04X}", elapsed())

@@ -6,8 +6,11 @@ A-ASSOCIATE-RJ; a listener that never answers costs at most the timeout; every o
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +18,15 @@ from pathlib import Path
 import pytest
 
 from dicomnode import cli
+from dicomnode.dul import dimse
+from dicomnode.dul import pdu as dul
 from dicomnode.status import ExitStatus
 from dicomnode.verify import echo
 from tests.conftest import peer_env, require_tool, wait_for_port, wait_until, write_config
 
 pytestmark = pytest.mark.interop
+
+IMPLICIT = "1.2.840.10008.1.2"
 
 
 @pytest.fixture
@@ -95,3 +102,60 @@ def test_echo_refused_connection_is_one_clear_line() -> None:
     result = echo("127.0.0.1", closed, "ANY-SCP", "ECHOER", timeout_s=2.0)
     assert not result.ok
     assert result.message.startswith(f"ECHO-FAILED cannot connect to ANY-SCP@127.0.0.1:{closed} ")
+
+
+def _answer_once(server: socket.socket, response: bytes) -> None:
+    """A misbehaving SCP: accept the association, answer the first P-DATA with ``response``."""
+    conn, _ = server.accept()
+    with conn:
+        conn.settimeout(10)
+        reader = conn.makefile("rb")
+
+        def pdu() -> tuple[int, bytes]:
+            pdu_type, _reserved, length = struct.unpack(">BBI", reader.read(6))
+            return pdu_type, reader.read(length)
+
+        _type, body = pdu()
+        rq = dul.A_ASSOCIATE_RQ.decode(body)
+        result = dul.ContextResult(1, dul.ACCEPTANCE, rq.contexts[0].abstract_syntax, IMPLICIT)
+        ac = dul.A_ASSOCIATE_AC(rq.fixed_part, (result,), 16384)
+        conn.sendall(ac.encode())
+        pdu()  # the C-ECHO-RQ
+        conn.sendall(dul.p_data_tf(1, dul.PDV_COMMAND | dul.PDV_LAST, response))
+        with contextlib.suppress(OSError):
+            pdu()  # the release request
+            conn.sendall(dul.A_RELEASE_RP_PDU)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        # status 0x0000, but a C-STORE-RSP: not an answer to the echo
+        (
+            dimse.response_command(dimse.C_STORE_RQ, 1, dimse.VERIFICATION_SOP_CLASS, "", 0),
+            "malformed",
+        ),
+        # a C-ECHO-RSP to another message
+        (
+            dimse.response_command(dimse.C_ECHO_RQ, 9, dimse.VERIFICATION_SOP_CLASS, "", 0),
+            "malformed",
+        ),
+        (
+            dimse.response_command(dimse.C_ECHO_RQ, 1, dimse.VERIFICATION_SOP_CLASS, "", 0x0211),
+            "0x0211",
+        ),
+        (
+            dimse.response_command(dimse.C_ECHO_RQ, 1, dimse.VERIFICATION_SOP_CLASS, "", 0),
+            "ECHO-OK",
+        ),
+    ],
+    ids=["wrong-command", "wrong-message-id", "failure-status", "success"],
+)
+def test_echo_judges_the_response_not_just_its_status(response: bytes, expected: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = threading.Thread(target=_answer_once, args=(server, response), daemon=True)
+        peer.start()
+        result = echo("127.0.0.1", server.getsockname()[1], "ODD", "ECHOER", timeout_s=10)
+        peer.join(20)
+    assert expected in result.message, result.message
+    assert result.ok == (expected == "ECHO-OK")
