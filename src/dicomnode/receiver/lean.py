@@ -236,18 +236,17 @@ class _Transfer:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
 
-    def complete(self, writeback: bool = True) -> None:
-        """Close the file; with ``writeback``, first start writing what the disk does not have yet.
+    def complete(self) -> None:
+        """Close the file; a large one (not held in memory) after starting to write its last bytes.
 
         The file is *not* flushed here: the store handler checks and names the
-        object while the disk writes its last bytes, then fsyncs it (or writes it
-        to the receive journal, then ``writeback`` is False: the journal's
-        checkpoint flushes placed files in bulk).
+        object while the disk writes, then fsyncs it. A small object is left to
+        the receive journal, whose checkpoint flushes placed files in bulk.
         """
         if self.fd < 0:
             return
         fd, self.fd = self.fd, -1
-        if writeback and self.write_error is None and not self.too_large:
+        if self.content is None and self.write_error is None and not self.too_large:
             start_writeback(fd, self._written_back, 0)
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -665,14 +664,7 @@ class _Association:
         if self._request_field() != C_STORE_RQ or self.commitment_only:
             self._refuse_operation(self._request_field())
             return
-        journal = self.server.handler.journal
-        journaled = (
-            journal is not None
-            and transfer.write_error is None
-            and transfer.content is not None  # the journal takes objects held in memory
-            and journal.fits(transfer.written)
-        )
-        transfer.complete(writeback=not journaled)
+        transfer.complete()
         affected = escape(uid_text(self._request.get(AFFECTED_SOP_INSTANCE, b"")))
         error = transfer.write_error
         if transfer.path is None and error is None:
@@ -687,7 +679,6 @@ class _Association:
             too_large=transfer.too_large,
             content=transfer.content if error is None else None,
             command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
-            flushed=False,
         )
         filing = self.server.handler.finish(received, defer_report=True)
         self._respond(filing.status)

@@ -121,8 +121,8 @@ class ReceivedObject:
     ----------
     tmp : Path
         The received object (File Meta Information + data set as received),
-        closed, in the temp folder of the destination volume; fsynced unless
-        ``flushed`` is False (then :meth:`StoreHandler.finish` makes it durable).
+        closed, in the temp folder of the destination volume, not yet flushed:
+        :meth:`StoreHandler.finish` makes it durable (receive journal or fsync).
     calling, where : str
         Calling AE title and "ip:port" of the peer, for routing and logs.
     started : float
@@ -142,11 +142,6 @@ class ReceivedObject:
         Instance UID: the File Meta Information is built from the command, and
         a file whose header contradicts its data set would later be refused by
         the forwarding target.
-    flushed : bool
-        False when ``tmp`` was not fsynced (the lean transport never flushes:
-        the object is checked and named while the disk writes its last bytes):
-        :meth:`StoreHandler.finish` writes it to the receive journal (one flush)
-        or fsyncs it before placing it.
     """
 
     tmp: Path
@@ -158,7 +153,6 @@ class ReceivedObject:
     too_large: bool = False
     content: bytes | bytearray | None = None
     command_uids: tuple[str, str] | None = None
-    flushed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,10 +333,9 @@ class StoreHandler:
     ) -> Path:
         """Make the received object durable in the folder of ``plan`` (found or created by identity).
 
-        An unflushed temp file is written to the receive journal (one flush)
-        and renamed, or (too large for the journal, no journal, an AE folder
-        elsewhere) fsynced, renamed and its folder flushed; a flushed one is
-        renamed and its folder flushed.
+        The temp file is written to the receive journal (one flush) and renamed,
+        or (too large for the journal, no journal, an AE folder elsewhere)
+        fsynced, renamed and its folder flushed.
 
         Raises
         ------
@@ -352,7 +345,7 @@ class StoreHandler:
         tmp = received.tmp
         journal = self.journal
         content = received.content
-        if not received.flushed and (
+        if (
             journal is None
             or content is None
             or not journal.fits(size)
@@ -366,7 +359,7 @@ class StoreHandler:
         for attempt in range(4):
             try:
                 final = self._resolver.resolve(ae_root, plan) / name
-                if journal is not None and content is not None and not received.flushed:
+                if journal is not None and content is not None:
                     entry = journal.commit(final, content)
                     try:
                         os.replace(tmp, final)
