@@ -141,6 +141,17 @@ def node_env() -> dict[str, str]:
     return env
 
 
+def end_process(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """Terminate ``proc`` if it still runs; kill it when it has not ended within ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class NodeProcess:
     """A dicomnode started as a child process with a given config file."""
 
@@ -156,13 +167,7 @@ class NodeProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, timeout_s)
         self._fh.close()
         return int(self.proc.returncode)
 

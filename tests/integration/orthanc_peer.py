@@ -1,4 +1,4 @@
-"""Orthanc as a storage commitment peer of the node (both roles), for the commitment suites."""
+"""Orthanc as a peer of the tests: the forwarder's target, and the node's storage commitment peer."""
 
 from __future__ import annotations
 
@@ -8,34 +8,38 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, peer_env, require_tool, wait_for_port
+from tests.conftest import end_process, free_port, peer_env, require_tool, wait_for_port
 
 
 class OrthancPeer:
-    """Orthanc (AE ORTHANC) that knows the node as modality ``node``; REST on a free port.
+    """Orthanc with a throw-away configuration in ``tmp``; DICOM and REST on free loopback ports.
 
-    Started by the constructor (both ports listening); :meth:`stop` ends it.
+    Its AE title is ``aet``; with ``node_port`` it knows the node (AE NODE) as
+    modality ``node`` (to send it storage commitment reports). Started by the
+    constructor (both ports listening); :meth:`stop` ends it.
     """
 
-    def __init__(self, tmp: Path, node_port: int) -> None:
+    def __init__(self, tmp: Path, node_port: int | None = None, aet: str = "ORTHANC") -> None:
         self.exe = require_tool("Orthanc")
         self.dicom_port = free_port()
         self.http_port = free_port()
         root = tmp / "orthanc"
         root.mkdir()
-        cfg = {
+        cfg: dict[str, Any] = {
             "Name": "dicomnode-test",
-            "DicomAet": "ORTHANC",
+            "DicomAet": aet,
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "StorageDirectory": str(root / "storage"),
             "IndexDirectory": str(root / "index"),
+            "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
-            "DicomModalities": {"node": ["NODE", "127.0.0.1", node_port]},
         }
+        if node_port is not None:
+            cfg["DicomModalities"] = {"node": ["NODE", "127.0.0.1", node_port]}
         (root / "orthanc.json").write_text(json.dumps(cfg))
         self.log_path = root / "orthanc.log"
         self.log = self.log_path.open("wb")
@@ -61,11 +65,5 @@ class OrthancPeer:
 
     def stop(self) -> None:
         """Terminate Orthanc (kill after 15 s) and close its log."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, 15)
         self.log.close()

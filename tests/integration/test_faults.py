@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode.integrity import find_defect
 from tests.conftest import (
+    end_process,
     free_port,
     peer_env,
     require_tool,
@@ -213,13 +214,8 @@ class Target:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process does not act on SIGTERM
+        end_process(self.proc, 10)
         self._log.close()
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from dicomnode.config import ForwarderConfig
 from dicomnode.forwarder import Forwarder, retry_failed, send_paths
 from dicomnode.forwarder.state import STATE_DIR_NAME
 from tests.conftest import (
+    end_process,
     free_port,
     peer_env,
     require_tool,
@@ -44,6 +44,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.factories import make_image, rt_set, save
+from tests.integration.orthanc_peer import OrthancPeer
 
 pytestmark = [
     pytest.mark.interop,
@@ -98,13 +99,8 @@ class StoreSCP:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, 10)
         self.proc = None
         if hasattr(self, "_fh"):
             self._fh.close()
@@ -165,59 +161,9 @@ class PySCP:
             self.server = None
 
 
-class Orthanc:
-    """Orthanc with a throw-away configuration in ``tmp``; REST on a free loopback port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.exe = require_tool("Orthanc")
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.root = tmp / "orthanc"
-        self.root.mkdir()
-        cfg = {
-            "Name": "fwdtest",
-            "DicomAet": TARGET_AET,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "DicomAlwaysAllowStore": True,
-            "DicomCheckCalledAet": False,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-        }
-        self.config = self.root / "orthanc.json"
-        self.config.write_text(json.dumps(cfg))
-        self.log = (self.root / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen(
-            [self.exe, str(self.config)], env=peer_env(), stdout=self.log, stderr=subprocess.STDOUT
-        )
-        wait_for_port(self.dicom_port, proc=self.proc)
-        wait_for_port(self.http_port, proc=self.proc)
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=60) as rsp:
-            return json.loads(rsp.read())
-
-    def sop_instance_uids(self) -> set[str]:
-        found = set()
-        ids = self.get("/instances")
-        assert isinstance(ids, list)
-        for iid in ids:
-            tags = self.get(f"/instances/{iid}/simplified-tags")
-            found.add(str(tags["SOPInstanceUID"]))  # type: ignore[index]
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def orthanc_target(tmp: Path) -> OrthancPeer:
+    """Orthanc as the forwarder's target (AE TARGET_AET)."""
+    return OrthancPeer(tmp, aet=TARGET_AET)
 
 
 @pytest.fixture
@@ -443,7 +389,7 @@ def test_forward_slowly_written_file_sent_only_when_complete(
 
 
 def test_forward_to_orthanc_polling_only(tmp_path: Path, forwarders: list[Forwarder]) -> None:
-    orthanc = Orthanc(tmp_path)
+    orthanc = orthanc_target(tmp_path)
     try:
         cfg = fconfig(tmp_path, orthanc.dicom_port, use_polling=True)
         expected = write_study(cfg.watch_folder / "PAT7", n_ct=2)
@@ -451,7 +397,7 @@ def test_forward_to_orthanc_polling_only(tmp_path: Path, forwarders: list[Forwar
         start_forwarder(forwarders, cfg)
         assert wait_until(lambda: not files_in(cfg.watch_folder), 40), files_in(cfg.watch_folder)
         assert set(expected) <= orthanc.sop_instance_uids()
-        assert len(orthanc.get("/instances")) == len(expected) + 1  # type: ignore[arg-type]
+        assert len(orthanc.call("/instances")) == len(expected) + 1
     finally:
         orthanc.stop()
 

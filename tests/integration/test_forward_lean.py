@@ -30,7 +30,13 @@ from dicomnode.forwarder.sender import RunEnd
 from tests.conftest import free_port, require_tool, wait_until, write_config
 from tests.factories import make_image, rt_set, save
 from tests.integration.rawpeer import dataset_bytes
-from tests.integration.test_forward import TARGET_AET, Orthanc, PySCP, StoreSCP, write_large_ct
+from tests.integration.test_forward import (
+    TARGET_AET,
+    PySCP,
+    StoreSCP,
+    orthanc_target,
+    write_large_ct,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -260,7 +266,7 @@ def test_lean_target_down_reports_retry(tmp_path: Path) -> None:
 
 
 def test_lean_to_orthanc(tmp_path: Path) -> None:
-    orthanc = Orthanc(tmp_path)
+    orthanc = orthanc_target(tmp_path)
     try:
         paths = [save(ds, tmp_path / f"{name}.dcm") for name, ds in rt_set().items()]
         paths.append(write_large_ct(tmp_path / "big.dcm", 600))

@@ -26,11 +26,11 @@ from tests.conftest import free_port, require_tool, wait_for_port, wait_until
 from tests.factories import make_image, rt_set, save
 from tests.integration.test_forward import (
     TARGET_AET,
-    Orthanc,
     PySCP,
     error_log,
     fconfig,
     files_in,
+    orthanc_target,
     start_forwarder,
 )
 
@@ -183,7 +183,7 @@ def test_forward_orthanc_refusing_object_without_series_uid(
 ) -> None:
     require_tool("Orthanc")
     caplog.set_level("INFO", logger="dicomnode")
-    orthanc = Orthanc(tmp_path)
+    orthanc = orthanc_target(tmp_path)
     try:
         cfg = fconfig(tmp_path, orthanc.dicom_port, max_object_refusals=2)
         cts = [make_image("CT", instance=i + 1) for i in range(3)]

@@ -42,12 +42,12 @@ from dicomnode.forwarder import Forwarder, send_paths
 from tests.conftest import IN_CI, require_tool, wait_until
 from tests.factories import ROOT, make_image, save
 from tests.integration.test_forward import (
-    Orthanc,
     PySCP,
     StoreSCP,
     error_log,
     fconfig,
     files_in,
+    orthanc_target,
     start_forwarder,
 )
 
@@ -300,7 +300,7 @@ def test_forward_each_syntax_converted_for_pynetdicom_explicit_little_endian(
 def test_forward_every_syntax_stored_by_orthanc(
     tmp_path: Path, variants: dict[str, Variant], forwarders: list[Forwarder]
 ) -> None:
-    orthanc = Orthanc(tmp_path)
+    orthanc = orthanc_target(tmp_path)
     try:
         cfg = fconfig(tmp_path, orthanc.dicom_port)
         by_uid = copy_into(variants, cfg.watch_folder / "ALL")
