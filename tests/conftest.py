@@ -114,6 +114,20 @@ def stays_false(predicate, period_s: float, interval_s: float = 0.05) -> bool:  
     return not predicate()
 
 
+def live_glob(root: Path, pattern: str) -> list[Path]:
+    """Return ``root.glob(pattern)`` while another process may be removing folders under ``root``.
+
+    pathlib's glob raises FileNotFoundError when a folder it listed is removed
+    before it looks inside; such a listing is simply taken again.
+    """
+    for _attempt in range(100):
+        try:
+            return list(root.glob(pattern))
+        except FileNotFoundError:
+            continue
+    return list(root.glob(pattern))
+
+
 def python_cmd() -> list[str]:
     """The command that runs the node as a separate process."""
     return [sys.executable, "-m", "dicomnode"]

@@ -27,6 +27,7 @@ from dicomnode.integrity import find_defect
 from tests.conftest import (
     end_process,
     free_port,
+    live_glob,
     peer_env,
     require_tool,
     wait_for_port,
@@ -264,8 +265,8 @@ def _make_watch_folder(
 
 
 def _watch_files(watch: Path) -> dict[str, Path]:
-    """Return SOP Instance UID -> path of the objects still waiting in the watch folder."""
-    return {path.parent.name + "/" + path.name: path for path in watch.glob("G*/*.dcm")}
+    """Return group/file name -> path of the objects still waiting in the watch folder."""
+    return {path.parent.name + "/" + path.name: path for path in live_glob(watch, "G*/*.dcm")}
 
 
 def _assert_delivery_invariant(

@@ -13,7 +13,14 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from tests.conftest import free_port, peer_env, require_tool, wait_until, write_config
+from tests.conftest import (
+    free_port,
+    live_glob,
+    peer_env,
+    require_tool,
+    wait_until,
+    write_config,
+)
 from tests.factories import make_image, save
 from tests.integration.test_forward import StoreSCP
 
@@ -130,7 +137,7 @@ def test_forward_cli_receive_into_watch_folder_chains_to_target(tmp_path: Path, 
             lambda: (
                 not [
                     p
-                    for p in (watch / "inbox").rglob("*")
+                    for p in live_glob(watch / "inbox", "**/*")
                     if p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(watch).parts)
                 ]
