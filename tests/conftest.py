@@ -114,18 +114,14 @@ def stays_false(predicate, period_s: float, interval_s: float = 0.05) -> bool:  
     return not predicate()
 
 
-def live_glob(root: Path, pattern: str) -> list[Path]:
-    """Return ``root.glob(pattern)`` while another process may be removing folders under ``root``.
+def files_below(folder: Path) -> list[Path]:
+    """Return the files below ``folder``, sorted, while the node may be removing folders in it.
 
-    pathlib's glob raises FileNotFoundError when a folder it listed is removed
-    before it looks inside; such a listing is simply taken again.
+    ``os.walk`` rather than ``rglob``: pathlib's glob raises FileNotFoundError
+    when a folder it listed is removed (a forwarder prunes emptied folders)
+    before it looks inside; ``os.walk`` skips it.
     """
-    for _attempt in range(100):
-        try:
-            return list(root.glob(pattern))
-        except FileNotFoundError:
-            continue
-    return list(root.glob(pattern))
+    return sorted(Path(root) / name for root, _dirs, names in os.walk(folder) for name in names)
 
 
 def python_cmd() -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     REPO,
+    files_below,
     free_port,
     require_tool,
     run_storescu,
@@ -62,8 +63,7 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
 
 def parked_files(watch: Path) -> list[Path]:
-    failed = watch / "failed"
-    return [p for p in failed.rglob("*.dcm")] if failed.is_dir() else []
+    return [p for p in files_below(watch / "failed") if p.suffix == ".dcm"]
 
 
 def test_console_finds_study_and_retries_a_parked_file(  # type: ignore[no-untyped-def]

@@ -26,8 +26,8 @@ from pydicom.uid import generate_uid
 from dicomnode.integrity import find_defect
 from tests.conftest import (
     end_process,
+    files_below,
     free_port,
-    live_glob,
     peer_env,
     require_tool,
     wait_for_port,
@@ -266,7 +266,13 @@ def _make_watch_folder(
 
 def _watch_files(watch: Path) -> dict[str, Path]:
     """Return group/file name -> path of the objects still waiting in the watch folder."""
-    return {path.parent.name + "/" + path.name: path for path in live_glob(watch, "G*/*.dcm")}
+    return {
+        path.parent.name + "/" + path.name: path
+        for path in files_below(watch)
+        if path.parent.parent == watch
+        and path.parent.name.startswith("G")
+        and path.suffix == ".dcm"
+    }
 
 
 def _assert_delivery_invariant(

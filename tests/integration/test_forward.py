@@ -36,6 +36,7 @@ from dicomnode.forwarder import Forwarder, retry_failed, send_paths
 from dicomnode.forwarder.state import STATE_DIR_NAME
 from tests.conftest import (
     end_process,
+    files_below,
     free_port,
     peer_env,
     require_tool,
@@ -203,18 +204,8 @@ def start_forwarder(forwarders: list[Forwarder], cfg: ForwarderConfig) -> Forwar
 
 
 def files_in(folder: Path) -> list[Path]:
-    """Return the files below ``folder``, without the forwarder's own state (delivery record).
-
-    ``os.walk`` rather than ``rglob``: the forwarder prunes emptied folders while
-    a test looks, and a folder vanishing mid-walk must not fail the test.
-    """
-    found = [
-        Path(root) / name
-        for root, _dirs, names in os.walk(folder)
-        if STATE_DIR_NAME not in Path(root).parts
-        for name in names
-    ]
-    return sorted(found)
+    """Return the files below ``folder``, without the forwarder's own state (delivery record)."""
+    return [p for p in files_below(folder) if STATE_DIR_NAME not in p.parts]
 
 
 def write_study(folder: Path, n_ct: int = 3) -> dict[str, str]:

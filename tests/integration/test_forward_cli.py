@@ -14,8 +14,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from tests.conftest import (
+    files_below,
     free_port,
-    live_glob,
     peer_env,
     require_tool,
     wait_until,
@@ -137,9 +137,8 @@ def test_forward_cli_receive_into_watch_folder_chains_to_target(tmp_path: Path, 
             lambda: (
                 not [
                     p
-                    for p in live_glob(watch / "inbox", "**/*")
-                    if p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(watch).parts)
+                    for p in files_below(watch / "inbox")
+                    if not any(part.startswith(".") for part in p.relative_to(watch).parts)
                 ]
             ),
             10,

@@ -11,7 +11,6 @@ restart of the node).
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.conftest import (
+    files_below,
     free_port,
     wait_until,
     write_config,
@@ -233,11 +233,6 @@ def put_study(watch: Path, count: int, folder: str = "PAT1") -> list[Dataset]:
     for i, ds in enumerate(datasets):
         save(ds, watch / folder / f"ct{i:02d}.dcm")
     return datasets
-
-
-def files_below(folder: Path) -> list[Path]:
-    """Files below ``folder`` (os.walk: folders the node removes meanwhile are skipped)."""
-    return sorted(Path(root) / name for root, _dirs, names in os.walk(folder) for name in names)
 
 
 def held(watch: Path) -> list[Path]:
