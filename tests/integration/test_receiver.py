@@ -259,6 +259,62 @@ def test_receiver_missing_sop_instance_uid_fails_and_is_kept(
     assert _send(node["port"], [make_image("CT")]) == [0]
 
 
+def _closing_line(node, calling: str, verb: str) -> str:  # type: ignore[no-untyped-def]
+    """Wait for the association's closing line from ``calling`` and return it."""
+    lines: list[str] = []
+
+    def found() -> bool:
+        lines[:] = [
+            line
+            for line in node["proc"].output().splitlines()
+            if f"{verb} association calling_ae={calling} " in line
+        ]
+        return bool(lines)
+
+    assert wait_until(found, 10), node["proc"].output()[-2000:]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_receiver_logs_what_each_association_stored(  # type: ignore[no-untyped-def]
+    node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [save(make_image("CT", instance=i), tmp_path / f"ct{i}.dcm") for i in range(3)]
+    assert storescu(node["port"], files).returncode == 0
+    line = _closing_line(node, "SCANNER", "ASSOC-RELEASED")
+    assert " stored=3 failed=0 " in line and "reason=released by the peer" in line, line
+
+    nouid = save(make_image("CT"), tmp_path / "nouid.dcm")
+    raw = dcmread(nouid)
+    del raw.SOPInstanceUID  # the command still carries the UID, from the file meta
+    raw.save_as(nouid, enforce_file_format=True)
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sent as it is
+    ae = AE(ae_title="PYCLIENT")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node["port"], ae_title="DNODE")
+    assert assoc.is_established
+    try:
+        sent = [assoc.send_c_store(obj) for obj in (make_image("CT"), nouid, make_image("CT"))]
+    finally:
+        assoc.release()
+    assert [int(status.Status) != 0 for status in sent] == [False, True, False]
+    line = _closing_line(node, "PYCLIENT", "ASSOC-RELEASED")
+    assert " stored=2 failed=1 " in line, line
+
+
+def test_receiver_logs_an_association_the_peer_aborted(node) -> None:  # type: ignore[no-untyped-def]
+    ae = AE(ae_title="MAPPED")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node["port"], ae_title="DNODE")
+    assert assoc.is_established
+    assert int(assoc.send_c_store(make_image("CT")).Status) == 0
+    assoc.abort()
+    line = _closing_line(node, "MAPPED", "ABORTED")
+    assert " stored=1 failed=0 " in line and "reason=the peer sent A-ABORT" in line, line
+
+
 def test_receiver_write_failure_gives_a700_and_errors_entry(
     tmp_path: Path, port: int, start_node
 ) -> None:  # type: ignore[no-untyped-def]

@@ -39,7 +39,7 @@ promises does not change:
   admitted to deliver its N-EVENT-REPORT alone (:func:`~.policy.reporting_destination`);
   the report is kept by :mod:`.reports` before its N-EVENT-REPORT-RSP.
 
-Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED`` (plus
+Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED``, ``ASSOC-RELEASED`` (plus
 ``ASSOC-ACCEPTED``, ``STORED``, ``STORE-FAILED``, ``ECHO`` from admission and store;
 ``COMMIT-REQUESTED``, ``COMMITTED``, ``COMMIT-FAILED``, ``COMMIT-DEFERRED`` from :mod:`.committer`,
 ``COMMIT-REPORTED`` from :mod:`.reports`).
@@ -126,6 +126,7 @@ from dicomnode.receiver.negotiation import accepted_roles, negotiate
 from dicomnode.receiver.pending import Negotiator
 from dicomnode.receiver.reports import record_report
 from dicomnode.receiver.store import ReceivedObject, StoreHandler
+from dicomnode.status import StoreStatus
 from dicomnode.storage import start_writeback
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,11 @@ class _Association:
         limit = self.cfg.max_pdu_bytes
         self.pdu_limit = max(limit, _MIN_PDU_LIMIT_BYTES) + _PDU_SLACK_BYTES if limit else 0
         self.max_object = self.cfg.max_object_mb * 1_000_000
+        #: Objects acknowledged with success, and C-STOREs answered otherwise (for the
+        #: association's closing line).
+        self.stored = 0
+        self.failed = 0
+        self._admitted_at = time.monotonic()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -554,6 +560,19 @@ class _Association:
             )
         self._serve(reader)
 
+    def _log_end(self, verb: str, how: str) -> None:
+        """Log the association's closing line: how it ended and what it stored."""
+        logger.info(
+            "%s association calling_ae=%s peer=%s stored=%d failed=%d seconds=%.1f reason=%s",
+            verb,
+            self.calling,
+            self.where,
+            self.stored,
+            self.failed,
+            time.monotonic() - self._admitted_at,
+            how,
+        )
+
     def _pdu_header(self, reader: PduReader, limit: int) -> tuple[int, int]:
         try:
             return reader.pdu_header(limit)
@@ -581,9 +600,11 @@ class _Association:
                 reader.exact(length)
                 self._discard("released mid-object")
                 self._send(A_RELEASE_RP_PDU)
+                self._log_end("ASSOC-RELEASED", "released by the peer")
                 return
             elif pdu_type == PduType.A_ABORT:
                 self._discard("peer sent A-ABORT mid-object")
+                self._log_end("ABORTED", "the peer sent A-ABORT")
                 return
             else:
                 raise _Drop(f"unexpected PDU type 0x{pdu_type:02X} during the association")
@@ -681,6 +702,10 @@ class _Association:
             command_uids=(uid_text(self._request.get(AFFECTED_SOP_CLASS, b"")), affected),
         )
         filing = self.server.handler.finish(received, defer_report=True)
+        if filing.status == StoreStatus.SUCCESS:
+            self.stored += 1
+        else:
+            self.failed += 1
         self._respond(filing.status)
         for report in filing.reports:
             report()  # the log line after the response: it is not part of the guarantee
