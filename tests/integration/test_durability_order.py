@@ -204,11 +204,11 @@ def test_every_acknowledged_object_is_durable_before_its_response(
             ]
             for g in range(3)
         ]
-        results: list[int] = []
+        results: list[subprocess.CompletedProcess[str]] = []
         senders = [
             threading.Thread(
                 target=lambda files=files: results.append(
-                    run_storescu(port, files, "SCANNER", "DICOMNODE").returncode
+                    run_storescu(port, files, "SCANNER", "DICOMNODE", timeout_s=170)
                 )
             )
             for files in groups
@@ -217,7 +217,10 @@ def test_every_acknowledged_object_is_durable_before_its_response(
             sender.start()
         for sender in senders:
             sender.join(180)
-        assert results == [0, 0, 0]
+        assert [r.returncode for r in results] == [0, 0, 0], (
+            [r.stderr[-1500:] for r in results],
+            (tmp_path / "node.log").read_text(errors="replace")[-3000:],
+        )
     finally:
         node = subprocess.run(
             ["ps", "-o", "pid=", "--ppid", str(traced.pid)], capture_output=True, text=True
