@@ -19,6 +19,8 @@ Sections:
   of the sender.
 * CONCURRENCY: 4 storescu at once (the files split in 4) -> dicomnode, against
   1 storescu with all files -> dicomnode; ratio = aggregate MB/s of 4 / of 1.
+  The same two transfers to ``storescp --fork`` (one process per association,
+  no fsync) are the anchor: how far this machine lets 4 senders scale at all.
 * DELAYED: ``dicomnode send`` with ``max_associations = 4`` over a link with
   5 ms added each way (tc netem in a network namespace, else
   ``bench/delay_proxy.py``), against storescu over the same link, both to
@@ -63,6 +65,9 @@ SCU_AET: Final = "BENCHSCU"
 #: RECEIVE rows that anchor dicomnode's figure: the best durable peer and the disk.
 NODE_RECEIVE_CASE: Final = "storescu->dicomnode"
 ORTHANC_CASE: Final = "storescu->orthanc (sync on)"
+#: The concurrency anchor: DCMTK's own receiver, one process per association.
+FORK_ONE_CASE: Final = "1 storescu->storescp --fork (anchor)"
+FORK_FOUR_CASE: Final = "4 storescu->storescp --fork (anchor)"
 DURABLE_CASE: Final = "durable limit (tcp+write+fsync, no DICOM)"
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 MB: Final = 1_000_000
@@ -208,12 +213,16 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_ticks(pid: int) -> int:
-    """Return utime + stime of ``pid`` in clock ticks (0 when gone)."""
+    """Return the CPU time of ``pid`` and of its children it has reaped, in clock ticks.
+
+    utime + stime + cutime + cstime (0 when gone): ``storescp --fork`` serves each
+    association in a child process, counted once the child has ended and been reaped.
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0
-    return int(fields[11]) + int(fields[12])
+    return sum(int(value) for value in fields[11:15])
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -840,6 +849,10 @@ class Bench:
         """Return a dicomnode receiver in ``workdir``."""
         return NodeReceiver(workdir, self.env, self.opts.python)
 
+    def forking_storescp_receiver(self, workdir: Path) -> Receiver:
+        """Return DCMTK storescp with ``--fork`` (one process per association) in ``workdir``."""
+        return DcmtkReceiver(workdir, self.env, self.tools, fork=True)
+
     def probe_receiver(self, workdir: Path) -> Receiver:
         """Return the raw-socket ceiling probe in ``workdir``."""
         return RawProbeReceiver(workdir, self.env, self.opts.python, dicomnode_store=False)
@@ -1098,6 +1111,15 @@ class Bench:
             self.node_receiver,
             self.storescu_split(data, 4),
         )
+        for case, parts in ((FORK_ONE_CASE, 1), (FORK_FOUR_CASE, 4)):
+            self.measure(
+                "CONCURRENCY",
+                data,
+                case,
+                rep,
+                self.forking_storescp_receiver,
+                self.storescu_split(data, parts),
+            )
 
 
 # --------------------------------------------------------------------------- report
@@ -1261,7 +1283,8 @@ def verdicts(summaries: Sequence[Summary]) -> list[str]:
 
 
 def anchors(rows: Sequence[Measurement]) -> list[str]:
-    """Return dicomnode's receive rate as a share of Orthanc's and of the durable limit.
+    """Return dicomnode's receive rate as a share of Orthanc's and of the durable limit,
+    and the concurrency anchor (:func:`concurrency_anchor`).
 
     Each share is the median over reps of the same-rep quotient of MB/s, so a load spike
     hits both sides.
@@ -1291,7 +1314,38 @@ def anchors(rows: Sequence[Measurement]) -> list[str]:
                 )
         if parts:
             lines.append(f"- {dataset}: dicomnode receives at " + ", ".join(parts))
-    return ["", "### Anchors (RECEIVE, same-rep quotients)", "", *lines] if lines else []
+    lines += concurrency_anchor(rows)
+    return ["", "### Anchors (same-rep quotients)", "", *lines] if lines else []
+
+
+def concurrency_anchor(rows: Sequence[Measurement]) -> list[str]:
+    """Return, per dataset, how 4 senders scale against 1 for dicomnode and for storescp --fork.
+
+    Each figure is the median over reps of that rep's MB/s with 4 senders over
+    its MB/s with 1 (same receiver): what the machine's cores allow a receiver
+    that does not sync, beside what dicomnode reaches.
+    """
+    lines: list[str] = []
+    pairs = (("dicomnode", "1 storescu->dicomnode", "4 storescu->dicomnode"),)
+    pairs += (("storescp --fork", FORK_ONE_CASE, FORK_FOUR_CASE),)
+    for dataset in dict.fromkeys(r.dataset for r in rows if r.section == "CONCURRENCY"):
+        parts = []
+        for label, one_case, four_case in pairs:
+            rate = {
+                (r.case, r.rep): r.mb_per_s
+                for r in rows
+                if r.ok and r.section == "CONCURRENCY" and r.dataset == dataset
+            }
+            gains = [
+                rate[(four_case, rep)] / rate[(one_case, rep)]
+                for (case, rep) in rate
+                if case == four_case and rate.get((one_case, rep))
+            ]
+            if gains:
+                parts.append(f"{label} {_median(gains):.2f}x")
+        if parts:
+            lines.append(f"- {dataset}: 4 senders vs 1: " + ", ".join(parts))
+    return lines
 
 
 def failures(rows: Sequence[Measurement]) -> list[str]:
