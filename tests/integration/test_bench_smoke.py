@@ -47,6 +47,7 @@ def test_bench_quick_run_completes_and_writes_results(tmp_path: Path) -> None:
     assert ("FORWARD", "rt", "dicomnode send->storescp") in cases
     assert ("MEMORY", "big", "storescu->dicomnode") in cases
     assert ("CONCURRENCY", "small", "4 storescu->dicomnode") in cases
+    assert ("CONCURRENCY", "small", "4 storescu->storescp --fork (anchor)") in cases
     assert ("DELAYED", "small", "dicomnode send N=4->storescp") in cases
     assert ("DELAYED", "small", "dcmtk storescu->storescp") in cases
     assert all(r["ok"] and r["files_stored"] == r["files_expected"] for r in rows)
@@ -57,4 +58,5 @@ def test_bench_quick_run_completes_and_writes_results(tmp_path: Path) -> None:
     for title in (*titles, "### Targets"):
         assert title in report
     assert "All measurements complete." in report
+    assert "- small: 4 senders vs 1: dicomnode " in report and "x, storescp --fork " in report
     assert "DELAYED link: " in report  # netem, or why not and the delay line instead
