@@ -166,3 +166,36 @@ def test_pool_workers_load_no_pixel_codecs(pool_node, port: int, tmp_path: Path)
         maps = Path(f"/proc/{pid}/maps").read_text()
         loaded = [name for name in ("gdcm", "numpy", "pylibjpeg", "openjpeg") if name in maps]
         assert loaded == [], f"worker {pid} loaded {loaded}"
+
+
+def test_pool_process_weighs_the_pool_again_before_each_connection_of_a_burst() -> None:
+    """A burst queued before the process looks is not taken whole by the first one awake.
+
+    Four connections wait in the backlog of the shared socket; this process may
+    accept (the pool's verdict is always yes here), but it asks again before each
+    one, with the connections it is already negotiating counted, so another
+    process of the pool can be given the rest.
+    """
+    from dicomnode.receiver.admission import RefusalLog
+    from dicomnode.receiver.pending import Negotiator
+
+    asked: list[tuple[int, int]] = []
+
+    def may_accept(active: int, negotiating: int) -> bool:
+        asked.append((active, negotiating))
+        return True
+
+    listen = socket.create_server(("127.0.0.1", 0))
+    clients = [socket.create_connection(listen.getsockname()) for _ in range(4)]
+    negotiator = Negotiator(
+        listen, 30.0, 16, 16, lambda *_: None, RefusalLog(60.0), may_accept=may_accept
+    )
+    negotiator.start()
+    try:
+        assert wait_until(lambda: negotiator.pending() == 4, 10), negotiator.pending()
+        assert asked[:4] == [(0, 0), (0, 1), (0, 2), (0, 3)], asked
+    finally:
+        negotiator.stop()
+        for client in clients:
+            client.close()
+        listen.close()

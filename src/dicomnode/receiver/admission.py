@@ -44,25 +44,39 @@ class SharedLoad:
     Parameters
     ----------
     counts : multiprocessing.Array of int
-        One slot per process, shared by the pool.
+        One slot per process, shared by the pool: its admitted associations.
     index : int
         This process's slot.
+    negotiating : multiprocessing.Array of int, optional
+        One slot per process: its connections still negotiating (accepted, not yet
+        admitted). Weighed with ``counts`` when new connections are shared out
+        (:meth:`may_accept`), never for ``max_associations``.
     """
 
-    def __init__(self, counts: Any, index: int) -> None:
+    def __init__(self, counts: Any, index: int, negotiating: Any = None) -> None:
         self.counts = counts
         self.index = index
+        self.negotiating = negotiating
 
     def publish(self, active: int) -> None:
         """Record how many connections this process serves now."""
         with self.counts.get_lock():
             self.counts[self.index] = active
 
-    def may_accept(self, active: int) -> bool:
-        """Publish ``active`` and return True unless another process serves fewer connections."""
+    def may_accept(self, active: int, negotiating: int = 0) -> bool:
+        """Publish this process's connections; return True unless another process carries fewer.
+
+        A process's load is its admitted associations plus its connections still
+        negotiating, so a burst of connections is shared out before any of them
+        is admitted.
+        """
         with self.counts.get_lock():
             self.counts[self.index] = active
-            return bool(active <= min(self.counts))
+            if self.negotiating is None:
+                return bool(active <= min(self.counts))
+            self.negotiating[self.index] = negotiating
+            loads = [a + n for a, n in zip(self.counts, self.negotiating, strict=True)]
+            return bool(loads[self.index] <= min(loads))
 
     def admit(self, active: int, limit: int) -> bool:
         """Publish ``active`` (including the new one) and return True if the node total fits."""

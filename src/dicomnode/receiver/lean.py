@@ -839,7 +839,7 @@ class LeanServer:
     listen_socket : socket.socket, optional
         A listening socket shared with other receiver processes; None binds one.
     may_accept : callable, optional
-        Given this process's connection count, publishes it and returns False
+        Given this process's admitted and negotiating connections, publishes them and returns False
         while another process of the pool serves fewer connections: this one
         then leaves new connections to the others (the kernel would otherwise
         hand most of them to whichever process is quickest back in accept()).
@@ -860,7 +860,7 @@ class LeanServer:
         ssl_context: ssl.SSLContext | None = None,
         listen_socket: socket.socket | None = None,
         node_has_room: Callable[[int], bool] | None = None,
-        may_accept: Callable[[int], bool] | None = None,
+        may_accept: Callable[[int, int], bool] | None = None,
         tmp_prefix: str = "",
         committer: Committer | None = None,
     ) -> None:
@@ -1036,7 +1036,8 @@ class LeanServer:
                 self._active.discard(assoc)
                 idle = not self._active
             if self._may_accept is not None:
-                self._may_accept(self.active())  # publishes the lower count to the other processes
+                # Publishes the lower count to the other processes.
+                self._may_accept(self.active(), self.pending())
             if idle and self.temp_files is not None:
                 self.temp_files.release()
 

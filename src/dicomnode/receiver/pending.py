@@ -95,9 +95,11 @@ class Negotiator:
     ssl_context : ssl.SSLContext, optional
         Wraps accepted sockets for DICOM TLS (handshake here, non-blocking).
     may_accept : callable, optional
-        Given the number of admitted connections (``active()``), returns False
-        while another process of a pool serves fewer: new connections are then
-        left to the others for :data:`_YIELD_S`.
+        Given the number of admitted connections (``active()``) and of those
+        negotiating here, returns False while another process of a pool carries
+        fewer: new connections are then left to the others for :data:`_YIELD_S`.
+        A pool's process accepts one connection per wake-up, so the next one is
+        weighed again (a burst is shared out, not taken by the first awake).
     active : callable, optional
         Returns the number of admitted connections of this process.
     """
@@ -111,7 +113,7 @@ class Negotiator:
         on_request: OnRequest,
         refusals: RefusalLog,
         ssl_context: ssl.SSLContext | None = None,
-        may_accept: Callable[[int], bool] | None = None,
+        may_accept: Callable[[int, int], bool] | None = None,
         active: Callable[[], int] = lambda: 0,
     ) -> None:
         self.listen = listen
@@ -194,8 +196,10 @@ class Negotiator:
         self.refusals.flush()
 
     def _on_listen_ready(self, now: float) -> None:
-        if self.may_accept is None or self.may_accept(self.active()):
+        if self.may_accept is None:
             self._accept(_ACCEPT_BATCH)
+        elif self.may_accept(self.active(), self.pending()):
+            self._accept(1)
         elif self._yield_until <= now < self._yield_until + _POLL_S:
             self._accept(1)  # nobody else took it within the pause: serve it here
             self._yield_until = 0.0

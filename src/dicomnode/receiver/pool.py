@@ -131,7 +131,13 @@ def one_malloc_arena() -> None:
 
 
 def _worker_main(
-    cfg: NodeConfig, index: int, sock: socket.socket, log_pipe: Any, conn: Any, load: Any
+    cfg: NodeConfig,
+    index: int,
+    sock: socket.socket,
+    log_pipe: Any,
+    conn: Any,
+    load: Any,
+    negotiating: Any,
 ) -> None:
     """Entry point of one receiver process.
 
@@ -174,7 +180,7 @@ def _worker_main(
         post_store,
         tls.server_context(cfg.tls),
         listen_socket=sock,
-        shared_load=SharedLoad(load, index),
+        shared_load=SharedLoad(load, index, negotiating),
         temp_prefix=worker_temp_prefix(index),
     )
     receiver.start(prepare=False)
@@ -321,6 +327,9 @@ class ReceiverPool:
         self._stopping = False
         # Connections served per worker, summed at admission (node-wide max_associations).
         self._load: Any = self._ctx.Array("i", processes)
+        # Connections negotiating per worker (sharing out new connections only; under
+        # _load's lock).
+        self._negotiating: Any = self._ctx.Array("i", processes, lock=False)
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Bind, spawn the workers and wait until each one serves.
@@ -404,6 +413,7 @@ class ReceiverPool:
         )
         pump.start()
         self._load[index] = 0  # a restarted worker starts with no connections
+        self._negotiating[index] = 0
         proc = self._ctx.Process(
             target=_worker_main,
             args=(
@@ -413,6 +423,7 @@ class ReceiverPool:
                 log_send,
                 child_conn,
                 self._load,
+                self._negotiating,
             ),
             name=f"dicomnode-receiver-{index}",
             daemon=False,
