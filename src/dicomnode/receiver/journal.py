@@ -103,6 +103,13 @@ CHECKPOINT_INTERVAL_S: Final = 0.25
 _MIN_JOURNAL_BYTES: Final = 1 << 20
 #: An appender waits at most this long for space (a failing disk); then the store is refused.
 _SPACE_WAIT_S: Final = 30.0
+#: Until the first wrap after an open, the blocks ahead of the records are overwritten with
+#: zeros this much at a time. Blocks that were only allocated (``posix_fallocate``) turn
+#: into written ones on their first write, a metadata change that the flush of every record
+#: landing there must also write: 0.31 ms against 0.20 ms per 10 KB record and flush, and
+#: 2000 small objects received in 3.13 s instead of 3.55 s (median of 5, bench VM). Zeroing
+#: a mebibyte ahead pays that once per ~100 small records.
+_ZERO_AHEAD_BYTES: Final = 1 << 20
 
 
 class JournalInUse(OSError):
@@ -317,6 +324,8 @@ class Journal:
         self._generation = 0
         self._next_seq = 1
         self._head = _DATA_START
+        #: Blocks before this offset were written since the open (see _ZERO_AHEAD_BYTES).
+        self._zeroed_to = _DATA_START
         self._counter = 0
         self._entries: deque[Entry] = deque()
         self._cond = threading.Condition(threading.Lock())
@@ -453,6 +462,7 @@ class Journal:
             while True:
                 offset = self._free_at(length)
                 if offset is not None:
+                    self._zero_ahead(offset, offset + length)
                     entry = Entry(self._next_seq, offset, offset + length, final)
                     self._next_seq += 1
                     self._head = entry.end
@@ -464,6 +474,27 @@ class Journal:
                 self._want_checkpoint = True
                 self._cond.notify_all()
                 self._cond.wait(min(left, 1.0))
+
+    def _zero_ahead(self, offset: int, end: int) -> None:
+        """Write zeros over the free blocks ahead of a record at ``offset`` (lock held).
+
+        Only before the first wrap after the open: everything from the head to the
+        end of the file is free then. Records reserved later land on written blocks
+        (their bytes replace the zeros in the page cache, under this lock's order).
+
+        Raises
+        ------
+        OSError
+            When the zeros cannot be written (the record is then refused too).
+        """
+        if offset < self._head:  # wrapped: every block has been written since the open
+            self._zeroed_to = self.capacity
+        if end <= self._zeroed_to:
+            return
+        start = max(self._zeroed_to, offset)
+        stop = min(self.capacity, end + _ZERO_AHEAD_BYTES)
+        os.pwrite(self._fd, bytes(stop - start), start)
+        self._zeroed_to = stop
 
     def _free_at(self, length: int) -> int | None:
         """Return where a record of ``length`` bytes may go now, or None (lock held).
