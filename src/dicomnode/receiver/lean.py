@@ -839,10 +839,11 @@ class LeanServer:
     listen_socket : socket.socket, optional
         A listening socket shared with other receiver processes; None binds one.
     may_accept : callable, optional
-        Given this process's admitted and negotiating connections, publishes them and returns False
-        while another process of the pool serves fewer connections: this one
-        then leaves new connections to the others (the kernel would otherwise
-        hand most of them to whichever process is quickest back in accept()).
+        Given this process's admitted and negotiating connections, publishes
+        them and returns False while another process of the pool carries fewer:
+        this one then leaves new connections to the others (the kernel would
+        otherwise hand most of them to whichever process is quickest back in
+        accept()).
     node_has_room : callable, optional
         Given this process's connection count (including a new one), returns
         False when the node as a whole is at ``max_associations``; by default
