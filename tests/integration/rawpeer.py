@@ -34,7 +34,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import build_context
 from pynetdicom.transport import AddressInformation
 
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, files_below
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -211,11 +211,11 @@ def acknowledged_by_storescu(log: str, files: list[Path]) -> set[Path]:
 
 def visible_files(root: Path) -> list[Path]:
     """Return every file below ``root`` except the receiver's hidden temp folder and the ledger."""
-    return sorted(
+    return [
         p
-        for p in root.rglob("*")
-        if p.is_file() and not {".incoming-tmp", ".ledger"} & set(p.relative_to(root).parts)
-    )
+        for p in files_below(root)
+        if not {".incoming-tmp", ".ledger"} & set(p.relative_to(root).parts)
+    ]
 
 
 def assert_nothing_half_written(root: Path) -> None:

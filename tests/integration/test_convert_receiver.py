@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicomnode.convert.native import name_based_uid
-from tests.conftest import peer_env, require_tool, wait_until, write_config
+from tests.conftest import files_below, peer_env, require_tool, wait_until, write_config
 from tests.enhanced_factory import (
     ROOT,
     assert_valid_classic,
@@ -72,7 +72,13 @@ def test_receiver_converts_enhanced_mr_sent_by_storescu(
     assert wait_until(lambda: len(_classic(root)) == 4, 30), node.output()
     # Log lines of receiver processes reach the node's log through a queue: poll.
     assert wait_until(lambda: "CONVERTED" in node.output(), 10), node.output()
-    originals = [p for p in root.rglob("*.dcm") if p.name.startswith("MR_" + ROOT)]
+    originals = [
+        p
+        for p in files_below(root)
+        if p.name.startswith("MR_" + ROOT)
+        and p.suffix == ".dcm"
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     assert len(originals) == 1  # the enhanced original is kept in its own series folder
     files = _classic(root)
     assert len({p.parent for p in files}) == 1
