@@ -1353,13 +1353,13 @@ def concurrency_anchor(rows: Sequence[Measurement]) -> list[str]:
     pairs = (("dicomnode", "1 storescu->dicomnode", "4 storescu->dicomnode"),)
     pairs += (("storescp --fork", FORK_ONE_CASE, FORK_FOUR_CASE),)
     for dataset in dict.fromkeys(r.dataset for r in rows if r.section == "CONCURRENCY"):
+        rate = {
+            (r.case, r.rep): r.mb_per_s
+            for r in rows
+            if r.ok and r.section == "CONCURRENCY" and r.dataset == dataset
+        }
         parts = []
         for label, one_case, four_case in pairs:
-            rate = {
-                (r.case, r.rep): r.mb_per_s
-                for r in rows
-                if r.ok and r.section == "CONCURRENCY" and r.dataset == dataset
-            }
             gains = [
                 rate[(four_case, rep)] / rate[(one_case, rep)]
                 for (case, rep) in rate

@@ -41,13 +41,17 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 
-from dicomnode.dul.meta import LONG_VRS, TRANSFER_SYNTAX_ELEMENT, MetaError, read_file_meta
+from dicomnode.dul.meta import (
+    EXPLICIT_VR_BE,
+    IMPLICIT_VR_LE,
+    LONG_VRS,
+    TRANSFER_SYNTAX_ELEMENT,
+    MetaError,
+    read_file_meta,
+)
 from dicomnode.dul.pdu import uid_text
 
-#: Transfer syntaxes whose encoding the walk must know (the values of pydicom.uid; not imported
-#: here, so a process that only walks headers never pays pydicom's import).
-IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
-EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
+#: Deflated Explicit VR Little Endian (PS3.5 A.5; the value of pydicom.uid, see dul.meta).
 DEFLATED_VR_LE: Final = "1.2.840.10008.1.2.1.99"
 #: Transfer syntaxes whose data set is deflated (PS3.5 A.5; JPIP Referenced Deflate, A.7).
 #: (Deflated Image Frame Compression, 1.2.840.10008.1.2.8.1, deflates frames only.)

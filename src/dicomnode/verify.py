@@ -24,6 +24,7 @@ from dicomnode.dul.dimse import (
     command_us,
 )
 from dicomnode.dul.link import LinkError, LinkTimeout
+from dicomnode.dul.meta import IMPLICIT_VR_LE
 from dicomnode.dul.pdu import (
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RQ,
@@ -36,8 +37,6 @@ from dicomnode.dul.pdu import (
 )
 from dicomnode.dul.scu import associate, open_link, read_message, release
 
-#: Implicit VR Little Endian: the transfer syntax every DICOM node accepts (PS3.5 10.1).
-_IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
 #: Largest PDU we accept from the peer (the answer to one C-ECHO is small).
 _MAX_PDU: Final = 65536
 
@@ -80,7 +79,9 @@ def echo(
             called_aet,
             calling_aet,
             APPLICATION_CONTEXT,
-            (ProposedContext(1, VERIFICATION_SOP_CLASS, (_IMPLICIT_VR_LE,)),),
+            (
+                ProposedContext(1, VERIFICATION_SOP_CLASS, (IMPLICIT_VR_LE,)),
+            ),  # every node accepts it
             _MAX_PDU,
         ).encode()
     except (ValueError, UnicodeEncodeError) as exc:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Final
 
+from dicomnode.dul.meta import EXPLICIT_VR_BE, IMPLICIT_VR_LE
+
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-_IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
-_EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
 #: N-ACTION Action Type ID "Request Storage Commitment" (PS3.4 J.3.2).
 REQUEST_COMMITMENT: Final = 1
 #: N-EVENT-REPORT Event Type IDs (PS3.4 J.3.3): all committed / some failed.
@@ -51,7 +51,7 @@ class EventInfo:
 
 def _flags(transfer_syntax: str) -> tuple[bool, bool]:
     """Return (implicit VR, little endian) of an uncompressed transfer syntax."""
-    return transfer_syntax == _IMPLICIT_VR_LE, transfer_syntax != _EXPLICIT_VR_BE
+    return transfer_syntax == IMPLICIT_VR_LE, transfer_syntax != EXPLICIT_VR_BE
 
 
 def encode_action_info(

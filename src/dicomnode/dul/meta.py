@@ -21,6 +21,11 @@ LONG_VRS: Final = frozenset(
 META_START: Final = 132
 #: Transfer Syntax UID element number in group 0002.
 TRANSFER_SYNTAX_ELEMENT: Final = 0x0010
+#: The uncompressed transfer syntaxes (PS3.5 10.1, A.2, A.3); the values of pydicom.uid,
+#: not imported from there, so a process that only walks headers never pays pydicom's import.
+IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
+EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
 
 
 class MetaError(ValueError):

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Final, TypeAlias
 
+from dicomnode.dul.meta import EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from dicomnode.dul.pdu import MAX_PRESENTATION_CONTEXTS
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ TEMP_SUFFIXES: Final = (".part", ".tmp")
 #: Largest number of presentation contexts one association may propose (PS3.8 9.3.2.2).
 MAX_CONTEXTS: Final = MAX_PRESENTATION_CONTEXTS
 
-EXPLICIT_VR_LE: Final = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE: Final = "1.2.840.10008.1.2"
-EXPLICIT_VR_BE: Final = "1.2.840.10008.1.2.2"
 #: Transfer syntaxes proposed for every SOP class so the object can be converted.
 FALLBACK_SYNTAXES: Final = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 UNCOMPRESSED_SYNTAXES: Final = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE, EXPLICIT_VR_BE})

@@ -27,12 +27,9 @@ from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Final
 
-from dicomnode.dul.meta import has_preamble
+from dicomnode.dul.meta import EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, has_preamble
 from dicomnode.dul.pdu import uid_text
 from dicomnode.forwarder.batching import (
-    EXPLICIT_VR_BE,
-    EXPLICIT_VR_LE,
-    IMPLICIT_VR_LE,
     ObjectInfo,
     object_category,
 )
