@@ -193,9 +193,45 @@ def test_pool_process_weighs_the_pool_again_before_each_connection_of_a_burst() 
     negotiator.start()
     try:
         assert wait_until(lambda: negotiator.pending() == 4, 10), negotiator.pending()
-        assert asked[:4] == [(0, 0), (0, 1), (0, 2), (0, 3)], asked
+        # Asked before each accept, and the new count published right after it.
+        expected = [(0, 0), (0, 1), (0, 1), (0, 2), (0, 2), (0, 3), (0, 3), (0, 4)]
+        assert wait_until(lambda: asked[:8] == expected, 10), asked
     finally:
         negotiator.stop()
         for client in clients:
             client.close()
+        listen.close()
+
+
+def test_pool_process_publishes_a_connection_it_accepted_before_the_next_arrives() -> None:
+    """The other processes see a connection still negotiating here as this process's load.
+
+    Four storescu started a few milliseconds apart were split 3 + 1 between two
+    processes in one run of five: the process that had just accepted one still
+    showed its load from before, so both took the next. Now the count is
+    published as soon as the connection is accepted, with no other arriving.
+    """
+    from dicomnode.receiver.admission import RefusalLog
+    from dicomnode.receiver.pending import Negotiator
+
+    asked: list[tuple[int, int]] = []
+
+    def may_accept(active: int, negotiating: int) -> bool:
+        asked.append((active, negotiating))
+        return True
+
+    listen = socket.create_server(("127.0.0.1", 0))
+    negotiator = Negotiator(
+        listen, 30.0, 16, 16, lambda *_: None, RefusalLog(60.0), may_accept=may_accept
+    )
+    negotiator.start()
+    client = socket.create_connection(listen.getsockname())  # silent: stays negotiating
+    try:
+        assert wait_until(lambda: negotiator.pending() == 1, 10), negotiator.pending()
+        assert wait_until(lambda: asked[-1:] == [(0, 1)], 10), asked
+        client.close()  # refused at its end of file: the lower count is published too
+        assert wait_until(lambda: asked[-1:] == [(0, 0)], 10), asked
+    finally:
+        negotiator.stop()
+        client.close()
         listen.close()

@@ -132,6 +132,8 @@ class Negotiator:
         self._stopping = threading.Event()
         self._listening = False
         self._yield_until = 0.0
+        #: The negotiating count last told to the pool (see :meth:`_publish_load`).
+        self._published = 0
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -193,12 +195,26 @@ class Negotiator:
             else:
                 self._progress(key.data)
         self._expire(time.monotonic())
+        self._publish_load()
         self.refusals.flush()
+
+    def _publish_load(self) -> None:
+        """Tell the pool this process's load when its negotiating count changed.
+
+        Done after every turn, so a connection accepted (or admitted, refused,
+        timed out) here is weighed by the other processes when the *next* one
+        arrives; else a connection arriving while this one negotiates would find
+        this process's load as it was before it, and could be taken here too.
+        """
+        pending = len(self._pending)
+        if self.may_accept is not None and pending != self._published:
+            self._published = pending
+            self.may_accept(self.active(), pending)
 
     def _on_listen_ready(self, now: float) -> None:
         if self.may_accept is None:
             self._accept(_ACCEPT_BATCH)
-        elif self.may_accept(self.active(), self.pending()):
+        elif self._weigh():
             self._accept(1)
         elif self._yield_until <= now < self._yield_until + _POLL_S:
             self._accept(1)  # nobody else took it within the pause: serve it here
@@ -206,6 +222,12 @@ class Negotiator:
         else:  # leave it to a less busy process for a moment
             self._yield_until = now + _YIELD_S
             self._listen_on(False)
+
+    def _weigh(self) -> bool:
+        """Publish this process's load and return the pool's verdict on accepting one more."""
+        assert self.may_accept is not None
+        self._published = len(self._pending)
+        return self.may_accept(self.active(), self._published)
 
     def _accept(self, batch: int) -> None:
         for _ in range(batch):
