@@ -714,6 +714,53 @@ def free_space_mb(path: Path) -> float:
             probe = probe.parent
 
 
+#: A free-space measurement far above the guard is used again for this long (seconds) ...
+_GUARD_REUSE_S: Final = 0.05
+#: ... while it exceeds the guard by this much (MB): more than the node writes in that time.
+_GUARD_MARGIN_MB: Final = 256.0
+
+
+class DiskGuard:
+    """The ``min_free_space_mb`` check of received objects, without a ``statvfs`` per check.
+
+    A volume measured far above the guard (by :data:`_GUARD_MARGIN_MB`) is
+    not measured again for :data:`_GUARD_REUSE_S`: a receiver checks twice per
+    object, hundreds of times a second. Near or below the guard every check
+    measures, so a refusal starts and ends with the free space itself.
+
+    Parameters
+    ----------
+    min_free_mb : float
+        The guard; 0 turns the check off.
+    """
+
+    def __init__(self, min_free_mb: float) -> None:
+        self.min_free_mb = min_free_mb
+        self._far_above: dict[Path, float] = {}
+
+    def shortfall(self, path: Path) -> float | None:
+        """Return the free MB of the volume holding ``path`` when below the guard, else None.
+
+        Raises
+        ------
+        OSError
+            When the free space cannot be measured.
+        """
+        if not self.min_free_mb:
+            return None
+        now = time.monotonic()
+        if now < self._far_above.get(path, 0.0):
+            return None
+        free = free_space_mb(path)
+        if free >= self.min_free_mb + _GUARD_MARGIN_MB:
+            if len(self._far_above) > 64:
+                self._far_above.clear()
+            self._far_above[path] = now + _GUARD_REUSE_S
+        else:
+            self._far_above.pop(path, None)
+        return free if free < self.min_free_mb else None
+
+
 def clean_stale_temp(folder: Path, prefix: str = "") -> int:
     """Delete temporary files left in ``folder`` by an interrupted process.
 

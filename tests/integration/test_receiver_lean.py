@@ -173,6 +173,41 @@ def test_lean_temp_folder_is_empty_once_no_association_is_served(
     )
 
 
+def test_lean_association_makes_its_next_temp_file_after_each_response(
+    tmp_path: Path, port: int, start_node: StartNode
+) -> None:
+    """One empty temp file waits for an open association's next C-STORE, made after the response.
+
+    Made on the association's own thread once the peer has its answer (no thread
+    creating files beside renames, nothing on the response path); used by the
+    next object, deleted when the association ends.
+    """
+    from pynetdicom import AE
+
+    _, dest = start(tmp_path, port, start_node, network=LEAN)
+    files = [ok_object(tmp_path, f"s{i}", instance=i) for i in range(3)]
+    temp = dest / ".incoming-tmp"
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(files[0][1].SOPClassUID, files[0][1].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
+    assert assoc.is_established
+    try:
+        assert not [p for p in temp.iterdir() if p.is_file()]  # none before the first object
+        for path, _ in files:
+            assert int(assoc.send_c_store(path).Status) == 0
+            # The response comes before the spare: wait for it, then expect exactly one.
+            assert wait_until(lambda: any(p.is_file() for p in temp.iterdir()), 10)
+            spares = [p for p in temp.iterdir() if p.is_file()]
+            assert len(spares) == 1, spares
+            assert spares[0].stat().st_size == 0
+    finally:
+        assoc.release()
+    assert len(stored(dest)) == 3
+    assert wait_until(lambda: not any(p.is_file() for p in temp.iterdir()), 10), list(
+        temp.iterdir()
+    )
+
+
 def test_receiver_retired_pynetdicom_transport_is_logged_and_stores(
     tmp_path: Path, port: int, start_node: StartNode
 ) -> None:

@@ -228,3 +228,67 @@ def test_group_sync_many_threads_all_return_and_every_item_is_flushed_once() -> 
         thread.join(60)
         assert not thread.is_alive()
     assert sorted(flushed) == sorted((n, i) for n in range(6) for i in range(200))  # type: ignore[type-var]
+
+
+# --------------------------------------------------------------------------- disk guard
+
+
+def _counting_free_space(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Record every real measurement the disk guard makes."""
+    measured: list[Path] = []
+    real = storage.free_space_mb
+
+    def counting(path: Path) -> float:
+        measured.append(path)
+        return real(path)
+
+    monkeypatch.setattr(storage, "free_space_mb", counting)
+    return measured
+
+
+def test_disk_guard_off_never_measures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    measured = _counting_free_space(monkeypatch)
+    guard = storage.DiskGuard(0)
+    assert guard.shortfall(tmp_path) is None
+    assert measured == []
+
+
+def test_disk_guard_below_reports_the_free_space_at_every_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = _counting_free_space(monkeypatch)
+    guard = storage.DiskGuard(10**12)  # more than any volume here
+    first = guard.shortfall(tmp_path)
+    second = guard.shortfall(tmp_path)
+    assert first is not None and second is not None
+    assert abs(first - shutil.disk_usage(tmp_path).free / 1e6) < 1000
+    assert len(measured) == 2  # a refusal is never decided from an old measurement
+
+
+def test_disk_guard_reuses_a_measurement_far_above_it_briefly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free = shutil.disk_usage(tmp_path).free / 1e6
+    if free < 2 * storage._GUARD_MARGIN_MB:
+        pytest.skip(f"the test volume has only {free:.0f} MB free")
+    measured = _counting_free_space(monkeypatch)
+    guard = storage.DiskGuard(1)
+    for _ in range(20):
+        assert guard.shortfall(tmp_path) is None
+    # One measurement, and one more per 50 ms the machine stalled between the checks.
+    assert 1 <= len(measured) <= 10, len(measured)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert guard.shortfall(other) is None  # another path is measured on its own
+    assert measured[-1] == other
+
+
+def test_disk_guard_measures_every_time_near_the_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = _counting_free_space(monkeypatch)
+    free = shutil.disk_usage(tmp_path).free / 1e6
+    guard = storage.DiskGuard(max(1.0, free - storage._GUARD_MARGIN_MB / 2))
+    for _ in range(3):
+        guard.shortfall(tmp_path)
+    assert len(measured) == 3

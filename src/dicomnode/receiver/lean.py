@@ -45,8 +45,8 @@ Log verbs: ``LISTENING``, ``REJECTED``, ``ABORTED``, ``DISCARDED``, ``ASSOC-RELE
 ``COMMIT-REPORTED`` from :mod:`.reports`).
 
 Length: close to 1000 lines, on purpose: the admitted association's exchange
-(data set streaming into the temp file, filing, response), the temp files
-held ready and the server that starts and stops associations are one hot
+(data set streaming into the temp file, filing, response, the next temp file
+made after it) and the server that starts and stops associations are one hot
 path with one set of failure rules. The protocol encoding lives in
 :mod:`dicomnode.dul`, the connections not yet admitted in :mod:`.pending`,
 the decisions in :mod:`.admission`, :mod:`.negotiation` and :mod:`.store`,
@@ -56,12 +56,10 @@ N-ACTION and N-EVENT-REPORT exchange is here, on the association's own loop).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
 import os
-import shutil
 import socket
 import ssl
 import struct
@@ -283,92 +281,16 @@ def create_temp(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
 
 
-class _TempFiles:
-    """Empty temp files created ahead of need by a background thread.
+def new_temp_file(folder: Path, prefix: str = "") -> tuple[Path, int]:
+    """Create a uniquely named empty temp file in ``folder``; return its path and descriptor.
 
-    Creating a file right after another object's fsync and folder fsync can
-    wait a few hundred microseconds for the file system journal; a C-STORE
-    takes a ready file instead, so that wait is off the response path. Files
-    are only held ready while associations are served: :meth:`release` (no
-    association left) and :meth:`close` delete the unused ones, so an idle
-    node's temp folder is empty (a crash leaves a few empty files, removed at
-    the next start, or when the pool restarts the process).
-
-    Parameters
-    ----------
-    folder : Path
-        The temp folder on the destination volume.
-    keep : int
-        How many files to hold ready.
-    prefix : str
-        Start of every file name (this process's, in a pool).
+    Raises
+    ------
+    OSError
+        When the file cannot be created.
     """
-
-    def __init__(self, folder: Path, keep: int = 8, prefix: str = "") -> None:
-        self.folder = folder
-        self.keep = keep
-        self.prefix = prefix
-        self._ready: collections.deque[tuple[Path, int]] = collections.deque()
-        self._lock = threading.Lock()
-        self._wanted = False
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._fill, name="TempFiles", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def create(folder: Path, prefix: str = "") -> tuple[Path, int]:
-        """Create a uniquely named empty file in ``folder``; return path and descriptor."""
-        path = folder / f"{prefix}{uuid.uuid4().hex}.dcm"
-        return path, create_temp(path)
-
-    def take(self) -> tuple[Path, int]:
-        """Return a new empty temp file (path, descriptor open for writing).
-
-        Raises
-        ------
-        OSError
-            When none is ready and one cannot be created.
-        """
-        with self._lock:
-            self._wanted = True
-            ready = self._ready.popleft() if self._ready else None
-            low = len(self._ready) <= self.keep // 2
-        if low:
-            self._wake.set()  # refilled in batches: fewer thread switches per object
-        return ready if ready is not None else self.create(self.folder, self.prefix)
-
-    def _fill(self) -> None:
-        while not self._closed:
-            self._wake.wait(1.0)
-            self._wake.clear()
-            while self._wanted and not self._closed and len(self._ready) < self.keep:
-                try:
-                    made = self.create(self.folder, self.prefix)
-                except OSError:
-                    break  # take() creates (and reports) on demand
-                with self._lock:
-                    if self._wanted and not self._closed:
-                        self._ready.append(made)
-                        continue
-                _Transfer(made[0], b"", 0, fd=made[1]).discard()
-        self.release()
-
-    def release(self) -> None:
-        """Delete the ready files and stop making more until the next :meth:`take`."""
-        with self._lock:
-            self._wanted = False
-            ready = list(self._ready)
-            self._ready.clear()
-        for path, fd in ready:
-            _Transfer(path, b"", 0, fd=fd).discard()
-
-    def close(self) -> None:
-        """Stop filling and delete the files not taken."""
-        self._closed = True
-        self._wake.set()
-        self._thread.join(2.0)
-        self.release()
+    path = folder / f"{prefix}{uuid.uuid4().hex}.dcm"
+    return path, create_temp(path)
 
 
 class _Association:
@@ -413,6 +335,9 @@ class _Association:
         self.stored = 0
         self.failed = 0
         self._admitted_at = time.monotonic()
+        #: The empty temp file for this association's next C-STORE, made after the last
+        #: response (while the peer prepares the next request), deleted when it ends.
+        self._spare: tuple[Path, int] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -457,7 +382,22 @@ class _Association:
             self._send_quietly(A_ABORT_PDU)
         finally:
             self.close()
+            self._drop_spare()
             self._reports_unanswered()
+
+    def _make_spare(self) -> None:
+        """Create the temp file of the next C-STORE now, after a response (not on its path).
+
+        A failure is left to the next request, which then creates its own and reports.
+        """
+        if self._spare is None:
+            with contextlib.suppress(OSError):
+                self._spare = new_temp_file(self.server.tmp_dir, self.server.tmp_prefix)
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            _Transfer(spare[0], b"", 0, fd=spare[1]).discard()
 
     def _reports_unanswered(self) -> None:
         """Send the reports the association ended without answering on a new association."""
@@ -660,7 +600,10 @@ class _Association:
         elif field == N_EVENT_REPORT_RQ and has_data:
             self.transfer = _Collect()
         elif field == C_STORE_RQ and has_data:
-            self.transfer = self.server.open_transfer(self.contexts[cid][1], request, self.calling)
+            spare, self._spare = self._spare, None
+            self.transfer = self.server.open_transfer(
+                self.contexts[cid][1], request, self.calling, spare
+            )
         elif field == N_ACTION_RQ and has_data:
             self.transfer = _Collect()
         elif field == N_EVENT_REPORT_RSP:
@@ -709,6 +652,7 @@ class _Association:
         self._respond(filing.status)
         for report in filing.reports:
             report()  # the log line after the response: it is not part of the guarantee
+        self._make_spare()
 
     def _refuse_operation(self, field: int | None) -> None:
         logger.warning(
@@ -871,7 +815,6 @@ class LeanServer:
         self.ssl_context = ssl_context
         self.tmp_dir = cfg.destination_dir / ".incoming-tmp"
         self.tmp_prefix = tmp_prefix
-        self.temp_files: _TempFiles | None = None
         self._shared = listen_socket is not None
         self._listen = listen_socket
         self._room = node_has_room or (lambda n: n <= cfg.max_associations)
@@ -902,7 +845,6 @@ class LeanServer:
                 sock.close()
                 raise
             self._listen = sock
-        self.temp_files = _TempFiles(self.tmp_dir, prefix=self.tmp_prefix)
         self._negotiator = Negotiator(
             self._listen,
             self.cfg.acse_timeout_s,
@@ -934,29 +876,31 @@ class LeanServer:
         transfer_syntax: str,
         request: dict[int, bytes],
         calling: str,
+        spare: tuple[Path, int] | None = None,
     ) -> _Transfer:
-        """Start the temp file of a C-STORE request, or a discarding sink below the disk guard."""
+        """Start the temp file of a C-STORE request, or a discarding sink below the disk guard.
+
+        ``spare`` is an empty temp file made ahead for it (else one is created now);
+        it is deleted when the request is refused.
+        """
         sop_class = uid_text(request.get(AFFECTED_SOP_CLASS, b""))
         sop_instance = uid_text(request.get(AFFECTED_SOP_INSTANCE, b""))
         limit = self.cfg.max_object_mb * 1_000_000
         head = file_meta(sop_class, sop_instance, transfer_syntax, calling)
-        if self.cfg.min_free_space_mb:
-            try:
-                free_mb = shutil.disk_usage(self.tmp_dir).free / 1e6
-            except OSError:
-                free_mb = float("inf")
-            if free_mb < self.cfg.min_free_space_mb:
-                reason = OSError(
-                    errno.ENOSPC,
-                    f"free space {free_mb:.0f} MB below min_free_space_mb={self.cfg.min_free_space_mb}",
-                )
-                return _Transfer(None, b"", 0, reason)
         try:
-            path, fd = (
-                self.temp_files.take()
-                if self.temp_files
-                else _TempFiles.create(self.tmp_dir, self.tmp_prefix)
+            free_mb = self.handler.disk_guard.shortfall(self.tmp_dir)
+        except OSError:
+            free_mb = None  # unmeasurable: filing measures again and decides
+        if free_mb is not None:
+            reason = OSError(
+                errno.ENOSPC,
+                f"free space {free_mb:.0f} MB below min_free_space_mb={self.cfg.min_free_space_mb}",
             )
+            if spare is not None:
+                _Transfer(spare[0], b"", 0, fd=spare[1]).discard()
+            return _Transfer(None, b"", 0, reason)
+        try:
+            path, fd = spare if spare is not None else new_temp_file(self.tmp_dir, self.tmp_prefix)
         except OSError as exc:
             return _Transfer(None, b"", 0, exc)
         return _Transfer(path, head, limit + len(head) if limit else 0, fd=fd)
@@ -1035,12 +979,9 @@ class LeanServer:
         finally:
             with self._lock:
                 self._active.discard(assoc)
-                idle = not self._active
             if self._may_accept is not None:
                 # Publishes the lower count to the other processes.
                 self._may_accept(self.active(), self.pending())
-            if idle and self.temp_files is not None:
-                self.temp_files.release()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let associations finish for ``grace_s``, abort the rest."""
@@ -1068,8 +1009,6 @@ class LeanServer:
                 assoc.calling,
             )
             assoc.abort()
-        if self.temp_files is not None:
-            self.temp_files.close()
 
 
 __all__ = ["LeanServer"]

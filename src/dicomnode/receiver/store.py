@@ -49,9 +49,9 @@ from dicomnode.receiver import policy
 from dicomnode.receiver.journal import Journal
 from dicomnode.status import StoreStatus
 from dicomnode.storage import (
+    DiskGuard,
     FolderResolver,
     GroupSync,
-    free_space_mb,
     fsync_dirs,
     fsync_paths,
     place_file,
@@ -218,6 +218,8 @@ class StoreHandler:
         self.folder_sync = GroupSync(fsync_dirs)
         #: The process's receive journal (set by the receiver when ``journal_mb`` > 0).
         self.journal: Journal | None = None
+        #: ``min_free_space_mb``, checked when a request arrives and before filing.
+        self.disk_guard = DiskGuard(cfg.min_free_space_mb)
         # AE folders below destination_dir share its volume: its free-space check covers them.
         self._local_roots = {cfg.destination_dir / "incoming"} | {
             folder for _, folder in cfg.ae_mappings if folder.is_relative_to(cfg.destination_dir)
@@ -402,7 +404,7 @@ class StoreHandler:
             received.content,
             received.command_uids,
         )
-        if self.cfg.min_free_space_mb and free_space_mb(tmp.parent) < self.cfg.min_free_space_mb:
+        if self.disk_guard.shortfall(tmp.parent) is not None:
             logger.error(
                 "STORE-FAILED calling_ae=%s peer=%s status=0xA700 reason=free space below "
                 "min_free_space_mb=%d on %s",
@@ -433,11 +435,7 @@ class StoreHandler:
                     tmp, calling, where, StoreStatus.DATASET_MISMATCH, mismatch, sop_uid
                 )
         ae_root = policy.route_for(self.cfg, calling)
-        if (
-            self.cfg.min_free_space_mb
-            and ae_root not in self._local_roots
-            and free_space_mb(ae_root) < self.cfg.min_free_space_mb
-        ):
+        if ae_root not in self._local_roots and self.disk_guard.shortfall(ae_root) is not None:
             logger.error(
                 "STORE-FAILED calling_ae=%s peer=%s sop_instance_uid=%s status=0xA700 reason=free "
                 "space below min_free_space_mb=%d on %s",
