@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,35 @@ def test_unwritable_ledger_never_blocks_submit(tmp_path: Path, writers: list[Led
     for _ in range(1000):
         writer.submit({"kind": "stored"})
     assert writer.flush(30)
+
+
+def _switches(native_id: int) -> int:
+    """Return how often the thread ``native_id`` of this process has slept (Linux)."""
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux thread counters")
+def test_writer_wakes_once_per_batch_not_once_per_event(
+    tmp_path: Path, writers: list[LedgerWriter]
+) -> None:
+    """Events arriving one by one (a receiver storing objects) do not each wake the writer.
+
+    Every wake-up of the writer thread takes the interpreter from the receiving
+    threads of the same process; it used to wait on the queue once per event
+    while gathering a batch.
+    """
+    writer = _start(writers, tmp_path / "ledger.sqlite")
+    thread = writer._thread
+    assert thread is not None and thread.native_id is not None
+    writer.submit({"kind": "stored", "calling_ae": "FIRST"})
+    assert writer.flush(30)
+    before = _switches(thread.native_id)
+    paced = threading.Event()
+    for i in range(300):  # ~0.3 s of one event per millisecond
+        writer.submit({"kind": "stored", "calling_ae": "A", "sop_uid": f"1.2.{i}"})
+        paced.wait(0.001)
+    woke = _switches(thread.native_id) - before
+    assert writer.flush(30)
+    assert len(_rows(tmp_path / "ledger.sqlite")) == 301
+    assert woke < 100, f"the writer woke {woke} times for 300 events"
