@@ -14,7 +14,7 @@ Objects that cannot be filed are kept in ``errors/`` with a note. Log verbs:
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import logging
 import os
 import time
@@ -461,26 +461,31 @@ class StoreHandler:
                 sop_uid,
             )
         ms = (time.monotonic() - received.started) * 1000
-        stored_line = functools.partial(
-            logger.info,
-            "STORED calling_ae=%s sop_instance_uid=%s bytes=%d ms=%.0f path=%s",
-            calling,
-            sop_uid,
-            size,
-            ms,
-            final,
-            # The ledger writer decodes the raw header elements (off this path).
-            extra=ledger_extra(
-                EventKind.STORED,
-                calling_ae=calling,
-                peer=where,
-                sop_uid=sop_uid,
-                size=size,
-                path=str(final),
-                duration_ms=ms,
-                elements=header.exam.elements or _header_fields(header),
-            ),
-        )
+
+        def stored_line() -> None:
+            logger.info(
+                "STORED calling_ae=%s sop_instance_uid=%s bytes=%d ms=%.0f path=%s",
+                calling,
+                sop_uid,
+                size,
+                ms,
+                final,
+                # The ledger writer decodes the raw header elements (off this path); the
+                # checksum of an object still in memory is taken here, after the response,
+                # so the writer need not read the file back.
+                extra=ledger_extra(
+                    EventKind.STORED,
+                    calling_ae=calling,
+                    peer=where,
+                    sop_uid=sop_uid,
+                    size=size,
+                    path=str(final),
+                    duration_ms=ms,
+                    checksum=hashlib.sha256(content).hexdigest() if content is not None else None,
+                    elements=header.exam.elements or _header_fields(header),
+                ),
+            )
+
         if reports is None:
             stored_line()
         else:
