@@ -331,3 +331,33 @@ def test_the_blocks_ahead_of_the_first_records_are_written_with_them(tmp_path: P
         assert 2000 in after  # only ahead, not the whole file
     finally:
         journal.close()
+
+
+def test_the_next_zeroed_stretch_is_written_while_half_a_mebibyte_is_still_ahead(
+    tmp_path: Path,
+) -> None:
+    """Blocks are zeroed (and written) well before records reach them.
+
+    Zeroing only when a record would run past the zeroed blocks made that
+    record's flush write the whole next mebibyte (a ~3 ms flush every ~100
+    small records); the next stretch now goes out while half of one is ahead.
+    """
+    if shutil.which("filefrag") is None:
+        pytest.skip("filefrag (e2fsprogs) not installed")
+    path = journal_path(tmp_path, "")
+    journal, _ = Journal.open(path, 8 << 20)
+    try:
+        before = _unwritten_blocks(path)
+        if not before or 400 not in before:
+            pytest.skip("this file system does not report allocated, unwritten blocks")
+        written = 0
+        while written < 600 * 1024:  # past half of the first mebibyte
+            journal.commit(tmp_path / f"{written}.dcm", _data(written, 9000))
+            written += 9000
+        after = _unwritten_blocks(path)
+        assert after is not None
+        # 4 KiB blocks: the records end near block 150; blocks to ~1.5 MiB are written.
+        assert not after & set(range(1, 380)), sorted(after)[:5]
+        assert 1500 in after  # still only ahead, not the whole file
+    finally:
+        journal.close()

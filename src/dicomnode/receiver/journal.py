@@ -59,6 +59,7 @@ from dicomnode.storage import (
     fsync_dir,
     fsync_dirs,
     fsync_path,
+    start_writeback,
     syncfs,
     write_bytes_atomic,
 )
@@ -109,7 +110,9 @@ _SPACE_WAIT_S: Final = 30.0
 #: landing there must also write: 0.31 ms against 0.20 ms per 10 KB record and flush on the
 #: bench VM. Zeroing a mebibyte ahead pays that once per ~100 small records: 2000 small
 #: objects received in 3.42 s instead of 3.65 s (interleaved, median of 6; a journal written
-#: in full beforehand: 3.13 s against 3.55 s).
+#: in full beforehand: 3.13 s against 3.55 s). The next mebibyte is zeroed while half of
+#: one is still ahead, and its writing started at once, so no record's flush has to write
+#: it (flushes of 2.6–2.8 ms instead of 3.6–3.8 at the 99th percentile; 2.81 s vs 3.01 s).
 _ZERO_AHEAD_BYTES: Final = 1 << 20
 
 
@@ -482,6 +485,9 @@ class Journal:
         Only before the first wrap after the open: everything from the head to the
         end of the file is free then. Records reserved later land on written blocks
         (their bytes replace the zeros in the page cache, under this lock's order).
+        A new stretch is zeroed while half of :data:`_ZERO_AHEAD_BYTES` is still
+        ahead of ``end``, and the kernel starts writing it at once: by the time
+        records reach it, their flushes no longer carry it.
 
         Raises
         ------
@@ -490,11 +496,14 @@ class Journal:
         """
         if offset < self._head:  # wrapped: every block has been written since the open
             self._zeroed_to = self.capacity
-        if end <= self._zeroed_to:
+        if end + _ZERO_AHEAD_BYTES // 2 <= self._zeroed_to:
             return
         start = max(self._zeroed_to, offset)
-        stop = min(self.capacity, end + _ZERO_AHEAD_BYTES)
+        stop = min(self.capacity, max(end, self._zeroed_to) + _ZERO_AHEAD_BYTES)
+        if stop <= start:  # at the end of the file: all written already
+            return
         os.pwrite(self._fd, bytes(stop - start), start)
+        start_writeback(self._fd, start, stop - start)
         self._zeroed_to = stop
 
     def _free_at(self, length: int) -> int | None:
