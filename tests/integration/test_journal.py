@@ -361,3 +361,39 @@ def test_the_next_zeroed_stretch_is_written_while_half_a_mebibyte_is_still_ahead
         assert 1500 in after  # still only ahead, not the whole file
     finally:
         journal.close()
+
+
+def test_a_reopened_journal_is_zeroed_only_where_it_was_never_written(tmp_path: Path) -> None:
+    """After a restart the blocks written in the journal's earlier life are not zeroed again.
+
+    A journal that has wrapped once is written through: zeroing it again after
+    every start would only rewrite 64 MB and slow the first records' flushes.
+    """
+    if shutil.which("filefrag") is None:
+        pytest.skip("filefrag (e2fsprogs) not installed")
+    path = journal_path(tmp_path, "")
+    journal, _ = Journal.open(path, 4 << 20)
+    try:
+        if 600 not in (_unwritten_blocks(path) or set()):
+            pytest.skip("this file system does not report allocated, unwritten blocks")
+        assert journal._zeroed_to == 4096  # a new journal: zeroed ahead from the start
+        for i in range(30):  # ~360 KB: the first stretch of zeros only
+            journal.placed(journal.commit(tmp_path / f"a{i}.dcm", _data(i, 9000)))
+    finally:
+        journal.close()
+    journal, _ = Journal.open(path, 4 << 20)
+    try:
+        first = journal._zeroed_to
+        assert 360 * 1024 < first < 4 << 20, first  # from where nothing was written yet
+        assert first // 4096 in (_unwritten_blocks(path) or set())
+        assert first // 4096 - 1 not in (_unwritten_blocks(path) or set())
+        for i in range(400):  # ~4.8 MB: wraps around the 4 MiB journal
+            journal.placed(journal.commit(tmp_path / f"b{i}.dcm", _data(i, 9000)))
+    finally:
+        journal.close()
+    journal, _ = Journal.open(path, 4 << 20)
+    try:
+        assert journal._zeroed_to == 4 << 20  # written through: nothing to zero
+        assert not (_unwritten_blocks(path) or set()) & set(range(1, 1000))
+    finally:
+        journal.close()

@@ -265,6 +265,24 @@ def _read_record(fd: int, offset: int, capacity: int) -> tuple[int, Path, bytes]
     return seq, Path(os.fsdecode(path)), data
 
 
+def _first_unwritten(fd: int, capacity: int) -> int:
+    """Return where the journal's first block not yet written lies (its end: none).
+
+    A journal reopened after a restart has usually been written through already:
+    it need not be zeroed again (see :data:`_ZERO_AHEAD_BYTES`). Blocks only
+    allocated are reported as a hole by ``SEEK_HOLE`` on ext4 and XFS; where the
+    file system cannot tell, the journal is zeroed ahead from the start as before.
+    """
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_hole is None:
+        return _DATA_START
+    try:
+        hole = os.lseek(fd, _DATA_START, seek_hole)
+    except OSError:
+        return _DATA_START
+    return max(_DATA_START, min(capacity, hole // _BLOCK * _BLOCK))
+
+
 def _same_content(final: Path, data: bytes) -> bool:
     try:
         if final.stat().st_size != len(data):
@@ -405,6 +423,7 @@ class Journal:
         self._write_checkpoint(self._next_seq, _DATA_START)
         os.fsync(fd)
         fsync_dir(self.path.parent)
+        self._zeroed_to = _first_unwritten(fd, self.capacity)
         return recovery
 
     def _write_checkpoint(self, seq: int, offset: int, clean: bool = False) -> None:
