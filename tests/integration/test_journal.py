@@ -7,13 +7,14 @@ files as a power loss would (missing, empty, half written) and reopens the journ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,23 @@ def _unwritten_blocks(path: Path) -> set[int] | None:
     return blocks
 
 
+@contextlib.contextmanager
+def _fresh_journal(
+    tmp_path: Path, capacity: int, probe_block: int
+) -> Iterator[tuple[Path, Journal]]:
+    """Open a new journal where the file system reports allocated, unwritten blocks (else skip)."""
+    if shutil.which("filefrag") is None:
+        pytest.skip("filefrag (e2fsprogs) not installed")
+    path = journal_path(tmp_path, "")
+    journal, _ = Journal.open(path, capacity)
+    try:
+        if probe_block not in (_unwritten_blocks(path) or set()):
+            pytest.skip("this file system does not report allocated, unwritten blocks")
+        yield path, journal
+    finally:
+        journal.close()
+
+
 def test_the_blocks_ahead_of_the_first_records_are_written_with_them(tmp_path: Path) -> None:
     """A fresh journal's allocated blocks ahead of the records are written at the first flush.
 
@@ -316,21 +334,12 @@ def test_the_blocks_ahead_of_the_first_records_are_written_with_them(tmp_path: P
     convert those blocks too (a metadata write); after the first small record the
     next mebibyte must already be written blocks.
     """
-    if shutil.which("filefrag") is None:
-        pytest.skip("filefrag (e2fsprogs) not installed")
-    path = journal_path(tmp_path, "")
-    journal, _ = Journal.open(path, 8 << 20)
-    try:
-        before = _unwritten_blocks(path)
-        if not before or 200 not in before:
-            pytest.skip("this file system does not report allocated, unwritten blocks")
+    with _fresh_journal(tmp_path, 8 << 20, 200) as (path, journal):
         journal.commit(tmp_path / "a.dcm", b"x" * 3000)
         after = _unwritten_blocks(path)
         assert after is not None
         assert not after & set(range(1, 256)), sorted(after)[:5]
         assert 2000 in after  # only ahead, not the whole file
-    finally:
-        journal.close()
 
 
 def test_the_next_zeroed_stretch_is_written_while_half_a_mebibyte_is_still_ahead(
@@ -342,14 +351,7 @@ def test_the_next_zeroed_stretch_is_written_while_half_a_mebibyte_is_still_ahead
     record's flush write the whole next mebibyte (a ~3 ms flush every ~100
     small records); the next stretch now goes out while half of one is ahead.
     """
-    if shutil.which("filefrag") is None:
-        pytest.skip("filefrag (e2fsprogs) not installed")
-    path = journal_path(tmp_path, "")
-    journal, _ = Journal.open(path, 8 << 20)
-    try:
-        before = _unwritten_blocks(path)
-        if not before or 400 not in before:
-            pytest.skip("this file system does not report allocated, unwritten blocks")
+    with _fresh_journal(tmp_path, 8 << 20, 400) as (path, journal):
         written = 0
         while written < 600 * 1024:  # past half of the first mebibyte
             journal.commit(tmp_path / f"{written}.dcm", _data(written, 9000))
@@ -359,8 +361,6 @@ def test_the_next_zeroed_stretch_is_written_while_half_a_mebibyte_is_still_ahead
         # 4 KiB blocks: the records end near block 150; blocks to ~1.5 MiB are written.
         assert not after & set(range(1, 380)), sorted(after)[:5]
         assert 1500 in after  # still only ahead, not the whole file
-    finally:
-        journal.close()
 
 
 def test_a_reopened_journal_is_zeroed_only_where_it_was_never_written(tmp_path: Path) -> None:
@@ -369,18 +369,10 @@ def test_a_reopened_journal_is_zeroed_only_where_it_was_never_written(tmp_path: 
     A journal that has wrapped once is written through: zeroing it again after
     every start would only rewrite 64 MB and slow the first records' flushes.
     """
-    if shutil.which("filefrag") is None:
-        pytest.skip("filefrag (e2fsprogs) not installed")
-    path = journal_path(tmp_path, "")
-    journal, _ = Journal.open(path, 4 << 20)
-    try:
-        if 600 not in (_unwritten_blocks(path) or set()):
-            pytest.skip("this file system does not report allocated, unwritten blocks")
+    with _fresh_journal(tmp_path, 4 << 20, 600) as (path, journal):
         assert journal._zeroed_to == 4096  # a new journal: zeroed ahead from the start
         for i in range(30):  # ~360 KB: the first stretch of zeros only
             journal.placed(journal.commit(tmp_path / f"a{i}.dcm", _data(i, 9000)))
-    finally:
-        journal.close()
     journal, _ = Journal.open(path, 4 << 20)
     try:
         first = journal._zeroed_to
