@@ -386,7 +386,7 @@ class _Association:
             self._reports_unanswered()
 
     def _make_spare(self) -> None:
-        """Create the temp file of the next C-STORE now, after a response (not on its path).
+        """Create the temp file of the next C-STORE now, after a success response (not on its path).
 
         A failure is left to the next request, which then creates its own and reports.
         """
@@ -652,7 +652,8 @@ class _Association:
         self._respond(filing.status)
         for report in filing.reports:
             report()  # the log line after the response: it is not part of the guarantee
-        self._make_spare()
+        if filing.status == StoreStatus.SUCCESS:  # not below the disk guard, after a disk error
+            self._make_spare()
 
     def _refuse_operation(self, field: int | None) -> None:
         logger.warning(
