@@ -293,6 +293,11 @@ def new_temp_file(folder: Path, prefix: str = "") -> tuple[Path, int]:
     return path, create_temp(path)
 
 
+def discard_temp_file(temp: tuple[Path, int]) -> None:
+    """Close and delete an unused temp file made by :func:`new_temp_file`."""
+    _Transfer(temp[0], b"", 0, fd=temp[1]).discard()
+
+
 class _Association:
     """One admitted association, served on its own thread from A-ASSOCIATE-AC to close."""
 
@@ -397,7 +402,7 @@ class _Association:
     def _drop_spare(self) -> None:
         spare, self._spare = self._spare, None
         if spare is not None:
-            _Transfer(spare[0], b"", 0, fd=spare[1]).discard()
+            discard_temp_file(spare)
 
     def _reports_unanswered(self) -> None:
         """Send the reports the association ended without answering on a new association."""
@@ -898,7 +903,7 @@ class LeanServer:
                 f"free space {free_mb:.0f} MB below min_free_space_mb={self.cfg.min_free_space_mb}",
             )
             if spare is not None:
-                _Transfer(spare[0], b"", 0, fd=spare[1]).discard()
+                discard_temp_file(spare)
             return _Transfer(None, b"", 0, reason)
         try:
             path, fd = spare if spare is not None else new_temp_file(self.tmp_dir, self.tmp_prefix)

@@ -206,10 +206,8 @@ class Negotiator:
         arrives; else a connection arriving while this one negotiates would find
         this process's load as it was before it, and could be taken here too.
         """
-        pending = len(self._pending)
-        if self.may_accept is not None and pending != self._published:
-            self._published = pending
-            self.may_accept(self.active(), pending)
+        if self.may_accept is not None and len(self._pending) != self._published:
+            self._weigh()
 
     def _on_listen_ready(self, now: float) -> None:
         if self.may_accept is None:
